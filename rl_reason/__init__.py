@@ -1,0 +1,1 @@
+"""rl_reason: teaching language models to reason with reinforcement learning, in JAX."""
