@@ -19,58 +19,70 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Keep-N, interval-saving, asynchronous checkpoint manager for one run."""
+    """Keep-N, interval-saving, asynchronous checkpoint manager for one run."""
 
-  def __init__(self, directory: str, *, save_interval_steps: int = 100,
-               max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, save_interval_steps),
-        max_to_keep=max_to_keep if max_to_keep > 0 else None,
-        enable_async_checkpointing=async_save,
-        create=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "progress"))
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_interval_steps: int = 100,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+    ):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, save_interval_steps),
+            max_to_keep=max_to_keep if max_to_keep > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "progress")
+        )
 
-  def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, progress: dict[str, Any],
-           force: bool = False) -> bool:
-    """Saves when `step` is on the interval (or `force`); returns whether it did."""
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                progress=ocp.args.JsonSave(progress)),
-        force=force)
+    def save(self, step: int, state: Any, progress: dict[str, Any], force: bool = False) -> bool:
+        """Saves when `step` is on the interval (or `force`); returns whether it did."""
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+            ),
+            force=force,
+        )
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None
-              ) -> tuple[Any, dict[str, Any]]:
-    """Restores (state, progress) into the shardings carried by `abstract_state`.
+    def restore(
+        self, abstract_state: Any, step: Optional[int] = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Restores (state, progress) into the shardings carried by `abstract_state`.
 
-    `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set,
-    e.g. from `abstract_like(state_shapes, shardings)`.
-    """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                progress=ocp.args.JsonRestore()))
-    logging.info("Restored checkpoint %d from %s", step, self.directory)
-    return restored["state"], dict(restored["progress"])
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set,
+        e.g. from `abstract_like(state_shapes, shardings)`.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()
+            ),
+        )
+        logging.info("Restored checkpoint %d from %s", step, self.directory)
+        return restored["state"], dict(restored["progress"])
 
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.close()
+    def close(self) -> None:
+        self._manager.close()
 
 
 def abstract_like(shapes: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs with shardings: the restore target for a state pytree."""
-  return jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      shapes, shardings)
+    """ShapeDtypeStructs with shardings: the restore target for a state pytree."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )

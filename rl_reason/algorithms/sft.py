@@ -20,83 +20,91 @@ from rl_reason.models.transformer import Transformer
 Batch = dict[str, jax.Array]
 
 
-def sft_loss(params: Any, batch: Batch, model: Transformer, normalizer: jax.Array,
-             chunk_size: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Sum of target-token NLL divided by `normalizer` (the whole batch's target count).
+def sft_loss(
+    params: Any, batch: Batch, model: Transformer, normalizer: jax.Array, chunk_size: int
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sum of target-token NLL divided by `normalizer` (the whole batch's target count).
 
-  Dividing by the full batch's count, not the micro-batch's, makes gradient
-  accumulation give exactly the gradient of the full-batch token mean.
-  """
-  scored = token_logprobs(model, params, batch["tokens"], batch["input_mask"],
-                          chunk_size=chunk_size)
-  weights = target_weights(batch)
-  nll = -(scored.logprobs * weights).sum()
-  hits = (scored.is_argmax * weights).sum()
-  return nll / normalizer, {"nll_sum": nll, "hits": hits}
+    Dividing by the full batch's count, not the micro-batch's, makes gradient
+    accumulation give exactly the gradient of the full-batch token mean.
+    """
+    scored = token_logprobs(
+        model, params, batch["tokens"], batch["input_mask"], chunk_size=chunk_size
+    )
+    weights = target_weights(batch)
+    nll = -(scored.logprobs * weights).sum()
+    hits = (scored.is_argmax * weights).sum()
+    return nll / normalizer, {"nll_sum": nll, "hits": hits}
 
 
 def target_weights(batch: Batch) -> jax.Array:
-  """loss_mask restricted to real tokens that have a context (not position 0)."""
-  weights = (batch["loss_mask"] & batch["input_mask"]).astype(jnp.float32)
-  return weights.at[:, 0].set(0.0)
+    """loss_mask restricted to real tokens that have a context (not position 0)."""
+    weights = (batch["loss_mask"] & batch["input_mask"]).astype(jnp.float32)
+    return weights.at[:, 0].set(0.0)
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
-  """[B, ...] -> [A, B / A, ...], micro-batch i taking rows i, i + A, ...
+    """[B, ...] -> [A, B / A, ...], micro-batch i taking rows i, i + A, ...
 
-  Strided rather than contiguous rows, so that every micro-batch keeps an
-  even share of every batch shard on the mesh.
-  """
-  def split(x):
-    if x.shape[0] % num_microbatches:
-      raise ValueError(
-          f"Batch size {x.shape[0]} is not divisible by"
-          f" num_microbatches={num_microbatches}.")
-    x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
-    return x.swapaxes(0, 1)
-  return jax.tree.map(split, batch)
+    Strided rather than contiguous rows, so that every micro-batch keeps an
+    even share of every batch shard on the mesh.
+    """
 
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"Batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}."
+            )
+        x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+        return x.swapaxes(0, 1)
 
-def sft_step(state: TrainState, batch: Batch, *, model: Transformer,
-             tx: optax.GradientTransformation, num_microbatches: int = 1,
-             chunk_size: int = 256,
-             lr_schedule: Optional[optax.Schedule] = None
-             ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update from one batch, accumulating over micro-batches."""
-  num_targets = target_weights(batch).sum()
-  normalizer = jnp.maximum(num_targets, 1.0)
-  grad_fn = jax.grad(sft_loss, has_aux=True)
-
-  def accumulate(carry, micro):
-    grads, nll, hits = carry
-    g, aux = grad_fn(state.params, micro, model, normalizer, chunk_size)
-    grads = jax.tree.map(jnp.add, grads, g)
-    return (grads, nll + aux["nll_sum"], hits + aux["hits"]), None
-
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (grads, nll, hits), _ = jax.lax.scan(
-      accumulate, init, split_microbatches(batch, num_microbatches))
-  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {
-      "loss": nll / normalizer,
-      "token_accuracy": hits / normalizer,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
-      "target_tokens": num_targets,
-  }
-  if lr_schedule is not None:
-    metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-  rng, _ = jax.random.split(state.rng)
-  new_state = TrainState(step=state.step + 1, params=params,
-                         opt_state=opt_state, rng=rng)
-  return new_state, metrics
+    return jax.tree.map(split, batch)
 
 
-def make_sft_step(model: Transformer, tx: optax.GradientTransformation,
-                  **options) -> Any:
-  """Binds the static parts, leaving the pure `step(state, batch)`."""
-  return functools.partial(sft_step, model=model, tx=tx, **options)
+def sft_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    num_microbatches: int = 1,
+    chunk_size: int = 256,
+    lr_schedule: Optional[optax.Schedule] = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from one batch, accumulating over micro-batches."""
+    num_targets = target_weights(batch).sum()
+    normalizer = jnp.maximum(num_targets, 1.0)
+    grad_fn = jax.grad(sft_loss, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads, nll, hits = carry
+        g, aux = grad_fn(state.params, micro, model, normalizer, chunk_size)
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (grads, nll + aux["nll_sum"], hits + aux["hits"]), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, nll, hits), _ = jax.lax.scan(
+        accumulate, init, split_microbatches(batch, num_microbatches)
+    )
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": nll / normalizer,
+        "token_accuracy": hits / normalizer,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "target_tokens": num_targets,
+    }
+    if lr_schedule is not None:
+        metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    rng, _ = jax.random.split(state.rng)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+
+def make_sft_step(model: Transformer, tx: optax.GradientTransformation, **options) -> Any:
+    """Binds the static parts, leaving the pure `step(state, batch)`."""
+    return functools.partial(sft_step, model=model, tx=tx, **options)

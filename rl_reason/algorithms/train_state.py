@@ -21,69 +21,77 @@ from rl_reason.parallel import sharding as shd
 
 @flax.struct.dataclass
 class TrainState:
-  """params, opt_state, step and rng: everything a step reads and replaces."""
+    """params, opt_state, step and rng: everything a step reads and replaces."""
 
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
 
 
 def _init_params(model: Transformer, rng: jax.Array):
-  tokens = jnp.zeros((1, 2), jnp.int32)
-  return model.init(rng, tokens, jnp.zeros_like(tokens))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return model.init(rng, tokens, jnp.zeros_like(tokens))
 
 
 def param_shardings(model: Transformer, mesh: Mesh, rules: shd.Rules) -> Any:
-  """Shardings of the unboxed params tree, from logical names and shapes alone."""
-  abstract = jax.eval_shape(lambda rng: _init_params(model, rng), jax.random.PRNGKey(0))
-  return shd.logical_shardings(abstract, mesh, rules)
+    """Shardings of the unboxed params tree, from logical names and shapes alone."""
+    abstract = jax.eval_shape(lambda rng: _init_params(model, rng), jax.random.PRNGKey(0))
+    return shd.logical_shardings(abstract, mesh, rules)
 
 
-def state_shardings(model: Transformer, tx: optax.GradientTransformation,
-                    mesh: Mesh, rules: shd.Rules) -> TrainState:
-  """Shardings of the whole TrainState; optimizer moments follow their params."""
-  params_sh = param_shardings(model, mesh, rules)
-  replicated = NamedSharding(mesh, P())
-  abstract_params = jax.eval_shape(
-      lambda: nn.meta.unbox(_init_params(model, jax.random.PRNGKey(0))))
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = optax.tree_utils.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, params_sh,
-      transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, params=params_sh, opt_state=opt_sh,
-                    rng=replicated)
+def state_shardings(
+    model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
+) -> TrainState:
+    """Shardings of the whole TrainState; optimizer moments follow their params."""
+    params_sh = param_shardings(model, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    abstract_params = jax.eval_shape(
+        lambda: nn.meta.unbox(_init_params(model, jax.random.PRNGKey(0)))
+    )
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, params_sh, transform_non_params=lambda _: replicated
+    )
+    return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
 
 
-def create_train_state(model: Transformer, tx: optax.GradientTransformation,
-                       mesh: Mesh, rules: shd.Rules, seed: int,
-                       params: Optional[Any] = None) -> TrainState:
-  """Initialises (or adopts `params`) and the optimizer, each array in its sharding."""
-  shardings = state_shardings(model, tx, mesh, rules)
+def create_train_state(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: shd.Rules,
+    seed: int,
+    params: Optional[Any] = None,
+) -> TrainState:
+    """Initialises (or adopts `params`) and the optimizer, each array in its sharding."""
+    shardings = state_shardings(model, tx, mesh, rules)
 
-  def init(rng):
-    init_rng, state_rng = jax.random.split(rng)
-    p = nn.meta.unbox(_init_params(model, init_rng)) if params is None else params
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                      opt_state=tx.init(p), rng=state_rng)
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        p = nn.meta.unbox(_init_params(model, init_rng)) if params is None else params
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng
+        )
 
-  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def jit_step(step_fn: Callable, mesh: Mesh, rules: shd.Rules,
-             shardings: TrainState) -> Callable:
-  """Compiles `state, metrics = step_fn(state, batch)` on the mesh.
+def jit_step(step_fn: Callable, mesh: Mesh, rules: shd.Rules, shardings: TrainState) -> Callable:
+    """Compiles `state, metrics = step_fn(state, batch)` on the mesh.
 
-  The state is donated (its buffers are reused for the new state); the batch
-  is split over (data, fsdp); metrics come back replicated.
-  """
-  jitted = jax.jit(
-      step_fn,
-      in_shardings=(shardings, NamedSharding(mesh, P(shd.BATCH_AXES))),
-      out_shardings=(shardings, NamedSharding(mesh, P())),
-      donate_argnums=0)
+    The state is donated (its buffers are reused for the new state); the batch
+    is split over (data, fsdp); metrics come back replicated.
+    """
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(shardings, NamedSharding(mesh, P(shd.BATCH_AXES))),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
 
-  def call(state, batch):
-    with shd.activation_sharding(mesh, rules):
-      return jitted(state, batch)
-  return call
+    def call(state, batch):
+        with shd.activation_sharding(mesh, rules):
+            return jitted(state, batch)
+
+    return call

@@ -14,33 +14,33 @@ import numpy as np
 
 
 def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-  """Token ids of prompt (with BOS when the tokenizer has one) and completion + EOS."""
-  prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-  completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-  if tokenizer.bos_token_id is not None:
-    prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-  if tokenizer.eos_token_id is not None:
-    completion_ids = completion_ids + [tokenizer.eos_token_id]
-  return prompt_ids, completion_ids
+    """Token ids of prompt (with BOS when the tokenizer has one) and completion + EOS."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids
 
 
-def pack_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
-               pad_id: int) -> tuple[dict[str, np.ndarray], int]:
-  """Right-padded {tokens, input_mask, loss_mask} [len(pairs), max_length], and
-  the number of rows cut at max_length (the completion's end goes first), so
-  that a run can report it.
-  """
-  n = len(pairs)
-  tokens = np.full((n, max_length), pad_id, np.int32)
-  input_mask = np.zeros((n, max_length), bool)
-  loss_mask = np.zeros((n, max_length), bool)
-  truncated = 0
-  for row, (prompt, completion) in enumerate(pairs):
-    ids = list(prompt) + list(completion)
-    truncated += len(ids) > max_length
-    ids = ids[:max_length]
-    tokens[row, :len(ids)] = ids
-    input_mask[row, :len(ids)] = True
-    loss_mask[row, len(prompt):len(ids)] = True
-  return {"tokens": tokens, "input_mask": input_mask,
-          "loss_mask": loss_mask}, truncated
+def pack_pairs(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pad_id: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """Right-padded {tokens, input_mask, loss_mask} [len(pairs), max_length], and
+    the number of rows cut at max_length (the completion's end goes first), so
+    that a run can report it.
+    """
+    n = len(pairs)
+    tokens = np.full((n, max_length), pad_id, np.int32)
+    input_mask = np.zeros((n, max_length), bool)
+    loss_mask = np.zeros((n, max_length), bool)
+    truncated = 0
+    for row, (prompt, completion) in enumerate(pairs):
+        ids = list(prompt) + list(completion)
+        truncated += len(ids) > max_length
+        ids = ids[:max_length]
+        tokens[row, : len(ids)] = ids
+        input_mask[row, : len(ids)] = True
+        loss_mask[row, len(prompt) : len(ids)] = True
+    return {"tokens": tokens, "input_mask": input_mask, "loss_mask": loss_mask}, truncated

@@ -19,151 +19,166 @@ _MASKED_LOGIT = -1e30
 
 
 def _init(config: ModelConfig, axes: tuple[Optional[str], ...]):
-  return nn.with_logical_partitioning(
-      nn.initializers.normal(config.init_std), axes)
+    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), axes)
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in float32 (HF Llama/Gemma convention)."""
+    """x / rms(x) * scale, computed in float32 (HF Llama/Gemma convention)."""
 
-  eps: float
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param(
-        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, base: float,
-                scaling_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """(sin, cos) of shape [batch, length, head_dim], half-split layout as in HF."""
-  inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = (positions.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq
-  angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.sin(angles), jnp.cos(angles)
+def rope_tables(
+    positions: jax.Array, head_dim: int, base: float, scaling_factor: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) of shape [batch, length, head_dim], half-split layout as in HF."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = (positions.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
 
 
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotates x [batch, length, heads, head_dim] by the tables of rope_tables."""
-  x32 = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-  return out.astype(x.dtype)
+    """Rotates x [batch, length, heads, head_dim] by the tables of rope_tables."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
 
 
-def attention_mask(query_positions: jax.Array, key_positions: jax.Array,
-                   window: jax.Array) -> jax.Array:
-  """[batch, q_len, k_len] visibility from positions alone.
+def attention_mask(
+    query_positions: jax.Array, key_positions: jax.Array, window: jax.Array
+) -> jax.Array:
+    """[batch, q_len, k_len] visibility from positions alone.
 
-  A key is visible when it is a real token (position >= 0), not in the
-  query's future, and, for sliding-window layers (window > 0), fewer than
-  `window` positions behind the query. Working from positions rather than
-  indices makes left padding, caches and windows one rule.
-  """
-  q = query_positions[:, :, None]
-  k = key_positions[:, None, :]
-  visible = (k >= 0) & (k <= q)
-  return visible & ((window <= 0) | (q - k < window))
+    A key is visible when it is a real token (position >= 0), not in the
+    query's future, and, for sliding-window layers (window > 0), fewer than
+    `window` positions behind the query. Working from positions rather than
+    indices makes left padding, caches and windows one rule.
+    """
+    q = query_positions[:, :, None]
+    k = key_positions[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    return visible & ((window <= 0) | (q - k < window))
 
 
 def dot_product_attention(q, k, v, mask, scale: float) -> jax.Array:
-  """Grouped-query attention; logits and softmax in float32.
+    """Grouped-query attention; logits and softmax in float32.
 
-  q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask [B, T, S].
-  """
-  b, t, h, d = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                      preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None], logits, _MASKED_LOGIT)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
+    q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask [B, T, S].
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, _MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
 
 
 class Projection(nn.Module):
-  """x[..., *in_dims] @ kernel[*in_dims, *out_dims] (+ bias), logically partitioned.
+    """x[..., *in_dims] @ kernel[*in_dims, *out_dims] (+ bias), logically partitioned.
 
-  A plain einsum over one named kernel, so that checkpoint conversion sees
-  the same layout the model computes with.
-  """
+    A plain einsum over one named kernel, so that checkpoint conversion sees
+    the same layout the model computes with.
+    """
 
-  in_axes: tuple[str, ...]
-  out_shape: tuple[int, ...]
-  out_axes: tuple[Optional[str], ...]
-  config: ModelConfig
-  use_bias: bool = False
+    in_axes: tuple[str, ...]
+    out_shape: tuple[int, ...]
+    out_axes: tuple[Optional[str], ...]
+    config: ModelConfig
+    use_bias: bool = False
 
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    n_in = len(self.in_axes)
-    kernel = self.param("kernel", _init(c, self.in_axes + self.out_axes),
-                        x.shape[x.ndim - n_in:] + self.out_shape, c.weights_dtype)
-    letters = "abcdefgh"
-    x_sub = "..." + letters[:n_in]
-    k_sub = letters[:n_in] + letters[n_in:n_in + len(self.out_shape)]
-    y = jnp.einsum(f"{x_sub},{k_sub}->...{k_sub[n_in:]}",
-                   x.astype(c.compute_dtype), kernel.astype(c.compute_dtype))
-    if self.use_bias:
-      bias = self.param(
-          "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
-          self.out_shape, c.weights_dtype)
-      y = y + bias.astype(c.compute_dtype)
-    return y
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        n_in = len(self.in_axes)
+        kernel = self.param(
+            "kernel",
+            _init(c, self.in_axes + self.out_axes),
+            x.shape[x.ndim - n_in :] + self.out_shape,
+            c.weights_dtype,
+        )
+        letters = "abcdefgh"
+        x_sub = "..." + letters[:n_in]
+        k_sub = letters[:n_in] + letters[n_in : n_in + len(self.out_shape)]
+        y = jnp.einsum(
+            f"{x_sub},{k_sub}->...{k_sub[n_in:]}",
+            x.astype(c.compute_dtype),
+            kernel.astype(c.compute_dtype),
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
+                self.out_shape,
+                c.weights_dtype,
+            )
+            y = y + bias.astype(c.compute_dtype)
+        return y
 
 
 class Attention(nn.Module):
-  """Projections, optional QK-norm and RoPE; attention runs in the caller's context."""
+    """Projections, optional QK-norm and RoPE; attention runs in the caller's context."""
 
-  config: ModelConfig
+    config: ModelConfig
 
-  def setup(self):
-    c = self.config
-    self.q_proj = Projection(("embed",), (c.num_heads, c.head_dim),
-                             ("heads", "head_dim"), c, c.qkv_bias)
-    self.k_proj = Projection(("embed",), (c.num_kv_heads, c.head_dim),
-                             ("kv_heads", "head_dim"), c, c.qkv_bias)
-    self.v_proj = Projection(("embed",), (c.num_kv_heads, c.head_dim),
-                             ("kv_heads", "head_dim"), c, c.qkv_bias)
-    self.o_proj = Projection(("heads", "head_dim"), (c.hidden_dim,), ("embed",), c)
-    if c.qk_norm:
-      norm = dict(eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.weights_dtype)
-      self.q_norm = RMSNorm(**norm)
-      self.k_norm = RMSNorm(**norm)
+    def setup(self):
+        c = self.config
+        self.q_proj = Projection(
+            ("embed",), (c.num_heads, c.head_dim), ("heads", "head_dim"), c, c.qkv_bias
+        )
+        self.k_proj = Projection(
+            ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), c, c.qkv_bias
+        )
+        self.v_proj = Projection(
+            ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), c, c.qkv_bias
+        )
+        self.o_proj = Projection(("heads", "head_dim"), (c.hidden_dim,), ("embed",), c)
+        if c.qk_norm:
+            norm = dict(eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.weights_dtype)
+            self.q_norm = RMSNorm(**norm)
+            self.k_norm = RMSNorm(**norm)
 
-  def project(self, x, sin, cos):
-    """Returns rotated queries, rotated keys and values for x [B, T, E]."""
-    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    if self.config.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
-    return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+    def project(self, x, sin, cos):
+        """Returns rotated queries, rotated keys and values for x [B, T, E]."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
-  def output(self, attended):
-    return self.o_proj(attended)
+    def output(self, attended):
+        return self.o_proj(attended)
 
 
 class GatedMLP(nn.Module):
-  """down(act(gate(x)) * up(x)): SwiGLU for Llama, GeGLU (tanh GELU) for Gemma."""
+    """down(act(gate(x)) * up(x)): SwiGLU for Llama, GeGLU (tanh GELU) for Gemma."""
 
-  config: ModelConfig
+    config: ModelConfig
 
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    gate = Projection(("embed",), (c.mlp_dim,), ("mlp",), c, name="gate_proj")(x)
-    up = Projection(("embed",), (c.mlp_dim,), ("mlp",), c, name="up_proj")(x)
-    if c.activation == "silu":
-      gate = jax.nn.silu(gate)
-    else:
-      gate = jax.nn.gelu(gate, approximate=True)
-    return Projection(("mlp",), (c.hidden_dim,), ("embed",), c,
-                      name="down_proj")(gate * up)
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = Projection(("embed",), (c.mlp_dim,), ("mlp",), c, name="gate_proj")(x)
+        up = Projection(("embed",), (c.mlp_dim,), ("mlp",), c, name="up_proj")(x)
+        if c.activation == "silu":
+            gate = jax.nn.silu(gate)
+        else:
+            gate = jax.nn.gelu(gate, approximate=True)
+        return Projection(("mlp",), (c.hidden_dim,), ("embed",), c, name="down_proj")(gate * up)

@@ -23,92 +23,91 @@ CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, and the position held in each slot.
+    """Keys and values of every layer, and the position held in each slot.
 
-  k, v: [layers, batch, max_length, kv_heads, head_dim]. positions:
-  [batch, max_length], -1 for empty or padded slots. index: the next slot to
-  write; every row of the batch writes the same slot, which left padding makes
-  possible.
-  """
+    k, v: [layers, batch, max_length, kv_heads, head_dim]. positions:
+    [batch, max_length], -1 for empty or padded slots. index: the next slot to
+    write; every row of the batch writes the same slot, which left padding makes
+    possible.
+    """
 
-  k: jax.Array
-  v: jax.Array
-  positions: jax.Array
-  index: jax.Array
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    index: jax.Array
 
-  @classmethod
-  def init(cls, config: ModelConfig, batch: int, max_length: int) -> "KVCache":
-    shape = (config.num_layers, batch, max_length, config.num_kv_heads,
-             config.head_dim)
-    return cls(
-        k=jnp.zeros(shape, config.compute_dtype),
-        v=jnp.zeros(shape, config.compute_dtype),
-        positions=jnp.full((batch, max_length), -1, jnp.int32),
-        index=jnp.zeros((), jnp.int32))
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_length: int) -> "KVCache":
+        shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, config.compute_dtype),
+            v=jnp.zeros(shape, config.compute_dtype),
+            positions=jnp.full((batch, max_length), -1, jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
 
-  @property
-  def max_length(self) -> int:
-    return self.positions.shape[1]
+    @property
+    def max_length(self) -> int:
+        return self.positions.shape[1]
 
 
 @flax.struct.dataclass
 class TransformerOutput:
-  hidden: jax.Array                    # [B, T, E], after the final norm
-  cache: Optional[KVCache]
-  heads: dict[str, jax.Array]          # name -> [B, T] float32
+    hidden: jax.Array  # [B, T, E], after the final norm
+    cache: Optional[KVCache]
+    heads: dict[str, jax.Array]  # name -> [B, T] float32
 
 
 @flax.struct.dataclass
 class _LayerContext:
-  """What every layer shares: positions, RoPE tables and the cache write slot."""
+    """What every layer shares: positions, RoPE tables and the cache write slot."""
 
-  query_positions: jax.Array
-  key_positions: jax.Array
-  rope_global: tuple[jax.Array, jax.Array]
-  rope_local: tuple[jax.Array, jax.Array]
-  cache_index: Optional[jax.Array]
+    query_positions: jax.Array
+    key_positions: jax.Array
+    rope_global: tuple[jax.Array, jax.Array]
+    rope_local: tuple[jax.Array, jax.Array]
+    cache_index: Optional[jax.Array]
 
 
 class Block(nn.Module):
-  """One pre-norm (optionally sandwich-norm) attention + MLP layer."""
+    """One pre-norm (optionally sandwich-norm) attention + MLP layer."""
 
-  config: ModelConfig
+    config: ModelConfig
 
-  @nn.compact
-  def __call__(self, carry, layer, ctx: _LayerContext):
-    x, kv = carry
-    c = self.config
-    norm = lambda name: layers.RMSNorm(
-        c.norm_eps, c.compute_dtype, c.weights_dtype, name=name)
-    attn = layers.Attention(c, name="attn")
+    @nn.compact
+    def __call__(self, carry, layer, ctx: _LayerContext):
+        x, kv = carry
+        c = self.config
+        norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype, name=name)
+        attn = layers.Attention(c, name="attn")
 
-    is_local = layer["is_local"]
-    sin = jnp.where(is_local, ctx.rope_local[0], ctx.rope_global[0])
-    cos = jnp.where(is_local, ctx.rope_local[1], ctx.rope_global[1])
-    q, k, v = attn.project(norm("pre_attn_norm")(x), sin, cos)
-    if kv is not None:
-      k, v, kv = _write_cache(kv, layer["index"], ctx.cache_index, k, v)
-    window = jnp.where(is_local, c.sliding_window, 0)
-    mask = layers.attention_mask(ctx.query_positions, ctx.key_positions, window)
-    h = attn.output(layers.dot_product_attention(q, k, v, mask, c.query_scale))
-    if c.sandwich_norms:
-      h = norm("post_attn_norm")(h)
-    x = x + h
+        is_local = layer["is_local"]
+        sin = jnp.where(is_local, ctx.rope_local[0], ctx.rope_global[0])
+        cos = jnp.where(is_local, ctx.rope_local[1], ctx.rope_global[1])
+        q, k, v = attn.project(norm("pre_attn_norm")(x), sin, cos)
+        if kv is not None:
+            k, v, kv = _write_cache(kv, layer["index"], ctx.cache_index, k, v)
+        window = jnp.where(is_local, c.sliding_window, 0)
+        mask = layers.attention_mask(ctx.query_positions, ctx.key_positions, window)
+        h = attn.output(layers.dot_product_attention(q, k, v, mask, c.query_scale))
+        if c.sandwich_norms:
+            h = norm("post_attn_norm")(h)
+        x = x + h
 
-    h = layers.GatedMLP(c, name="mlp")(norm("pre_mlp_norm")(x))
-    if c.sandwich_norms:
-      h = norm("post_mlp_norm")(h)
-    x = nn.with_logical_constraint(x + h, ("batch", "length", "act_embed"))
-    return (x, kv), None
+        h = layers.GatedMLP(c, name="mlp")(norm("pre_mlp_norm")(x))
+        if c.sandwich_norms:
+            h = norm("post_mlp_norm")(h)
+        x = nn.with_logical_constraint(x + h, ("batch", "length", "act_embed"))
+        return (x, kv), None
 
 
 def _write_cache(kv, layer_index, slot, k, v):
-  """Writes this step's keys/values into the stacked cache; returns the layer's full cache."""
-  cache_k, cache_v = kv
-  start = (layer_index, 0, slot, 0, 0)
-  cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-  cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-  return cache_k[layer_index], cache_v[layer_index], (cache_k, cache_v)
+    """Writes this step's keys/values into the stacked cache; returns the layer's full cache."""
+    cache_k, cache_v = kv
+    start = (layer_index, 0, slot, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+    return cache_k[layer_index], cache_v[layer_index], (cache_k, cache_v)
 
 
 _REMAT_POLICIES = {
@@ -118,97 +117,129 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM. `__call__` returns final hidden states; `logits` unembeds them.
+    """Decoder-only LM. `__call__` returns final hidden states; `logits` unembeds them.
 
-  Keeping the unembedding separate lets losses chunk it over the sequence so
-  that [batch, length, vocab] logits never exist at once (a 262k vocabulary).
-  """
-
-  config: ModelConfig
-
-  def setup(self):
-    c = self.config
-    self.embedder = nn.Embed(
-        c.vocab_size, c.hidden_dim,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(c.init_std), ("vocab", "embed")),
-        dtype=c.compute_dtype, param_dtype=c.weights_dtype)
-    block = Block
-    if c.remat != "none":
-      block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
-    self.layers = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast),
-        length=c.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c)
-    self.final_norm = layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype)
-    if not c.tie_embeddings:
-      self.lm_head = self.param(
-          "lm_head", nn.with_logical_partitioning(
-              nn.initializers.normal(c.init_std), ("embed", "vocab")),
-          (c.hidden_dim, c.vocab_size), c.weights_dtype)
-    self.scalar_heads = {
-        name: nn.Dense(1, kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal(c.init_std), ("embed", None)),
-                       bias_init=nn.with_logical_partitioning(
-                           nn.initializers.zeros, (None,)),
-                       dtype=jnp.float32, param_dtype=c.weights_dtype)
-        for name in c.heads}
-
-  def __call__(self, tokens: jax.Array, positions: jax.Array,
-               input_mask: Optional[jax.Array] = None,
-               cache: Optional[KVCache] = None) -> TransformerOutput:
-    """Runs the layers over tokens [B, T] at positions [B, T].
-
-    input_mask marks real tokens (False for padding). With a cache, the T new
-    tokens are written at slot cache.index and attend to everything cached.
+    Keeping the unembedding separate lets losses chunk it over the sequence so
+    that [batch, length, vocab] logits never exist at once (a 262k vocabulary).
     """
-    c = self.config
-    if input_mask is None:
-      input_mask = jnp.ones(tokens.shape, bool)
-    new_key_positions = jnp.where(input_mask, positions, -1).astype(jnp.int32)
-    if cache is None:
-      key_positions, kv, cache_index = new_key_positions, None, None
-    else:
-      key_positions = jax.lax.dynamic_update_slice(
-          cache.positions, new_key_positions, (0, cache.index))
-      kv, cache_index = (cache.k, cache.v), cache.index
 
-    x = self.embedder(tokens)
-    if c.scale_embeddings:
-      x = x * jnp.asarray(c.hidden_dim ** 0.5, c.compute_dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    rope_global = layers.rope_tables(positions, c.head_dim, c.rope_base,
-                                     c.rope_scaling_factor)
-    rope_local = (layers.rope_tables(positions, c.head_dim, c.rope_local_base)
-                  if any(c.local_layers) else rope_global)
-    ctx = _LayerContext(positions, key_positions, rope_global, rope_local,
-                        cache_index)
-    per_layer = {"index": jnp.arange(c.num_layers),
-                 "is_local": jnp.asarray(c.local_layers, bool)}
-    (x, kv), _ = self.layers((x, kv), per_layer, ctx)
-    hidden = self.final_norm(x)
+    config: ModelConfig
 
-    if cache is not None:
-      cache = KVCache(k=kv[0], v=kv[1], positions=key_positions,
-                      index=cache.index + tokens.shape[1])
-    heads = {name: head(hidden.astype(jnp.float32))[..., 0]
-             for name, head in self.scalar_heads.items()}
-    return TransformerOutput(hidden=hidden, cache=cache, heads=heads)
+    def setup(self):
+        c = self.config
+        self.embedder = nn.Embed(
+            c.vocab_size,
+            c.hidden_dim,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(c.init_std), ("vocab", "embed")
+            ),
+            dtype=c.compute_dtype,
+            param_dtype=c.weights_dtype,
+        )
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
+        self.final_norm = layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype)
+        if not c.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(c.init_std), ("embed", "vocab")
+                ),
+                (c.hidden_dim, c.vocab_size),
+                c.weights_dtype,
+            )
+        self.scalar_heads = {
+            name: nn.Dense(
+                1,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(c.init_std), ("embed", None)
+                ),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                dtype=jnp.float32,
+                param_dtype=c.weights_dtype,
+            )
+            for name in c.heads
+        }
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    """Unembeds hidden [..., E] into float32 logits [..., V]."""
-    if self.config.tie_embeddings:
-      table = self.embedder.embedding
-      return jnp.einsum("...e,ve->...v", hidden, table.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("...e,ev->...v", hidden, self.lm_head.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        input_mask: Optional[jax.Array] = None,
+        cache: Optional[KVCache] = None,
+    ) -> TransformerOutput:
+        """Runs the layers over tokens [B, T] at positions [B, T].
+
+        input_mask marks real tokens (False for padding). With a cache, the T new
+        tokens are written at slot cache.index and attend to everything cached.
+        """
+        c = self.config
+        if input_mask is None:
+            input_mask = jnp.ones(tokens.shape, bool)
+        new_key_positions = jnp.where(input_mask, positions, -1).astype(jnp.int32)
+        if cache is None:
+            key_positions, kv, cache_index = new_key_positions, None, None
+        else:
+            key_positions = jax.lax.dynamic_update_slice(
+                cache.positions, new_key_positions, (0, cache.index)
+            )
+            kv, cache_index = (cache.k, cache.v), cache.index
+
+        x = self.embedder(tokens)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(c.hidden_dim**0.5, c.compute_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        rope_global = layers.rope_tables(positions, c.head_dim, c.rope_base, c.rope_scaling_factor)
+        rope_local = (
+            layers.rope_tables(positions, c.head_dim, c.rope_local_base)
+            if any(c.local_layers)
+            else rope_global
+        )
+        ctx = _LayerContext(positions, key_positions, rope_global, rope_local, cache_index)
+        per_layer = {
+            "index": jnp.arange(c.num_layers),
+            "is_local": jnp.asarray(c.local_layers, bool),
+        }
+        (x, kv), _ = self.layers((x, kv), per_layer, ctx)
+        hidden = self.final_norm(x)
+
+        if cache is not None:
+            cache = KVCache(
+                k=kv[0], v=kv[1], positions=key_positions, index=cache.index + tokens.shape[1]
+            )
+        heads = {
+            name: head(hidden.astype(jnp.float32))[..., 0]
+            for name, head in self.scalar_heads.items()
+        }
+        return TransformerOutput(hidden=hidden, cache=cache, heads=heads)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Unembeds hidden [..., E] into float32 logits [..., V]."""
+        if self.config.tie_embeddings:
+            table = self.embedder.embedding
+            return jnp.einsum(
+                "...e,ve->...v",
+                hidden,
+                table.astype(hidden.dtype),
+                preferred_element_type=jnp.float32,
+            )
+        return jnp.einsum(
+            "...e,ev->...v",
+            hidden,
+            self.lm_head.astype(hidden.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
 
 def default_positions(input_mask: jax.Array) -> jax.Array:
-  """Positions counting real tokens only, so left padding starts each row at 0."""
-  return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    """Positions counting real tokens only, so left padding starts each row at 0."""
+    return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1, 0)
