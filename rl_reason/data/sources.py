@@ -1,0 +1,125 @@
+"""Reading the real GSM8K and SVAMP files from a local directory.
+
+Every data set becomes rows with the same three text columns --
+``question``, ``answer`` (a reference solution in GSM8K's format: steps with
+``<<expr=value>>`` notes, then ``#### n``) and ``final_answer`` (the number,
+no commas) -- so rewards, templates and metrics never special-case a data
+set. SVAMP ships an equation instead of a solution; its solution is written
+from the equation, one note per operation.
+
+SVAMP's official label for ``chal-680`` is wrong (the equation and the story
+give 5, the label says 1). ``final_answer`` carries the corrected value and
+``official_answer`` the published label, so scoring against either is one
+column away; the table below is the whole list and a test checks it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from fractions import Fraction
+
+from rl_reason.rewards import arithmetic
+from rl_reason.rewards.numbers import format_number
+
+GSM8K_FILES = {"train": "gsm8k_train.jsonl", "test": "gsm8k_test.jsonl"}
+SVAMP_FILE = "svamp.json"
+SOURCES = {
+    "gsm8k_train.jsonl": "https://github.com/openai/grade-school-math"
+    " (grade_school_math/data/train.jsonl), MIT",
+    "gsm8k_test.jsonl": "https://github.com/openai/grade-school-math"
+    " (grade_school_math/data/test.jsonl), MIT",
+    "svamp.json": "https://github.com/arkilpatel/SVAMP (SVAMP.json), MIT",
+}
+SVAMP_LABEL_ERRORS = {"chal-680": "5"}  # id -> the answer its equation and question give
+DATA_DIR_ENV = "RL_REASON_DATA_DIR"
+
+
+class MissingDataError(FileNotFoundError):
+    """The manual data directory lacks a file; the message says where to get it."""
+
+
+def locate_data_dir() -> pathlib.Path | None:
+    """``$RL_REASON_DATA_DIR``, else ``../shared/data`` beside the repository, if it exists."""
+    candidates = [os.environ.get(DATA_DIR_ENV), pathlib.Path(__file__).parents[3] / "shared" / "data"]
+    return next((pathlib.Path(c) for c in candidates if c and pathlib.Path(c).is_dir()), None)
+
+
+MANUAL_INSTRUCTIONS = (
+    "Put the upstream files in the manual data directory under these names"
+    " (byte-for-byte copies):\n"
+    + "\n".join(f"  {file}: {source}" for file, source in SOURCES.items())
+    + f"\nand pass that directory as manual_dir (or set ${DATA_DIR_ENV})."
+)
+
+
+def require_file(directory: str | os.PathLike | None, name: str) -> pathlib.Path:
+    """``directory/name``, or a :class:`MissingDataError` saying where the file comes from."""
+    path = pathlib.Path(directory or "") / name
+    if directory is None or not path.is_file():
+        raise MissingDataError(f"{name} not found in {directory!r}. {MANUAL_INSTRUCTIONS}")
+    return path
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The gold number of a GSM8K solution: the text after ``####``, commas removed."""
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def read_gsm8k(directory: str | os.PathLike | None, split: str) -> list[dict[str, str]]:
+    """The rows of GSM8K ``split`` ("train" or "test") in file order."""
+    path = require_file(directory, GSM8K_FILES[split])
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            rows.append({**row, "final_answer": gsm8k_final_answer(row["answer"])})
+    return rows
+
+
+def _operand(value: Fraction) -> str:
+    text = format_number(value)
+    return f"({text})" if value < 0 or "/" in text else text
+
+
+def equation_solution(equation: str) -> tuple[str, Fraction]:
+    """A GSM8K-style solution for an infix equation, one note per operation, and its value."""
+    lines = []
+
+    def write(node: arithmetic.Node) -> tuple[Fraction, str]:
+        if isinstance(node, arithmetic.BinaryOp):
+            _, left_text = write(node.left)
+            _, right_text = write(node.right)
+            value = arithmetic.evaluate_tree(node)
+            expr, result = f"{left_text}{node.op}{right_text}", format_number(value)
+            lines.append(f"{expr} = <<{expr}={result}>>{result}")
+            return value, _operand(value)
+        value = arithmetic.evaluate_tree(node)
+        return value, _operand(value)
+
+    value, _ = write(arithmetic.parse(equation))
+    lines.append(f"#### {format_number(value)}")
+    return "\n".join(lines), value
+
+
+def read_svamp(directory: str | os.PathLike | None) -> list[dict[str, str]]:
+    """The 1000 SVAMP problems in file order, with a written solution and corrected labels."""
+    with require_file(directory, SVAMP_FILE).open(encoding="utf-8") as f:
+        raw = json.load(f)
+    rows = []
+    for item in raw:
+        solution, _ = equation_solution(item["Equation"])
+        official = format_number(Fraction(str(item["Answer"])))
+        rows.append(
+            {
+                "id": item["ID"],
+                "question": f"{item['Body'].strip()} {item['Question'].strip()}",
+                "answer": solution,
+                "final_answer": SVAMP_LABEL_ERRORS.get(item["ID"], official),
+                "official_answer": official,
+                "equation": item["Equation"],
+                "type": item["Type"],
+            }
+        )
+    return rows
