@@ -14,12 +14,14 @@ def test_same_seed_same_examples_and_prefix_stable():
     assert a != synthetic.generate("train", 200, seed=4)
 
 
-@pytest.mark.parametrize(
-    "difficulty", [synthetic.Difficulty(), synthetic.Difficulty(3, 5, 50)]
-)
+@pytest.mark.parametrize("difficulty", [synthetic.Difficulty(), synthetic.Difficulty(3, 5, 50)])
 def test_train_and_test_are_disjoint_and_distinct(difficulty):
     train = {e["question"] for e in synthetic.generate("train", 3000, difficulty=difficulty)}
-    test = {e["question"] for seed in (0, 1) for e in synthetic.generate("test", 500, seed=seed, difficulty=difficulty)}
+    test = {
+        e["question"]
+        for seed in (0, 1)
+        for e in synthetic.generate("test", 500, seed=seed, difficulty=difficulty)
+    }
     assert len(train) == 3000
     assert not train & test
     assert all(synthetic.split_of(q) == "test" for q in test)
@@ -31,9 +33,7 @@ def _evaluate_note(expr):
     return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
 
 
-@pytest.mark.parametrize(
-    "difficulty", [synthetic.Difficulty(), synthetic.Difficulty(2, 4, 30)]
-)
+@pytest.mark.parametrize("difficulty", [synthetic.Difficulty(), synthetic.Difficulty(2, 4, 30)])
 def test_solutions_are_gsm8k_shaped_and_correct(difficulty):
     for ex in synthetic.generate("train", 300, seed=1, difficulty=difficulty):
         lines = ex["answer"].split("\n")

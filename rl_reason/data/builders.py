@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
+from typing import ClassVar
 
 import tensorflow_datasets as tfds
 
@@ -81,7 +82,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     num_train: int = 20_000
     num_test: int = 1_000
     seed: int = 0
-    difficulty: synthetic.Difficulty = synthetic.Difficulty()
+    difficulty: synthetic.Difficulty = dataclasses.field(default_factory=synthetic.Difficulty)
 
 
 class RlReasonSynthetic(tfds.core.GeneratorBasedBuilder):
@@ -89,7 +90,7 @@ class RlReasonSynthetic(tfds.core.GeneratorBasedBuilder):
 
     name = "rl_reason_synthetic"
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [SyntheticConfig(name="default")]
+    BUILDER_CONFIGS: ClassVar[list[SyntheticConfig]] = [SyntheticConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(features=_features(_COLUMNS), disable_shuffling=True)

@@ -42,7 +42,10 @@ class MissingDataError(FileNotFoundError):
 
 def locate_data_dir() -> pathlib.Path | None:
     """``$RL_REASON_DATA_DIR``, else ``../shared/data`` beside the repository, if it exists."""
-    candidates = [os.environ.get(DATA_DIR_ENV), pathlib.Path(__file__).parents[3] / "shared" / "data"]
+    candidates = [
+        os.environ.get(DATA_DIR_ENV),
+        pathlib.Path(__file__).parents[3] / "shared" / "data",
+    ]
     return next((pathlib.Path(c) for c in candidates if c and pathlib.Path(c).is_dir()), None)
 
 

@@ -22,12 +22,32 @@ TEST_FRACTION = 0.2
 _MAX_MISSES = 10_000  # consecutive candidates adding nothing before giving up
 
 _NAMES = (
-    "Ann", "Ben", "Cara", "Dan", "Eva", "Finn",
-    "Gia", "Hugo", "Ivy", "Jack", "Kim", "Leo",
+    "Ann",
+    "Ben",
+    "Cara",
+    "Dan",
+    "Eva",
+    "Finn",
+    "Gia",
+    "Hugo",
+    "Ivy",
+    "Jack",
+    "Kim",
+    "Leo",
 )
 _ITEMS = (
-    "apples", "books", "cards", "coins", "eggs", "pens",
-    "shells", "stamps", "stickers", "marbles", "toys", "cups",
+    "apples",
+    "books",
+    "cards",
+    "coins",
+    "eggs",
+    "pens",
+    "shells",
+    "stamps",
+    "stickers",
+    "marbles",
+    "toys",
+    "cups",
 )
 _OPS = ("+", "-", "*", "/")
 _STEP_TEXT = {

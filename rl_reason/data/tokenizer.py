@@ -57,7 +57,9 @@ def train_tokenizer(
     )
 
 
-def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
+def save_tokenizer(
+    tokenizer: transformers.PreTrainedTokenizerBase, directory: str | os.PathLike
+) -> None:
     """Writes the tokenizer into a run directory."""
     tokenizer.save_pretrained(os.fspath(directory))
 

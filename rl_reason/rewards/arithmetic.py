@@ -37,14 +37,14 @@ class Number:
 
 @dataclasses.dataclass(frozen=True)
 class Negate:
-    operand: "Node"
+    operand: Node
 
 
 @dataclasses.dataclass(frozen=True)
 class BinaryOp:
     op: str  # one of + - * / // **
-    left: "Node"
-    right: "Node"
+    left: Node
+    right: Node
 
 
 Node = Number | Negate | BinaryOp
@@ -57,7 +57,7 @@ def _tokenize(expr: str) -> list[str]:
     while pos < end:
         match = _TOKEN.match(expr, pos)
         if not match:
-            raise CalculatorError(f"unexpected character at {pos}: {expr[pos:pos + 10]!r}")
+            raise CalculatorError(f"unexpected character at {pos}: {expr[pos : pos + 10]!r}")
         number, op = match.group("number"), match.group("op")
         if number is not None and sum(c.isdigit() for c in number) > MAX_LITERAL_DIGITS:
             raise CalculatorError(f"literal longer than {MAX_LITERAL_DIGITS} digits")

@@ -63,7 +63,7 @@ def _answer_is(text: str) -> str | None:
     matches = list(_ANSWER_IS.finditer(text))
     if not matches:
         return None
-    line = text[matches[-1].end():].split("\n", 1)[0]
+    line = text[matches[-1].end() :].split("\n", 1)[0]
     end = _SENTENCE_END.search(line)
     return (line[: end.start()] if end else line).strip().rstrip(".") or None
 

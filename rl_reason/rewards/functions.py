@@ -69,7 +69,8 @@ class Format:
         del batch  # format does not depend on the example
         return [
             self.formatted
-            if (answer := extract_answer(text, self.mode)) is not None and parse_number(answer) is not None
+            if (answer := extract_answer(text, self.mode)) is not None
+            and parse_number(answer) is not None
             else self.unformatted
             for text in completions
         ]
@@ -99,7 +100,10 @@ class StepMatch:
 
     def __call__(self, completions: Sequence[str], batch: Batch) -> Dense:
         references = column(batch, self.reference_column, len(completions))
-        return [self._one(text, reference_results(str(ref))) for text, ref in zip(completions, references)]
+        return [
+            self._one(text, reference_results(str(ref)))
+            for text, ref in zip(completions, references)
+        ]
 
     def _one(self, text: str, unmatched: list[Fraction]) -> list[tuple[int, float]]:
         credit = self.scale / len(unmatched) if unmatched else 0.0

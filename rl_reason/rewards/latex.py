@@ -20,6 +20,7 @@ import select
 import subprocess
 import sys
 import time
+from typing import Self
 
 MAX_ANSWER_CHARS = 1000  # a longer "answer" is not equivalent to anything
 
@@ -42,7 +43,7 @@ class LatexChecker:
         self._proc: subprocess.Popen | None = None
         self._buffer = b""
 
-    def __enter__(self) -> "LatexChecker":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

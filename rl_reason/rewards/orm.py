@@ -44,6 +44,9 @@ class OrmSteps:
         offsets = [[step.end for step in split_steps(text)] for text in completions]
         scores = self.scorer(completions, batch, offsets)
         return [
-            [(offset, self.scale * float(score)) for offset, score in zip(row_offsets, row_scores, strict=True)]
+            [
+                (offset, self.scale * float(score))
+                for offset, score in zip(row_offsets, row_scores, strict=True)
+            ]
             for row_offsets, row_scores in zip(offsets, scores, strict=True)
         ]

@@ -22,7 +22,5 @@ class Step:
 def split_steps(text: str) -> list[Step]:
     """The non-blank lines of ``text``, in order."""
     return [
-        Step(m.start(), m.end(), m.group())
-        for m in _LINE.finditer(text)
-        if not m.group().isspace()
+        Step(m.start(), m.end(), m.group()) for m in _LINE.finditer(text) if not m.group().isspace()
     ]

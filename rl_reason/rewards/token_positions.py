@@ -15,7 +15,9 @@ import numpy as np
 import transformers
 
 
-def token_starts(tokenizer: transformers.PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+def token_starts(
+    tokenizer: transformers.PreTrainedTokenizerBase, texts: Sequence[str]
+) -> list[list[int]]:
     """The character offset where each token of each text begins (no special tokens)."""
     encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     return [[start for start, _ in mapping] for mapping in encoded["offset_mapping"]]
