@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -59,7 +58,7 @@ class Checkpointer:
         """Restores (state, progress) into the shardings carried by `abstract_state`.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set,
-        e.g. from `abstract_like(state_shapes, shardings)`.
+        e.g. from `train_state.abstract_train_state`.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -79,10 +78,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def abstract_like(shapes: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs with shardings: the restore target for a state pytree."""
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )

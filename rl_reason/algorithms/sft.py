@@ -94,8 +94,8 @@ def sft_step(
     metrics = {
         "loss": nll / normalizer,
         "token_accuracy": hits / normalizer,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "target_tokens": num_targets,
     }
     if lr_schedule is not None:

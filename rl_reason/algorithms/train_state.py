@@ -6,6 +6,7 @@ nothing is materialised on one device and then moved.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax
@@ -56,6 +57,17 @@ def state_shardings(
     return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
 
 
+def _new_state(
+    model: Transformer, tx: optax.GradientTransformation, rng: jax.Array, params: Optional[Any]
+) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    if params is None:
+        params = nn.meta.unbox(_init_params(model, init_rng))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+    )
+
+
 def create_train_state(
     model: Transformer,
     tx: optax.GradientTransformation,
@@ -65,16 +77,17 @@ def create_train_state(
     params: Optional[Any] = None,
 ) -> TrainState:
     """Initialises (or adopts `params`) and the optimizer, each array in its sharding."""
+    init = functools.partial(_new_state, model, tx)
     shardings = state_shardings(model, tx, mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed), params)
 
-    def init(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        p = nn.meta.unbox(_init_params(model, init_rng)) if params is None else params
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng
-        )
 
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+def abstract_train_state(
+    model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
+) -> TrainState:
+    """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
+    shapes = jax.eval_shape(functools.partial(_new_state, model, tx), jax.random.PRNGKey(0), None)
+    return shd.abstract_like(shapes, state_shardings(model, tx, mesh, rules))
 
 
 def jit_step(step_fn: Callable, mesh: Mesh, rules: shd.Rules, shardings: TrainState) -> Callable:

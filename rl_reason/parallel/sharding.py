@@ -150,3 +150,10 @@ def rules_from_config(rules: Iterable) -> tuple[tuple[str, Any], ...]:
         axes = None if axes is None else (axes if isinstance(axes, str) else tuple(axes))
         out.append((name, axes))
     return tuple(out)
+
+
+def abstract_like(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings (e.g. a restore target)."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )

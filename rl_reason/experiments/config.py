@@ -1,0 +1,116 @@
+"""The sections every run config has, and the checks made before anything compiles.
+
+Config files in configs/ start from `base_config()` and change what their
+experiment needs; command-line overrides (`--config.optim.lr=3e-4`) are type
+checked by ml_collections against these defaults.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from rl_reason.algorithms.optimizer import SCHEDULES
+from rl_reason.models.config import ModelConfig
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)
+    c.mesh.axis_names = mesh_lib.AXIS_NAMES
+    c.mesh.rules = shd.DEFAULT_RULES
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.timeout_seconds = 300
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 20
+    c.optim.final_lr_fraction = 0.1
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 300
+    c.train.batch_size = 32
+    c.train.num_microbatches = 1
+    c.train.max_length = 128
+    c.train.loss_chunk_size = 256
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    # Stop after this many steps as if preempted (0 = run to the end); the
+    # next run on the same workdir resumes. Used to test resumption.
+    c.train.stop_after = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "synthetic"
+    c.data.num_train = 4000
+    c.data.num_eval = 256
+    c.data.min_steps = 1
+    c.data.max_steps = 2
+    c.data.max_operand = 10
+    c.data.tokenizer_vocab_size = 384
+    c.data.shuffle = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.save_interval_steps = 100
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True
+    c.logging.progress_bar = True
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ValueError naming every problem that would otherwise surface mid-compile."""
+    problems = []
+    try:
+        ModelConfig.from_dict(config.model)
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    try:
+        shape = mesh_lib.resolve_mesh_shape(config.mesh.shape, num_devices)
+        batch_shards = math.prod(
+            size for size, name in zip(shape, config.mesh.axis_names) if name in shd.BATCH_AXES
+        )
+        micro = config.train.num_microbatches
+        if micro < 1 or config.train.batch_size % micro:
+            problems.append(
+                f"train.batch_size={config.train.batch_size} is not divisible by"
+                f" train.num_microbatches={micro}."
+            )
+        elif (config.train.batch_size // micro) % batch_shards:
+            problems.append(
+                f"The micro-batch of {config.train.batch_size // micro} rows is not divisible"
+                f" by the {batch_shards} batch shards of mesh {shape}."
+            )
+    except ValueError as e:
+        problems.append(str(e))
+    if config.optim.schedule not in SCHEDULES:
+        problems.append(f"optim.schedule={config.optim.schedule!r} not in {SCHEDULES}.")
+    if config.train.num_steps < 1:
+        problems.append("train.num_steps must be positive.")
+    try:
+        shd.rules_from_config(config.mesh.rules)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,206 @@
+"""The SFT run: data, model, sharded state, the jitted step, checkpoints and logs.
+
+This is the only stateful layer. Running it twice on the same workdir resumes
+from the latest checkpoint (state, RNG and data position) and continues to
+the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from rl_reason import checkpointing
+from rl_reason import logging as run_logging
+from rl_reason.algorithms import optimizer, sft
+from rl_reason.algorithms import train_state as ts
+from rl_reason.data import sft as sft_data
+from rl_reason.data import synthetic, templates
+from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.data.iterator import IndexIterator
+from rl_reason.experiments.config import validate
+from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import Transformer
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
+
+
+@dataclasses.dataclass
+class SFTData:
+    tokenizer: Any
+    train: dict[str, np.ndarray]
+    eval: dict[str, np.ndarray]
+
+
+def _synthetic_examples(config: ml_collections.ConfigDict):
+    difficulty = synthetic.Difficulty(
+        min_steps=config.data.min_steps,
+        max_steps=config.data.max_steps,
+        max_operand=config.data.max_operand,
+    )
+    make = lambda split, n: synthetic.generate(split, n, seed=config.seed, difficulty=difficulty)
+    return make("train", config.data.num_train), make("test", config.data.num_eval)
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> SFTData:
+    """Tokenized train and eval arrays; the tokenizer is trained once and saved with the run."""
+    if config.data.task != "synthetic":
+        raise ValueError(f"Unknown SFT task {config.data.task!r}; available: 'synthetic'.")
+    train_examples, eval_examples = _synthetic_examples(config)
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if os.path.isdir(tokenizer_dir):
+        tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
+    else:
+        texts = [ex["question"] + "\n" + ex["answer"] for ex in train_examples]
+        tokenizer = tokenizer_lib.train_tokenizer(texts, config.data.tokenizer_vocab_size)
+        if jax.process_index() == 0:
+            tokenizer_lib.save_tokenizer(tokenizer, tokenizer_dir)
+
+    def pack(examples, split):
+        pairs = [
+            sft_data.encode_pair(
+                tokenizer,
+                templates.format_prompt(ex["question"]),
+                templates.format_completion(ex["answer"]),
+            )
+            for ex in examples
+        ]
+        arrays, truncated = sft_data.pack_pairs(
+            pairs, config.train.max_length, tokenizer.pad_token_id
+        )
+        if truncated:
+            logging.warning(
+                "%d of %d %s examples are longer than train.max_length=%d and were cut.",
+                truncated,
+                len(pairs),
+                split,
+                config.train.max_length,
+            )
+        return arrays
+
+    return SFTData(tokenizer, pack(train_examples, "train"), pack(eval_examples, "eval"))
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
+    """The model section, with vocab_size taken from the tokenizer when it is 0."""
+    values = dict(config.model)
+    if values["vocab_size"] <= 0:
+        values["vocab_size"] = len(tokenizer)
+    return ModelConfig.from_dict(values)
+
+
+def _eval_fn(model: Transformer, chunk_size: int):
+    def evaluate(params, batch):
+        _, aux = sft.sft_loss(params, batch, model, jnp.float32(1.0), chunk_size)
+        return aux["nll_sum"], aux["hits"], sft.target_weights(batch).sum()
+
+    return jax.jit(evaluate)
+
+
+def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int, mesh) -> dict:
+    """Token-mean loss and accuracy over every eval row (the last batch padded with empty rows)."""
+    n = len(arrays["tokens"])
+    totals = np.zeros(3)
+    for start in range(0, n, batch_size):
+        rows = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        pad = batch_size - len(rows["tokens"])
+        rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
+        totals += np.asarray(jax.device_get(eval_fn(params, shd.shard_batch(rows, mesh))))
+    nll, hits, count = totals
+    return {"eval_loss": nll / max(count, 1), "eval_token_accuracy": hits / max(count, 1)}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) SFT to config.train.num_steps; returns the last logged metrics."""
+    mesh_lib.maybe_initialize_distributed(**config.distributed)
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    rules = shd.rules_from_config(config.mesh.rules)
+    data = prepare_data(config, workdir)
+    model = Transformer(model_config(config, data.tokenizer))
+    tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
+    shardings = ts.state_shardings(model, tx, mesh, rules)
+
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.checkpoint.save_interval_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
+    )
+    iterator = IndexIterator(
+        len(data.train["tokens"]),
+        config.train.batch_size,
+        seed=config.seed,
+        shuffle=config.data.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if checkpointer.latest_step() is not None:
+        state, progress = checkpointer.restore(ts.abstract_train_state(model, tx, mesh, rules))
+        iterator.restore(progress["data"])
+    else:
+        state = ts.create_train_state(model, tx, mesh, rules, config.seed)
+    start = int(state.step)
+
+    step_fn = ts.jit_step(
+        sft.make_sft_step(
+            model,
+            tx,
+            num_microbatches=config.train.num_microbatches,
+            chunk_size=config.train.loss_chunk_size,
+            lr_schedule=schedule,
+        ),
+        mesh,
+        rules,
+        shardings,
+    )
+    eval_fn = _eval_fn(model, config.train.loss_chunk_size)
+    eval_batch = config.train.batch_size // config.train.num_microbatches
+    writer = run_logging.MetricWriter(
+        workdir, tensorboard=config.logging.tensorboard, resume_step=start
+    )
+    end = config.train.num_steps
+    if config.train.stop_after:
+        end = min(end, start + config.train.stop_after)
+    last: dict[str, Any] = {}
+    bar = tqdm.trange(
+        start,
+        end,
+        initial=start,
+        total=config.train.num_steps,
+        desc="sft",
+        disable=not config.logging.progress_bar or jax.process_index() != 0,
+    )
+    for step in bar:
+        batch = {k: v[next(iterator)] for k, v in data.train.items()}
+        state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
+        done = step + 1
+        if done % config.train.log_every == 0 or done == config.train.num_steps:
+            metrics = jax.device_get(metrics)
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(
+                    f"Non-finite loss {metrics['loss']} at step {done}; stopping before it"
+                    " reaches a checkpoint. Lower optim.lr or check the data."
+                )
+            if done % config.train.eval_every == 0 or done == config.train.num_steps:
+                metrics.update(evaluate(eval_fn, state.params, data.eval, eval_batch, mesh))
+            last = writer.write(done, metrics)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        checkpointer.save(done, state, {"data": iterator.state()}, force=done == end)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    return last

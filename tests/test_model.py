@@ -1,0 +1,140 @@
+"""The transformer: sharded == unsharded, cached decode == full forward, config checks."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_reason.algorithms import train_state as ts
+from rl_reason.models.config import ModelConfig, tiny_gemma3, tiny_llama
+from rl_reason.models.transformer import KVCache, Transformer, default_positions
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
+
+CONFIGS = {
+    "llama": tiny_llama(qkv_bias=True, heads=("value",)),
+    "gemma3": tiny_gemma3(num_kv_heads=2),
+}
+
+
+def _inputs(config, batch=4, length=12, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), bool)
+    for row in range(batch):  # left padding of different lengths
+        mask[row, : row * 2] = False
+    return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _params(model, seed=0):
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens, tokens))
+
+
+def _full_logits(model, params, tokens, mask):
+    out = model.apply(params, tokens, default_positions(mask), mask)
+    return model.apply(params, out.hidden, method=Transformer.logits), out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_forward_equals_single_device(name, mesh_shape):
+    model = Transformer(CONFIGS[name])
+    params = _params(model)
+    tokens, mask = _inputs(model.config, batch=8)
+    expected, expected_out = _full_logits(model, params, tokens, mask)
+
+    mesh = mesh_lib.make_mesh(mesh_shape)
+    shardings = ts.param_shardings(model, mesh, shd.DEFAULT_RULES)
+    sharded_params = jax.device_put(params, shardings)
+    if mesh_shape == (1, 4, 2):  # fsdp and tensor really split the weights
+        q_kernel = sharded_params["params"]["layers"]["attn"]["q_proj"]["kernel"]
+        assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    batch_sharding = shd.batch_sharding(mesh)
+    forward = jax.jit(
+        lambda p, t, m: _full_logits(model, p, t, m),
+        in_shardings=(shardings, batch_sharding, batch_sharding),
+    )
+    with shd.activation_sharding(mesh, shd.DEFAULT_RULES):
+        got, got_out = forward(sharded_params, tokens, mask)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(
+        np.asarray(got)[valid], np.asarray(expected)[valid], atol=2e-5, rtol=1e-5
+    )
+    for head in expected_out.heads:
+        np.testing.assert_allclose(
+            got_out.heads[head][valid], expected_out.heads[head][valid], atol=2e-5
+        )
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_decode_equals_full_forward(name):
+    """Token by token through the cache, past the sliding window (4) for Gemma 3."""
+    model = Transformer(CONFIGS[name])
+    params = _params(model)
+    tokens, mask = _inputs(model.config, length=14)
+    positions = default_positions(mask)
+    expected, _ = _full_logits(model, params, tokens, mask)
+
+    step = jax.jit(lambda p, t, pos, m, c: model.apply(p, t, pos, m, cache=c))
+    cache = KVCache.init(model.config, tokens.shape[0], 16)
+    got = []
+    for t in range(tokens.shape[1]):
+        out = step(params, tokens[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1], cache)
+        cache = out.cache
+        got.append(model.apply(params, out.hidden, method=Transformer.logits))
+    got = jnp.concatenate(got, axis=1)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=1e-5)
+    assert int(cache.index) == tokens.shape[1]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prefill_then_decode_equals_full_forward(name):
+    model = Transformer(CONFIGS[name])
+    params = _params(model)
+    tokens, mask = _inputs(model.config, length=14)
+    positions = default_positions(mask)
+    expected, _ = _full_logits(model, params, tokens, mask)
+    cache = KVCache.init(model.config, tokens.shape[0], 20)
+    first = model.apply(params, tokens[:, :9], positions[:, :9], mask[:, :9], cache=cache)
+    rest = model.apply(params, tokens[:, 9:], positions[:, 9:], mask[:, 9:], cache=first.cache)
+    got = model.apply(params, rest.hidden, method=Transformer.logits)
+    np.testing.assert_allclose(got, expected[:, 9:], atol=1e-5)
+
+
+def test_sliding_window_changes_local_layers_only_past_the_window():
+    """Within the window a local layer sees what a global one sees; beyond it, not."""
+    config = tiny_gemma3(num_layers=2, global_layer_every=2)
+    params = _params(Transformer(config))
+    wide = Transformer(config.replace(sliding_window=64))
+    narrow = Transformer(config)
+    tokens, mask = _inputs(config, length=10)
+    mask = jnp.ones_like(mask)
+    wide_logits, _ = _full_logits(wide, params, tokens, mask)
+    narrow_logits, _ = _full_logits(narrow, params, tokens, mask)
+    window = config.sliding_window
+    np.testing.assert_allclose(narrow_logits[:, :window], wide_logits[:, :window], atol=1e-6)
+    assert not np.allclose(narrow_logits[:, window:], wide_logits[:, window:], atol=1e-4)
+
+
+def test_gemma3_layer_pattern():
+    config = tiny_gemma3(num_layers=6, global_layer_every=3)
+    assert config.local_layers == (True, True, False, True, True, False)
+    assert not any(tiny_llama().local_layers)
+
+
+def test_param_count_matches_initialised_params():
+    for config in [*CONFIGS.values(), tiny_llama(tie_embeddings=False)]:
+        params = _params(Transformer(config))
+        assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params()
+
+
+def test_invalid_model_configs_are_clear():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="activation"):
+        ModelConfig(activation="relu")
+    with pytest.raises(ValueError, match="Unknown model config keys"):
+        ModelConfig.from_dict({"hidden_size": 3})
