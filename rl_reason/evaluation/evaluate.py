@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from rl_reason.evaluation import metrics
 from rl_reason.rewards.equivalence import DEFAULT_REL_TOL, canonical_answer, is_equivalent
 from rl_reason.rewards.extraction import Mode, extract_answer
+from rl_reason.rewards.latex import LatexChecker
 
 
-def _judge(texts: Sequence[str], gold: str, mode: Mode, rel_tol: float) -> tuple[list, list[bool]]:
+def _judge(
+    texts: Sequence[str], gold: str, mode: Mode, rel_tol: float, latex: LatexChecker | None
+) -> tuple[list[str | None], list[bool]]:
     answers = [extract_answer(text, mode) for text in texts]
     keys = [canonical_answer(answer) for answer in answers]
-    return keys, [is_equivalent(answer, gold, rel_tol=rel_tol) for answer in answers]
+    return keys, [is_equivalent(answer, gold, rel_tol=rel_tol, latex=latex) for answer in answers]
 
 
 def evaluate(
@@ -30,12 +33,14 @@ def evaluate(
     ks: Sequence[int] | None = None,
     mode: Mode = "flexible",
     rel_tol: float = DEFAULT_REL_TOL,
+    latex: LatexChecker | None = None,
 ) -> dict[str, float]:
     """Metrics averaged over questions; ``samples[q]`` are question q's K completions.
 
     ``greedy[q]`` is its greedy completion (for maj@1), ``scores[q]`` a
     scorer's score per sample (for rerank@k), ``ks`` the k values to report
-    (default: 1 and K). Every question needs the same K.
+    (default: 1 and K), ``latex`` the checker for LaTeX answers (default: the
+    process's shared one). Every question needs the same K.
     """
     if len(samples) != len(golds) or not samples:
         raise ValueError(f"need one gold per question, got {len(samples)} and {len(golds)}")
@@ -52,9 +57,9 @@ def evaluate(
         totals[name] = totals.get(name, 0.0) + float(value)
 
     for q, (texts, gold) in enumerate(zip(samples, golds)):
-        keys, correct = _judge(texts, gold, mode, rel_tol)
+        keys, correct = _judge(texts, gold, mode, rel_tol, latex)
         if greedy is not None:
-            add("maj@1", _judge([greedy[q]], gold, mode, rel_tol)[1][0])
+            add("maj@1", _judge([greedy[q]], gold, mode, rel_tol, latex)[1][0])
         for k in ks:
             if k > 1 or greedy is None:
                 add(f"maj@{k}", metrics.maj_at_k(keys[:k], correct[:k]))

@@ -44,12 +44,12 @@ class Composite:
             values = reward(completions, batch)
             if not reward.dense:
                 values = [[(len(text), value)] for text, value in zip(completions, values)]
-            components[name] = [sum(r for _, r in pairs) for pairs in values]
+            components[name] = [sum((r for _, r in pairs), 0.0) for pairs in values]
             for row, pairs in zip(dense, values):
                 row.extend((offset, weight * r) for offset, r in pairs)
         for row in dense:
             row.sort(key=lambda pair: pair[0])
-        totals = [sum(r for _, r in row) for row in dense]
+        totals = [sum((r for _, r in row), 0.0) for row in dense]
         return Rewards(totals=totals, dense=dense, components=components)
 
 

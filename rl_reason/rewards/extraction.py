@@ -65,7 +65,11 @@ def _answer_is(text: str) -> str | None:
         return None
     line = text[matches[-1].end() :].split("\n", 1)[0]
     end = _SENTENCE_END.search(line)
-    return (line[: end.start()] if end else line).strip().rstrip(".") or None
+    answer = line[: end.start()] if end else line
+    stop = len(answer)
+    while stop and (answer[stop - 1].isspace() or answer[stop - 1] == "."):
+        stop -= 1  # trailing dots and spaces, in any order, in linear time
+    return answer[:stop].strip() or None
 
 
 def last_number(text: str) -> str | None:

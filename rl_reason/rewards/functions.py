@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from rl_reason.rewards import calculator, steps
 from rl_reason.rewards.equivalence import DEFAULT_REL_TOL, is_equivalent, numbers_equal
 from rl_reason.rewards.extraction import Mode, extract_answer
+from rl_reason.rewards.latex import LatexChecker
 from rl_reason.rewards.numbers import parse_number
 
 Batch = Mapping[str, Sequence[Any]]
@@ -45,12 +46,15 @@ class Correctness:
     mode: Mode = "strict"
     rel_tol: float = DEFAULT_REL_TOL
     gold_column: str = "final_answer"
+    latex: LatexChecker | None = None  # None: the process's shared checker
 
     def __call__(self, completions: Sequence[str], batch: Batch) -> list[float]:
         golds = column(batch, self.gold_column, len(completions))
         return [
             self.correct
-            if is_equivalent(extract_answer(text, self.mode), str(gold), rel_tol=self.rel_tol)
+            if is_equivalent(
+                extract_answer(text, self.mode), str(gold), rel_tol=self.rel_tol, latex=self.latex
+            )
             else self.incorrect
             for text, gold in zip(completions, golds)
         ]
