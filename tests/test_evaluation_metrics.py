@@ -96,7 +96,7 @@ def test_evaluate_by_hand():
         "sample_accuracy": 0.5,
         "no_answer": (1 + 1 + 0) / 12,
         "distinct_answers": (2 + 2 + 2) / 3,
-        "distinct_solutions": (4 + 4 + 3) / 3,  # "#### 7" twice
+        "distinct_solutions": (3 + 4 + 3) / 3,  # "#### 6" and "#### 7" repeat
     }
     assert out == pytest.approx(expected)
 
