@@ -185,7 +185,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         disable=not config.logging.progress_bar or jax.process_index() != 0,
     )
     for step in bar:
-        batch = {k: v[next(iterator)] for k, v in data.train.items()}
+        rows = next(iterator)
+        batch = {k: v[rows] for k, v in data.train.items()}
         state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
         done = step + 1
         if done % config.train.log_every == 0 or done == config.train.num_steps:
