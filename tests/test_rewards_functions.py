@@ -1,5 +1,6 @@
 """Reward functions, the registry and weighted composition, on hand-made cases."""
 
+import ml_collections
 import pytest
 
 from rl_reason.rewards import registry
@@ -140,3 +141,11 @@ def test_registered_custom_reward_composes(monkeypatch):
 
     registry.register("test_length", Length)
     assert compose({"test_length": {"weight": 2.0, "per_char": 0.5}})(["abcd"], {}).totals == [4.0]
+
+
+def test_compose_reads_ml_collections_configs():
+    config = ml_collections.ConfigDict(
+        {"rewards": {"correctness": 2.0, "format": {"weight": 0.5, "formatted": 3.0}}}
+    )
+    for spec in (config.rewards, ml_collections.FrozenConfigDict(config).rewards):
+        assert compose(spec)(["#### 72"], _batch(1)).totals == [2.0 + 1.5]

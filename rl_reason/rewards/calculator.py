@@ -21,7 +21,6 @@ _DECIMALS = re.compile(r"\.(\d+)")
 
 @dataclasses.dataclass(frozen=True)
 class Note:
-    start: int
     end: int  # exclusive: the offset just after ``>>``
     expression: str
     stated: str  # the text after the last ``=``; empty if there is no ``=``
@@ -32,7 +31,7 @@ def find_notes(text: str) -> list[Note]:
     notes = []
     for match in _NOTE.finditer(text):
         expression, _, stated = match.group(1).rpartition("=")
-        notes.append(Note(match.start(), match.end(), expression, stated.strip()))
+        notes.append(Note(match.end(), expression, stated.strip()))
     return notes
 
 

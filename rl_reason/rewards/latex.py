@@ -33,8 +33,8 @@ class LatexChecker:
     """Decides whether two LaTeX answers are equal, each call within ``timeout`` seconds.
 
     Start-up (importing sympy in the worker) has its own, longer limit. Use as
-    a context manager or call :meth:`close`; the worker also dies with its
-    parent because it reads requests from the parent's pipe.
+    a context manager or call :meth:`close`; the worker also exits with its
+    parent, whose pipe it reads. One checker serves one thread at a time.
     """
 
     def __init__(self, timeout: float = 2.0, startup_timeout: float = 60.0):

@@ -14,13 +14,10 @@ _LINE = re.compile(r"[^\n]+")
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    start: int
     end: int  # exclusive: the offset just after the step's last character
     text: str
 
 
 def split_steps(text: str) -> list[Step]:
     """The non-blank lines of ``text``, in order."""
-    return [
-        Step(m.start(), m.end(), m.group()) for m in _LINE.finditer(text) if not m.group().isspace()
-    ]
+    return [Step(m.end(), m.group()) for m in _LINE.finditer(text) if not m.group().isspace()]
