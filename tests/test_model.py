@@ -8,7 +8,13 @@ import pytest
 
 from rl_reason.algorithms import train_state as ts
 from rl_reason.models.config import ModelConfig, tiny_gemma3, tiny_llama
-from rl_reason.models.transformer import KVCache, Transformer, default_positions
+from rl_reason.models.transformer import (
+    KVCache,
+    Transformer,
+    default_positions,
+    stack_layers,
+    unstack_layers,
+)
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
@@ -138,3 +144,25 @@ def test_invalid_model_configs_are_clear():
         ModelConfig(activation="relu")
     with pytest.raises(ValueError, match="Unknown model config keys"):
         ModelConfig.from_dict({"hidden_size": 3})
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_unrolled_layers_equal_scanned_layers(name):
+    """The decoding layout (unrolled, per-layer cache) computes what training's scan does."""
+    scanned = Transformer(CONFIGS[name])
+    unrolled = Transformer(CONFIGS[name].replace(scan_layers=False))
+    params = _params(scanned)
+    tokens, mask = _inputs(scanned.config, length=14)
+    expected, _ = _full_logits(scanned, params, tokens, mask)
+    flat = unstack_layers(params)
+    got, _ = _full_logits(unrolled, flat, tokens, mask)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    positions = default_positions(mask)
+    out = unrolled.apply(flat, tokens, positions, mask, cache=KVCache.init(unrolled.config, 4, 16))
+    assert isinstance(out.cache.k, tuple) and len(out.cache.k) == scanned.config.num_layers
+    np.testing.assert_allclose(
+        unrolled.apply(flat, out.hidden, method=Transformer.logits), expected, atol=1e-5
+    )
+    restacked = stack_layers(flat)
+    for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)

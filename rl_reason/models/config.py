@@ -53,6 +53,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: str = "none"
+    # Scan over stacked layers (training) or unroll them (decoding).
+    scan_layers: bool = True
 
     def __post_init__(self):
         problems = []

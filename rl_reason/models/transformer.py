@@ -1,9 +1,14 @@
-"""The decoder-only transformer: scanned layers, a static-shape KV cache, scalar heads.
+"""The decoder-only transformer: scanned or unrolled layers, a static-shape KV cache, heads.
 
-The layers are one `nn.scan` over stacked parameters (compile time does not
-grow with depth). The KV cache is an explicit pytree argument rather than a
-mutable Flax collection, so that `forward(params, ..., cache) -> (output,
-cache)` stays a pure function the sampler can carry through `lax.while_loop`.
+Training scans the layers over stacked parameters (`scan_layers=True`: compile
+time does not grow with depth). Decoding unrolls them (`scan_layers=False`):
+inside a decode loop, slicing one layer's weights and cache out of a stack
+every step costs a copy that the unrolled layout avoids. `stack_layers` and
+`unstack_layers` convert parameters between the two layouts.
+
+The KV cache is an explicit pytree argument rather than a mutable Flax
+collection, so that `forward(params, ..., cache) -> (output, cache)` stays a
+pure function the sampler can carry through `lax.while_loop`.
 """
 
 from __future__ import annotations
@@ -18,30 +23,37 @@ import jax.numpy as jnp
 from rl_reason.models import layers
 from rl_reason.models.config import ModelConfig
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+LAYER_CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer, and the position held in each slot.
 
-    k, v: [layers, batch, max_length, kv_heads, head_dim]. positions:
-    [batch, max_length], -1 for empty or padded slots. index: the next slot to
-    write; every row of the batch writes the same slot, which left padding makes
-    possible.
+    k, v: per layer [batch, max_length, kv_heads, head_dim], stacked into one
+    [layers, ...] array for a scanned model or a tuple of arrays for an
+    unrolled one. positions: [batch, max_length], -1 for empty or padded
+    slots. index: the next slot to write; every row of the batch writes the
+    same slot, which left padding makes possible.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     positions: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_length: int) -> "KVCache":
-        shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+        shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+        if config.scan_layers:
+            zeros = lambda: jnp.zeros((config.num_layers, *shape), config.compute_dtype)
+        else:
+            zeros = lambda: tuple(
+                jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers)
+            )
         return cls(
-            k=jnp.zeros(shape, config.compute_dtype),
-            v=jnp.zeros(shape, config.compute_dtype),
+            k=zeros(),
+            v=zeros(),
             positions=jnp.full((batch, max_length), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -75,8 +87,8 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer, ctx: _LayerContext):
-        x, kv = carry
+    def __call__(self, x, layer, ctx: _LayerContext):
+        """x [B, T, E]; layer: {"is_local", "kv": this layer's (k, v) cache or None}."""
         c = self.config
         norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype, name=name)
         attn = layers.Attention(c, name="attn")
@@ -85,8 +97,14 @@ class Block(nn.Module):
         sin = jnp.where(is_local, ctx.rope_local[0], ctx.rope_global[0])
         cos = jnp.where(is_local, ctx.rope_local[1], ctx.rope_global[1])
         q, k, v = attn.project(norm("pre_attn_norm")(x), sin, cos)
+        kv = layer["kv"]
         if kv is not None:
-            k, v, kv = _write_cache(kv, layer["index"], ctx.cache_index, k, v)
+            slot = (0, ctx.cache_index, 0, 0)
+            kv = tuple(
+                jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), slot)
+                for cached, new in zip(kv, (k, v))
+            )
+            k, v = kv
         window = jnp.where(is_local, c.sliding_window, 0)
         mask = layers.attention_mask(ctx.query_positions, ctx.key_positions, window)
         h = attn.output(layers.dot_product_attention(q, k, v, mask, c.query_scale))
@@ -98,16 +116,7 @@ class Block(nn.Module):
         if c.sandwich_norms:
             h = norm("post_mlp_norm")(h)
         x = nn.with_logical_constraint(x + h, ("batch", "length", "act_embed"))
-        return (x, kv), None
-
-
-def _write_cache(kv, layer_index, slot, k, v):
-    """Writes this step's keys/values into the stacked cache; returns the layer's full cache."""
-    cache_k, cache_v = kv
-    start = (layer_index, 0, slot, 0, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-    return cache_k[layer_index], cache_v[layer_index], (cache_k, cache_v)
+        return x, kv
 
 
 _REMAT_POLICIES = {
@@ -139,14 +148,17 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
-        self.layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        if c.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c)
+        else:
+            self.layers = [block(c) for _ in range(c.num_layers)]
         self.final_norm = layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype)
         if not c.tie_embeddings:
             self.lm_head = self.param(
@@ -205,11 +217,17 @@ class Transformer(nn.Module):
             else rope_global
         )
         ctx = _LayerContext(positions, key_positions, rope_global, rope_local, cache_index)
-        per_layer = {
-            "index": jnp.arange(c.num_layers),
-            "is_local": jnp.asarray(c.local_layers, bool),
-        }
-        (x, kv), _ = self.layers((x, kv), per_layer, ctx)
+        if c.scan_layers:
+            per_layer = {"is_local": jnp.asarray(c.local_layers, bool), "kv": kv}
+            x, kv = self.layers(x, per_layer, ctx)
+        else:
+            new_kv = []
+            for i, block in enumerate(self.layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x, layer_kv = block(x, {"is_local": c.local_layers[i], "kv": layer_kv}, ctx)
+                new_kv.append(layer_kv)
+            if kv is not None:
+                kv = tuple(zip(*new_kv))
         hidden = self.final_norm(x)
 
         if cache is not None:
@@ -238,6 +256,25 @@ class Transformer(nn.Module):
             self.lm_head.astype(hidden.dtype),
             preferred_element_type=jnp.float32,
         )
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scanned layout (params/layers with a leading layer axis) -> layers_0, layers_1, ..."""
+    inner = dict(params["params"])
+    stacked = inner.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        inner[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, "params": inner}
+
+
+def stack_layers(params: dict) -> dict:
+    """Unrolled layout (layers_0, layers_1, ...) -> scanned layout (params/layers)."""
+    inner = dict(params["params"])
+    names = sorted((k for k in inner if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    per_layer = [inner.pop(name) for name in names]
+    inner["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return {**params, "params": inner}
 
 
 def default_positions(input_mask: jax.Array) -> jax.Array:
