@@ -1,0 +1,141 @@
+"""Text in, rollouts and text out: tokenization, shape buckets, sharding, decoding.
+
+The jitted sampler compiles one program per (batch, prompt length, sampling
+config). The engine pads prompts on the left to the smallest configured
+length bucket and fills the last batch with empty rows, so a whole run
+compiles a handful of programs, not one per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import Transformer
+from rl_reason.parallel import sharding as shd
+from rl_reason.sampling.sampler import Rollout, SamplingConfig, sample_jit
+
+
+@dataclasses.dataclass
+class Samples:
+    """Everything one `Sampler.generate` call produced, on the host."""
+
+    rollout: Rollout  # numpy arrays, N = len(prompts) * K rows, prompt-major
+    texts: list[str]  # decoded completions, prompt and stop text stripped
+    num_samples: int
+
+    def texts_per_prompt(self) -> list[list[str]]:
+        k = self.num_samples
+        return [self.texts[i : i + k] for i in range(0, len(self.texts), k)]
+
+
+_log = logging.getLogger(__name__)
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `length` (the largest when none does)."""
+    fitting = [b for b in sorted(buckets) if b >= length]
+    return fitting[0] if fitting else max(buckets)
+
+
+class Sampler:
+    """Batched generation for one model architecture and tokenizer."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        prompt_buckets: Sequence[int] = (64, 128, 256, 512),
+        mesh: Mesh | None = None,
+        rules: shd.Rules = shd.DEFAULT_RULES,
+        stop_strings: Sequence[str] = (),
+    ):
+        self.model = Transformer(model_config.replace(scan_layers=False))
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.mesh = mesh
+        self.rules = rules
+        self.stop_strings = tuple(stop_strings)
+        if mesh is not None:
+            shd.check_batch_divides(batch_size, mesh, "sampling batch")
+
+    def sampling_config(self, **options) -> SamplingConfig:
+        """A SamplingConfig with this tokenizer's EOS, pad and stop strings filled in."""
+        tok = self.tokenizer
+        stops = tuple(
+            tuple(tok(s, add_special_tokens=False)["input_ids"]) for s in self.stop_strings
+        )
+        defaults = {
+            "eos_ids": (tok.eos_token_id,) if tok.eos_token_id is not None else (),
+            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0,
+            "stop_sequences": stops,
+        }
+        return SamplingConfig(**{**defaults, **options})
+
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded [len(prompts), bucket] tokens and mask (BOS first when the tokenizer has one)."""
+        tok = self.tokenizer
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if tok.bos_token_id is not None:
+            ids = [[tok.bos_token_id] + x for x in ids]
+        length = pick_bucket(max(len(x) for x in ids), self.prompt_buckets)
+        too_long = sum(len(x) > length for x in ids)
+        if too_long:
+            _log.warning(
+                "%d prompts are longer than the largest bucket (%d tokens); their starts are cut.",
+                too_long,
+                length,
+            )
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        tokens = np.full((len(ids), length), pad, np.int32)
+        mask = np.zeros((len(ids), length), bool)
+        for row, x in enumerate(ids):
+            x = x[-length:]
+            tokens[row, length - len(x) :] = x
+            mask[row, length - len(x) :] = True
+        return tokens, mask
+
+    def generate(
+        self, params: Any, prompts: Sequence[str], rng: jax.Array, config: SamplingConfig
+    ) -> Samples:
+        """config.num_samples completions for every prompt, in prompt-major order."""
+        tokens, mask = self.encode(prompts)
+        n, b = len(prompts), self.batch_size
+        parts = []
+        for start in range(0, n, b):
+            t, m = tokens[start : start + b], mask[start : start + b]
+            fill = b - len(t)
+            if fill:  # empty rows keep the batch shape; their output is dropped
+                t = np.concatenate([t, np.zeros((fill, t.shape[1]), t.dtype)])
+                m = np.concatenate([m, np.zeros((fill, m.shape[1]), bool)])
+            rollout = self._run(params, t, m, rng, config, start)
+            keep = (b - fill) * config.num_samples
+            parts.append(jax.tree.map(lambda x, keep=keep: x[:keep], jax.device_get(rollout)))
+        rollout = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+        return Samples(rollout, self.decode(rollout), config.num_samples)
+
+    def _run(self, params, tokens, mask, rng, config, row_offset):
+        with shd.activation_sharding(self.mesh, self.rules):
+            if self.mesh is not None:
+                tokens, mask = shd.shard_batch((tokens, mask), self.mesh)
+            return sample_jit(self.model, params, tokens, mask, rng, config, jnp.int32(row_offset))
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        """Completion text: up to its length, special tokens and anything from a stop string on removed."""
+        texts = []
+        for tokens, length in zip(rollout.completion_tokens, rollout.lengths):
+            text = self.tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=True)
+            cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+            texts.append(text[: min(cuts)] if cuts else text)
+        return texts

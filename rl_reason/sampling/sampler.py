@@ -1,0 +1,268 @@
+"""The pure, jitted sampler: one prefill, then a `lax.while_loop` over a static KV cache.
+
+`sample(model, params, prompt_tokens, prompt_mask, rng, config) -> Rollout`
+is a pure function of arrays. Prompts are left-padded so that every row
+writes the same cache slot at every step; positions count real tokens only,
+so a padded row computes exactly what it would alone. K samples per prompt
+share one prefill: the prompt's cache is computed once and repeated K times.
+
+Every row draws its randomness from `fold_in(rng, row_id)` and the step, so a
+row's sample does not depend on which batch, bucket or device it ran in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rl_reason.models.transformer import (
+    LAYER_CACHE_AXES,
+    KVCache,
+    Transformer,
+    default_positions,
+    unstack_layers,
+)
+
+# Finish reasons.
+LENGTH, EOS, STOP = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample; hashable, so a jitted sampler compiles once per setting."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0  # 1 means no nucleus cut
+    num_samples: int = 1  # K completions per prompt
+    eos_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end a sample
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ValueError("max_new_tokens and num_samples must be positive.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature},"
+                f" {self.top_p}, {self.top_k}."
+            )
+        if any(len(s) == 0 for s in self.stop_sequences):
+            raise ValueError("Stop sequences must not be empty.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@flax.struct.dataclass
+class Rollout:
+    """K completions per prompt, rows ordered prompt-major (row = prompt * K + k).
+
+    logprobs are under the untempered policy (what the PPO ratio and the KL
+    need); sampling_logprobs under the distribution actually sampled from
+    (after temperature, top-k, top-p; 0 for greedy). Both are 0 where
+    completion_mask is False. The mask covers the generated tokens up to and
+    including the EOS or stop sequence that ended the sample.
+    """
+
+    prompt_tokens: jax.Array  # [N, P], left-padded
+    prompt_mask: jax.Array  # [N, P]
+    completion_tokens: jax.Array  # [N, G]
+    completion_mask: jax.Array  # [N, G]
+    logprobs: jax.Array  # [N, G] float32
+    sampling_logprobs: jax.Array  # [N, G] float32
+    lengths: jax.Array  # [N]
+    finish_reason: jax.Array  # [N]: LENGTH, EOS or STOP
+    decode_steps: jax.Array  # [N] decode steps the row's batch ran (< G after an early exit)
+
+    def sequences(self) -> dict[str, jax.Array]:
+        """Prompt + completion as one training batch {tokens, input_mask, loss_mask}."""
+        concat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        return {
+            "tokens": concat(self.prompt_tokens, self.completion_tokens),
+            "input_mask": concat(self.prompt_mask, self.completion_mask),
+            "loss_mask": concat(jnp.zeros_like(self.prompt_mask), self.completion_mask),
+        }
+
+
+def _filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Tempered logits with everything outside top-k / the top-p nucleus at -inf."""
+    logits = logits / config.temperature
+    if config.top_k:
+        kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if config.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # The smallest logit still inside the nucleus (the top token always is).
+        cutoff = jnp.min(jnp.where(mass_before < config.top_p, ordered, jnp.inf), axis=-1)
+        logits = jnp.where(logits < cutoff[:, None], -jnp.inf, logits)
+    return logits
+
+
+def choose_tokens(
+    logits: jax.Array, keys: jax.Array, config: SamplingConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Next tokens for logits [N, V] with one key per row.
+
+    Returns (tokens, policy log-probs, sampling log-probs), all [N].
+    """
+    logits = logits.astype(jnp.float32)
+    policy = jax.nn.log_softmax(logits, axis=-1)
+    if config.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        sampling = jnp.zeros(tokens.shape, jnp.float32)
+    else:
+        filtered = _filter_logits(logits, config)
+        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
+        sampling = jnp.take_along_axis(
+            jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1
+        )[:, 0]
+    policy_lp = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), policy_lp, sampling
+
+
+def _ends_with_stop(recent: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Whether each row's latest tokens (recent [N, M], newest last) end with a stop sequence."""
+    hit = jnp.zeros(recent.shape[0], bool)
+    for stop in config.stop_sequences:
+        tail = recent[:, recent.shape[1] - len(stop) :]
+        hit |= jnp.all(tail == jnp.asarray(stop, jnp.int32), axis=-1)
+    return hit
+
+
+@flax.struct.dataclass
+class _LoopState:
+    step: jax.Array
+    cache: KVCache
+    logits: jax.Array  # [N, V] for the token about to be chosen
+    positions: jax.Array  # [N] position of that token
+    tokens: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    done: jax.Array  # [N]
+    lengths: jax.Array  # [N] tokens chosen while live
+    finish_reason: jax.Array
+    recent: jax.Array  # [N, M] last generated tokens, for stop sequences
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    """Rows over the batch axes, KV heads over tensor (a no-op without a mesh)."""
+    constrain = lambda x: nn.with_logical_constraint(x, LAYER_CACHE_AXES)
+    return cache.replace(k=tuple(map(constrain, cache.k)), v=tuple(map(constrain, cache.v)))
+
+
+def sample(
+    model: Transformer,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    config: SamplingConfig,
+    row_offset: jax.Array | int = 0,
+) -> Rollout:
+    """Samples config.num_samples completions for each left-padded prompt row.
+
+    `model` must be the unrolled (scan_layers=False) model; `params` may be in
+    either layout (scanned ones are unstacked once, here). `row_offset` is the
+    global index of this batch's first row, for batch-independent randomness.
+    """
+    if model.config.scan_layers:
+        raise ValueError("sample() needs a Transformer with scan_layers=False.")
+    if "layers" in params["params"]:
+        params = unstack_layers(params)
+    batch, prompt_len = prompt_tokens.shape
+    k, new = config.num_samples, config.max_new_tokens
+    rows = batch * k
+
+    cache = _constrain_cache(KVCache.init(model.config, batch, prompt_len + new))
+    positions = default_positions(prompt_mask)
+    prefill = model.apply(params, prompt_tokens, positions, prompt_mask, cache=cache)
+    logits = model.apply(params, prefill.hidden[:, -1], method=Transformer.logits)
+
+    repeat = lambda x: jnp.repeat(x, k, axis=0)
+    cache = prefill.cache
+    cache = _constrain_cache(
+        cache.replace(
+            k=tuple(map(repeat, cache.k)),
+            v=tuple(map(repeat, cache.v)),
+            positions=repeat(cache.positions),
+        )
+    )
+    row_ids = row_offset * k + jnp.arange(rows)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
+    window = max([len(s) for s in config.stop_sequences], default=1)
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=repeat(logits),
+        positions=repeat(positions[:, -1] + 1),
+        tokens=jnp.full((rows, new), config.pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, new), jnp.float32),
+        sampling_logprobs=jnp.zeros((rows, new), jnp.float32),
+        done=jnp.zeros((rows,), bool),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        finish_reason=jnp.full((rows,), LENGTH, jnp.int32),
+        recent=jnp.full((rows, window), -1, jnp.int32),
+    )
+
+    def cond(s: _LoopState):
+        return (s.step < new) & ~jnp.all(s.done)
+
+    def body(s: _LoopState) -> _LoopState:
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s.step)
+        token, policy_lp, sampling_lp = choose_tokens(s.logits, keys, config)
+        live = ~s.done
+        token = jnp.where(live, token, config.pad_id)
+        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
+        hit_eos = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) & live
+        hit_stop = _ends_with_stop(recent, config) & live & ~hit_eos
+        write = lambda buf, value: jax.lax.dynamic_update_slice(
+            buf, value[:, None].astype(buf.dtype), (0, s.step)
+        )
+        out = model.apply(
+            params, token[:, None], s.positions[:, None], live[:, None], cache=s.cache
+        )
+        logits = model.apply(params, out.hidden[:, -1], method=Transformer.logits)
+        return _LoopState(
+            step=s.step + 1,
+            cache=out.cache,
+            logits=logits,
+            positions=s.positions + 1,
+            tokens=write(s.tokens, token),
+            logprobs=write(s.logprobs, jnp.where(live, policy_lp, 0.0)),
+            sampling_logprobs=write(s.sampling_logprobs, jnp.where(live, sampling_lp, 0.0)),
+            done=s.done | hit_eos | hit_stop,
+            lengths=s.lengths + live,
+            finish_reason=jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, s.finish_reason)),
+            recent=recent,
+        )
+
+    final = jax.lax.while_loop(cond, body, state)
+    completion_mask = jnp.arange(new)[None, :] < final.lengths[:, None]
+    return Rollout(
+        prompt_tokens=repeat(prompt_tokens),
+        prompt_mask=repeat(prompt_mask),
+        completion_tokens=final.tokens,
+        completion_mask=completion_mask,
+        logprobs=final.logprobs,
+        sampling_logprobs=final.sampling_logprobs,
+        lengths=final.lengths,
+        finish_reason=final.finish_reason,
+        decode_steps=jnp.full((rows,), final.step),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def sample_jit(model, params, prompt_tokens, prompt_mask, rng, config, row_offset=0):
+    """`sample` compiled; one program per (model, config, shapes)."""
+    return sample(model, params, prompt_tokens, prompt_mask, rng, config, row_offset)

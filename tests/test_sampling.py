@@ -1,0 +1,223 @@
+"""The sampler: greedy == argmax, log-probs == the learner's, shared prefill, masks, stops, sharding."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_reason.algorithms.logprobs import token_logprobs
+from rl_reason.data import synthetic, tokenizer as tokenizer_lib
+from rl_reason.models.config import tiny_gemma3, tiny_llama
+from rl_reason.models.transformer import Transformer
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.sampling import sampler as sampler_lib
+from rl_reason.sampling.engine import Sampler, pick_bucket
+from rl_reason.sampling.sampler import EOS, LENGTH, STOP, SamplingConfig, sample_jit
+
+CONFIGS = {"llama": tiny_llama(), "gemma3": tiny_gemma3(num_kv_heads=2)}
+
+
+def _setup(name, seed=0):
+    config = CONFIGS[name]
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    params = nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(seed), tokens, tokens))
+    return Transformer(config.replace(scan_layers=False)), Transformer(config), params
+
+
+def _prompts(vocab, lengths=(5, 9, 3, 7), width=10, seed=1):
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((len(lengths), width), np.int32)
+    mask = np.zeros((len(lengths), width), bool)
+    for row, n in enumerate(lengths):
+        tokens[row, width - n :] = rng.integers(3, vocab, n)
+        mask[row, width - n :] = True
+    return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _sample(model, params, tokens, mask, seed=0, **options):
+    config = SamplingConfig(**{"max_new_tokens": 8, **options})
+    return sample_jit(model, params, tokens, mask, jax.random.PRNGKey(seed), config)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_equals_stepwise_argmax_of_full_forward(name):
+    decoder, scanned, params = _setup(name)
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    rollout = _sample(decoder, params, tokens, mask, temperature=0.0)
+    for row in range(tokens.shape[0]):
+        seq = list(np.asarray(tokens[row])[np.asarray(mask[row])])
+        for _ in range(8):  # unpadded, no cache: the plain definition of greedy
+            t = jnp.asarray([seq])
+            out = scanned.apply(params, t, jnp.arange(len(seq))[None])
+            logits = scanned.apply(params, out.hidden[:, -1], method=Transformer.logits)
+            seq.append(int(jnp.argmax(logits[0])))
+        np.testing.assert_array_equal(rollout.completion_tokens[row], seq[-8:])
+    assert np.all(rollout.finish_reason == LENGTH) and np.all(rollout.lengths == 8)
+    assert np.all(rollout.sampling_logprobs == 0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_rollout_logprobs_equal_learner_logprobs(name):
+    """PPO's ratio is exactly 1 before the first update, left padding and early stops included."""
+    decoder, scanned, params = _setup(name)
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    rollout = _sample(
+        decoder, params, tokens, mask, temperature=0.7, top_k=20, num_samples=2, eos_ids=(5, 6, 7)
+    )
+    seq = rollout.sequences()
+    learner = token_logprobs(scanned, params, seq["tokens"], seq["input_mask"], chunk_size=5)
+    width = tokens.shape[1]
+    recomputed = learner.logprobs[:, width:] * rollout.completion_mask
+    np.testing.assert_allclose(recomputed, rollout.logprobs, atol=2e-5)
+    ratio = jnp.exp(recomputed - rollout.logprobs)
+    np.testing.assert_allclose(ratio[rollout.completion_mask], 1.0, atol=5e-5)
+    # Tempered and cut, the sampling distribution differs from the policy.
+    live = np.asarray(rollout.completion_mask)
+    assert not np.allclose(
+        np.asarray(rollout.sampling_logprobs)[live], np.asarray(rollout.logprobs)[live]
+    )
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9)])
+def test_shared_prefill_equals_independent_prefills(options):
+    decoder, scanned, params = _setup("llama")
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    shared = _sample(decoder, params, tokens, mask, num_samples=3, **options)
+    repeated = _sample(
+        decoder, params, jnp.repeat(tokens, 3, 0), jnp.repeat(mask, 3, 0), num_samples=1, **options
+    )
+    np.testing.assert_array_equal(shared.completion_tokens, repeated.completion_tokens)
+    np.testing.assert_allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+    if options["temperature"] > 0:  # the K samples of a prompt really differ
+        per_prompt = np.asarray(shared.completion_tokens).reshape(4, 3, -1)
+        assert any(len({tuple(s) for s in group}) > 1 for group in per_prompt)
+
+
+def test_top_k_and_top_p_masks():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: np.isfinite(
+        np.asarray(sampler_lib._filter_logits(logits, SamplingConfig(**kw)))
+    )[0].tolist()
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
+    assert kept(top_p=0.85) == [True, True, True, False]
+    assert kept(top_p=0.01) == [True, False, False, False]  # the top token always stays
+    keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+    tokens, policy, sampling = sampler_lib.choose_tokens(
+        jnp.repeat(logits, 2000, 0), keys, SamplingConfig(top_p=0.7)
+    )
+    counts = np.bincount(np.asarray(tokens), minlength=4) / 2000
+    np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.04)
+    np.testing.assert_allclose(policy, jnp.log(jnp.asarray([0.5, 0.3]))[tokens], atol=1e-5)
+    np.testing.assert_allclose(sampling, jnp.log(jnp.asarray([0.625, 0.375]))[tokens], atol=1e-5)
+
+
+def test_eos_stop_sequences_and_early_exit():
+    decoder, scanned, params = _setup("llama")
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    free = np.asarray(_sample(decoder, params, tokens, mask, temperature=0.0).completion_tokens)
+    eos = int(free[0, 3])
+    stop = tuple(int(t) for t in free[1, 1:3])
+    got = _sample(
+        decoder,
+        params,
+        tokens,
+        mask,
+        temperature=0.0,
+        eos_ids=(eos,),
+        stop_sequences=(stop,),
+        pad_id=0,
+    )
+    first_eos = lambda row: int(np.argmax(free[row] == eos)) if eos in free[row] else None
+    assert int(got.finish_reason[0]) == EOS and int(got.lengths[0]) == first_eos(0) + 1
+    assert int(got.finish_reason[1]) in (EOS, STOP)
+    if int(got.finish_reason[1]) == STOP:
+        n = int(got.lengths[1])
+        assert tuple(np.asarray(got.completion_tokens[1, n - 2 : n])) == stop
+    for row in range(4):  # after the end: pads, no mask, no log-prob
+        n = int(got.lengths[row])
+        np.testing.assert_array_equal(got.completion_tokens[row, :n], free[row, :n])
+        assert np.all(np.asarray(got.completion_tokens[row, n:]) == 0)
+        assert not np.any(got.completion_mask[row, n:]) and np.all(got.logprobs[row, n:] == 0)
+    # Every row ends at once when every token is an EOS: the loop stops after one step.
+    everything = tuple(range(scanned.config.vocab_size))
+    one = _sample(
+        decoder, params, tokens, mask, temperature=0.0, max_new_tokens=64, eos_ids=everything
+    )
+    assert np.all(one.lengths == 1) and np.all(one.decode_steps == 1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [ex["question"] + "\n" + ex["answer"] for ex in synthetic.generate("train", 200)]
+    return tokenizer_lib.train_tokenizer(texts, vocab_size=300)
+
+
+def _engine_setup(tokenizer, **kwargs):
+    config = tiny_llama(vocab_size=len(tokenizer))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    params = nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens))
+    return Sampler(config, tokenizer, **kwargs), params
+
+
+PROMPTS = [ex["question"] for ex in synthetic.generate("test", 6)]
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_sampling_equals_unsharded(tokenizer, mesh_shape):
+    plain, params = _engine_setup(tokenizer, batch_size=8, prompt_buckets=(64,))
+    mesh = mesh_lib.make_mesh(mesh_shape)
+    sharded, _ = _engine_setup(tokenizer, batch_size=8, prompt_buckets=(64,), mesh=mesh)
+    config = plain.sampling_config(max_new_tokens=6, temperature=1.0, num_samples=2)
+    rng = jax.random.PRNGKey(3)
+    want = plain.generate(params, PROMPTS, rng, config)
+    got = sharded.generate(params, PROMPTS, rng, config)
+    np.testing.assert_array_equal(got.rollout.completion_tokens, want.rollout.completion_tokens)
+    np.testing.assert_allclose(got.rollout.logprobs, want.rollout.logprobs, atol=2e-5)
+    assert got.texts == want.texts
+
+
+def test_engine_batches_buckets_and_decodes(tokenizer):
+    engine, params = _engine_setup(tokenizer, batch_size=4, prompt_buckets=(48, 96))
+    config = engine.sampling_config(max_new_tokens=5, temperature=0.0, num_samples=2)
+    rng = jax.random.PRNGKey(0)
+    out = engine.generate(params, PROMPTS, rng, config)  # 6 prompts: batches of 4 + (2 + 2 empty)
+    assert out.rollout.completion_tokens.shape == (12, 5)
+    assert len(out.texts_per_prompt()) == 6
+    assert out.texts[0] == tokenizer.decode(
+        out.rollout.completion_tokens[0], skip_special_tokens=True
+    )
+    # A prompt's samples do not depend on its batch, bucket or neighbours.
+    alone = _engine_setup(tokenizer, batch_size=4, prompt_buckets=(96,))[0]
+    single = alone.generate(params, PROMPTS[5:], rng, config)
+    np.testing.assert_array_equal(
+        single.rollout.completion_tokens[:2], out.rollout.completion_tokens[10:]
+    )
+    assert pick_bucket(30, (48, 96)) == 48 and pick_bucket(50, (48, 96)) == 96
+
+
+def test_engine_cuts_text_at_stop_strings(tokenizer):
+    engine, params = _engine_setup(
+        tokenizer, batch_size=2, prompt_buckets=(64,), stop_strings=("Question:",)
+    )
+    config = engine.sampling_config(max_new_tokens=4, temperature=0.0)
+    assert config.stop_sequences == (
+        tuple(tokenizer("Question:", add_special_tokens=False)["input_ids"]),
+    )
+    from rl_reason.sampling.sampler import Rollout
+
+    text_ids = tokenizer(" 12 apples.\nQuestion: next", add_special_tokens=False)["input_ids"]
+    n = len(text_ids)
+    fake = Rollout(
+        prompt_tokens=np.zeros((1, 1)),
+        prompt_mask=np.ones((1, 1), bool),
+        completion_tokens=np.asarray([text_ids]),
+        completion_mask=np.ones((1, n), bool),
+        logprobs=np.zeros((1, n)),
+        sampling_logprobs=np.zeros((1, n)),
+        lengths=np.asarray([n]),
+        finish_reason=np.asarray([STOP]),
+        decode_steps=np.asarray([n]),
+    )
+    assert engine.decode(fake) == [" 12 apples.\n"]
