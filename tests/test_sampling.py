@@ -45,14 +45,24 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(name):
     decoder, scanned, params = _setup(name)
     tokens, mask = _prompts(scanned.config.vocab_size)
     rollout = _sample(decoder, params, tokens, mask, temperature=0.0)
-    for row in range(tokens.shape[0]):
-        seq = list(np.asarray(tokens[row])[np.asarray(mask[row])])
-        for _ in range(8):  # unpadded, no cache: the plain definition of greedy
-            t = jnp.asarray([seq])
-            out = scanned.apply(params, t, jnp.arange(len(seq))[None])
-            logits = scanned.apply(params, out.hidden[:, -1], method=Transformer.logits)
-            seq.append(int(jnp.argmax(logits[0])))
-        np.testing.assert_array_equal(rollout.completion_tokens[row], seq[-8:])
+    # The plain definition: no cache, no left padding; each row right-padded
+    # to one width (padding after the last token cannot change its logits).
+    seqs = [list(np.asarray(tokens[r])[np.asarray(mask[r])]) for r in range(tokens.shape[0])]
+    width = tokens.shape[1] + 8
+
+    @jax.jit
+    def next_tokens(batch, lengths):
+        valid = jnp.arange(width)[None] < lengths[:, None]
+        out = scanned.apply(params, batch, jnp.arange(width)[None].repeat(len(batch), 0), valid)
+        last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return jnp.argmax(scanned.apply(params, last, method=Transformer.logits), -1)
+
+    for _ in range(8):
+        batch = np.asarray([s + [0] * (width - len(s)) for s in seqs], np.int32)
+        chosen = next_tokens(batch, jnp.asarray([len(s) for s in seqs]))
+        for seq, token in zip(seqs, np.asarray(chosen)):
+            seq.append(int(token))
+    np.testing.assert_array_equal(rollout.completion_tokens, [s[-8:] for s in seqs])
     assert np.all(rollout.finish_reason == LENGTH) and np.all(rollout.lengths == 8)
     assert np.all(rollout.sampling_logprobs == 0)
 
