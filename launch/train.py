@@ -26,6 +26,8 @@ flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, logs
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax reports every file it writes at INFO
+        logging.set_verbosity(logging.WARNING)
     from rl_reason.experiments import sft
 
     metrics = sft.train(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -34,6 +36,4 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, _ROOT)
-    # Orbax reports every file it writes at INFO; --verbosity=0 brings it back.
-    flags.FLAGS.set_default("verbosity", logging.WARNING)
     app.run(main)

@@ -8,6 +8,7 @@ checked by ml_collections against these defaults.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import ml_collections
@@ -75,6 +76,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True
     c.logging.progress_bar = True
+    return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """base_config() plus what an evaluation run needs: the model's source and the protocol."""
+    c = base_config()
+    c.model_source = ml_collections.ConfigDict()
+    c.model_source.kind = "run"  # "run" (an rl_reason workdir), "hf" (a directory), "gguf" (a file)
+    c.model_source.path = ""
+    c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    c.data.manual_dir = (
+        ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
+    )
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.task = "synthetic"  # "synthetic", "gsm8k" or "svamp"
+    c.eval.num_examples = 0  # 0: all
+    c.eval.num_shots = 0
+    c.eval.num_samples = 4  # K for maj@K / pass@K; 0: greedy only
+    c.eval.temperature = 0.7
+    c.eval.top_p = 1.0
+    c.eval.max_new_tokens = 128
+    c.eval.batch_size = 32
+    c.eval.prompt_buckets = (64, 128, 256, 512, 1024)
     return c
 
 

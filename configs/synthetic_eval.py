@@ -1,0 +1,15 @@
+"""Evaluates an SFT run of the synthetic task (default: the workdir of `python launch/train.py`)."""
+
+from rl_reason.experiments.config import eval_config
+
+
+def get_config():
+    config = eval_config()
+    config.model_source.kind = "run"
+    config.model_source.path = "runs/default"
+    config.eval.task = "synthetic"
+    config.eval.num_examples = 256
+    config.eval.num_samples = 4
+    config.eval.max_new_tokens = 64
+    config.eval.prompt_buckets = (64, 128)
+    return config

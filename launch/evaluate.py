@@ -1,0 +1,41 @@
+"""Evaluates a model on GSM8K, SVAMP or the synthetic task: maj@1, maj@K, pass@K, diversity.
+
+    python launch/evaluate.py --config=configs/synthetic_eval.py --workdir=runs/eval \
+        --config.model_source.path=runs/default
+    python launch/evaluate.py --config=configs/gemma3_270m_svamp_eval.py --workdir=runs/svamp
+
+Writes eval_metrics.json, eval_samples.jsonl and report.md into --workdir.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(_ROOT, "configs", "synthetic_eval.py"),
+    "Evaluation config file.",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", "runs/eval", "Where the report and samples go.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax reports every file it writes at INFO
+        logging.set_verbosity(logging.WARNING)
+    from rl_reason.experiments import evaluate
+
+    evaluate.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    with open(os.path.join(flags.FLAGS.workdir, "report.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, _ROOT)
+    app.run(main)

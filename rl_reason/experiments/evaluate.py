@@ -1,0 +1,188 @@
+"""Evaluation runs: greedy maj@1 plus K samples for maj@K, pass@K and diversity.
+
+One set of K samples per question serves every metric (see
+rl_reason/evaluation/evaluate.py). The run writes `eval_metrics.json`,
+`eval_samples.jsonl` (every question's completions and judgements) and a
+`report.md` with the figures, wall time and tokens/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from rl_reason.data import builders, synthetic, templates
+from rl_reason.evaluation.evaluate import evaluate as score
+from rl_reason.experiments.config import base_config
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
+from rl_reason.sampling.engine import Sampler
+
+# A loader returns (ModelConfig, params in the scanned layout, tokenizer).
+MODEL_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, Any], tuple]] = {}
+
+
+def model_source(name: str):
+    def register(fn):
+        MODEL_SOURCES[name] = fn
+        return fn
+
+    return register
+
+
+@model_source("run")
+def _load_training_run(config, mesh):
+    """The latest checkpoint of an rl_reason training run (its workdir)."""
+    from rl_reason import checkpointing
+    from rl_reason.algorithms import optimizer
+    from rl_reason.algorithms import train_state as ts
+    from rl_reason.data import tokenizer as tokenizer_lib
+    from rl_reason.experiments import sft
+    from rl_reason.models.transformer import Transformer
+
+    run_dir = config.model_source.path
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    run_config = base_config()
+    for section in ("model", "optim", "train"):
+        run_config[section].update(saved[section])
+    tokenizer = tokenizer_lib.load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    model_config = sft.model_config(run_config, tokenizer)
+    model = Transformer(model_config)
+    tx, _ = optimizer.make_optimizer(run_config.optim, run_config.train.num_steps)
+    rules = shd.rules_from_config(config.mesh.rules)
+    checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
+    state, _ = checkpointer.restore(ts.abstract_train_state(model, tx, mesh, rules))
+    checkpointer.close()
+    return model_config, state.params, tokenizer
+
+
+@dataclasses.dataclass
+class EvalSet:
+    questions: list[dict[str, str]]
+    exemplars: list[dict[str, str]]
+
+
+def load_eval_set(config: ml_collections.ConfigDict) -> EvalSet:
+    """The questions to score (the first num_examples, in the data set's order) and few-shot exemplars."""
+    task, n = config.eval.task, config.eval.num_examples
+    if task == "synthetic":
+        difficulty = synthetic.Difficulty(
+            config.data.min_steps, config.data.max_steps, config.data.max_operand
+        )
+        rows = synthetic.generate(
+            "test", n or config.data.num_eval, seed=config.seed, difficulty=difficulty
+        )
+        train = synthetic.generate(
+            "train", max(config.eval.num_shots, 1), seed=config.seed, difficulty=difficulty
+        )
+    else:
+        read = lambda dataset, split: [
+            builders.decode(row)
+            for row in builders.data_source(
+                dataset,
+                split,
+                data_dir=config.data.tfds_dir,
+                manual_dir=config.data.manual_dir or None,
+            )
+        ]
+        rows = read("gsm8k", "test") if task == "gsm8k" else read("svamp", "test")
+        rows = rows[:n] if n else rows
+        train = read("gsm8k", "train")  # SVAMP has no train split: GSM8K exemplars
+    exemplars = templates.select_exemplars(train, config.eval.num_shots, seed=config.seed)
+    return EvalSet(rows, exemplars)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    mesh_lib.maybe_initialize_distributed(**config.distributed)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    if config.model_source.kind not in MODEL_SOURCES:
+        raise ValueError(
+            f"model_source.kind={config.model_source.kind!r}; known: {sorted(MODEL_SOURCES)}"
+        )
+    model_config, params, tokenizer = MODEL_SOURCES[config.model_source.kind](config, mesh)
+    data = load_eval_set(config)
+    prompts = [templates.format_prompt(q["question"], data.exemplars) for q in data.questions]
+    golds = [q["final_answer"] for q in data.questions]
+    sampler = Sampler(
+        model_config,
+        tokenizer,
+        batch_size=config.eval.batch_size,
+        prompt_buckets=tuple(config.eval.prompt_buckets),
+        mesh=mesh if jax.device_count() > 1 else None,
+        rules=shd.rules_from_config(config.mesh.rules),
+        stop_strings=templates.STOP_SEQUENCES,
+    )
+    rng = jax.random.PRNGKey(config.seed)
+    start = time.perf_counter()
+    greedy = sampler.generate(
+        params,
+        prompts,
+        rng,
+        sampler.sampling_config(max_new_tokens=config.eval.max_new_tokens, temperature=0.0),
+    )
+    greedy_seconds = time.perf_counter() - start
+    samples, sample_seconds = None, 0.0
+    if config.eval.num_samples > 0:
+        start = time.perf_counter()
+        samples = sampler.generate(
+            params,
+            prompts,
+            jax.random.fold_in(rng, 1),
+            sampler.sampling_config(
+                max_new_tokens=config.eval.max_new_tokens,
+                temperature=config.eval.temperature,
+                top_p=config.eval.top_p,
+                num_samples=config.eval.num_samples,
+            ),
+        )
+        sample_seconds = time.perf_counter() - start
+    k_texts = samples.texts_per_prompt() if samples else [[t] for t in greedy.texts]
+    metrics = score(k_texts, golds, greedy=greedy.texts)
+    generated = int(greedy.rollout.lengths.sum()) + (
+        int(samples.rollout.lengths.sum()) if samples else 0
+    )
+    metrics.update(
+        num_questions=len(prompts),
+        greedy_seconds=greedy_seconds,
+        sample_seconds=sample_seconds,
+        generated_tokens=generated,
+        tokens_per_second=generated / max(greedy_seconds + sample_seconds, 1e-9),
+    )
+    if jax.process_index() == 0:
+        _write_outputs(workdir, config, data, greedy.texts, k_texts, golds, metrics)
+    return metrics
+
+
+def _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics) -> None:
+    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(os.path.join(workdir, "eval_samples.jsonl"), "w") as f:
+        for q, g, texts, gold in zip(data.questions, greedy, k_texts, golds):
+            f.write(
+                json.dumps({"question": q["question"], "gold": gold, "greedy": g, "samples": texts})
+                + "\n"
+            )
+    lines = [
+        f"# Evaluation: {config.eval.task} ({len(golds)} questions)",
+        "",
+        f"model: `{config.model_source.kind}` {config.model_source.path}; "
+        f"{config.eval.num_shots}-shot; K={config.eval.num_samples} at temperature "
+        f"{config.eval.temperature}; up to {config.eval.max_new_tokens} new tokens",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in metrics.items()
+        ],
+    ]
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
