@@ -63,6 +63,24 @@ def _load_training_run(config, mesh):
     return model_config, state.params, tokenizer
 
 
+@model_source("hf")
+def _load_hf_directory(config, mesh):
+    """A Hugging Face checkpoint directory (Llama, Qwen2, Gemma 3)."""
+    from rl_reason.models.hf_import import load_hf
+
+    return load_hf(config.model_source.path, mesh, shd.rules_from_config(config.mesh.rules))
+
+
+@model_source("gguf")
+def _load_gguf_file(config, mesh):
+    """A Gemma 3 GGUF file; an empty path means Gemma 3 270M from its PyPI package."""
+    from rl_reason.models.gemma3_270m import gemma3_270m_gguf
+    from rl_reason.models.gguf_import import load_gguf
+
+    path = config.model_source.path or gemma3_270m_gguf()
+    return load_gguf(path, mesh, shd.rules_from_config(config.mesh.rules))
+
+
 @dataclasses.dataclass
 class EvalSet:
     questions: list[dict[str, str]]
@@ -119,6 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         mesh=mesh if jax.device_count() > 1 else None,
         rules=shd.rules_from_config(config.mesh.rules),
         stop_strings=templates.STOP_SEQUENCES,
+        progress=config.logging.progress_bar and jax.process_index() == 0,
     )
     rng = jax.random.PRNGKey(config.seed)
     start = time.perf_counter()

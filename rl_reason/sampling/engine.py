@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.sharding import Mesh
 
 from rl_reason.models.config import ModelConfig
@@ -59,6 +60,7 @@ class Sampler:
         mesh: Mesh | None = None,
         rules: shd.Rules = shd.DEFAULT_RULES,
         stop_strings: Sequence[str] = (),
+        progress: bool = False,
     ):
         self.model = Transformer(model_config.replace(scan_layers=False))
         self.tokenizer = tokenizer
@@ -67,6 +69,7 @@ class Sampler:
         self.mesh = mesh
         self.rules = rules
         self.stop_strings = tuple(stop_strings)
+        self.progress = progress
         if mesh is not None:
             shd.check_batch_divides(batch_size, mesh, "sampling batch")
 
@@ -113,7 +116,10 @@ class Sampler:
         tokens, mask = self.encode(prompts)
         n, b = len(prompts), self.batch_size
         parts = []
-        for start in range(0, n, b):
+        batches = tqdm.trange(
+            0, n, b, desc=f"sampling x{config.num_samples}", disable=not self.progress, leave=False
+        )
+        for start in batches:
             t, m = tokens[start : start + b], mask[start : start + b]
             fill = b - len(t)
             if fill:  # empty rows keep the batch shape; their output is dropped
