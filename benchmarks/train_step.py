@@ -16,11 +16,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
+from rl_reason.experiments.config import base_config
 from rl_reason.models.config import PRESETS, ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
@@ -56,19 +56,8 @@ def _batch(config, batch, length, seed=0):
 def time_jax(config: ModelConfig, batch: int, length: int, steps: int, chunk: int) -> float:
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     model = Transformer(config)
-    optim = ml_collections.ConfigDict(
-        dict(
-            lr=1e-4,
-            schedule="constant",
-            warmup_steps=0,
-            final_lr_fraction=1.0,
-            weight_decay=0.01,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            grad_clip=1.0,
-        )
-    )
+    optim = base_config().optim  # AdamW as the PyTorch step: lr 1e-4, constant
+    optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
     tx, _ = optimizer.make_optimizer(optim, steps)
     state = ts.create_train_state(model, tx, mesh, shd.DEFAULT_RULES, seed=0)
     step = ts.jit_step(

@@ -3,7 +3,6 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -11,26 +10,17 @@ import pytest
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.algorithms.logprobs import chunked_target_logprobs, token_logprobs
+from rl_reason.experiments.config import base_config
 from rl_reason.models.config import tiny_gemma3, tiny_llama
 from rl_reason.models.transformer import Transformer, default_positions
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
 
-def _optim_config(**changes):
-    values = dict(
-        lr=3e-3,
-        schedule="constant",
-        warmup_steps=0,
-        final_lr_fraction=0.1,
-        weight_decay=0.0,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        grad_clip=1.0,
-    )
-    values.update(changes)
-    return ml_collections.ConfigDict(values)
+def _optim_config():
+    optim = base_config().optim
+    optim.update(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    return optim
 
 
 def _batch(vocab, batch=8, length=16, seed=0):
