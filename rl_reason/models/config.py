@@ -16,6 +16,7 @@ import jax.numpy as jnp
 ACTIVATIONS = ("silu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+ROPE_SCALING_TYPES = ("linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +33,14 @@ class ModelConfig:
     activation: str = "silu"
     norm_eps: float = 1e-6
     rope_base: float = 10_000.0
-    # Linear RoPE scaling of the global layers (positions are divided by it).
+    # RoPE scaling of the global layers by rope_scaling_factor: "linear" divides
+    # every frequency by it; "llama3" (Llama 3.1) divides the low frequencies,
+    # keeps the high ones and interpolates between the two bands.
     rope_scaling_factor: float = 1.0
+    rope_scaling_type: str = "linear"
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
     qkv_bias: bool = False
     tie_embeddings: bool = True
     # Gemma 3 switches.
@@ -69,6 +76,10 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} not in {DTYPES}")
+        if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+            problems.append(
+                f"rope_scaling_type={self.rope_scaling_type!r} not in {ROPE_SCALING_TYPES}"
+            )
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat={self.remat!r} not in {REMAT_POLICIES}")
         if self.global_layer_every < 1:

@@ -42,12 +42,32 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(
-    positions: jax.Array, head_dim: int, base: float, scaling_factor: float = 1.0
-) -> tuple[jax.Array, jax.Array]:
+def rope_frequencies(head_dim: int, base: float) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] of unscaled RoPE."""
+    return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def global_rope_frequencies(config: ModelConfig) -> jax.Array:
+    """The global layers' inverse frequencies with the config's scaling, computed as HF does."""
+    inv_freq = rope_frequencies(config.head_dim, config.rope_base)
+    factor = config.rope_scaling_factor
+    if config.rope_scaling_type == "linear":
+        return inv_freq / factor
+    low_freq_wavelen = config.rope_original_max_positions / config.rope_low_freq_factor
+    high_freq_wavelen = config.rope_original_max_positions / config.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (config.rope_original_max_positions / wavelen - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sin, cos) of shape [batch, length, head_dim], half-split layout as in HF."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = (positions.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.sin(angles), jnp.cos(angles)
 

@@ -210,9 +210,9 @@ class Transformer(nn.Module):
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_dim**0.5, c.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        rope_global = layers.rope_tables(positions, c.head_dim, c.rope_base, c.rope_scaling_factor)
+        rope_global = layers.rope_tables(positions, layers.global_rope_frequencies(c))
         rope_local = (
-            layers.rope_tables(positions, c.head_dim, c.rope_local_base)
+            layers.rope_tables(positions, layers.rope_frequencies(c.head_dim, c.rope_local_base))
             if any(c.local_layers)
             else rope_global
         )

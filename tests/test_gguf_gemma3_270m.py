@@ -1,0 +1,77 @@
+"""The real Gemma 3 270M (Q4_K_M GGUF from PyPI): greedy decoding equals transformers',
+and an SFT step at batch 8 x 256 fits in 8 GB on one CPU device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rl_reason.models.config import gemma3_270m
+from rl_reason.models.gemma3_270m import gemma3_270m_gguf, load_gemma3_270m
+from rl_reason.models.transformer import KVCache, Transformer
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have now?\nAnswer:"
+NEW_TOKENS = 32
+
+
+def _greedy(config, params, prompt_ids, steps):
+    """Prefill, then one token at a time through the KV cache, always the argmax."""
+    model = Transformer(config)
+    forward = jax.jit(lambda p, t, pos, c: model.apply(p, t, pos, cache=c))
+    next_token = jax.jit(
+        lambda p, h: jnp.argmax(model.apply(p, h[:, -1], method=Transformer.logits), -1)
+    )
+    tokens = jnp.asarray([prompt_ids], jnp.int32)
+    out = forward(params, tokens, jnp.arange(len(prompt_ids))[None], KVCache.init(config, 1, 128))
+    generated = []
+    for position in range(len(prompt_ids), len(prompt_ids) + steps):
+        token = next_token(params, out.hidden)
+        generated.append(int(token[0]))
+        out = forward(params, token[:, None], jnp.full((1, 1), position), out.cache)
+    return generated
+
+
+def test_greedy_continuation_matches_transformers_gguf():
+    loaded = load_gemma3_270m()
+    assert loaded.config == gemma3_270m(norm_eps=loaded.config.norm_eps)
+    prompt_ids = loaded.tokenizer(PROMPT)["input_ids"]
+    assert prompt_ids[0] == loaded.tokenizer.bos_token_id == 2
+    ours = _greedy(loaded.config, loaded.params, prompt_ids, NEW_TOKENS)
+    del loaded
+
+    path = gemma3_270m_gguf()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    theirs = out[0, len(prompt_ids) :].tolist()
+    assert len(theirs) == NEW_TOKENS  # no EOS before the end: all 32 tokens are compared
+    assert ours == theirs
+
+
+def test_sft_step_fits_in_8_gb(repo_root):
+    """Peak RSS of the whole process (import included), measured in a fresh one."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    result = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "gemma3_270m_sft_memory.py"), "--steps=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["batch"], report["length"]) == (8, 256)
+    assert np.isfinite(report["losses"]).all()
+    assert report["peak_rss_gb"] < 8.0, report
