@@ -76,17 +76,22 @@ def sft_step(
     normalizer = jnp.maximum(num_targets, 1.0)
     grad_fn = jax.grad(sft_loss, has_aux=True)
 
-    def accumulate(carry, micro):
-        grads, nll, hits = carry
-        g, aux = grad_fn(state.params, micro, model, normalizer, chunk_size)
-        grads = jax.tree.map(jnp.add, grads, g)
-        return (grads, nll + aux["nll_sum"], hits + aux["hits"]), None
+    if num_microbatches == 1:  # no accumulator: one gradient tree less in memory
+        grads, aux = grad_fn(state.params, batch, model, normalizer, chunk_size)
+        nll, hits = aux["nll_sum"], aux["hits"]
+    else:
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, nll, hits), _ = jax.lax.scan(
-        accumulate, init, split_microbatches(batch, num_microbatches)
-    )
+        def accumulate(carry, micro):
+            grads, nll, hits = carry
+            g, aux = grad_fn(state.params, micro, model, normalizer, chunk_size)
+            grads = jax.tree.map(jnp.add, grads, g)
+            return (grads, nll + aux["nll_sum"], hits + aux["hits"]), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, nll, hits), _ = jax.lax.scan(
+            accumulate, init, split_microbatches(batch, num_microbatches)
+        )
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
