@@ -22,6 +22,7 @@ from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.experiments.config import base_config
 from rl_reason.models.config import PRESETS, ModelConfig
+from rl_reason.models.hf_config import hf_config_dict
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
@@ -82,16 +83,7 @@ def time_torch(config: ModelConfig, batch: int, length: int, steps: int) -> floa
 
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_dim,
-        intermediate_size=config.mlp_dim,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-        max_position_embeddings=max(length, 2048),
+        **hf_config_dict(config, {"max_position_embeddings": max(length, 2048)})
     )
     model = transformers.LlamaForCausalLM(hf_config)
     model.train()
