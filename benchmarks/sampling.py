@@ -1,0 +1,288 @@
+"""Sampling throughput: our `sample_jit` against transformers' `generate` and tunix's sampler.
+
+    /work/venv-bench/bin/python benchmarks/sampling.py            # batch 1/8/32/64, greedy + sampled
+    /work/venv-bench/bin/python benchmarks/sampling.py --quick    # smoke run: 2 layers, 16 tokens
+    /work/venv-bench/bin/python benchmarks/sampling.py --batches 32 --modes greedy --systems ours,tunix
+
+The venv holds tunix beside our pinned stack (see benchmarks/requirements.txt).
+All three systems get the same random weights (ours, converted) and the same
+64-token prompts, and generate exactly the same number of new tokens (no EOS
+can fire). Tokens/s is batch x new tokens over the wall time of one whole
+call, prompt ids on the host in, token ids on the host out, prefill included;
+each cell is the best of --repeats calls after an untimed warm-up (compilation)
+call, the systems' calls interleaved so that load from other work hits all of
+them. The roofline fraction is 2 x params x tokens/s over the f32 matmul peak
+that this run measures (before and after; the better of the two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from train_step import matmul_peak_flops  # benchmarks/ is on the path when run as a script
+
+from rl_reason.models.config import ModelConfig, llama_125m
+from rl_reason.models.hf_config import hf_config_dict
+from rl_reason.models.hf_export import hf_state_dict
+from rl_reason.models.transformer import Transformer
+from rl_reason.sampling.sampler import SamplingConfig, sample_jit
+
+SYSTEMS = ("ours", "generate", "tunix")
+MODES = ("greedy", "sampled")
+# tunix 0.1.7's Llama3 applies RoPE with its default base of 1e6 whatever the
+# config says, so every system uses that base; it does not change the cost.
+ROPE_BASE = 1_000_000.0
+PAD = 0  # prompts never contain it
+CHECK_TOKENS = 16  # leading greedy tokens that must agree across systems
+
+
+def init_params(config: ModelConfig, seed: int) -> dict:
+    """Random weights in the stacked (training) layout, as a trainer hands them to the sampler."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(seed), tokens, tokens))
+
+
+def make_prompts(config: ModelConfig, batch: int, length: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(PAD + 1, config.vocab_size, (batch, length)).astype(np.int32)
+
+
+class Ours:
+    """rl_reason's jitted sampler, called as the engine calls it (stacked params)."""
+
+    def __init__(self, config: ModelConfig, params: dict):
+        self.model = Transformer(config.replace(scan_layers=False))
+        self.params = params
+
+    def generate(self, prompts, greedy, new_tokens, seed):
+        config = SamplingConfig(
+            max_new_tokens=new_tokens, temperature=0.0 if greedy else 1.0, pad_id=PAD
+        )
+        mask = np.ones(prompts.shape, bool)
+        rng = jax.random.PRNGKey(seed)
+        rollout = sample_jit(self.model, self.params, prompts, mask, rng, config)
+        return np.asarray(rollout.completion_tokens)
+
+
+class Generate:
+    """transformers' LlamaForCausalLM.generate (PyTorch, default dynamic cache)."""
+
+    def __init__(self, config: ModelConfig, params: dict):
+        # No BOS/EOS: nothing may stop generation before the token budget.
+        ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": PAD}
+        hf_config = transformers.LlamaConfig.from_dict(hf_config_dict(config, ids))
+        self.model = transformers.LlamaForCausalLM(hf_config).eval()
+        state = {k: torch.tensor(v) for k, v in hf_state_dict(config, params).items()}
+        self.model.load_state_dict(state, strict=True)
+
+    def generate(self, prompts, greedy, new_tokens, seed):
+        gen = transformers.GenerationConfig(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=not greedy,
+            temperature=1.0,
+            top_k=0,  # 0 switches off generate's default top-k of 50
+            top_p=1.0,
+            eos_token_id=None,
+            pad_token_id=PAD,
+        )
+        ids = torch.from_numpy(prompts).long()
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen
+            )
+        return out[:, prompts.shape[1] :].numpy()
+
+
+class _IdTokenizer:
+    """Token ids written as text, so tunix's string API sees exactly our prompt ids."""
+
+    def encode(self, text, **kwargs):
+        return [int(x) for x in text.split()]
+
+    def decode(self, ids, **kwargs):
+        return " ".join(map(str, ids))
+
+    def bos_id(self):
+        return None
+
+    def eos_id(self):
+        return None
+
+    def pad_id(self):
+        return PAD
+
+
+class Tunix:
+    """tunix's native JAX sampler (tunix.generate.sampler.Sampler) over its Llama3 model."""
+
+    def __init__(self, config: ModelConfig, params: dict, max_length: int):
+        from flax import nnx
+        from tunix.generate import sampler as tunix_sampler
+        from tunix.models.llama3 import model as tunix_llama
+
+        tconfig = tunix_llama.ModelConfig(
+            num_layers=config.num_layers,
+            vocab_size=config.vocab_size,
+            embed_dim=config.hidden_dim,
+            hidden_dim=config.mlp_dim,
+            num_heads=config.num_heads,
+            head_dim=config.head_dim,
+            num_kv_heads=config.num_kv_heads,
+            rope_theta=int(config.rope_base),
+            norm_eps=config.norm_eps,
+            shd_config=tunix_llama.ShardingConfig.get_default_sharding(is_sampling=True),
+        )
+        model = tunix_llama.Llama3(tconfig, rngs=nnx.Rngs(0))
+        p = params["params"]
+        model.embedder.input_embedding.value = p["embedder"]["embedding"]
+        model.final_norm.w.value = p["final_norm"]["scale"]
+        model.lm_head.w.value = p["lm_head"]
+        layers = p["layers"]
+        for i, layer in enumerate(model.layers):
+            layer.input_layernorm.w.value = layers["pre_attn_norm"]["scale"][i]
+            layer.post_attention_layernorm.w.value = layers["pre_mlp_norm"]["scale"][i]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.attn, name).w.value = layers["attn"][name]["kernel"][i]
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp, name).kernel.value = layers["mlp"][name]["kernel"][i]
+        cache = tunix_sampler.CacheConfig(
+            cache_size=max_length,
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+        )
+        self.sampler = tunix_sampler.Sampler(model, _IdTokenizer(), cache)
+        self.never = config.vocab_size  # an EOS id no model output can take
+
+    def generate(self, prompts, greedy, new_tokens, seed):
+        out = self.sampler(
+            [" ".join(map(str, row)) for row in prompts],
+            max_generation_steps=new_tokens,
+            max_prompt_length=prompts.shape[1],
+            eos_tokens=[self.never],
+            temperature=0.0 if greedy else 1.0,
+            top_p=None if greedy else 1.0,
+            seed=seed,
+        )
+        return np.stack([np.asarray(t) for t in out.tokens])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per cell (best kept)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="2 layers, batches 1,4, 16 tokens")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    modes = args.modes.split(",")
+    systems = args.systems.split(",")
+    if not set(modes) <= set(MODES) or not set(systems) <= set(SYSTEMS):
+        parser.error(f"modes must be in {MODES}, systems in {SYSTEMS}")
+    config = llama_125m(rope_base=ROPE_BASE)
+    if args.quick:
+        config = config.replace(num_layers=2)
+        batches, args.new_tokens, args.repeats = [1, 4], 16, 1
+
+    start_all = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    peak_before = matmul_peak_flops()
+    params = init_params(config, args.seed)
+    runners = {}
+    for name in systems:
+        if name == "ours":
+            runners[name] = Ours(config, params)
+        elif name == "generate":
+            runners[name] = Generate(config, params)
+        else:
+            runners[name] = Tunix(config, params, args.prompt_len + args.new_tokens)
+    print(
+        f"llama_125m{' (2 layers, --quick)' if args.quick else ''}:"
+        f" {config.num_params() / 1e6:.1f}M params, prompt {args.prompt_len},"
+        f" {args.new_tokens} new tokens, best of {args.repeats}; torch threads"
+        f" {torch.get_num_threads()}; load average {load_before:.1f}",
+        flush=True,
+    )
+    prompts_all = make_prompts(config, max(batches), args.prompt_len, args.seed)
+    rows = []
+    for batch in batches:
+        prompts = prompts_all[:batch]
+        for mode in modes:
+            greedy = mode == "greedy"
+            calls = {
+                name: functools.partial(
+                    runner.generate, prompts, greedy, args.new_tokens, args.seed
+                )
+                for name, runner in runners.items()
+            }
+            firsts = {name: call()[0] for name, call in calls.items()}  # warm-up, compile
+            best = dict.fromkeys(calls, float("inf"))
+            for _ in range(args.repeats):  # interleaved, so load changes hit every system
+                for name, call in calls.items():
+                    start = time.perf_counter()
+                    tokens = call()
+                    best[name] = min(best[name], time.perf_counter() - start)
+                    if tokens.shape != (batch, args.new_tokens):
+                        raise RuntimeError(f"{name} returned {tokens.shape} tokens")
+            tps = {name: batch * args.new_tokens / best[name] for name in calls}
+            print(
+                f"  batch {batch} {mode}: "
+                + ", ".join(f"{name} {tps[name]:.1f} tok/s" for name in calls),
+                flush=True,
+            )
+            if greedy and len(firsts) > 1:
+                ref = firsts[systems[0]]
+                agree = {n: int(np.argmin(np.append(t == ref, False))) for n, t in firsts.items()}
+                verdict = "agree" if min(agree.values()) >= CHECK_TOKENS else "DISAGREE"
+                print(
+                    f"  greedy check, batch {batch} row 0: systems {verdict} on the first"
+                    f" {CHECK_TOKENS} tokens (leading tokens equal to {systems[0]}: {agree};"
+                    f" first 8 of {systems[0]}: {ref[:8].tolist()})",
+                    flush=True,
+                )
+            rows.append((batch, mode, tps))
+
+    peak_after = matmul_peak_flops()
+    # The machine's peak is the better of the two measurements; other work only lowers it.
+    peak = max(peak_before, peak_after)
+    ratio = lambda tps, other: (
+        f"{tps['ours'] / tps[other]:.2f}x" if "ours" in tps and other in tps else "-"
+    )
+    cell = lambda tps, name: f"{tps[name]:.1f}" if name in tps else "-"
+    print(
+        "\n| batch | mode | ours tok/s | generate tok/s | tunix tok/s | ours/generate"
+        " | ours/tunix | ours roofline % |\n|---|---|---|---|---|---|---|---|"
+    )
+    for batch, mode, tps in rows:
+        roofline = (
+            f"{100 * 2 * config.num_params() * tps['ours'] / peak:.1f}%" if "ours" in tps else "-"
+        )
+        print(
+            f"| {batch} | {mode} | {cell(tps, 'ours')} | {cell(tps, 'generate')}"
+            f" | {cell(tps, 'tunix')} | {ratio(tps, 'generate')} | {ratio(tps, 'tunix')}"
+            f" | {roofline} |"
+        )
+    print(
+        f"\nf32 matmul peak {peak_before / 1e9:.0f} GFLOP/s before, {peak_after / 1e9:.0f} after"
+        f" (roofline uses {peak / 1e9:.0f}); load average {load_before:.1f} before,"
+        f" {os.getloadavg()[0]:.1f} after; total time {time.perf_counter() - start_all:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
