@@ -123,6 +123,45 @@ def test_top_k_and_top_p_masks():
     np.testing.assert_allclose(sampling, jnp.log(jnp.asarray([0.625, 0.375]))[tokens], atol=1e-5)
 
 
+def _sorted_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The textbook top-k then top-p filter, by sorting (float64)."""
+    out = logits.astype(np.float64)
+    for row in out:
+        if top_k:
+            row[row < np.sort(row)[::-1][top_k - 1]] = -np.inf
+        if top_p < 1:
+            probs = np.exp(row - row.max())
+            probs /= probs.sum()
+            ordered = np.sort(probs)[::-1]
+            last = np.argmax(np.cumsum(ordered) >= top_p)  # first index reaching top_p
+            row[probs < ordered[last]] = -np.inf
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (0, 0.95), (40, 0.9), (1, 1.0)])
+def test_filter_matches_sorting(top_k, top_p):
+    rng = np.random.default_rng(top_k + int(100 * top_p))
+    # Rounded logits make ties at the boundary common; some rows carry -inf already.
+    logits = np.round(rng.normal(0, 2, (64, 300)), 1).astype(np.float32)
+    logits[::7, :50] = -np.inf
+    got = np.asarray(
+        sampler_lib._filter_logits(jnp.asarray(logits), SamplingConfig(top_k=top_k, top_p=top_p))
+    )
+    want = _sorted_filter(logits, top_k, top_p)
+    mismatch = np.isfinite(got) != np.isfinite(want)
+    # Only a row whose nucleus mass lands within float32 rounding of top_p may differ.
+    assert mismatch.any(axis=1).sum() <= 1, np.nonzero(mismatch)
+
+
+def test_categorical_draws_follow_the_distribution():
+    probs = np.asarray([0.6, 0.0, 0.25, 0.1, 0.05])
+    keys = jax.random.split(jax.random.PRNGKey(3), 20000)
+    logits = jnp.repeat(jnp.log(jnp.asarray(probs, jnp.float32))[None], 20000, 0)
+    draws = np.asarray(sampler_lib._categorical(keys, logits))
+    np.testing.assert_allclose(np.bincount(draws, minlength=5) / 20000, probs, atol=0.01)
+    assert not (draws == 1).any()  # a zero-probability token is never drawn
+
+
 def test_eos_stop_sequences_and_early_exit():
     decoder, scanned, params = _setup("llama")
     tokens, mask = _prompts(scanned.config.vocab_size)

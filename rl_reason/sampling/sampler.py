@@ -93,20 +93,71 @@ class Rollout:
         }
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys whose unsigned order is the float32 order of x (-inf included)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_threshold(keys: jax.Array, holds) -> jax.Array:
+    """Per row, the largest key t (of 2**32) with holds(keys >= t) true, as [N, 1].
+
+    `holds(selected [N, V]) -> [N]` must hold for t = 0 (everything selected)
+    and be monotone (true for every t below one where it holds). 32 bisection
+    steps of one pass each find it exactly: a sort of the whole vocabulary
+    costs far more on CPU, and the kept set is the one a sort would give, ties
+    at the boundary included.
+    """
+    lo = jnp.zeros(keys.shape[:1], jnp.uint32)  # holds
+    hi = jnp.full(keys.shape[:1], 0xFFFFFFFF, jnp.uint32)  # candidates are in [lo, hi]
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2  # in (lo, hi] while lo < hi
+        ok = holds(keys >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
+    return lo[:, None]
+
+
 def _filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
-    """Tempered logits with everything outside top-k / the top-p nucleus at -inf."""
+    """Tempered logits with everything outside top-k / the top-p nucleus at -inf.
+
+    top-k keeps the logits at least as large as the k-th largest; top-p then
+    keeps the smallest set of most likely tokens whose probability reaches
+    top_p (ties with its last member included), as a sort would.
+    """
     logits = logits / config.temperature
     if config.top_k:
-        kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        keys = _order_keys(logits)
+        kth = _largest_threshold(keys, lambda kept: jnp.sum(kept, axis=-1) >= config.top_k)
+        logits = jnp.where(keys >= kth, logits, -jnp.inf)
     if config.top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # The smallest logit still inside the nucleus (the top token always is).
-        cutoff = jnp.min(jnp.where(mass_before < config.top_p, ordered, jnp.inf), axis=-1)
-        logits = jnp.where(logits < cutoff[:, None], -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        keys = _order_keys(probs)
+        # Never empty: nothing selected has mass 0 < top_p, so the top token stays.
+        cut = _largest_threshold(
+            keys, lambda kept: jnp.sum(jnp.where(kept, probs, 0.0), axis=-1) >= config.top_p
+        )
+        logits = jnp.where(keys >= cut, logits, -jnp.inf)
     return logits
+
+
+def _categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits) [N, V] by inverting its CDF.
+
+    One uniform per row instead of the V Gumbel variates of
+    `jax.random.categorical`: generating those dominated a sampled decode step.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    index = jnp.sum(cdf <= u[:, None], axis=-1)
+    # Rounding can leave u at the total mass: fall back to the last possible token.
+    last = logits.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
+    return jnp.minimum(index, last)
 
 
 def choose_tokens(
@@ -123,7 +174,7 @@ def choose_tokens(
         sampling = jnp.zeros(tokens.shape, jnp.float32)
     else:
         filtered = _filter_logits(logits, config)
-        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
+        tokens = _categorical(keys, filtered)
         sampling = jnp.take_along_axis(
             jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1
         )[:, 0]
