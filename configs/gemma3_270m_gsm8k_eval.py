@@ -20,5 +20,5 @@ def get_config():
     config.eval.temperature = 0.7
     config.eval.max_new_tokens = 192
     config.eval.batch_size = 16
-    config.eval.prompt_buckets = (768, 1024, 1280)
+    config.eval.prompt_buckets = (128, 256, 512)  # the question after the shared 4-shot prefix
     return config

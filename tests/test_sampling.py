@@ -12,7 +12,7 @@ from rl_reason.models.config import tiny_gemma3, tiny_llama
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.sampling import sampler as sampler_lib
-from rl_reason.sampling.engine import Sampler, pick_bucket
+from rl_reason.sampling.engine import Sampler, common_prefix_length, pick_bucket
 from rl_reason.sampling.sampler import EOS, LENGTH, STOP, SamplingConfig, sample_jit
 
 CONFIGS = {"llama": tiny_llama(), "gemma3": tiny_gemma3(num_kv_heads=2)}
@@ -123,6 +123,50 @@ def test_top_k_and_top_p_masks():
     np.testing.assert_allclose(sampling, jnp.log(jnp.asarray([0.625, 0.375]))[tokens], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shared_prefix_equals_whole_prompts(name):
+    """A prefix prefilled once == the same tokens in every prompt, past Gemma's window too."""
+    decoder, scanned, params = _setup(name)
+    vocab = scanned.config.vocab_size
+    prefix = jnp.asarray(np.random.default_rng(5).integers(3, vocab, 40), jnp.int32)
+    suffix, suffix_mask = _prompts(vocab)
+    whole = jnp.concatenate([jnp.broadcast_to(prefix, (4, 40)), suffix], axis=1)
+    whole_mask = jnp.concatenate([jnp.ones((4, 40), bool), suffix_mask], axis=1)
+    # Move each row's padding to the left, as the engine pads whole prompts.
+    order = np.argsort(np.asarray(whole_mask), axis=1, kind="stable")
+    whole = jnp.take_along_axis(whole, jnp.asarray(order), axis=1)
+    whole_mask = jnp.take_along_axis(whole_mask, jnp.asarray(order), axis=1)
+    options = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, num_samples=2)
+    config = SamplingConfig(**options)
+    rng = jax.random.PRNGKey(2)
+    want = sample_jit(decoder, params, whole, whole_mask, rng, config)
+    shared = sampler_lib.prefill_prefix_jit(decoder, params, prefix)
+    got = sample_jit(decoder, params, suffix, suffix_mask, rng, config, prefix=shared)
+    np.testing.assert_array_equal(got.completion_tokens, want.completion_tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+    # The rollout holds the whole prompt (padding between prefix and suffix),
+    # and the learner recomputes its log-probs: PPO's ratio stays 1.
+    batch = got.sequences()
+    assert batch["tokens"].shape[1] == 40 + suffix.shape[1] + 12
+    learner = token_logprobs(scanned, params, batch["tokens"], batch["input_mask"])
+    completion = learner.logprobs[:, -12:] * got.completion_mask
+    np.testing.assert_allclose(completion, got.logprobs, atol=5e-5)
+
+
+def test_greedy_first_rows_decode_greedily():
+    decoder, scanned, params = _setup("llama")
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    greedy = _sample(decoder, params, tokens, mask, temperature=0.0)
+    mixed = _sample(
+        decoder, params, tokens, mask, temperature=1.0, num_samples=3, greedy_first=True
+    )
+    first = np.asarray(mixed.completion_tokens)[::3]
+    np.testing.assert_array_equal(first, greedy.completion_tokens)
+    np.testing.assert_allclose(np.asarray(mixed.logprobs)[::3], greedy.logprobs, atol=1e-5)
+    sampling = np.asarray(mixed.sampling_logprobs).reshape(4, 3, -1)
+    assert np.all(sampling[:, 0] == 0) and np.all(sampling[:, 1:] < 0)
+
+
 def _sorted_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     """The textbook top-k then top-p filter, by sorting (float64)."""
     out = logits.astype(np.float64)
@@ -157,7 +201,7 @@ def test_categorical_draws_follow_the_distribution():
     probs = np.asarray([0.6, 0.0, 0.25, 0.1, 0.05])
     keys = jax.random.split(jax.random.PRNGKey(3), 20000)
     logits = jnp.repeat(jnp.log(jnp.asarray(probs, jnp.float32))[None], 20000, 0)
-    draws = np.asarray(sampler_lib._categorical(keys, logits))
+    draws = np.asarray(sampler_lib._categorical(keys, jnp.exp(logits)))
     np.testing.assert_allclose(np.bincount(draws, minlength=5) / 20000, probs, atol=0.01)
     assert not (draws == 1).any()  # a zero-probability token is never drawn
 
@@ -244,6 +288,33 @@ def test_engine_batches_buckets_and_decodes(tokenizer):
         single.rollout.completion_tokens[:2], out.rollout.completion_tokens[10:]
     )
     assert pick_bucket(30, (48, 96)) == 48 and pick_bucket(50, (48, 96)) == 96
+
+
+def test_engine_shares_a_common_prompt_prefix(tokenizer):
+    shots = "".join(
+        ex["question"] + "\n" + ex["answer"] + "\n\n" for ex in synthetic.generate("train", 2)
+    )
+    prompts = [shots + q for q in PROMPTS]
+    ids = Sampler(tiny_llama(), tokenizer).token_ids(prompts)
+    assert common_prefix_length(ids) >= 32
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token
+    config = dict(batch_size=4, prompt_buckets=(32, 64, 128, 512))
+    whole, params = _engine_setup(tokenizer, min_shared_prefix=0, **config)
+    shared, _ = _engine_setup(tokenizer, **config)
+    mesh = mesh_lib.make_mesh((2, 2, 2))
+    sharded, _ = _engine_setup(tokenizer, mesh=mesh, **config)
+    options = whole.sampling_config(max_new_tokens=6, temperature=1.0, num_samples=2)
+    rng = jax.random.PRNGKey(4)
+    want = whole.generate(params, prompts, rng, options)
+    for engine in (shared, sharded):
+        got = engine.generate(params, prompts, rng, options)
+        np.testing.assert_array_equal(got.rollout.completion_tokens, want.rollout.completion_tokens)
+        assert got.texts == want.texts
+    # Whole prompts, padding between the shared prefix and each suffix.
+    got_prompts = [
+        t[m].tolist() for t, m in zip(got.rollout.prompt_tokens, got.rollout.prompt_mask)
+    ]
+    assert got_prompts[::2] == ids
 
 
 def test_engine_cuts_text_at_stop_strings(tokenizer):

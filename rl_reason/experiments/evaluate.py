@@ -139,44 +139,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         stop_strings=templates.STOP_SEQUENCES,
         progress=config.logging.progress_bar and jax.process_index() == 0,
     )
-    rng = jax.random.PRNGKey(config.seed)
-    start = time.perf_counter()
-    greedy = sampler.generate(
-        params,
-        prompts,
-        rng,
-        sampler.sampling_config(max_new_tokens=config.eval.max_new_tokens, temperature=0.0),
-    )
-    greedy_seconds = time.perf_counter() - start
-    samples, sample_seconds = None, 0.0
-    if config.eval.num_samples > 0:
-        start = time.perf_counter()
-        samples = sampler.generate(
-            params,
-            prompts,
-            jax.random.fold_in(rng, 1),
-            sampler.sampling_config(
-                max_new_tokens=config.eval.max_new_tokens,
-                temperature=config.eval.temperature,
-                top_p=config.eval.top_p,
-                num_samples=config.eval.num_samples,
-            ),
+    k = config.eval.num_samples
+    # One call: each prompt's first row is the greedy answer, the other K sample,
+    # all continuing one prefill.
+    options = dict(max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
+    if k > 0:
+        options.update(
+            temperature=config.eval.temperature,
+            top_p=config.eval.top_p,
+            num_samples=k + 1,
+            greedy_first=True,
         )
-        sample_seconds = time.perf_counter() - start
-    k_texts = samples.texts_per_prompt() if samples else [[t] for t in greedy.texts]
-    metrics = score(k_texts, golds, greedy=greedy.texts)
-    generated = int(greedy.rollout.lengths.sum()) + (
-        int(samples.rollout.lengths.sum()) if samples else 0
+    start = time.perf_counter()
+    out = sampler.generate(
+        params, prompts, jax.random.PRNGKey(config.seed), sampler.sampling_config(**options)
     )
+    seconds = time.perf_counter() - start
+    groups = out.texts_per_prompt()
+    greedy = [g[0] for g in groups]
+    k_texts = [g[1:] for g in groups] if k > 0 else [[g] for g in greedy]
+    metrics = score(k_texts, golds, greedy=greedy)
+    generated = int(out.rollout.lengths.sum())
     metrics.update(
         num_questions=len(prompts),
-        greedy_seconds=greedy_seconds,
-        sample_seconds=sample_seconds,
+        seconds=seconds,
         generated_tokens=generated,
-        tokens_per_second=generated / max(greedy_seconds + sample_seconds, 1e-9),
+        tokens_per_second=generated / max(seconds, 1e-9),
     )
     if jax.process_index() == 0:
-        _write_outputs(workdir, config, data, greedy.texts, k_texts, golds, metrics)
+        _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics)
     return metrics
 
 

@@ -3,7 +3,8 @@
 The jitted sampler compiles one program per (batch, prompt length, sampling
 config). The engine pads prompts on the left to the smallest configured
 length bucket and fills the last batch with empty rows, so a whole run
-compiles a handful of programs, not one per batch.
+compiles a handful of programs, not one per batch. Tokens that every prompt
+of a call starts with (few-shot exemplars) are prefilled once and shared.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
-from rl_reason.sampling.sampler import Rollout, SamplingConfig, sample_jit
+from rl_reason.sampling.sampler import Rollout, SamplingConfig, prefill_prefix_jit, sample_jit
 
 
 @dataclasses.dataclass
@@ -39,6 +40,16 @@ class Samples:
 
 
 _log = logging.getLogger(__name__)
+
+
+def common_prefix_length(ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all rows share, leaving each row at least one of its own."""
+    shortest = min(len(x) for x in ids)
+    first = ids[0]
+    length = 0
+    while length < shortest - 1 and all(x[length] == first[length] for x in ids):
+        length += 1
+    return length
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
@@ -61,7 +72,10 @@ class Sampler:
         rules: shd.Rules = shd.DEFAULT_RULES,
         stop_strings: Sequence[str] = (),
         progress: bool = False,
+        min_shared_prefix: int = 32,
     ):
+        """min_shared_prefix: prefill a common prompt prefix once when it is at
+        least this many tokens long (0 never shares)."""
         self.model = Transformer(model_config.replace(scan_layers=False))
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -70,6 +84,7 @@ class Sampler:
         self.rules = rules
         self.stop_strings = tuple(stop_strings)
         self.progress = progress
+        self.min_shared_prefix = min_shared_prefix
         if mesh is not None:
             shd.check_batch_divides(batch_size, mesh, "sampling batch")
 
@@ -86,12 +101,21 @@ class Sampler:
         }
         return SamplingConfig(**{**defaults, **options})
 
-    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded [len(prompts), bucket] tokens and mask (BOS first when the tokenizer has one)."""
+    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Each prompt's token ids, BOS first when the tokenizer has one."""
         tok = self.tokenizer
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if tok.bos_token_id is not None:
             ids = [[tok.bos_token_id] + x for x in ids]
+        return ids
+
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded [len(prompts), bucket] tokens and mask (BOS first when the tokenizer has one)."""
+        return self.pad(self.token_ids(prompts))
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Token id lists, left-padded to the smallest bucket that holds them all."""
+        tok = self.tokenizer
         length = pick_bucket(max(len(x) for x in ids), self.prompt_buckets)
         too_long = sum(len(x) > length for x in ids)
         if too_long:
@@ -113,7 +137,13 @@ class Sampler:
         self, params: Any, prompts: Sequence[str], rng: jax.Array, config: SamplingConfig
     ) -> Samples:
         """config.num_samples completions for every prompt, in prompt-major order."""
-        tokens, mask = self.encode(prompts)
+        ids = self.token_ids(prompts)
+        shared = common_prefix_length(ids) if self.min_shared_prefix else 0
+        prefix = None
+        if shared >= self.min_shared_prefix > 0:
+            prefix = prefill_prefix_jit(self.model, params, np.asarray(ids[0][:shared], np.int32))
+            ids = [x[shared:] for x in ids]
+        tokens, mask = self.pad(ids)
         n, b = len(prompts), self.batch_size
         parts = []
         batches = tqdm.trange(
@@ -125,17 +155,18 @@ class Sampler:
             if fill:  # empty rows keep the batch shape; their output is dropped
                 t = np.concatenate([t, np.zeros((fill, t.shape[1]), t.dtype)])
                 m = np.concatenate([m, np.zeros((fill, m.shape[1]), bool)])
-            rollout = self._run(params, t, m, rng, config, start)
+            rollout = self._run(params, t, m, rng, config, start, prefix)
             keep = (b - fill) * config.num_samples
             parts.append(jax.tree.map(lambda x, keep=keep: x[:keep], jax.device_get(rollout)))
         rollout = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
         return Samples(rollout, self.decode(rollout), config.num_samples)
 
-    def _run(self, params, tokens, mask, rng, config, row_offset):
+    def _run(self, params, tokens, mask, rng, config, row_offset, prefix):
         with shd.activation_sharding(self.mesh, self.rules):
             if self.mesh is not None:
                 tokens, mask = shd.shard_batch((tokens, mask), self.mesh)
-            return sample_jit(self.model, params, tokens, mask, rng, config, jnp.int32(row_offset))
+            offset = jnp.int32(row_offset)
+            return sample_jit(self.model, params, tokens, mask, rng, config, offset, prefix)
 
     def decode(self, rollout: Rollout) -> list[str]:
         """Completion text: up to its length, special tokens and anything from a stop string on removed."""

@@ -45,6 +45,9 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end a sample
     pad_id: int = 0
+    # Row 0 of each prompt's num_samples decodes greedily, the others sample:
+    # evaluation gets maj@1 and the K samples from one prefill.
+    greedy_first: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.num_samples < 1:
@@ -145,40 +148,66 @@ def _filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     return logits
 
 
-def _categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
-    """One draw per row from softmax(logits) [N, V] by inverting its CDF.
+_CDF_BLOCK = 512
 
-    One uniform per row instead of the V Gumbel variates of
-    `jax.random.categorical`: generating those dominated a sampled decode step.
+
+def _categorical(keys: jax.Array, weights: jax.Array) -> jax.Array:
+    """One draw per row with probability proportional to weights [N, V] (>= 0).
+
+    Inverts the CDF with one uniform per row instead of the V Gumbel variates
+    of `jax.random.categorical`, whose generation dominated a sampled decode
+    step. The inversion goes in two levels (blocks of the vocabulary, then
+    within the chosen block) because one cumulative sum over a 262k
+    vocabulary costs as much as the step's matmuls on CPU.
     """
-    probs = jax.nn.softmax(logits, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
-    index = jnp.sum(cdf <= u[:, None], axis=-1)
-    # Rounding can leave u at the total mass: fall back to the last possible token.
-    last = logits.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
-    return jnp.minimum(index, last)
+    n, vocab = weights.shape
+    blocks = -(-vocab // _CDF_BLOCK)
+    weights = jnp.pad(weights, ((0, 0), (0, blocks * _CDF_BLOCK - vocab)))
+    weights = weights.reshape(n, blocks, _CDF_BLOCK)
+    mass = jnp.sum(weights, axis=-1)
+    block_cdf = jnp.cumsum(mass, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * block_cdf[:, -1]
+    # Rounding may carry u past the last block with mass, or a block's own
+    # cumulative sum past its total: each step falls back to its last possible entry.
+    block = jnp.minimum(jnp.sum(block_cdf <= u[:, None], axis=-1), _last_positive(mass))
+    chosen = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_cdf - mass, block[:, None], axis=1)[:, 0]
+    rest = jnp.maximum(u - before, 0.0)
+    inner = jnp.sum(jnp.cumsum(chosen, axis=-1) <= rest[:, None], axis=-1)
+    return block * _CDF_BLOCK + jnp.minimum(inner, _last_positive(chosen))
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+    """Index of each row's last positive entry."""
+    return x.shape[-1] - 1 - jnp.argmax((x > 0)[:, ::-1], axis=-1)
 
 
 def choose_tokens(
-    logits: jax.Array, keys: jax.Array, config: SamplingConfig
+    logits: jax.Array, keys: jax.Array, config: SamplingConfig, greedy_rows: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Next tokens for logits [N, V] with one key per row.
 
-    Returns (tokens, policy log-probs, sampling log-probs), all [N].
+    greedy_rows [N] marks rows that take the argmax even when config samples.
+    Returns (tokens, policy log-probs, sampling log-probs; 0 for greedy rows), all [N].
     """
+    # Each exp pass over a 262k vocabulary is a large share of a decode step,
+    # so only the chosen tokens' log-probabilities are formed: two passes.
     logits = logits.astype(jnp.float32)
-    policy = jax.nn.log_softmax(logits, axis=-1)
-    if config.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-        sampling = jnp.zeros(tokens.shape, jnp.float32)
-    else:
+    pick = lambda x, idx: jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+    tokens = jnp.argmax(logits, axis=-1)
+    sampling = jnp.zeros(tokens.shape, jnp.float32)
+    if not config.greedy:
         filtered = _filter_logits(logits, config)
-        tokens = _categorical(keys, filtered)
-        sampling = jnp.take_along_axis(
-            jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1
-        )[:, 0]
-    policy_lp = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
+        top = jnp.max(filtered, axis=-1, keepdims=True)
+        weights = jnp.exp(filtered - top)
+        drawn = _categorical(keys, weights)
+        drawn_lp = pick(filtered - top, drawn) - jnp.log(jnp.sum(weights, axis=-1))
+        if greedy_rows is None:
+            tokens, sampling = drawn, drawn_lp
+        else:
+            tokens = jnp.where(greedy_rows, tokens, drawn)
+            sampling = jnp.where(greedy_rows, 0.0, drawn_lp)
+    policy_lp = pick(logits, tokens) - jax.nn.logsumexp(logits, axis=-1)
     return tokens.astype(jnp.int32), policy_lp, sampling
 
 
@@ -206,6 +235,51 @@ class _LoopState:
     recent: jax.Array  # [N, M] last generated tokens, for stop sequences
 
 
+@flax.struct.dataclass
+class Prefix:
+    """Prompt tokens that every row starts with (few-shot exemplars), prefilled once.
+
+    sample() copies the prefix's cache into every row instead of recomputing
+    it per prompt; only the rows' own suffixes are prefilled.
+    """
+
+    tokens: jax.Array  # [L], real tokens only
+    cache: KVCache  # batch 1, L slots at positions 0..L-1
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[0]
+
+
+def prefill_prefix(model: Transformer, params: Any, tokens: jax.Array) -> Prefix:
+    """The Prefix of tokens [L] (the model and params as for `sample`)."""
+    if "layers" in params["params"]:
+        params = unstack_layers(params)
+    tokens = jnp.asarray(tokens, jnp.int32)[None]
+    cache = KVCache.init(model.config, 1, tokens.shape[1])
+    out = model.apply(params, tokens, default_positions(jnp.ones(tokens.shape, bool)), cache=cache)
+    return Prefix(tokens=tokens[0], cache=out.cache)
+
+
+prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames="model")
+
+
+def _empty_cache(model: Transformer, batch: int, length: int, prefix: Prefix | None) -> KVCache:
+    """A cache of `length` slots per row; with a prefix, its slots hold the prefix."""
+    cache = KVCache.init(model.config, batch, length)
+    if prefix is None:
+        return cache
+    fill = lambda buf, part: jax.lax.dynamic_update_slice(
+        buf, jnp.broadcast_to(part, (batch, *part.shape[1:])).astype(buf.dtype), (0,) * buf.ndim
+    )
+    return cache.replace(
+        k=tuple(map(fill, cache.k, prefix.cache.k)),
+        v=tuple(map(fill, cache.v, prefix.cache.v)),
+        positions=fill(cache.positions, prefix.cache.positions),
+        index=jnp.asarray(prefix.length, jnp.int32),
+    )
+
+
 def _constrain_cache(cache: KVCache) -> KVCache:
     """Rows over the batch axes, KV heads over tensor (a no-op without a mesh)."""
     constrain = lambda x: nn.with_logical_constraint(x, LAYER_CACHE_AXES)
@@ -220,12 +294,15 @@ def sample(
     rng: jax.Array,
     config: SamplingConfig,
     row_offset: jax.Array | int = 0,
+    prefix: Prefix | None = None,
 ) -> Rollout:
     """Samples config.num_samples completions for each left-padded prompt row.
 
     `model` must be the unrolled (scan_layers=False) model; `params` may be in
     either layout (scanned ones are unstacked once, here). `row_offset` is the
     global index of this batch's first row, for batch-independent randomness.
+    With a `prefix`, every row's prompt is prefix + its row of prompt_tokens
+    (whose left padding then sits between the two, masked like any padding).
     """
     if model.config.scan_layers:
         raise ValueError("sample() needs a Transformer with scan_layers=False.")
@@ -235,8 +312,9 @@ def sample(
     k, new = config.num_samples, config.max_new_tokens
     rows = batch * k
 
-    cache = _constrain_cache(KVCache.init(model.config, batch, prompt_len + new))
-    positions = default_positions(prompt_mask)
+    prefix_len = 0 if prefix is None else prefix.length
+    cache = _constrain_cache(_empty_cache(model, batch, prefix_len + prompt_len + new, prefix))
+    positions = prefix_len + default_positions(prompt_mask)
     prefill = model.apply(params, prompt_tokens, positions, prompt_mask, cache=cache)
     logits = model.apply(params, prefill.hidden[:, -1], method=Transformer.logits)
 
@@ -251,6 +329,7 @@ def sample(
     )
     row_ids = row_offset * k + jnp.arange(rows)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
+    greedy_rows = (jnp.arange(rows) % k == 0) if config.greedy_first else None
     window = max([len(s) for s in config.stop_sequences], default=1)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
@@ -271,7 +350,7 @@ def sample(
 
     def body(s: _LoopState) -> _LoopState:
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s.step)
-        token, policy_lp, sampling_lp = choose_tokens(s.logits, keys, config)
+        token, policy_lp, sampling_lp = choose_tokens(s.logits, keys, config, greedy_rows)
         live = ~s.done
         token = jnp.where(live, token, config.pad_id)
         recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
@@ -300,6 +379,10 @@ def sample(
 
     final = jax.lax.while_loop(cond, body, state)
     completion_mask = jnp.arange(new)[None, :] < final.lengths[:, None]
+    if prefix is not None:
+        shared = lambda x: jnp.broadcast_to(x, (batch, prefix_len))
+        prompt_tokens = jnp.concatenate([shared(prefix.tokens), prompt_tokens], axis=1)
+        prompt_mask = jnp.concatenate([shared(True), prompt_mask], axis=1)
     return Rollout(
         prompt_tokens=repeat(prompt_tokens),
         prompt_mask=repeat(prompt_mask),
@@ -314,6 +397,6 @@ def sample(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def sample_jit(model, params, prompt_tokens, prompt_mask, rng, config, row_offset=0):
+def sample_jit(model, params, prompt_tokens, prompt_mask, rng, config, row_offset=0, prefix=None):
     """`sample` compiled; one program per (model, config, shapes)."""
-    return sample(model, params, prompt_tokens, prompt_mask, rng, config, row_offset)
+    return sample(model, params, prompt_tokens, prompt_mask, rng, config, row_offset, prefix)
