@@ -100,33 +100,19 @@ def attention_mask(
 def dot_product_attention(q, k, v, mask, scale: float) -> jax.Array:
     """Grouped-query attention; logits and softmax in float32.
 
-    q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask [B, T, S].
+    q: [B, T, H, D]; k, v: [B, K, S, D] (the KV cache's layout) with H a
+    multiple of K; mask [B, T, S]. With (batch, kv head) leading in k and v,
+    both products are batched matmuls over the cache as stored: a decode step
+    does not transpose every layer's cache to attend with one query.
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    if t == 1:
-        return _single_query_attention(q[:, 0], k, v, mask[:, 0], scale).reshape(b, t, h, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, None, None], logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
-
-
-def _single_query_attention(q, k, v, mask, scale: float) -> jax.Array:
-    """One query per row (a decode step): q [B, K, G, D], k/v [B, S, K, D], mask [B, S].
-
-    Written as broadcast multiply-and-sum rather than einsum: the reductions
-    read the cache in its stored [B, S, K, D] layout, where a batched matmul
-    would first transpose every layer's whole cache for a few flops per byte.
-    """
-    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.sum(q32[:, None] * k32[:, :, :, None, :], axis=-1) * scale  # [B, S, K, G]
-    logits = jnp.where(mask[:, :, None, None], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=1)
-    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)
-    return out.astype(v.dtype)  # [B, K, G, D]
 
 
 class Projection(nn.Module):

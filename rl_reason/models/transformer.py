@@ -23,14 +23,14 @@ import jax.numpy as jnp
 from rl_reason.models import layers
 from rl_reason.models.config import ModelConfig
 
-LAYER_CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+LAYER_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer, and the position held in each slot.
 
-    k, v: per layer [batch, max_length, kv_heads, head_dim], stacked into one
+    k, v: per layer [batch, kv_heads, max_length, head_dim], stacked into one
     [layers, ...] array for a scanned model or a tuple of arrays for an
     unrolled one. positions: [batch, max_length], -1 for empty or padded
     slots. index: the next slot to write; every row of the batch writes the
@@ -44,7 +44,7 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_length: int) -> "KVCache":
-        shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, max_length, config.head_dim)
         if config.scan_layers:
             zeros = lambda: jnp.zeros((config.num_layers, *shape), config.compute_dtype)
         else:
@@ -97,9 +97,10 @@ class Block(nn.Module):
         sin = jnp.where(is_local, ctx.rope_local[0], ctx.rope_global[0])
         cos = jnp.where(is_local, ctx.rope_local[1], ctx.rope_global[1])
         q, k, v = attn.project(norm("pre_attn_norm")(x), sin, cos)
+        k, v = (jnp.swapaxes(a, 1, 2) for a in (k, v))  # [B, K, T, D], the cache's layout
         kv = layer["kv"]
         if kv is not None:
-            slot = (0, ctx.cache_index, 0, 0)
+            slot = (0, 0, ctx.cache_index, 0)
             kv = tuple(
                 jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), slot)
                 for cached, new in zip(kv, (k, v))
