@@ -1,13 +1,12 @@
-"""The per-step pieces of decoding outside the matmuls, against their textbook forms.
+"""Token choice, the per-step piece of decoding outside the model, against its textbook form.
 
     python benchmarks/sampling_ops.py
 
 Token choice (`choose_tokens`) against `jax.random.categorical` with
 sort-based top-p and `lax.top_k` (what tunix and most JAX samplers do), on a
 llama_125m-sized step ([32, 32000]) and a Gemma 3 270M evaluation step
-([80, 262144]); and single-query attention over a [32, 192, 4, 64] cache
-against the batched-matmul einsum. Each figure is the median of interleaved
-timed calls after a warm-up call.
+([80, 262144]). Each figure is the median of interleaved timed calls after a
+warm-up call.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rl_reason.models import layers
 from rl_reason.sampling.sampler import SamplingConfig, choose_tokens
 
 REPEATS = 7
@@ -43,13 +41,6 @@ def textbook_choice(logits, keys, config: SamplingConfig):
             filtered = jnp.where(filtered < cutoff, -jnp.inf, filtered)
         tokens = jax.vmap(jax.random.categorical)(keys, filtered)
     return tokens, jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
-
-
-def einsum_attention(q, k, v, mask, scale):
-    """Single-query attention as batched matmuls (the general path's formula)."""
-    logits = jnp.einsum("bkgd,bskd->bkgs", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None], logits, -1e30)
-    return jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(logits, axis=-1), v)
 
 
 def median_ms(calls: dict[str, tuple]) -> dict[str, float]:
@@ -96,37 +87,11 @@ def token_choice_table() -> list[str]:
     return rows
 
 
-def attention_row() -> str:
-    batch, slots, kv_heads, group, dim = 32, 192, 4, 3, 64
-    rng = jax.random.split(jax.random.PRNGKey(2), 3)
-    q = jax.random.normal(rng[0], (batch, kv_heads, group, dim))
-    k = jax.random.normal(rng[1], (batch, slots, kv_heads, dim))
-    v = jax.random.normal(rng[2], (batch, slots, kv_heads, dim))
-    mask = jnp.arange(slots)[None].repeat(batch, 0) < 150
-    twelve = lambda fn: jax.jit(
-        lambda q, k, v, m: sum(fn(q + i, k, v, m, 0.125).sum() for i in range(12))
-    )
-    ms = median_ms(
-        {
-            "ours": (twelve(layers._single_query_attention), (q, k, v, mask)),
-            "einsum": (twelve(einsum_attention), (q, k, v, mask)),
-        }
-    )
-    return (
-        f"| 12 layers, cache [{batch}, {slots}, {kv_heads}, {dim}] | {ms['ours']:.1f} |"
-        f" {ms['einsum']:.1f} | {ms['einsum'] / ms['ours']:.1f}x |"
-    )
-
-
 def main():
     print("| logits | setting | ours ms | textbook ms | speed-up |")
     print("|---|---|---|---|---|")
     for row in token_choice_table():
         print(row, flush=True)
-    print()
-    print("| decode-step attention | ours ms | einsum ms | speed-up |")
-    print("|---|---|---|---|")
-    print(attention_row())
 
 
 if __name__ == "__main__":
