@@ -109,10 +109,6 @@ class Sampler:
             ids = [[tok.bos_token_id] + x for x in ids]
         return ids
 
-    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded [len(prompts), bucket] tokens and mask (BOS first when the tokenizer has one)."""
-        return self.pad(self.token_ids(prompts))
-
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Token id lists, left-padded to the smallest bucket that holds them all."""
         tok = self.tokenizer
