@@ -2,6 +2,7 @@
 
     python benchmarks/decode_step.py --preset llama_125m --batch 32 --cache 192
     python benchmarks/decode_step.py --preset gemma3_270m --batch 80 --cache 1216
+    python benchmarks/decode_step.py --preset gemma3_270m --batch 80 --cache 448 --shared 768
 
 Random weights (the cost does not depend on them). Prints seconds per step
 and the ops that took the most time in a `jax.profiler` trace of a few steps,
@@ -31,8 +32,8 @@ from rl_reason.sampling.sampler import SamplingConfig, choose_tokens
 def build_step(model: Transformer, sampling: SamplingConfig, batch: int):
     keys = jax.random.split(jax.random.PRNGKey(0), batch)
 
-    def step(params, tokens, positions, cache):
-        out = model.apply(params, tokens[:, None], positions[:, None], cache=cache)
+    def step(params, tokens, positions, cache, shared):
+        out = model.apply(params, tokens[:, None], positions[:, None], cache=cache, shared=shared)
         logits = model.apply(params, out.hidden[:, -1], method=Transformer.logits)
         return choose_tokens(logits, keys, sampling)[0], out.cache
 
@@ -56,11 +57,23 @@ def top_ops(trace_dir: str, hlo_text: str, steps: int, count: int) -> list[str]:
     ]
 
 
+def filled_cache(config, batch: int, slots: int, first_position: int, filled: int) -> KVCache:
+    """A cache whose first `filled` slots hold positions first_position, first_position + 1, ..."""
+    slot = jnp.arange(slots)
+    positions = jnp.where(slot < filled, first_position + slot, -1).astype(jnp.int32)
+    return KVCache.init(config, batch, slots).replace(
+        index=jnp.asarray(filled, jnp.int32), positions=positions[None].repeat(batch, 0)
+    )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="llama_125m")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cache", type=int, default=192, help="cache slots per row")
+    parser.add_argument(
+        "--shared", type=int, default=0, help="slots of a prompt prefix all rows share"
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
@@ -73,29 +86,28 @@ def main():
         lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:1, None], tokens[:1, None]))
     )()
     filled = args.cache - 1
-    cache = KVCache.init(config, args.batch, args.cache).replace(
-        index=jnp.asarray(filled, jnp.int32),
-        positions=jnp.where(jnp.arange(args.cache) < filled, jnp.arange(args.cache), -1)
-        .astype(jnp.int32)[None]
-        .repeat(args.batch, 0),
-    )
-    positions = jnp.full((args.batch,), filled, jnp.int32)
+    shared = None
+    if args.shared:
+        shared = filled_cache(config, 1, args.shared, 0, args.shared)
+    cache = filled_cache(config, args.batch, args.cache, args.shared, filled)
+    positions = jnp.full((args.batch,), args.shared + filled, jnp.int32)
     step = build_step(model, SamplingConfig(temperature=args.temperature), args.batch)
-    hlo = step.lower(params, tokens, positions, cache).compile().as_text()
-    tokens, cache = step(params, tokens, positions, cache)
+    hlo = step.lower(params, tokens, positions, cache, shared).compile().as_text()
+    tokens, cache = step(params, tokens, positions, cache, shared)
     jax.block_until_ready(tokens)
 
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         start = time.perf_counter()
         for _ in range(args.steps):
-            tokens, cache = step(params, tokens % 100, positions, cache)
+            tokens, cache = step(params, tokens % 100, positions, cache, shared)
         jax.block_until_ready(tokens)
         seconds = (time.perf_counter() - start) / args.steps
         jax.profiler.stop_trace()
         ops = top_ops(trace_dir, hlo, args.steps, args.top)
     print(
-        f"{args.preset}, batch {args.batch}, {args.cache} cache slots: {seconds:.3f} s/step,"
+        f"{args.preset}, batch {args.batch}, {args.cache} cache slots + {args.shared} shared:"
+        f" {seconds:.3f} s/step,"
         f" {args.batch / seconds:.0f} tokens/s (profiled)"
     )
     print("\n".join(ops))

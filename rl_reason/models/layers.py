@@ -97,21 +97,35 @@ def attention_mask(
     return visible & ((window <= 0) | (q - k < window))
 
 
-def dot_product_attention(q, k, v, mask, scale: float) -> jax.Array:
-    """Grouped-query attention; logits and softmax in float32.
+def dot_product_attention(q, segments, scale: float) -> jax.Array:
+    """Grouped-query attention over several key/value segments with one softmax.
 
-    q: [B, T, H, D]; k, v: [B, K, S, D] (the KV cache's layout) with H a
-    multiple of K; mask [B, T, S]. With (batch, kv head) leading in k and v,
-    both products are batched matmuls over the cache as stored: a decode step
-    does not transpose every layer's cache to attend with one query.
+    q: [B, T, H, D] with H a multiple of the K key/value heads. segments: a
+    sequence of (k, v, mask) with k [B, K, S, D], v [B, K, D, S] (the KV
+    cache's layouts) and mask [B, T, S]; or k [K, S, D], v [K, D, S] without
+    the batch axis for keys every row shares (a prompt prefix common to the
+    batch: stored once, and its products are one matmul over all rows'
+    queries rather than a batch of per-row ones). Logits and softmax in float32.
+
+    Decoding passes the cache as it was before this step and the new keys as
+    separate segments, so that no product reads the updated cache: XLA:CPU
+    would otherwise copy the whole cache around its in-place update.
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = segments[0][0].shape[-3]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    logits = []
+    for k, _, mask in segments:
+        spec = "btkgd,bksd->bkgts" if k.ndim == 4 else "btkgd,ksd->bkgts"
+        part = jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+        logits.append(jnp.where(mask[:, None, None], part, _MASKED_LOGIT))
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1) * scale, axis=-1)
+    out, start = 0.0, 0
+    for _, v, _ in segments:
+        length = v.shape[-1]
+        part = probs[..., start : start + length].astype(v.dtype)
+        spec = "bkgts,bkds->btkgd" if v.ndim == 4 else "bkgts,kds->btkgd"
+        out, start = out + jnp.einsum(spec, part, v), start + length
     return out.reshape(b, t, h, d)
 
 

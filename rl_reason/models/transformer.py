@@ -23,14 +23,20 @@ import jax.numpy as jnp
 from rl_reason.models import layers
 from rl_reason.models.config import ModelConfig
 
-LAYER_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+# Values are stored transposed. XLA:CPU's batched matmul wants the contracted
+# dimension minor in both operands; attention contracts keys over head_dim
+# and values over length, so with these layouts each product reads the cache
+# as stored instead of transposing a whole layer's values every decode step.
+KEY_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+VALUE_CACHE_AXES = ("batch", "kv_heads", "head_dim", "length")
 
 
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer, and the position held in each slot.
 
-    k, v: per layer [batch, kv_heads, max_length, head_dim], stacked into one
+    k: per layer [batch, kv_heads, max_length, head_dim]; v: per layer
+    [batch, kv_heads, head_dim, max_length]; each stacked into one
     [layers, ...] array for a scanned model or a tuple of arrays for an
     unrolled one. positions: [batch, max_length], -1 for empty or padded
     slots. index: the next slot to write; every row of the batch writes the
@@ -44,16 +50,17 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_length: int) -> "KVCache":
-        shape = (batch, config.num_kv_heads, max_length, config.head_dim)
+        key_shape = (batch, config.num_kv_heads, max_length, config.head_dim)
+        value_shape = (batch, config.num_kv_heads, config.head_dim, max_length)
         if config.scan_layers:
-            zeros = lambda: jnp.zeros((config.num_layers, *shape), config.compute_dtype)
+            zeros = lambda shape: jnp.zeros((config.num_layers, *shape), config.compute_dtype)
         else:
-            zeros = lambda: tuple(
+            zeros = lambda shape: tuple(
                 jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers)
             )
         return cls(
-            k=zeros(),
-            v=zeros(),
+            k=zeros(key_shape),
+            v=zeros(value_shape),
             positions=jnp.full((batch, max_length), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -75,10 +82,12 @@ class _LayerContext:
     """What every layer shares: positions, RoPE tables and the cache write slot."""
 
     query_positions: jax.Array
-    key_positions: jax.Array
+    key_positions: jax.Array  # [B, T] of the new tokens, -1 for padding
+    cached_key_positions: Optional[jax.Array]  # [B, S] of the cache before this call
     rope_global: tuple[jax.Array, jax.Array]
     rope_local: tuple[jax.Array, jax.Array]
     cache_index: Optional[jax.Array]
+    shared_key_positions: Optional[jax.Array]  # [1, P] of the shared cache, if any
 
 
 class Block(nn.Module):
@@ -88,7 +97,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer, ctx: _LayerContext):
-        """x [B, T, E]; layer: {"is_local", "kv": this layer's (k, v) cache or None}."""
+        """x [B, T, E]; layer: {"is_local", "kv": this layer's (k, v) cache or None,
+        "shared_kv": this layer's (k, v) of a batch-1 cache every row attends to, or None}."""
         c = self.config
         norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype, name=name)
         attn = layers.Attention(c, name="attn")
@@ -97,18 +107,28 @@ class Block(nn.Module):
         sin = jnp.where(is_local, ctx.rope_local[0], ctx.rope_global[0])
         cos = jnp.where(is_local, ctx.rope_local[1], ctx.rope_global[1])
         q, k, v = attn.project(norm("pre_attn_norm")(x), sin, cos)
-        k, v = (jnp.swapaxes(a, 1, 2) for a in (k, v))  # [B, K, T, D], the cache's layout
+        k = jnp.swapaxes(k, 1, 2)  # [B, K, T, D], the cache's layouts
+        v = jnp.transpose(v, (0, 2, 3, 1))  # [B, K, D, T]
+        window = jnp.where(is_local, c.sliding_window, 0)
+        segment = lambda keys, values, positions: (
+            keys,
+            values,
+            layers.attention_mask(ctx.query_positions, positions, window),
+        )
+        segments = [segment(k, v, ctx.key_positions)]  # the new tokens
         kv = layer["kv"]
         if kv is not None:
-            slot = (0, 0, ctx.cache_index, 0)
-            kv = tuple(
-                jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), slot)
-                for cached, new in zip(kv, (k, v))
+            cached_k, cached_v = kv
+            segments.insert(0, segment(cached_k, cached_v, ctx.cached_key_positions))
+            index = ctx.cache_index
+            kv = (
+                jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, 0, index, 0)),
+                jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, 0, index)),
             )
-            k, v = kv
-        window = jnp.where(is_local, c.sliding_window, 0)
-        mask = layers.attention_mask(ctx.query_positions, ctx.key_positions, window)
-        h = attn.output(layers.dot_product_attention(q, k, v, mask, c.query_scale))
+        if layer["shared_kv"] is not None:
+            shared_k, shared_v = layer["shared_kv"]
+            segments.insert(0, segment(shared_k[0], shared_v[0], ctx.shared_key_positions))
+        h = attn.output(layers.dot_product_attention(q, segments, c.query_scale))
         if c.sandwich_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
@@ -189,23 +209,20 @@ class Transformer(nn.Module):
         positions: jax.Array,
         input_mask: Optional[jax.Array] = None,
         cache: Optional[KVCache] = None,
+        shared: Optional[KVCache] = None,
     ) -> TransformerOutput:
         """Runs the layers over tokens [B, T] at positions [B, T].
 
         input_mask marks real tokens (False for padding). With a cache, the T new
         tokens are written at slot cache.index and attend to everything cached.
+        `shared` is a batch-1 cache (a prompt prefix common to all rows) that
+        every row also attends to without holding a copy; it is only read.
         """
         c = self.config
         if input_mask is None:
             input_mask = jnp.ones(tokens.shape, bool)
-        new_key_positions = jnp.where(input_mask, positions, -1).astype(jnp.int32)
-        if cache is None:
-            key_positions, kv, cache_index = new_key_positions, None, None
-        else:
-            key_positions = jax.lax.dynamic_update_slice(
-                cache.positions, new_key_positions, (0, cache.index)
-            )
-            kv, cache_index = (cache.k, cache.v), cache.index
+        key_positions = jnp.where(input_mask, positions, -1).astype(jnp.int32)
+        kv = None if cache is None else (cache.k, cache.v)
 
         x = self.embedder(tokens)
         if c.scale_embeddings:
@@ -217,15 +234,31 @@ class Transformer(nn.Module):
             if any(c.local_layers)
             else rope_global
         )
-        ctx = _LayerContext(positions, key_positions, rope_global, rope_local, cache_index)
+        ctx = _LayerContext(
+            query_positions=positions,
+            key_positions=key_positions,
+            cached_key_positions=None if cache is None else cache.positions,
+            rope_global=rope_global,
+            rope_local=rope_local,
+            cache_index=None if cache is None else cache.index,
+            shared_key_positions=None if shared is None else shared.positions,
+        )
         if c.scan_layers:
-            per_layer = {"is_local": jnp.asarray(c.local_layers, bool), "kv": kv}
+            per_layer = {
+                "is_local": jnp.asarray(c.local_layers, bool),
+                "kv": kv,
+                "shared_kv": None if shared is None else (shared.k, shared.v),
+            }
             x, kv = self.layers(x, per_layer, ctx)
         else:
             new_kv = []
             for i, block in enumerate(self.layers):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = block(x, {"is_local": c.local_layers[i], "kv": layer_kv}, ctx)
+                layer = {
+                    "is_local": c.local_layers[i],
+                    "kv": None if kv is None else (kv[0][i], kv[1][i]),
+                    "shared_kv": None if shared is None else (shared.k[i], shared.v[i]),
+                }
+                x, layer_kv = block(x, layer, ctx)
                 new_kv.append(layer_kv)
             if kv is not None:
                 kv = tuple(zip(*new_kv))
@@ -233,7 +266,12 @@ class Transformer(nn.Module):
 
         if cache is not None:
             cache = KVCache(
-                k=kv[0], v=kv[1], positions=key_positions, index=cache.index + tokens.shape[1]
+                k=kv[0],
+                v=kv[1],
+                positions=jax.lax.dynamic_update_slice(
+                    cache.positions, key_positions, (0, cache.index)
+                ),
+                index=cache.index + tokens.shape[1],
             )
         heads = {
             name: head(hidden.astype(jnp.float32))[..., 0]

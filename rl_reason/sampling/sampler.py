@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from rl_reason.models.transformer import (
-    LAYER_CACHE_AXES,
+    KEY_CACHE_AXES,
+    VALUE_CACHE_AXES,
     KVCache,
     Transformer,
     default_positions,
@@ -239,8 +240,9 @@ class _LoopState:
 class Prefix:
     """Prompt tokens that every row starts with (few-shot exemplars), prefilled once.
 
-    sample() copies the prefix's cache into every row instead of recomputing
-    it per prompt; only the rows' own suffixes are prefilled.
+    sample() neither recomputes nor copies the prefix per row: every row's
+    attention reads its one batch-1 cache (`Transformer(..., shared=)`), and
+    only the rows' own suffixes are prefilled and cached.
     """
 
     tokens: jax.Array  # [L], real tokens only
@@ -264,26 +266,13 @@ def prefill_prefix(model: Transformer, params: Any, tokens: jax.Array) -> Prefix
 prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames="model")
 
 
-def _empty_cache(model: Transformer, batch: int, length: int, prefix: Prefix | None) -> KVCache:
-    """A cache of `length` slots per row; with a prefix, its slots hold the prefix."""
-    cache = KVCache.init(model.config, batch, length)
-    if prefix is None:
-        return cache
-    fill = lambda buf, part: jax.lax.dynamic_update_slice(
-        buf, jnp.broadcast_to(part, (batch, *part.shape[1:])).astype(buf.dtype), (0,) * buf.ndim
-    )
-    return cache.replace(
-        k=tuple(map(fill, cache.k, prefix.cache.k)),
-        v=tuple(map(fill, cache.v, prefix.cache.v)),
-        positions=fill(cache.positions, prefix.cache.positions),
-        index=jnp.asarray(prefix.length, jnp.int32),
-    )
-
-
 def _constrain_cache(cache: KVCache) -> KVCache:
     """Rows over the batch axes, KV heads over tensor (a no-op without a mesh)."""
-    constrain = lambda x: nn.with_logical_constraint(x, LAYER_CACHE_AXES)
-    return cache.replace(k=tuple(map(constrain, cache.k)), v=tuple(map(constrain, cache.v)))
+    constrain = lambda axes: lambda x: nn.with_logical_constraint(x, axes)
+    return cache.replace(
+        k=tuple(map(constrain(KEY_CACHE_AXES), cache.k)),
+        v=tuple(map(constrain(VALUE_CACHE_AXES), cache.v)),
+    )
 
 
 def sample(
@@ -312,10 +301,10 @@ def sample(
     k, new = config.num_samples, config.max_new_tokens
     rows = batch * k
 
-    prefix_len = 0 if prefix is None else prefix.length
-    cache = _constrain_cache(_empty_cache(model, batch, prefix_len + prompt_len + new, prefix))
+    prefix_len, shared = (0, None) if prefix is None else (prefix.length, prefix.cache)
+    cache = _constrain_cache(KVCache.init(model.config, batch, prompt_len + new))
     positions = prefix_len + default_positions(prompt_mask)
-    prefill = model.apply(params, prompt_tokens, positions, prompt_mask, cache=cache)
+    prefill = model.apply(params, prompt_tokens, positions, prompt_mask, cache=cache, shared=shared)
     logits = model.apply(params, prefill.hidden[:, -1], method=Transformer.logits)
 
     repeat = lambda x: jnp.repeat(x, k, axis=0)
@@ -360,7 +349,7 @@ def sample(
             buf, value[:, None].astype(buf.dtype), (0, s.step)
         )
         out = model.apply(
-            params, token[:, None], s.positions[:, None], live[:, None], cache=s.cache
+            params, token[:, None], s.positions[:, None], live[:, None], s.cache, shared
         )
         logits = model.apply(params, out.hidden[:, -1], method=Transformer.logits)
         return _LoopState(
@@ -380,9 +369,9 @@ def sample(
     final = jax.lax.while_loop(cond, body, state)
     completion_mask = jnp.arange(new)[None, :] < final.lengths[:, None]
     if prefix is not None:
-        shared = lambda x: jnp.broadcast_to(x, (batch, prefix_len))
-        prompt_tokens = jnp.concatenate([shared(prefix.tokens), prompt_tokens], axis=1)
-        prompt_mask = jnp.concatenate([shared(True), prompt_mask], axis=1)
+        every_row = lambda x: jnp.broadcast_to(x, (batch, prefix_len))
+        prompt_tokens = jnp.concatenate([every_row(prefix.tokens), prompt_tokens], axis=1)
+        prompt_mask = jnp.concatenate([every_row(True), prompt_mask], axis=1)
     return Rollout(
         prompt_tokens=repeat(prompt_tokens),
         prompt_mask=repeat(prompt_mask),
