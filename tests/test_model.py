@@ -110,6 +110,32 @@ def test_prefill_then_decode_equals_full_forward(name):
     np.testing.assert_allclose(got, expected[:, 9:], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shared_prefix_cache_equals_full_forward(name):
+    """Rows attending to one batch-1 prefix cache compute what prefix + row computes whole,
+    past the sliding window and with left padding between prefix and row."""
+    model = Transformer(CONFIGS[name])
+    params = _params(model)
+    suffix, suffix_mask = _inputs(model.config, length=9)
+    prefix = jnp.arange(7, dtype=jnp.int32) + 3
+    batch = suffix.shape[0]
+    tokens = jnp.concatenate([jnp.broadcast_to(prefix, (batch, 7)), suffix], axis=1)
+    mask = jnp.concatenate([jnp.ones((batch, 7), bool), suffix_mask], axis=1)
+    expected, _ = _full_logits(model, params, tokens, mask)
+
+    shared = model.apply(
+        params, prefix[None], jnp.arange(7)[None], cache=KVCache.init(model.config, 1, 7)
+    ).cache
+    positions = default_positions(mask)[:, 7:]
+    cache = KVCache.init(model.config, batch, 12)
+    first = model.apply(params, suffix[:, :8], positions[:, :8], suffix_mask[:, :8], cache, shared)
+    last = model.apply(params, suffix[:, 8:], positions[:, 8:], None, first.cache, shared)
+    hidden = jnp.concatenate([first.hidden, last.hidden], axis=1)
+    got = model.apply(params, hidden, method=Transformer.logits)
+    real = np.asarray(suffix_mask)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[:, 7:][real], atol=1e-5)
+
+
 def test_sliding_window_changes_local_layers_only_past_the_window():
     """Within the window a local layer sees what a global one sees; beyond it, not."""
     config = tiny_gemma3(num_layers=2, global_layer_every=2)
