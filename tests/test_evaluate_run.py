@@ -18,14 +18,26 @@ def _tiny_run(workdir):
     sft.train(config, str(workdir))
 
 
-def test_evaluate_a_training_run(tmp_path):
-    _tiny_run(tmp_path / "run")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    _tiny_run(workdir)
+    return workdir
+
+
+def _eval_config(run_dir, **changes):
     config = config_lib.eval_config()
-    config.model_source.path = str(tmp_path / "run")
+    config.model_source.path = str(run_dir)
+    config.logging.progress_bar = False
     config.eval.update(
         num_examples=10, num_samples=3, max_new_tokens=12, batch_size=8, prompt_buckets=(64,)
     )
-    metrics = evaluate.run(config, str(tmp_path / "eval"))
+    config.eval.update(changes)
+    return config
+
+
+def test_evaluate_a_training_run(tiny_run, tmp_path):
+    metrics = evaluate.run(_eval_config(tiny_run), str(tmp_path / "eval"))
     assert metrics["num_questions"] == 10
     for name in ("maj@1", "maj@3", "pass@1", "pass@3", "distinct_answers"):
         assert name in metrics
@@ -46,3 +58,41 @@ def test_eval_set_reads_real_data_with_few_shot_exemplars(tmp_path, task, first_
     assert all("####" in ex["answer"] for ex in data.exemplars)  # GSM8K-style worked solutions
     if first_gold:
         assert data.questions[0]["final_answer"] == first_gold
+
+
+def test_killed_evaluation_resumes_to_the_uninterrupted_result(tiny_run, tmp_path, monkeypatch):
+    config = _eval_config(tiny_run, chunk_size=4)
+    whole = evaluate.run(config, str(tmp_path / "whole"))
+
+    calls, kill_at = [], [2]
+    generate = evaluate.Sampler.generate
+
+    def generate_until_killed(self, *args, **kwargs):
+        if len(calls) == kill_at[0]:
+            raise KeyboardInterrupt
+        calls.append(kwargs["prompt_offset"])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate.Sampler, "generate", generate_until_killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(config, str(tmp_path / "resumed"))
+    assert calls == [0, 4]
+    calls.clear()
+    kill_at[0] = None
+    resumed = evaluate.run(config, str(tmp_path / "resumed"))
+    assert calls == [8]  # only the chunk that never finished is sampled again
+    timing = ("seconds", "tokens_per_second")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in whole.items() if k not in timing
+    }
+    read = lambda name: (tmp_path / name / "eval_samples.jsonl").read_text()
+    assert read("resumed") == read("whole")
+
+
+def test_resuming_with_another_config_is_a_clear_error(tiny_run, tmp_path):
+    evaluate.run(_eval_config(tiny_run, num_examples=4, chunk_size=4), str(tmp_path / "eval"))
+    with pytest.raises(ValueError, match="chunk_0000000.json.*different config"):
+        evaluate.run(
+            _eval_config(tiny_run, num_examples=4, chunk_size=4, temperature=1.0),
+            str(tmp_path / "eval"),
+        )

@@ -100,6 +100,9 @@ def eval_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 128
     c.eval.batch_size = 32
     c.eval.prompt_buckets = (64, 128, 256, 512, 1024)
+    c.eval.chunk_size = (
+        128  # questions per saved chunk (a killed run resumes after the last); 0: one
+    )
     return c
 
 

@@ -4,6 +4,11 @@ One set of K samples per question serves every metric (see
 rl_reason/evaluation/evaluate.py). The run writes `eval_metrics.json`,
 `eval_samples.jsonl` (every question's completions and judgements) and a
 `report.md` with the figures, wall time and tokens/s.
+
+Questions are sampled in chunks of `eval.chunk_size`, each saved atomically
+under `eval_progress/` as it finishes: a killed evaluation (hours for a real
+model on CPU) rerun with the same config and workdir resumes after its last
+saved chunk and ends with the results an uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -140,8 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         progress=config.logging.progress_bar and jax.process_index() == 0,
     )
     k = config.eval.num_samples
-    # One call: each prompt's first row is the greedy answer, the other K sample,
-    # all continuing one prefill.
+    # Each prompt's first row is the greedy answer, the other K sample, all
+    # continuing one prefill.
     options = dict(max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
     if k > 0:
         options.update(
@@ -150,16 +155,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             num_samples=k + 1,
             greedy_first=True,
         )
-    start = time.perf_counter()
-    out = sampler.generate(
-        params, prompts, jax.random.PRNGKey(config.seed), sampler.sampling_config(**options)
-    )
-    seconds = time.perf_counter() - start
-    groups = out.texts_per_prompt()
-    greedy = [g[0] for g in groups]
-    k_texts = [g[1:] for g in groups] if k > 0 else [[g] for g in greedy]
+    sampling = sampler.sampling_config(**options)
+    rng = jax.random.PRNGKey(config.seed)
+    progress = _Progress(os.path.join(workdir, "eval_progress"), _fingerprint(config))
+    chunk_size = config.eval.chunk_size or len(prompts)
+    chunks = []
+    for first in range(0, len(prompts), chunk_size):
+        chunk = progress.load(first)
+        if chunk is None:
+            start = time.perf_counter()
+            out = sampler.generate(
+                params, prompts[first : first + chunk_size], rng, sampling, prompt_offset=first
+            )
+            groups = out.texts_per_prompt()
+            chunk = {
+                "greedy": [g[0] for g in groups],
+                "samples": [g[1:] if k > 0 else [g[0]] for g in groups],
+                "generated_tokens": int(out.rollout.lengths.sum()),
+                "seconds": time.perf_counter() - start,
+            }
+            if jax.process_index() == 0:
+                progress.save(first, chunk)
+        chunks.append(chunk)
+    greedy = [text for c in chunks for text in c["greedy"]]
+    k_texts = [texts for c in chunks for texts in c["samples"]]
     metrics = score(k_texts, golds, greedy=greedy)
-    generated = int(out.rollout.lengths.sum())
+    generated = sum(c["generated_tokens"] for c in chunks)
+    seconds = sum(c["seconds"] for c in chunks)  # sampling time, over every session of the run
     metrics.update(
         num_questions=len(prompts),
         seconds=seconds,
@@ -169,6 +191,56 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics)
     return metrics
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What an evaluation's results depend on: saved chunks are reused only when it matches."""
+    return json.loads(
+        json.dumps(
+            {
+                "seed": config.seed,
+                "model_source": config.model_source.to_dict(),
+                "model": config.model.to_dict(),
+                "data": config.data.to_dict(),
+                "eval": config.eval.to_dict(),
+            },
+            default=list,
+        )
+    )
+
+
+class _Progress:
+    """Finished chunks of an evaluation, one JSON file each, written atomically."""
+
+    def __init__(self, directory: str, fingerprint: dict[str, Any]):
+        self.directory = directory
+        self.fingerprint = fingerprint
+
+    def _path(self, first: int) -> str:
+        return os.path.join(self.directory, f"chunk_{first:07d}.json")
+
+    def load(self, first: int) -> dict[str, Any] | None:
+        """The chunk starting at question `first`, if a run with this config saved it."""
+        path = self._path(first)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{path} was written by an evaluation with a different config; rerun with"
+                f" that config, or use a new workdir (or delete {self.directory})."
+            )
+        return saved["chunk"]
+
+    def save(self, first: int, chunk: dict[str, Any]) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        path = self._path(first)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "chunk": chunk}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
 
 
 def _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics) -> None:

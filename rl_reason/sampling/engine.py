@@ -130,9 +130,19 @@ class Sampler:
         return tokens, mask
 
     def generate(
-        self, params: Any, prompts: Sequence[str], rng: jax.Array, config: SamplingConfig
+        self,
+        params: Any,
+        prompts: Sequence[str],
+        rng: jax.Array,
+        config: SamplingConfig,
+        prompt_offset: int = 0,
     ) -> Samples:
-        """config.num_samples completions for every prompt, in prompt-major order."""
+        """config.num_samples completions for every prompt, in prompt-major order.
+
+        prompt_offset is the index of prompts[0] in a larger set split over
+        several calls: a prompt's random draws depend on its index, not on how
+        the set was split.
+        """
         ids = self.token_ids(prompts)
         shared = common_prefix_length(ids) if self.min_shared_prefix else 0
         prefix = None
@@ -151,7 +161,7 @@ class Sampler:
             if fill:  # empty rows keep the batch shape; their output is dropped
                 t = np.concatenate([t, np.zeros((fill, t.shape[1]), t.dtype)])
                 m = np.concatenate([m, np.zeros((fill, m.shape[1]), bool)])
-            rollout = self._run(params, t, m, rng, config, start, prefix)
+            rollout = self._run(params, t, m, rng, config, prompt_offset + start, prefix)
             keep = (b - fill) * config.num_samples
             parts.append(jax.tree.map(lambda x, keep=keep: x[:keep], jax.device_get(rollout)))
         rollout = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
