@@ -247,6 +247,28 @@ def tokenizer():
     return tokenizer_lib.train_tokenizer(texts, vocab_size=300)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shrinking_the_decode_batch_changes_nothing(name):
+    """Moving the live rows into smaller batches as others finish gives the same rollout."""
+    decoder, scanned, params = _setup(name)
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    options = dict(
+        max_new_tokens=12,
+        temperature=1.0,
+        num_samples=4,
+        greedy_first=True,
+        eos_ids=tuple(range(3, scanned.config.vocab_size, 4)),  # rows end at many steps
+    )
+    whole = _sample(decoder, params, tokens, mask, min_rows=0, **options)
+    shrunk = _sample(decoder, params, tokens, mask, min_rows=2, **options)  # 16 -> 4 -> 2 rows
+    for field in ("completion_tokens", "completion_mask", "lengths", "finish_reason"):
+        np.testing.assert_array_equal(getattr(shrunk, field), getattr(whole, field))
+    np.testing.assert_allclose(shrunk.logprobs, whole.logprobs, atol=1e-5)
+    np.testing.assert_allclose(shrunk.sampling_logprobs, whole.sampling_logprobs, atol=1e-5)
+    lengths = np.sort(np.asarray(whole.lengths))
+    assert lengths[11] < lengths[-1], "no row outlived the first 12: the 4-row loop never ran"
+
+
 def _engine_setup(tokenizer, **kwargs):
     config = tiny_llama(vocab_size=len(tokenizer))
     tokens = jnp.zeros((1, 2), jnp.int32)

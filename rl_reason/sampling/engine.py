@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,15 +90,18 @@ class Sampler:
             shd.check_batch_divides(batch_size, mesh, "sampling batch")
 
     def sampling_config(self, **options) -> SamplingConfig:
-        """A SamplingConfig with this tokenizer's EOS, pad and stop strings filled in."""
+        """A SamplingConfig with this tokenizer's EOS, pad and stop strings filled in,
+        and a decode batch that shrinks only to multiples of the mesh's batch shards."""
         tok = self.tokenizer
         stops = tuple(
             tuple(tok(s, add_special_tokens=False)["input_ids"]) for s in self.stop_strings
         )
+        shards = 1 if self.mesh is None else shd.batch_shards(self.mesh)
         defaults = {
             "eos_ids": (tok.eos_token_id,) if tok.eos_token_id is not None else (),
             "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0,
             "stop_sequences": stops,
+            "min_rows": math.lcm(SamplingConfig.min_rows, shards),
         }
         return SamplingConfig(**{**defaults, **options})
 

@@ -49,10 +49,17 @@ class SamplingConfig:
     # Row 0 of each prompt's num_samples decodes greedily, the others sample:
     # evaluation gets maj@1 and the K samples from one prefill.
     greedy_first: bool = False
+    # Once at most a quarter of the rows are still live, they move to a batch
+    # a quarter the size (rounded up to a multiple of min_rows; keep it a
+    # multiple of the mesh's batch shards), so that finished rows stop costing
+    # compute while a few long samples finish. 0: never.
+    min_rows: int = 8
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.num_samples < 1:
-            raise ValueError("max_new_tokens and num_samples must be positive.")
+        if self.max_new_tokens < 1 or self.num_samples < 1 or self.min_rows < 0:
+            raise ValueError(
+                "max_new_tokens and num_samples must be positive, min_rows not negative."
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(
                 f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature},"
@@ -223,17 +230,27 @@ def _ends_with_stop(recent: jax.Array, config: SamplingConfig) -> jax.Array:
 
 @flax.struct.dataclass
 class _LoopState:
+    """The decode loop's state: n decoding rows, results for all N rows of the batch.
+
+    The loop decodes n <= N rows (all of them at first, then only the live
+    ones, see `_shrink`); `rows` maps each to its row of the batch, N for an
+    empty slot.
+    """
+
     step: jax.Array
-    cache: KVCache
-    logits: jax.Array  # [N, V] for the token about to be chosen
-    positions: jax.Array  # [N] position of that token
-    tokens: jax.Array
-    logprobs: jax.Array
-    sampling_logprobs: jax.Array
-    done: jax.Array  # [N]
+    rows: jax.Array  # [n]
+    live: jax.Array  # [n] still generating
+    cache: KVCache  # n rows
+    logits: jax.Array  # [n, V] for the token about to be chosen
+    positions: jax.Array  # [n] position of that token
+    keys: jax.Array  # [n] each row's random key
+    greedy: jax.Array  # [n] each prompt's first row: greedy under config.greedy_first
+    recent: jax.Array  # [n, M] last generated tokens, for stop sequences
+    tokens: jax.Array  # [N, G]
+    logprobs: jax.Array  # [N, G]
+    sampling_logprobs: jax.Array  # [N, G]
     lengths: jax.Array  # [N] tokens chosen while live
-    finish_reason: jax.Array
-    recent: jax.Array  # [N, M] last generated tokens, for stop sequences
+    finish_reason: jax.Array  # [N]
 
 
 @flax.struct.dataclass
@@ -275,6 +292,44 @@ def _constrain_cache(cache: KVCache) -> KVCache:
     )
 
 
+def _map_rows(cache: KVCache, fn) -> KVCache:
+    """fn applied to every per-row array of the cache (keys, values, slot positions)."""
+    return _constrain_cache(
+        cache.replace(
+            k=tuple(map(fn, cache.k)), v=tuple(map(fn, cache.v)), positions=fn(cache.positions)
+        )
+    )
+
+
+def _decode_batch_sizes(rows: int, min_rows: int) -> list[int]:
+    """The decode loop's batch sizes: rows, then about a quarter at a time down to min_rows."""
+    sizes = [rows]
+    while min_rows:
+        quarter = -(-sizes[-1] // 4)
+        smaller = -(-quarter // min_rows) * min_rows
+        if smaller >= sizes[-1]:
+            break
+        sizes.append(smaller)
+    return sizes
+
+
+def _shrink(state: _LoopState, size: int, batch: int) -> _LoopState:
+    """The state with its live rows (at most `size`) moved into a batch of `size` rows."""
+    order = jnp.argsort(~state.live, stable=True)[:size]  # live rows first, in order
+    live = state.live[order]
+    take = lambda x: x[order]
+    return state.replace(
+        rows=jnp.where(live, state.rows[order], batch),
+        live=live,
+        cache=_map_rows(state.cache, take),
+        logits=take(state.logits),
+        positions=take(state.positions),
+        keys=take(state.keys),
+        greedy=take(state.greedy),
+        recent=take(state.recent),
+    )
+
+
 def sample(
     model: Transformer,
     params: Any,
@@ -308,66 +363,64 @@ def sample(
     logits = model.apply(params, prefill.hidden[:, -1], method=Transformer.logits)
 
     repeat = lambda x: jnp.repeat(x, k, axis=0)
-    cache = prefill.cache
-    cache = _constrain_cache(
-        cache.replace(
-            k=tuple(map(repeat, cache.k)),
-            v=tuple(map(repeat, cache.v)),
-            positions=repeat(cache.positions),
-        )
-    )
     row_ids = row_offset * k + jnp.arange(rows)
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
-    greedy_rows = (jnp.arange(rows) % k == 0) if config.greedy_first else None
     window = max([len(s) for s in config.stop_sequences], default=1)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
-        cache=cache,
+        rows=jnp.arange(rows),
+        live=jnp.ones((rows,), bool),
+        cache=_map_rows(prefill.cache, repeat),
         logits=repeat(logits),
         positions=repeat(positions[:, -1] + 1),
+        keys=jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids),
+        greedy=jnp.arange(rows) % k == 0,
+        recent=jnp.full((rows, window), -1, jnp.int32),
         tokens=jnp.full((rows, new), config.pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, new), jnp.float32),
         sampling_logprobs=jnp.zeros((rows, new), jnp.float32),
-        done=jnp.zeros((rows,), bool),
         lengths=jnp.zeros((rows,), jnp.int32),
         finish_reason=jnp.full((rows,), LENGTH, jnp.int32),
-        recent=jnp.full((rows, window), -1, jnp.int32),
     )
 
-    def cond(s: _LoopState):
-        return (s.step < new) & ~jnp.all(s.done)
-
     def body(s: _LoopState) -> _LoopState:
-        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s.step)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
+        greedy_rows = s.greedy if config.greedy_first else None
         token, policy_lp, sampling_lp = choose_tokens(s.logits, keys, config, greedy_rows)
-        live = ~s.done
-        token = jnp.where(live, token, config.pad_id)
+        token = jnp.where(s.live, token, config.pad_id)
         recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
-        hit_eos = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) & live
-        hit_stop = _ends_with_stop(recent, config) & live & ~hit_eos
-        write = lambda buf, value: jax.lax.dynamic_update_slice(
-            buf, value[:, None].astype(buf.dtype), (0, s.step)
-        )
+        hit_eos = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) & s.live
+        hit_stop = _ends_with_stop(recent, config) & s.live & ~hit_eos
         out = model.apply(
-            params, token[:, None], s.positions[:, None], live[:, None], s.cache, shared
+            params, token[:, None], s.positions[:, None], s.live[:, None], s.cache, shared
         )
-        logits = model.apply(params, out.hidden[:, -1], method=Transformer.logits)
-        return _LoopState(
+        # Results go to the rows' places in the batch; empty slots (row N) are dropped.
+        write = lambda buf, value: buf.at[s.rows, s.step].set(value, mode="drop")
+        reason = s.finish_reason.at[s.rows].get(mode="fill", fill_value=LENGTH)
+        reason = jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, reason))
+        return s.replace(
             step=s.step + 1,
+            live=s.live & ~hit_eos & ~hit_stop,
             cache=out.cache,
-            logits=logits,
+            logits=model.apply(params, out.hidden[:, -1], method=Transformer.logits),
             positions=s.positions + 1,
-            tokens=write(s.tokens, token),
-            logprobs=write(s.logprobs, jnp.where(live, policy_lp, 0.0)),
-            sampling_logprobs=write(s.sampling_logprobs, jnp.where(live, sampling_lp, 0.0)),
-            done=s.done | hit_eos | hit_stop,
-            lengths=s.lengths + live,
-            finish_reason=jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, s.finish_reason)),
             recent=recent,
+            tokens=write(s.tokens, token),
+            logprobs=write(s.logprobs, jnp.where(s.live, policy_lp, 0.0)),
+            sampling_logprobs=write(s.sampling_logprobs, jnp.where(s.live, sampling_lp, 0.0)),
+            lengths=s.lengths.at[s.rows].add(s.live.astype(jnp.int32), mode="drop"),
+            finish_reason=s.finish_reason.at[s.rows].set(reason, mode="drop"),
         )
 
-    final = jax.lax.while_loop(cond, body, state)
-    completion_mask = jnp.arange(new)[None, :] < final.lengths[:, None]
+    sizes = _decode_batch_sizes(rows, config.min_rows)
+    for size, next_size in zip(sizes, [*sizes[1:], 0]):
+        if size < rows:
+            state = _shrink(state, size, rows)
+
+        def cond(s: _LoopState, next_size=next_size):
+            return (s.step < new) & (jnp.sum(s.live) > next_size)
+
+        state = jax.lax.while_loop(cond, body, state)
+    completion_mask = jnp.arange(new)[None, :] < state.lengths[:, None]
     if prefix is not None:
         every_row = lambda x: jnp.broadcast_to(x, (batch, prefix_len))
         prompt_tokens = jnp.concatenate([every_row(prefix.tokens), prompt_tokens], axis=1)
@@ -375,13 +428,13 @@ def sample(
     return Rollout(
         prompt_tokens=repeat(prompt_tokens),
         prompt_mask=repeat(prompt_mask),
-        completion_tokens=final.tokens,
+        completion_tokens=state.tokens,
         completion_mask=completion_mask,
-        logprobs=final.logprobs,
-        sampling_logprobs=final.sampling_logprobs,
-        lengths=final.lengths,
-        finish_reason=final.finish_reason,
-        decode_steps=jnp.full((rows,), final.step),
+        logprobs=state.logprobs,
+        sampling_logprobs=state.sampling_logprobs,
+        lengths=state.lengths,
+        finish_reason=state.finish_reason,
+        decode_steps=jnp.full((rows,), state.step),
     )
 
 
