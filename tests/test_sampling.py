@@ -261,12 +261,14 @@ def test_shrinking_the_decode_batch_changes_nothing(name):
     )
     whole = _sample(decoder, params, tokens, mask, min_rows=0, **options)
     shrunk = _sample(decoder, params, tokens, mask, min_rows=2, **options)  # 16 -> 4 -> 2 rows
-    for field in ("completion_tokens", "completion_mask", "lengths", "finish_reason"):
+    fields = ("completion_tokens", "completion_mask", "lengths", "finish_reason", "decode_steps")
+    for field in fields:
         np.testing.assert_array_equal(getattr(shrunk, field), getattr(whole, field))
     np.testing.assert_allclose(shrunk.logprobs, whole.logprobs, atol=1e-5)
     np.testing.assert_allclose(shrunk.sampling_logprobs, whole.sampling_logprobs, atol=1e-5)
     lengths = np.sort(np.asarray(whole.lengths))
     assert lengths[11] < lengths[-1], "no row outlived the first 12: the 4-row loop never ran"
+    assert lengths[13] < lengths[-1], "no row outlived the first 14: the 2-row loop never ran"
 
 
 def _engine_setup(tokenizer, **kwargs):
@@ -284,13 +286,17 @@ def test_sharded_sampling_equals_unsharded(tokenizer, mesh_shape):
     plain, params = _engine_setup(tokenizer, batch_size=8, prompt_buckets=(64,))
     mesh = mesh_lib.make_mesh(mesh_shape)
     sharded, _ = _engine_setup(tokenizer, batch_size=8, prompt_buckets=(64,), mesh=mesh)
-    config = plain.sampling_config(max_new_tokens=6, temperature=1.0, num_samples=2)
+    # Many EOS ids: rows end at different steps, and the 16 rows shrink to 8.
+    eos = tuple(range(3, len(tokenizer), 4))
+    config = plain.sampling_config(max_new_tokens=6, temperature=1.0, num_samples=2, eos_ids=eos)
     rng = jax.random.PRNGKey(3)
     want = plain.generate(params, PROMPTS, rng, config)
     got = sharded.generate(params, PROMPTS, rng, config)
     np.testing.assert_array_equal(got.rollout.completion_tokens, want.rollout.completion_tokens)
     np.testing.assert_allclose(got.rollout.logprobs, want.rollout.logprobs, atol=2e-5)
     assert got.texts == want.texts
+    lengths = np.sort(want.rollout.lengths)
+    assert lengths[3] < lengths[-1], "fewer than 4 rows ended early: the batch never shrank"
 
 
 def test_engine_batches_buckets_and_decodes(tokenizer):

@@ -8,18 +8,24 @@ rl_reason/evaluation/evaluate.py). The run writes `eval_metrics.json`,
 Questions are sampled in chunks of `eval.chunk_size`, each saved atomically
 under `eval_progress/` as it finishes: a killed evaluation (hours for a real
 model on CPU) rerun with the same config and workdir resumes after its last
-saved chunk and ends with the results an uninterrupted run gives.
+saved chunk and ends with the results an uninterrupted run gives. A chunk is
+reused only for the same settings, model weights and prompts. With several
+processes the workdir must be shared, as for checkpoints. `seconds` sums the
+chunks' sampling time, compilation included (once per session).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from rl_reason.data import builders, synthetic, templates
@@ -27,7 +33,9 @@ from rl_reason.evaluation.evaluate import evaluate as score
 from rl_reason.experiments.config import base_config
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
-from rl_reason.sampling.engine import Sampler
+from rl_reason.sampling.engine import Sampler, common_prefix_length
+
+_log = logging.getLogger(__name__)
 
 # A loader returns (ModelConfig, params in the scanned layout, tokenizer).
 MODEL_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, Any], tuple]] = {}
@@ -157,15 +165,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         )
     sampling = sampler.sampling_config(**options)
     rng = jax.random.PRNGKey(config.seed)
-    progress = _Progress(os.path.join(workdir, "eval_progress"), _fingerprint(config))
-    chunk_size = config.eval.chunk_size or len(prompts)
+    progress = _Progress(
+        os.path.join(workdir, "eval_progress"), _fingerprint(config, model_config, params)
+    )
+    # Whole batches per chunk, and one shared prefix for all, so that chunking
+    # changes neither a batch nor a prompt's computation.
+    batch = config.eval.batch_size
+    chunk_size = -(-(config.eval.chunk_size or len(prompts)) // batch) * batch
+    shared = common_prefix_length(sampler.token_ids(prompts))
     chunks = []
     for first in range(0, len(prompts), chunk_size):
-        chunk = progress.load(first)
+        part = prompts[first : first + chunk_size]
+        chunk = progress.load(first, part)
         if chunk is None:
             start = time.perf_counter()
             out = sampler.generate(
-                params, prompts[first : first + chunk_size], rng, sampling, prompt_offset=first
+                params, part, rng, sampling, prompt_offset=first, prefix_length=shared
             )
             groups = out.texts_per_prompt()
             chunk = {
@@ -175,8 +190,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 "seconds": time.perf_counter() - start,
             }
             if jax.process_index() == 0:
-                progress.save(first, chunk)
+                progress.save(first, part, chunk)
         chunks.append(chunk)
+    resumed = sum(progress.resumed)
+    if resumed:
+        _log.info("Reused %d of %d questions from %s.", resumed, len(prompts), progress.directory)
     greedy = [text for c in chunks for text in c["greedy"]]
     k_texts = [texts for c in chunks for texts in c["samples"]]
     metrics = score(k_texts, golds, greedy=greedy)
@@ -193,16 +211,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return metrics
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What an evaluation's results depend on: saved chunks are reused only when it matches."""
+def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dict[str, Any]:
+    """What an evaluation's results depend on besides its prompts (checked per chunk).
+
+    The weights enter as a checksum, so that a checkpoint trained further or a
+    file replaced under the same path is not mixed with earlier results.
+    """
+    checksum = jax.jit(
+        lambda p: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(p))
+    )(params)
     return json.loads(
         json.dumps(
             {
                 "seed": config.seed,
-                "model_source": config.model_source.to_dict(),
-                "model": config.model.to_dict(),
-                "data": config.data.to_dict(),
                 "eval": config.eval.to_dict(),
+                "model": dataclasses.asdict(model_config),
+                "weights_abs_sum": f"{float(checksum):.6e}",
             },
             default=list,
         )
@@ -215,29 +239,36 @@ class _Progress:
     def __init__(self, directory: str, fingerprint: dict[str, Any]):
         self.directory = directory
         self.fingerprint = fingerprint
+        self.resumed: list[int] = []  # questions per reused chunk
 
     def _path(self, first: int) -> str:
         return os.path.join(self.directory, f"chunk_{first:07d}.json")
 
-    def load(self, first: int) -> dict[str, Any] | None:
-        """The chunk starting at question `first`, if a run with this config saved it."""
+    def _key(self, prompts: list[str]) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        return {**self.fingerprint, "prompts_sha256": digest}
+
+    def load(self, first: int, prompts: list[str]) -> dict[str, Any] | None:
+        """The chunk of `prompts` starting at question `first`, if this evaluation saved it."""
         path = self._path(first)
         if not os.path.exists(path):
             return None
         with open(path) as f:
             saved = json.load(f)
-        if saved.get("fingerprint") != self.fingerprint:
+        if saved.get("key") != self._key(prompts):
             raise ValueError(
-                f"{path} was written by an evaluation with a different config; rerun with"
-                f" that config, or use a new workdir (or delete {self.directory})."
+                f"{path} was written by an evaluation with a different config, model or"
+                f" questions; rerun with those, or use a new workdir (or delete"
+                f" {self.directory})."
             )
+        self.resumed.append(len(prompts))
         return saved["chunk"]
 
-    def save(self, first: int, chunk: dict[str, Any]) -> None:
+    def save(self, first: int, prompts: list[str], chunk: dict[str, Any]) -> None:
         os.makedirs(self.directory, exist_ok=True)
         path = self._path(first)
         with open(path + ".tmp", "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "chunk": chunk}, f)
+            json.dump({"key": self._key(prompts), "chunk": chunk}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)

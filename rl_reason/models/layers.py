@@ -125,8 +125,9 @@ def dot_product_attention(q, segments, scale: float) -> jax.Array:
         length = v.shape[-1]
         part = probs[..., start : start + length].astype(v.dtype)
         spec = "bkgts,bkds->btkgd" if v.ndim == 4 else "bkgts,kds->btkgd"
-        out, start = out + jnp.einsum(spec, part, v), start + length
-    return out.reshape(b, t, h, d)
+        out += jnp.einsum(spec, part, v, preferred_element_type=jnp.float32)
+        start += length
+    return out.astype(q.dtype).reshape(b, t, h, d)
 
 
 class Projection(nn.Module):

@@ -40,7 +40,9 @@ class KVCache:
     [layers, ...] array for a scanned model or a tuple of arrays for an
     unrolled one. positions: [batch, max_length], -1 for empty or padded
     slots. index: the next slot to write; every row of the batch writes the
-    same slot, which left padding makes possible.
+    same slot, which left padding makes possible. Slots from index on must be
+    empty (-1): a call attends to the cache as it was and to its new keys
+    separately, so a stale key there would be seen besides its replacement.
     """
 
     k: jax.Array | tuple[jax.Array, ...]

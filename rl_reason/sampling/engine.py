@@ -140,15 +140,20 @@ class Sampler:
         rng: jax.Array,
         config: SamplingConfig,
         prompt_offset: int = 0,
+        prefix_length: int | None = None,
     ) -> Samples:
         """config.num_samples completions for every prompt, in prompt-major order.
 
-        prompt_offset is the index of prompts[0] in a larger set split over
-        several calls: a prompt's random draws depend on its index, not on how
-        the set was split.
+        For a larger set of prompts split over several calls: prompt_offset is
+        the index of prompts[0] in the set (a prompt's random draws depend on
+        its index, not on how the set was split), and prefix_length the number
+        of leading tokens the whole set shares (by default, those these
+        prompts share), so that every call prefills the same shared prefix.
         """
         ids = self.token_ids(prompts)
-        shared = common_prefix_length(ids) if self.min_shared_prefix else 0
+        if prefix_length is None:
+            prefix_length = common_prefix_length(ids)
+        shared = prefix_length if self.min_shared_prefix else 0
         prefix = None
         if shared >= self.min_shared_prefix > 0:
             prefix = prefill_prefix_jit(self.model, params, np.asarray(ids[0][:shared], np.int32))

@@ -1,10 +1,13 @@
-"""The pure, jitted sampler: one prefill, then a `lax.while_loop` over a static KV cache.
+"""The pure, jitted sampler: one prefill, then `lax.while_loop`s over a static KV cache.
 
 `sample(model, params, prompt_tokens, prompt_mask, rng, config) -> Rollout`
 is a pure function of arrays. Prompts are left-padded so that every row
 writes the same cache slot at every step; positions count real tokens only,
 so a padded row computes exactly what it would alone. K samples per prompt
 share one prefill: the prompt's cache is computed once and repeated K times.
+As rows finish, the live ones move to smaller batches (`min_rows`), each
+decoded by its own loop, so that a few long samples do not keep every
+finished row computing.
 
 Every row draws its randomness from `fold_in(rng, row_id)` and the step, so a
 row's sample does not depend on which batch, bucket or device it ran in.
@@ -49,10 +52,10 @@ class SamplingConfig:
     # Row 0 of each prompt's num_samples decodes greedily, the others sample:
     # evaluation gets maj@1 and the K samples from one prefill.
     greedy_first: bool = False
-    # Once at most a quarter of the rows are still live, they move to a batch
-    # a quarter the size (rounded up to a multiple of min_rows; keep it a
-    # multiple of the mesh's batch shards), so that finished rows stop costing
-    # compute while a few long samples finish. 0: never.
+    # Once few rows are still live, they move to a smaller batch (a quarter
+    # the size rounded up to a multiple of min_rows, when that at least halves
+    # it; keep min_rows a multiple of the mesh's batch shards), so that finished
+    # rows stop costing compute while a few long samples finish. 0: never.
     min_rows: int = 8
 
     def __post_init__(self):
@@ -302,12 +305,16 @@ def _map_rows(cache: KVCache, fn) -> KVCache:
 
 
 def _decode_batch_sizes(rows: int, min_rows: int) -> list[int]:
-    """The decode loop's batch sizes: rows, then about a quarter at a time down to min_rows."""
+    """The decode loop's batch sizes: rows, then about a quarter at a time down to min_rows.
+
+    Each size at least halves the one before: every phase compiles another copy
+    of the decode step and gathers the cache, which a small cut does not repay.
+    """
     sizes = [rows]
     while min_rows:
         quarter = -(-sizes[-1] // 4)
         smaller = -(-quarter // min_rows) * min_rows
-        if smaller >= sizes[-1]:
+        if smaller > sizes[-1] // 2:
             break
         sizes.append(smaller)
     return sizes
@@ -368,7 +375,7 @@ def sample(
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
         rows=jnp.arange(rows),
-        live=jnp.ones((rows,), bool),
+        live=repeat(jnp.any(prompt_mask, axis=1)),  # empty filler rows never start
         cache=_map_rows(prefill.cache, repeat),
         logits=repeat(logits),
         positions=repeat(positions[:, -1] + 1),
