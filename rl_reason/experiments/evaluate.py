@@ -192,9 +192,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if jax.process_index() == 0:
                 progress.save(first, part, chunk)
         chunks.append(chunk)
-    resumed = sum(progress.resumed)
-    if resumed:
-        _log.info("Reused %d of %d questions from %s.", resumed, len(prompts), progress.directory)
+    if progress.resumed:
+        _log.info(
+            "Reused %d of %d questions from %s.", progress.resumed, len(prompts), progress.directory
+        )
     greedy = [text for c in chunks for text in c["greedy"]]
     k_texts = [texts for c in chunks for texts in c["samples"]]
     metrics = score(k_texts, golds, greedy=greedy)
@@ -239,7 +240,7 @@ class _Progress:
     def __init__(self, directory: str, fingerprint: dict[str, Any]):
         self.directory = directory
         self.fingerprint = fingerprint
-        self.resumed: list[int] = []  # questions per reused chunk
+        self.resumed = 0  # questions of the chunks reused
 
     def _path(self, first: int) -> str:
         return os.path.join(self.directory, f"chunk_{first:07d}.json")
@@ -261,7 +262,7 @@ class _Progress:
                 f" questions; rerun with those, or use a new workdir (or delete"
                 f" {self.directory})."
             )
-        self.resumed.append(len(prompts))
+        self.resumed += len(prompts)
         return saved["chunk"]
 
     def save(self, first: int, prompts: list[str], chunk: dict[str, Any]) -> None:
