@@ -5,7 +5,8 @@
     /work/venv-bench/bin/python benchmarks/sampling.py --batches 32 --modes greedy --systems ours,tunix
 
 The venv holds tunix beside our pinned stack (see benchmarks/requirements.txt).
-All three systems get the same random weights (ours, converted) and the same
+Every system (ours with XLA's defaults, ours with the `XNN_DOTS` compiler
+options, transformers, tunix) gets the same random weights (ours, converted) and the same
 64-token prompts, and generate exactly the same number of new tokens (no EOS
 can fire). Tokens/s is batch x new tokens over the wall time of one whole
 call, prompt ids on the host in, token ids on the host out, prefill included;
@@ -34,9 +35,13 @@ from rl_reason.models.config import ModelConfig, llama_125m
 from rl_reason.models.hf_config import hf_config_dict
 from rl_reason.models.hf_export import hf_state_dict
 from rl_reason.models.transformer import Transformer
-from rl_reason.sampling.sampler import SamplingConfig, sample_jit
+from rl_reason.sampling.sampler import SamplingConfig, jit_sample, sample_jit
 
-SYSTEMS = ("ours", "generate", "tunix")
+SYSTEMS = ("ours", "ours_xnn", "generate", "tunix")
+OURS = ("ours", "ours_xnn")
+# ours_xnn: the same sampler with XLA:CPU's plain dots (XNNPACK) instead of its
+# YNNPACK fusions, an option of the sampling program only (see BENCHMARKS.md).
+XNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 MODES = ("greedy", "sampled")
 # tunix 0.1.7's Llama3 applies RoPE with its default base of 1e6 whatever the
 # config says, so every system uses that base; it does not change the cost.
@@ -59,9 +64,10 @@ def make_prompts(config: ModelConfig, batch: int, length: int, seed: int) -> np.
 class Ours:
     """rl_reason's jitted sampler, called as the engine calls it (stacked params)."""
 
-    def __init__(self, config: ModelConfig, params: dict):
+    def __init__(self, config: ModelConfig, params: dict, compiler_options=None):
         self.model = Transformer(config.replace(scan_layers=False))
         self.params = params
+        self.sample = jit_sample(compiler_options) if compiler_options else sample_jit
 
     def generate(self, prompts, greedy, new_tokens, seed):
         config = SamplingConfig(
@@ -69,7 +75,7 @@ class Ours:
         )
         mask = np.ones(prompts.shape, bool)
         rng = jax.random.PRNGKey(seed)
-        rollout = sample_jit(self.model, self.params, prompts, mask, rng, config)
+        rollout = self.sample(self.model, self.params, prompts, mask, rng, config)
         return np.asarray(rollout.completion_tokens)
 
 
@@ -207,6 +213,8 @@ def main():
     for name in systems:
         if name == "ours":
             runners[name] = Ours(config, params)
+        elif name == "ours_xnn":
+            runners[name] = Ours(config, params, XNN_DOTS)
         elif name == "generate":
             runners[name] = Generate(config, params)
         else:
@@ -260,23 +268,16 @@ def main():
     peak_after = matmul_peak_flops()
     # The machine's peak is the better of the two measurements; other work only lowers it.
     peak = max(peak_before, peak_after)
-    ratio = lambda tps, other: (
-        f"{tps['ours'] / tps[other]:.2f}x" if "ours" in tps and other in tps else "-"
-    )
-    cell = lambda tps, name: f"{tps[name]:.1f}" if name in tps else "-"
-    print(
-        "\n| batch | mode | ours tok/s | generate tok/s | tunix tok/s | ours/generate"
-        " | ours/tunix | ours roofline % |\n|---|---|---|---|---|---|---|---|"
-    )
+    ours = [name for name in OURS if name in systems]
+    peers = [name for name in ("generate", "tunix") if name in systems]
+    header = [f"{name} tok/s" for name in systems]
+    header += [f"{o}/{p}" for o in ours for p in peers] + [f"{o} roofline %" for o in ours]
+    print(f"\n| batch | mode | {' | '.join(header)} |\n|{'---|' * (len(header) + 2)}")
     for batch, mode, tps in rows:
-        roofline = (
-            f"{100 * 2 * config.num_params() * tps['ours'] / peak:.1f}%" if "ours" in tps else "-"
-        )
-        print(
-            f"| {batch} | {mode} | {cell(tps, 'ours')} | {cell(tps, 'generate')}"
-            f" | {cell(tps, 'tunix')} | {ratio(tps, 'generate')} | {ratio(tps, 'tunix')}"
-            f" | {roofline} |"
-        )
+        cells = [f"{tps[name]:.1f}" for name in systems]
+        cells += [f"{tps[o] / tps[p]:.2f}x" for o in ours for p in peers]
+        cells += [f"{100 * 2 * config.num_params() * tps[o] / peak:.1f}%" for o in ours]
+        print(f"| {batch} | {mode} | {' | '.join(cells)} |")
     print(
         f"\nf32 matmul peak {peak_before / 1e9:.0f} GFLOP/s before, {peak_after / 1e9:.0f} after"
         f" (roofline uses {peak / 1e9:.0f}); load average {load_before:.1f} before,"

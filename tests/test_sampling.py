@@ -1,5 +1,7 @@
 """The sampler: greedy == argmax, log-probs == the learner's, shared prefill, masks, stops, sharding."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -297,6 +299,31 @@ def test_sharded_sampling_equals_unsharded(tokenizer, mesh_shape):
     assert got.texts == want.texts
     lengths = np.sort(want.rollout.lengths)
     assert lengths[3] < lengths[-1], "fewer than 4 rows ended early: the batch never shrank"
+
+
+def test_engine_rejects_min_rows_that_do_not_split_over_the_mesh(tokenizer):
+    engine, params = _engine_setup(tokenizer, batch_size=8, mesh=mesh_lib.make_mesh((2, 2, 2)))
+    config = dataclasses.replace(engine.sampling_config(max_new_tokens=2), min_rows=6)
+    with pytest.raises(ValueError, match="min_rows=6 is not a multiple of the mesh's 4 batch"):
+        engine.generate(params, PROMPTS, jax.random.PRNGKey(0), config)
+
+
+def test_engine_compiler_options_reach_the_sampler_and_keep_its_results(tokenizer):
+    plain, params = _engine_setup(tokenizer, batch_size=4, prompt_buckets=(64,))
+    # XLA:CPU's other matmul library (BENCHMARKS.md): the same program, other kernels.
+    options = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    tuned, _ = _engine_setup(
+        tokenizer, batch_size=4, prompt_buckets=(64,), compiler_options=options
+    )
+    config = plain.sampling_config(max_new_tokens=5, temperature=1.0, num_samples=2)
+    rng = jax.random.PRNGKey(5)
+    want = plain.generate(params, PROMPTS[:4], rng, config)
+    got = tuned.generate(params, PROMPTS[:4], rng, config)
+    np.testing.assert_array_equal(got.rollout.completion_tokens, want.rollout.completion_tokens)
+    np.testing.assert_allclose(got.rollout.logprobs, want.rollout.logprobs, atol=1e-5)
+    bad, _ = _engine_setup(tokenizer, batch_size=4, compiler_options={"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        bad.generate(params, PROMPTS[:4], rng, config)
 
 
 def test_engine_batches_buckets_and_decodes(tokenizer):

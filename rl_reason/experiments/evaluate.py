@@ -151,6 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         rules=shd.rules_from_config(config.mesh.rules),
         stop_strings=templates.STOP_SEQUENCES,
         progress=config.logging.progress_bar and jax.process_index() == 0,
+        compiler_options=config.eval.compiler_options.to_dict(),
     )
     k = config.eval.num_samples
     # Each prompt's first row is the greedy answer, the other K sample, all

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +24,13 @@ from jax.sharding import Mesh
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
-from rl_reason.sampling.sampler import Rollout, SamplingConfig, prefill_prefix_jit, sample_jit
+from rl_reason.sampling.sampler import (
+    Rollout,
+    SamplingConfig,
+    jit_sample,
+    prefill_prefix_jit,
+    sample_jit,
+)
 
 
 @dataclasses.dataclass
@@ -74,9 +80,11 @@ class Sampler:
         stop_strings: Sequence[str] = (),
         progress: bool = False,
         min_shared_prefix: int = 32,
+        compiler_options: Mapping[str, Any] | None = None,
     ):
         """min_shared_prefix: prefill a common prompt prefix once when it is at
-        least this many tokens long (0 never shares)."""
+        least this many tokens long (0 never shares). compiler_options: XLA
+        options for the sampling program alone (None: XLA's defaults)."""
         self.model = Transformer(model_config.replace(scan_layers=False))
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -86,8 +94,12 @@ class Sampler:
         self.stop_strings = tuple(stop_strings)
         self.progress = progress
         self.min_shared_prefix = min_shared_prefix
+        self._sample = jit_sample(dict(compiler_options)) if compiler_options else sample_jit
         if mesh is not None:
             shd.check_batch_divides(batch_size, mesh, "sampling batch")
+
+    def _batch_shards(self) -> int:
+        return 1 if self.mesh is None else shd.batch_shards(self.mesh)
 
     def sampling_config(self, **options) -> SamplingConfig:
         """A SamplingConfig with this tokenizer's EOS, pad and stop strings filled in,
@@ -96,7 +108,7 @@ class Sampler:
         stops = tuple(
             tuple(tok(s, add_special_tokens=False)["input_ids"]) for s in self.stop_strings
         )
-        shards = 1 if self.mesh is None else shd.batch_shards(self.mesh)
+        shards = self._batch_shards()
         defaults = {
             "eos_ids": (tok.eos_token_id,) if tok.eos_token_id is not None else (),
             "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0,
@@ -150,6 +162,13 @@ class Sampler:
         of leading tokens the whole set shares (by default, those these
         prompts share), so that every call prefills the same shared prefix.
         """
+        shards = self._batch_shards()
+        if config.min_rows % shards:
+            raise ValueError(
+                f"min_rows={config.min_rows} is not a multiple of the mesh's {shards} batch"
+                " shards: a shrunk decode batch would not split evenly (sampling_config()"
+                " rounds it)."
+            )
         ids = self.token_ids(prompts)
         if prefix_length is None:
             prefix_length = common_prefix_length(ids)
@@ -181,7 +200,7 @@ class Sampler:
             if self.mesh is not None:
                 tokens, mask = shd.shard_batch((tokens, mask), self.mesh)
             offset = jnp.int32(row_offset)
-            return sample_jit(self.model, params, tokens, mask, rng, config, offset, prefix)
+            return self._sample(self.model, params, tokens, mask, rng, config, offset, prefix)
 
     def decode(self, rollout: Rollout) -> list[str]:
         """Completion text: up to its length, special tokens and anything from a stop string on removed."""

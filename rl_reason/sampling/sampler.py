@@ -16,7 +16,7 @@ row's sample does not depend on which batch, bucket or device it ran in.
 from __future__ import annotations
 
 import dataclasses
-import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -445,7 +445,14 @@ def sample(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config"))
-def sample_jit(model, params, prompt_tokens, prompt_mask, rng, config, row_offset=0, prefix=None):
-    """`sample` compiled; one program per (model, config, shapes)."""
-    return sample(model, params, prompt_tokens, prompt_mask, rng, config, row_offset, prefix)
+def jit_sample(compiler_options: Mapping[str, Any] | None = None) -> Callable:
+    """`sample` compiled, one program per (model, config, shapes).
+
+    compiler_options are XLA options for that program only, not the process:
+    the best matmul library on XLA:CPU depends on the model and batch (see
+    BENCHMARKS.md), so a sampler can be tuned without touching training.
+    """
+    return jax.jit(sample, static_argnames=("model", "config"), compiler_options=compiler_options)
+
+
+sample_jit = jit_sample()
