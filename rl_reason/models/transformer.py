@@ -120,17 +120,29 @@ class Block(nn.Module):
         segments = [segment(k, v, ctx.key_positions)]  # the new tokens
         kv = layer["kv"]
         if kv is not None:
+            segments.insert(0, segment(*kv, ctx.cached_key_positions))
+        if layer["shared_kv"] is not None:
+            shared_k, shared_v = layer["shared_kv"]
+            segments.insert(0, segment(shared_k[0], shared_v[0], ctx.shared_key_positions))
+        attended = layers.dot_product_attention(q, segments, c.query_scale)
+        if kv is not None:
+            # Make the new keys depend on the attention output (+ 0 x a value of
+            # it per row and KV head): the cache is then written only after
+            # attention has read it, and XLA updates it in place instead of
+            # copying it twice per step (XLA's copy insertion sees no order
+            # between the read and the write otherwise; an optimization
+            # barrier does not give it one).
+            b, t = attended.shape[:2]
+            after = 0.0 * attended.reshape(b, t, c.num_kv_heads, -1)[..., :1]
+            after = jnp.swapaxes(after, 1, 2)  # [B, K, T, 1]
+            k, v = k + after, v + jnp.swapaxes(after, 2, 3)
             cached_k, cached_v = kv
-            segments.insert(0, segment(cached_k, cached_v, ctx.cached_key_positions))
             index = ctx.cache_index
             kv = (
                 jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, 0, index, 0)),
                 jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, 0, index)),
             )
-        if layer["shared_kv"] is not None:
-            shared_k, shared_v = layer["shared_kv"]
-            segments.insert(0, segment(shared_k[0], shared_v[0], ctx.shared_key_positions))
-        h = attn.output(layers.dot_product_attention(q, segments, c.query_scale))
+        h = attn.output(attended)
         if c.sandwich_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
