@@ -126,12 +126,11 @@ class Block(nn.Module):
             segments.insert(0, segment(shared_k[0], shared_v[0], ctx.shared_key_positions))
         attended = layers.dot_product_attention(q, segments, c.query_scale)
         if kv is not None:
-            # Make the new keys depend on the attention output (+ 0 x a value of
-            # it per row and KV head): the cache is then written only after
-            # attention has read it, and XLA updates it in place instead of
-            # copying it twice per step (XLA's copy insertion sees no order
-            # between the read and the write otherwise; an optimization
-            # barrier does not give it one).
+            # Write the cache after attention has read it, an order made explicit
+            # by the new keys depending on the output (+ 0 x one value per row
+            # and KV head): XLA then updates the cache in place. Without it, its
+            # copy insertion copied every cache buffer twice per decode step (an
+            # optimization barrier does not order them).
             b, t = attended.shape[:2]
             after = 0.0 * attended.reshape(b, t, c.num_kv_heads, -1)[..., :1]
             after = jnp.swapaxes(after, 1, 2)  # [B, K, T, 1]
