@@ -26,11 +26,12 @@ import torch
 from train_step import matmul_peak_flops  # benchmarks/ is on the path when run as a script
 
 from rl_reason.models import config as config_lib
+from rl_reason.sampling.sampler import CPU_XNNPACK_DOTS
 
 LIBRARIES = {
     "xla ynnpack (default)": None,
-    "xla xnnpack dots": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "xla eigen": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_xnnpack": False},
+    "xla xnnpack dots": CPU_XNNPACK_DOTS,
+    "xla eigen": {**CPU_XNNPACK_DOTS, "xla_cpu_use_xnnpack": False},
 }
 
 

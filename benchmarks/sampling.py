@@ -5,7 +5,7 @@
     /work/venv-bench/bin/python benchmarks/sampling.py --batches 32 --modes greedy --systems ours,tunix
 
 The venv holds tunix beside our pinned stack (see benchmarks/requirements.txt).
-Every system (ours with XLA's defaults, ours with the `XNN_DOTS` compiler
+Every system (ours with XLA's defaults, ours with the `CPU_XNNPACK_DOTS` compiler
 options, transformers, tunix) gets the same random weights (ours, converted) and the same
 64-token prompts, and generate exactly the same number of new tokens (no EOS
 can fire). Tokens/s is batch x new tokens over the wall time of one whole
@@ -35,13 +35,11 @@ from rl_reason.models.config import ModelConfig, llama_125m
 from rl_reason.models.hf_config import hf_config_dict
 from rl_reason.models.hf_export import hf_state_dict
 from rl_reason.models.transformer import Transformer
-from rl_reason.sampling.sampler import SamplingConfig, jit_sample, sample_jit
+from rl_reason.sampling.sampler import CPU_XNNPACK_DOTS, SamplingConfig, jit_sample
 
 SYSTEMS = ("ours", "ours_xnn", "generate", "tunix")
 OURS = ("ours", "ours_xnn")
-# ours_xnn: the same sampler with XLA:CPU's plain dots (XNNPACK) instead of its
-# YNNPACK fusions, an option of the sampling program only (see BENCHMARKS.md).
-XNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# ours_xnn: the same sampler compiled with CPU_XNNPACK_DOTS (see BENCHMARKS.md).
 MODES = ("greedy", "sampled")
 # tunix 0.1.7's Llama3 applies RoPE with its default base of 1e6 whatever the
 # config says, so every system uses that base; it does not change the cost.
@@ -67,7 +65,7 @@ class Ours:
     def __init__(self, config: ModelConfig, params: dict, compiler_options=None):
         self.model = Transformer(config.replace(scan_layers=False))
         self.params = params
-        self.sample = jit_sample(compiler_options) if compiler_options else sample_jit
+        self.sample = jit_sample(compiler_options)
 
     def generate(self, prompts, greedy, new_tokens, seed):
         config = SamplingConfig(
@@ -214,7 +212,7 @@ def main():
         if name == "ours":
             runners[name] = Ours(config, params)
         elif name == "ours_xnn":
-            runners[name] = Ours(config, params, XNN_DOTS)
+            runners[name] = Ours(config, params, CPU_XNNPACK_DOTS)
         elif name == "generate":
             runners[name] = Generate(config, params)
         else:

@@ -335,7 +335,7 @@ def test_engine_rejects_min_rows_that_do_not_split_over_the_mesh(tokenizer):
 def test_engine_compiler_options_reach_the_sampler_and_keep_its_results(tokenizer):
     plain, params = _engine_setup(tokenizer, batch_size=4, prompt_buckets=(64,))
     # XLA:CPU's other matmul library (BENCHMARKS.md): the same program, other kernels.
-    options = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    options = sampler_lib.CPU_XNNPACK_DOTS
     tuned, _ = _engine_setup(
         tokenizer, batch_size=4, prompt_buckets=(64,), compiler_options=options
     )

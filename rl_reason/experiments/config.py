@@ -104,7 +104,7 @@ def eval_config() -> ml_collections.ConfigDict:
         128  # questions per saved chunk (a killed run resumes after the last); 0: one
     )
     # XLA options for the sampling program alone, e.g. on CPU
-    # {"xla_cpu_experimental_ynn_fusion_type": ""} (see BENCHMARKS.md); empty: defaults.
+    # rl_reason.sampling.sampler.CPU_XNNPACK_DOTS (see BENCHMARKS.md); empty: defaults.
     c.eval.compiler_options = ml_collections.ConfigDict()
     return c
 

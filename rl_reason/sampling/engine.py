@@ -29,7 +29,6 @@ from rl_reason.sampling.sampler import (
     SamplingConfig,
     jit_sample,
     prefill_prefix_jit,
-    sample_jit,
 )
 
 
@@ -94,7 +93,7 @@ class Sampler:
         self.stop_strings = tuple(stop_strings)
         self.progress = progress
         self.min_shared_prefix = min_shared_prefix
-        self._sample = jit_sample(dict(compiler_options)) if compiler_options else sample_jit
+        self._sample = jit_sample(compiler_options)
         if mesh is not None:
             shd.check_batch_divides(batch_size, mesh, "sampling batch")
 

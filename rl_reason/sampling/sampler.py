@@ -445,14 +445,22 @@ def sample(
     )
 
 
+_STATIC_ARGS = ("model", "config")
+
+sample_jit = jax.jit(sample, static_argnames=_STATIC_ARGS)
+
+# XLA:CPU's plain dots (XNNPACK) instead of its YNNPACK fusions: faster decode
+# for small batches of narrow models, slower for others (see BENCHMARKS.md).
+CPU_XNNPACK_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 def jit_sample(compiler_options: Mapping[str, Any] | None = None) -> Callable:
     """`sample` compiled, one program per (model, config, shapes).
 
     compiler_options are XLA options for that program only, not the process:
-    the best matmul library on XLA:CPU depends on the model and batch (see
-    BENCHMARKS.md), so a sampler can be tuned without touching training.
+    the best matmul library on XLA:CPU depends on the model and batch, so a
+    sampler can be tuned without touching training. None or empty: `sample_jit`.
     """
-    return jax.jit(sample, static_argnames=("model", "config"), compiler_options=compiler_options)
-
-
-sample_jit = jit_sample()
+    if not compiler_options:
+        return sample_jit
+    return jax.jit(sample, static_argnames=_STATIC_ARGS, compiler_options=dict(compiler_options))
