@@ -6,6 +6,9 @@
 
 Re-running the same command on the same --workdir resumes from its latest
 checkpoint. Unknown keys and wrongly typed values fail before anything compiles.
+SIGTERM or Ctrl-C saves after the current step and exits with status 75
+(rerun to resume); a run that cannot continue exits with status 1 and one
+paragraph saying why.
 """
 
 import os
@@ -28,9 +31,22 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax reports every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-    from rl_reason.experiments import sft
+    from rl_reason import checkpointing
+    from rl_reason.experiments import registry, runs
 
-    metrics = sft.train(flags.FLAGS.config, flags.FLAGS.workdir)
+    config = flags.FLAGS.config
+    try:
+        metrics = registry.trainer(config)(config, flags.FLAGS.workdir)
+    except checkpointing.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
+    except (
+        runs.ResumeConfigError,
+        runs.NonFiniteStepError,
+        checkpointing.CheckpointError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print("final metrics:", metrics)
 
 

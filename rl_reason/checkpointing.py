@@ -1,24 +1,149 @@
-"""Orbax checkpoints of a run: the train state and the run's progress, saved together.
+"""Orbax checkpoints that never lose a run: verified, fallen back from, never NaN.
 
-A checkpoint is two items written atomically under one step directory:
-`state` (the TrainState pytree, sharded arrays written by every host) and
-`progress` (JSON: data-iterator position, algorithm progress such as the EI
-round, anything else the experiment needs to continue exactly). Restoring
-targets the shardings of the current mesh, which may differ from the mesh
-that saved.
+A checkpoint is one step directory holding any number of named pytree items
+(a TrainState's params and its optimizer part apart, so that evaluation can
+restore parameters alone; a critic; an ORM), the run's `progress` (JSON:
+data cursor, algorithm phase, anything needed to continue exactly) and an
+`integrity` record: every leaf's path, shape, dtype and checksum.
+
+What a run can rely on:
+- Nothing non-finite is ever written: `save` checks every floating leaf
+  (where the arrays live, in the same jitted pass as the checksums) and
+  raises `NonFiniteStateError` naming the leaf instead.
+- Steps only rise: saving at or below the latest step is an error (Orbax
+  would silently skip it).
+- A checkpoint that fails to read or whose arrays do not match their
+  checksums is moved aside to `<directory>_quarantine/` (never deleted), with
+  a warning naming the step and the reason, and the next older intact one is
+  restored.
+- A restore target whose shapes differ from the checkpoint's (a changed
+  model) is a clear `IncompatibleCheckpointError` naming the leaves; the
+  checkpoint is left alone, since it is intact.
+- Saves are atomic (Orbax writes to a temporary directory and renames it);
+  a kill mid-save leaves the previous checkpoint the latest.
+
+`PreemptionGuard` turns SIGTERM/SIGINT (what a preempted TPU VM or SLURM
+sends) into a request the loop answers by saving and exiting after its
+current step; across processes it uses JAX's preemption sync point, as
+Orbax and MaxText do, so that every host saves the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
+import signal
+import time
+from collections.abc import Mapping
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+_log = logging.getLogger(__name__)
+
+PROGRESS, INTEGRITY = "progress", "integrity"
+_RESERVED = (PROGRESS, INTEGRITY)
+# Exit status of a run that saved and stopped on a preemption signal (EX_TEMPFAIL):
+# not a failure, not finished; run the same command again.
+PREEMPTED_EXIT_CODE = 75
+
+
+class CheckpointError(Exception):
+    """Base of the checkpointer's own errors."""
+
+
+class NonFiniteStateError(CheckpointError, FloatingPointError):
+    """A state about to be saved holds NaN or inf."""
+
+
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """The checkpoint is intact but does not fit what the run asks to restore."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint could not be read or does not match its checksums."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32, element-wise (narrower types zero-extended)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = x.dtype.itemsize
+    if width == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if width == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    if width == 1:
+        return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    raise TypeError(f"No checksum for dtype {x.dtype}.")
+
+
+def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(checksum, all finite) of one array.
+
+    The checksum weights each element's bits by an odd multiple of its flat
+    index, summed modulo 2**32: integer addition is associative, so the value
+    does not depend on how the array is sharded (a checkpoint verifies on
+    another mesh), and a swap of two elements changes it. Indices come from
+    iotas in the array's own shape, so a sharded array is never reshaped.
+    """
+    bits = _as_uint32(x)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
+        stride *= x.shape[dim]
+    weights = index * jnp.uint32(2654435761) + jnp.uint32(1)
+    checksum = jnp.sum(bits * weights, dtype=jnp.uint32)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    return checksum, jnp.asarray(finite)
+
+
+_leaf_fingerprint_jit = jax.jit(_leaf_fingerprint)
+
+
+def _fingerprints(leaves: list[jax.Array]) -> tuple[list[Any], list[Any]]:
+    """Every leaf's (checksum, finite), each computed where that leaf lives."""
+    pairs = jax.device_get([_leaf_fingerprint_jit(x) for x in leaves])
+    return [c for c, _ in pairs], [f for _, f in pairs]
+
+
+def _paths(tree: Any) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def describe(tree: Any, with_checksums: bool = True) -> dict[str, Any]:
+    """The integrity record of one item: leaf paths, shapes, dtypes (and checksums).
+
+    With checksums, also raises NonFiniteStateError if a floating leaf is not finite.
+    """
+    leaves = jax.tree.leaves(tree)
+    record = {
+        "paths": _paths(tree),
+        "shapes": [list(x.shape) for x in leaves],
+        "dtypes": [str(x.dtype) for x in leaves],
+    }
+    if with_checksums:
+        sums, finite = _fingerprints(leaves)
+        bad = [p for p, ok in zip(record["paths"], finite) if not ok]
+        if bad:
+            raise NonFiniteStateError(
+                f"{len(bad)} array(s) hold NaN or inf, e.g. {', '.join(bad[:3])}; not saved."
+            )
+        record["checksums"] = [int(s) for s in sums]
+    return record
 
 
 class Checkpointer:
-    """Keep-N, interval-saving, asynchronous checkpoint manager for one run."""
+    """Keep-N, interval-saving, asynchronous, verified checkpoints of one run."""
 
     def __init__(
         self,
@@ -29,48 +154,157 @@ class Checkpointer:
         async_save: bool = True,
     ):
         self.directory = os.path.abspath(directory)
+        self.quarantine_directory = self.directory.rstrip("/") + "_quarantine"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, save_interval_steps),
             max_to_keep=max_to_keep if max_to_keep > 0 else None,
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "progress")
-        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, progress: dict[str, Any], force: bool = False) -> bool:
-        """Saves when `step` is on the interval (or `force`); returns whether it did."""
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
-            ),
-            force=force,
+    def should_save(self, step: int) -> bool:
+        return self._manager.should_save(step)
+
+    def save(
+        self,
+        step: int,
+        items: Mapping[str, Any],
+        progress: Mapping[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Saves the pytrees `items` and `progress` when `step` is on the interval (or
+        `force`); returns whether it did. Raises NonFiniteStateError before writing
+        anything if a floating leaf is NaN or inf."""
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            raise ValueError(
+                f"Checkpoint step {step} is not above the latest saved step {latest} in"
+                f" {self.directory}: steps must only rise (Orbax would silently skip it)."
+            )
+        if not (force or self._manager.should_save(step)):
+            return False
+        reserved = set(items) & set(_RESERVED)
+        if reserved:
+            raise ValueError(f"Item names {sorted(reserved)} are reserved.")
+        integrity = {"format": 1, "items": {}}
+        for name, tree in items.items():
+            try:
+                integrity["items"][name] = describe(tree)
+            except NonFiniteStateError as e:
+                raise NonFiniteStateError(f"Step {step}, item {name!r}: {e}") from None
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        args[PROGRESS] = ocp.args.JsonSave(dict(progress))
+        args[INTEGRITY] = ocp.args.JsonSave(integrity)
+        return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def read_integrity(self, step: int) -> dict[str, Any]:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{INTEGRITY: ocp.args.JsonRestore()})
         )
+        return dict(restored[INTEGRITY])
 
     def restore(
-        self, abstract_state: Any, step: Optional[int] = None
-    ) -> tuple[Any, dict[str, Any]]:
-        """Restores (state, progress) into the shardings carried by `abstract_state`.
+        self, abstract_items: Mapping[str, Any], step: Optional[int] = None
+    ) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """(items, progress, step) from the newest intact checkpoint (or `step`).
 
-        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set,
-        e.g. from `train_state.abstract_train_state`.
+        `abstract_items` maps item names to pytrees of jax.ShapeDtypeStruct with
+        `.sharding` set (the restore target, e.g. `abstract_train_state`); it may
+        name a subset of the saved items. A checkpoint that fails to read or
+        verify is quarantined and the next older one tried (not when `step` is
+        given: then the error is raised).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not candidates:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()
-            ),
+        for candidate in candidates:
+            try:
+                items, progress = self._restore_verified(abstract_items, candidate)
+            except CorruptCheckpointError as e:
+                if step is not None:
+                    raise
+                self.quarantine(candidate, str(e))
+                continue
+            _log.info("Restored checkpoint %d from %s", candidate, self.directory)
+            return items, progress, candidate
+        raise CorruptCheckpointError(
+            f"No intact checkpoint left in {self.directory}; the damaged ones are in"
+            f" {self.quarantine_directory}."
         )
-        logging.info("Restored checkpoint %d from %s", step, self.directory)
-        return restored["state"], dict(restored["progress"])
+
+    def _restore_verified(self, abstract_items, step):
+        try:
+            with _orbax_errors_quiet():
+                integrity = self.read_integrity(step)
+            saved = integrity["items"]
+        except Exception as e:  # noqa: BLE001 -- any failure to read is damage
+            raise CorruptCheckpointError(f"its integrity record does not read ({_short(e)})")
+        for name, abstract in abstract_items.items():
+            if name not in saved:
+                raise IncompatibleCheckpointError(
+                    f"Checkpoint {step} in {self.directory} has no item {name!r}"
+                    f" (it has {sorted(saved)})."
+                )
+            _check_compatible(name, saved[name], describe(abstract, with_checksums=False), step)
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+        args[PROGRESS] = ocp.args.JsonRestore()
+        try:
+            with _orbax_errors_quiet():
+                restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001 -- TensorStore/zstd/missing files: damage
+            raise CorruptCheckpointError(f"its arrays do not read ({_short(e)})")
+        items = {name: restored[name] for name in abstract_items}
+        for name, tree in items.items():
+            try:
+                sums = describe(tree)["checksums"]
+            except NonFiniteStateError:
+                raise CorruptCheckpointError(f"item {name!r} reads back with NaN or inf")
+            bad = [p for p, a, b in zip(saved[name]["paths"], sums, saved[name]["checksums"]) if a != b]
+            if bad:
+                raise CorruptCheckpointError(
+                    f"item {name!r}: {len(bad)} array(s) do not match their checksums,"
+                    f" e.g. {', '.join(bad[:3])}"
+                )
+        return items, dict(restored[PROGRESS])
+
+    def read_progress(self, step: Optional[int] = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{PROGRESS: ocp.args.JsonRestore()})
+        )
+        return dict(restored[PROGRESS])
+
+    def quarantine(self, step: int, reason: str) -> str:
+        """Moves checkpoint `step` aside (never deletes it); returns where it went."""
+        self.wait()
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.quarantine_directory, f"{step}.{int(time.time())}")
+        _log.warning(
+            "Checkpoint %d in %s is damaged: %s. Moved to %s; trying the previous one.",
+            step,
+            self.directory,
+            reason,
+            target,
+        )
+        if jax.process_index() == 0 and os.path.exists(source):
+            os.makedirs(self.quarantine_directory, exist_ok=True)
+            shutil.move(source, target)
+            with open(target + ".reason.txt", "w") as f:
+                f.write(reason + "\n")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"rl_reason_quarantine_{step}")
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -78,3 +312,130 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _orbax_errors_quiet():
+    """Orbax logs a failed read's whole TensorStore spec (hundreds of lines) before
+    raising; the error is reported in one line by the caller instead."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (TensorStore's run to hundreds of lines)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_compatible(name: str, saved: dict, wanted: dict, step: int) -> None:
+    """Raises IncompatibleCheckpointError naming the leaves whose layout differs."""
+    saved_layout = {p: (s, d) for p, s, d in zip(saved["paths"], saved["shapes"], saved["dtypes"])}
+    wanted_layout = {
+        p: (s, d) for p, s, d in zip(wanted["paths"], wanted["shapes"], wanted["dtypes"])
+    }
+    problems = []
+    for path in sorted(set(saved_layout) | set(wanted_layout)):
+        a, b = saved_layout.get(path), wanted_layout.get(path)
+        if a is None:
+            problems.append(f"{path}: not in the checkpoint")
+        elif b is None:
+            problems.append(f"{path}: in the checkpoint but not in the run")
+        elif a != b:
+            problems.append(f"{path}: checkpoint {a[1]}{a[0]}, run {b[1]}{b[0]}")
+    if problems:
+        shown = "\n  ".join(problems[:8])
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {step} item {name!r} does not fit this run's model:\n  {shown}{more}"
+        )
+
+
+def train_state_items(name: str, state: Any) -> dict[str, Any]:
+    """A TrainState as two items, `<name>.params` and `<name>.train` (step, optimizer,
+    rng), so that evaluation restores the parameters alone."""
+    return {f"{name}.params": state.params, f"{name}.train": state.replace(params=None)}
+
+
+def merge_train_state(name: str, items: Mapping[str, Any]) -> Any:
+    """Inverse of `train_state_items`."""
+    return items[f"{name}.train"].replace(params=items[f"{name}.params"])
+
+
+class PreemptionGuard:
+    """Answers "should the run save and stop now?" after each step.
+
+    One process: SIGTERM or SIGINT sets a flag (the signal no longer kills the
+    process mid-step). Several: JAX's preemption sync point, which agrees on
+    one step for every host. Use as a context manager; handlers are restored
+    on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "PreemptionGuard":
+        if jax.process_count() == 1:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        if self.signal_received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_received = signum
+        _log.warning("Received %s: saving after the current step.", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.signal_received is not None
+
+
+class Preempted(Exception):
+    """Raised by a loop that saved and stopped on a preemption signal."""
+
+    def __init__(self, step: int, workdir: str):
+        super().__init__(
+            f"Preempted: saved step {step} and stopped. Run the same command with"
+            f" --workdir={workdir} to resume."
+        )
+        self.step = step
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    """JSON written to a temporary file, synced, then renamed over `path`."""
+    write_bytes_atomic(path, (json.dumps(value, indent=2, default=_json_default) + "\n").encode())
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

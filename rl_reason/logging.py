@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from typing import Any, Mapping, Optional
 
 import jax
@@ -22,7 +23,14 @@ def _scalar(value: Any) -> Any:
 
 
 class MetricWriter:
-    """Appends {"step": s, **metrics} records; a resumed run drops records past its checkpoint."""
+    """Appends {"step": s, **metrics} records; a resumed run drops records past its checkpoint.
+
+    metrics.jsonl is the record of truth. TensorBoard mirrors it: every write is
+    flushed at once, and a resumed run rewrites the event files from the
+    (truncated) metrics.jsonl, so after any kill and resume the two hold the
+    same points (a writer that buffers for two minutes and a resume that does
+    not purge lose or duplicate them).
+    """
 
     def __init__(
         self, workdir: str, *, tensorboard: bool = True, resume_step: Optional[int] = None
@@ -37,14 +45,25 @@ class MetricWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            tb_dir = os.path.join(workdir, "tensorboard")
+            if os.path.isdir(tb_dir):
+                shutil.rmtree(tb_dir)
+            self._tb = SummaryWriter(tb_dir, flush_secs=1)
+            for record in read_metrics(workdir) if os.path.exists(self.path) else []:
+                self._add_scalars(record)
+            self._tb.flush()
+
+    def _add_scalars(self, record: Mapping[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(key, value, record["step"])
 
     def _truncate_after(self, step: int) -> None:
         """Keeps only records up to `step`: those after it are about to be redone."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in f if (record := _parse(line)) and record["step"] <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
@@ -56,9 +75,8 @@ class MetricWriter:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self._tb is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        self._tb.add_scalar(key, value, step)
+                self._add_scalars(record)
+                self._tb.flush()
         return record
 
     def close(self) -> None:
@@ -66,6 +84,18 @@ class MetricWriter:
             self._tb.close()
 
 
+def _parse(line: str) -> Optional[dict[str, Any]]:
+    """A record, or None for a blank line or one a kill cut short."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every record of workdir/metrics.jsonl ([] when there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [record for line in f if (record := _parse(line))]

@@ -67,9 +67,10 @@ def _final_params(workdir):
     tx, _ = optimizer.make_optimizer(optim, config_json["train"]["num_steps"])
     mesh = mesh_lib.make_mesh((-1, 1, 1))
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, progress = ckpt.restore(ts.abstract_train_state(model, tx, mesh, shd.DEFAULT_RULES))
+    abstract = ts.abstract_train_state(model, tx, mesh, shd.DEFAULT_RULES)
+    items, progress, _ = ckpt.restore(checkpointing.train_state_items("policy", abstract))
     ckpt.close()
-    return jax.device_get(state), progress
+    return jax.device_get(checkpointing.merge_train_state("policy", items)), progress
 
 
 @pytest.mark.slow
@@ -123,12 +124,14 @@ def test_restore_onto_another_mesh_gives_the_same_next_loss(tmp_path):
     mesh_a = mesh_lib.make_mesh((8, 1, 1))
     state, _ = run(mesh_a, ts.create_train_state(model, tx, mesh_a, shd.DEFAULT_RULES, seed=0))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"))
-    ckpt.save(1, state, {"data": {"epoch": 0, "index": 8}}, force=True)
+    ckpt.save(1, {"state": state}, {"data": {"epoch": 0, "index": 8}}, force=True)
     ckpt.wait()
     _, expected = run(mesh_a, state)
 
     mesh_b = mesh_lib.make_mesh((1, 4, 2))
-    restored, progress = ckpt.restore(ts.abstract_train_state(model, tx, mesh_b, shd.DEFAULT_RULES))
+    abstract = ts.abstract_train_state(model, tx, mesh_b, shd.DEFAULT_RULES)
+    items, progress, _ = ckpt.restore({"state": abstract})  # checksums verify across meshes
+    restored = items["state"]
     ckpt.close()
     kernel = restored.params["params"]["layers"]["mlp"]["gate_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")

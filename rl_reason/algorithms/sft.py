@@ -103,11 +103,20 @@ def sft_step(
         "param_norm": optax.tree.norm(params),
         "target_tokens": num_targets,
     }
+    metrics["finite"] = all_finite(metrics["loss"], metrics["grad_norm"], metrics["param_norm"])
     if lr_schedule is not None:
         metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
     rng, _ = jax.random.split(state.rng)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
+
+
+def all_finite(*values: jax.Array) -> jax.Array:
+    """1.0 when every value is finite, else 0.0: the step metric a loop checks
+    before it logs or saves (a NaN gradient can leave the loss finite)."""
+    return jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(v, jnp.float32) for v in values]))).astype(
+        jnp.float32
+    )
 
 
 def make_sft_step(model: Transformer, tx: optax.GradientTransformation, **options) -> Any:

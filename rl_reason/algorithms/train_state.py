@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rl_reason.models.transformer import Transformer
+from rl_reason.models.transformer import Transformer, init_params
 from rl_reason.parallel import sharding as shd
 
 
@@ -30,15 +30,15 @@ class TrainState:
     rng: jax.Array
 
 
-def _init_params(model: Transformer, rng: jax.Array):
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    return model.init(rng, tokens, jnp.zeros_like(tokens))
-
-
 def param_shardings(model: Transformer, mesh: Mesh, rules: shd.Rules) -> Any:
-    """Shardings of the unboxed params tree, from logical names and shapes alone."""
-    abstract = jax.eval_shape(lambda rng: _init_params(model, rng), jax.random.PRNGKey(0))
-    return shd.logical_shardings(abstract, mesh, rules)
+    """Shardings of `model`'s unboxed params tree, from logical names and shapes alone."""
+    return shd.param_shardings(functools.partial(init_params, model), mesh, rules)
+
+
+def abstract_params(model: Transformer, mesh: Mesh, rules: shd.Rules) -> Any:
+    """ShapeDtypeStructs of `model`'s params with their shardings (a restore target)."""
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+    return shd.abstract_like(shapes, param_shardings(model, mesh, rules))
 
 
 def state_shardings(
@@ -47,10 +47,8 @@ def state_shardings(
     """Shardings of the whole TrainState; optimizer moments follow their params."""
     params_sh = param_shardings(model, mesh, rules)
     replicated = NamedSharding(mesh, P())
-    abstract_params = jax.eval_shape(
-        lambda: nn.meta.unbox(_init_params(model, jax.random.PRNGKey(0)))
-    )
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+    abstract_opt = jax.eval_shape(tx.init, shapes)
     opt_sh = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract_opt, params_sh, transform_non_params=lambda _: replicated
     )
@@ -62,7 +60,7 @@ def _new_state(
 ) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     if params is None:
-        params = nn.meta.unbox(_init_params(model, init_rng))
+        params = nn.meta.unbox(init_params(model, init_rng))
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
     )
@@ -90,21 +88,38 @@ def abstract_train_state(
     return shd.abstract_like(shapes, state_shardings(model, tx, mesh, rules))
 
 
-def jit_step(step_fn: Callable, mesh: Mesh, rules: shd.Rules, shardings: TrainState) -> Callable:
-    """Compiles `state, metrics = step_fn(state, batch)` on the mesh.
+def jit_step(
+    step_fn: Callable,
+    mesh: Mesh,
+    rules: shd.Rules,
+    shardings: Any,
+    extra_shardings: tuple[Any, ...] = (),
+) -> Callable:
+    """Compiles `state, metrics = step_fn(state, batch, *extra)` on the mesh.
 
-    The state is donated (its buffers are reused for the new state); the batch
-    is split over (data, fsdp); metrics come back replicated.
+    The state (any pytree with `shardings`, e.g. a TrainState) is donated: its
+    buffers are reused for the new state. Every batch leaf is split over
+    (data, fsdp) on its first axis. `extra` are further arguments with their
+    own shardings: frozen reference params sharded like the policy's
+    (`param_shardings`), replicated scalars (`replicated(mesh)`), a KL
+    controller's state. Metrics come back replicated.
     """
     jitted = jax.jit(
         step_fn,
-        in_shardings=(shardings, NamedSharding(mesh, P(shd.BATCH_AXES))),
+        in_shardings=(shardings, NamedSharding(mesh, P(shd.BATCH_AXES)), *extra_shardings),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
 
-    def call(state, batch):
+    def call(state, batch, *extra):
+        if len(extra) != len(extra_shardings):
+            raise TypeError(f"The step takes {len(extra_shardings)} extra arguments, got {len(extra)}.")
         with shd.activation_sharding(mesh, rules):
-            return jitted(state, batch)
+            return jitted(state, batch, *extra)
 
     return call
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of a value every device holds whole (scalars, small tables)."""
+    return NamedSharding(mesh, P())

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,69 +30,12 @@ import ml_collections
 
 from rl_reason.data import builders, synthetic, templates
 from rl_reason.evaluation.evaluate import evaluate as score
-from rl_reason.experiments.config import base_config
+from rl_reason.experiments import sources
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 from rl_reason.sampling.engine import Sampler, common_prefix_length
 
 _log = logging.getLogger(__name__)
-
-# A loader returns (ModelConfig, params in the scanned layout, tokenizer).
-MODEL_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, Any], tuple]] = {}
-
-
-def model_source(name: str):
-    def register(fn):
-        MODEL_SOURCES[name] = fn
-        return fn
-
-    return register
-
-
-@model_source("run")
-def _load_training_run(config, mesh):
-    """The latest checkpoint of an rl_reason training run (its workdir)."""
-    from rl_reason import checkpointing
-    from rl_reason.algorithms import optimizer
-    from rl_reason.algorithms import train_state as ts
-    from rl_reason.data import tokenizer as tokenizer_lib
-    from rl_reason.experiments import sft
-    from rl_reason.models.transformer import Transformer
-
-    run_dir = config.model_source.path
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
-    run_config = base_config()
-    for section in ("model", "optim", "train"):
-        run_config[section].update(saved[section])
-    tokenizer = tokenizer_lib.load_tokenizer(os.path.join(run_dir, "tokenizer"))
-    model_config = sft.model_config(run_config, tokenizer)
-    model = Transformer(model_config)
-    tx, _ = optimizer.make_optimizer(run_config.optim, run_config.train.num_steps)
-    rules = shd.rules_from_config(config.mesh.rules)
-    checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
-    state, _ = checkpointer.restore(ts.abstract_train_state(model, tx, mesh, rules))
-    checkpointer.close()
-    return model_config, state.params, tokenizer
-
-
-@model_source("hf")
-def _load_hf_directory(config, mesh):
-    """A Hugging Face checkpoint directory (Llama, Qwen2, Gemma 3)."""
-    from rl_reason.models.hf_import import load_hf
-
-    return load_hf(config.model_source.path, mesh, shd.rules_from_config(config.mesh.rules))
-
-
-@model_source("gguf")
-def _load_gguf_file(config, mesh):
-    """A Gemma 3 GGUF file; an empty path means Gemma 3 270M from its PyPI package."""
-    from rl_reason.models.gemma3_270m import gemma3_270m_gguf
-    from rl_reason.models.gguf_import import load_gguf
-
-    path = config.model_source.path or gemma3_270m_gguf()
-    return load_gguf(path, mesh, shd.rules_from_config(config.mesh.rules))
-
 
 @dataclasses.dataclass
 class EvalSet:
@@ -134,11 +77,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     mesh_lib.maybe_initialize_distributed(**config.distributed)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
-    if config.model_source.kind not in MODEL_SOURCES:
-        raise ValueError(
-            f"model_source.kind={config.model_source.kind!r}; known: {sorted(MODEL_SOURCES)}"
-        )
-    model_config, params, tokenizer = MODEL_SOURCES[config.model_source.kind](config, mesh)
+    model_config, params, tokenizer = sources.load_model(
+        config.model_source.kind,
+        config.model_source.path,
+        mesh,
+        shd.rules_from_config(config.mesh.rules),
+    )
     data = load_eval_set(config)
     prompts = [templates.format_prompt(q["question"], data.exemplars) for q in data.questions]
     golds = [q["final_answer"] for q in data.questions]

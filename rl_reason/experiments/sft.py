@@ -26,6 +26,7 @@ from rl_reason.data import sft as sft_data
 from rl_reason.data import synthetic, templates
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.data.iterator import IndexIterator
+from rl_reason.experiments import runs
 from rl_reason.experiments.config import validate
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
@@ -119,13 +120,14 @@ def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int, me
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) SFT to config.train.num_steps; returns the last logged metrics."""
+    """Runs (or resumes) SFT to config.train.num_steps; returns the last logged metrics.
+
+    Raises checkpointing.Preempted after saving when SIGTERM/SIGINT arrives.
+    """
     mesh_lib.maybe_initialize_distributed(**config.distributed)
     validate(config)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    runs.check_resume_config(config, workdir)
 
     mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
     rules = shd.rules_from_config(config.mesh.rules)
@@ -149,11 +151,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         process_count=jax.process_count(),
     )
     if checkpointer.latest_step() is not None:
-        state, progress = checkpointer.restore(ts.abstract_train_state(model, tx, mesh, rules))
+        abstract = ts.abstract_train_state(model, tx, mesh, rules)
+        items, progress, _ = checkpointer.restore(checkpointing.train_state_items("policy", abstract))
+        state = checkpointing.merge_train_state("policy", items)
         iterator.restore(progress["data"])
     else:
         state = ts.create_train_state(model, tx, mesh, rules, config.seed)
+    runs.write_config(config, workdir)
     start = int(state.step)
+    if start >= config.train.num_steps:
+        checkpointer.close()
+        print(f"The run in {workdir} finished at step {start}; nothing to do.")
+        return runs.finished_record(workdir)
 
     step_fn = ts.jit_step(
         sft.make_sft_step(
@@ -184,24 +193,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         desc="sft",
         disable=not config.logging.progress_bar or jax.process_index() != 0,
     )
-    for step in bar:
-        rows = next(iterator)
-        batch = {k: v[rows] for k, v in data.train.items()}
-        state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
-        done = step + 1
-        if done % config.train.log_every == 0 or done == config.train.num_steps:
-            metrics = jax.device_get(metrics)
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(
-                    f"Non-finite loss {metrics['loss']} at step {done}; stopping before it"
-                    " reaches a checkpoint. Lower optim.lr or check the data."
+    try:
+        with checkpointing.PreemptionGuard() as guard:
+            for step in bar:
+                rows = next(iterator)
+                batch = {k: v[rows] for k, v in data.train.items()}
+                state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
+                done = step + 1
+                metrics = jax.device_get(metrics)  # one sync a step: the finite gate
+                if metrics["finite"] != 1.0:
+                    writer.write(done, metrics)  # the failing step's record, for the post-mortem
+                runs.check_finite(metrics, f"SFT step {done}", checkpointer.latest_step())
+                if done % config.train.log_every == 0 or done == config.train.num_steps:
+                    if done % config.train.eval_every == 0 or done == config.train.num_steps:
+                        metrics.update(evaluate(eval_fn, state.params, data.eval, eval_batch, mesh))
+                    last = writer.write(done, metrics)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                stop = guard.should_stop(done)
+                checkpointer.save(
+                    done,
+                    checkpointing.train_state_items("policy", state),
+                    {"data": iterator.state(), "models": {"policy": model.config.to_dict()}},
+                    force=done == end or stop,
                 )
-            if done % config.train.eval_every == 0 or done == config.train.num_steps:
-                metrics.update(evaluate(eval_fn, state.params, data.eval, eval_batch, mesh))
-            last = writer.write(done, metrics)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-        checkpointer.save(done, state, {"data": iterator.state()}, force=done == end)
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+                if stop:
+                    raise checkpointing.Preempted(done, workdir)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
     return last

@@ -15,17 +15,15 @@ from typing import Any, NamedTuple, Protocol
 import flax.linen as nn
 import flax.traverse_util
 import jax
-import jax.numpy as jnp
 import numpy as np
 import transformers
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from rl_reason.algorithms import train_state as ts
 from rl_reason.models import hf_weights
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.hf_config import model_config_from_hf, read_hf_config
 from rl_reason.models.safetensors_io import SafetensorsCheckpoint
-from rl_reason.models.transformer import Transformer
+from rl_reason.models.transformer import Transformer, init_params
 from rl_reason.parallel import sharding as shd
 
 # Tensors some checkpoints carry that the model recomputes.
@@ -140,16 +138,13 @@ def place_params(
     With a mesh the shardings are the training shardings (`param_shardings`);
     without one every leaf lands on the first device.
     """
-    model = Transformer(config)
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    abstract = jax.eval_shape(
-        lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens))
-    )
+    init = functools.partial(init_params, Transformer(config))
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(init(jax.random.PRNGKey(0))))
     if mesh is None:
         one = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, abstract)
     else:
-        shardings = ts.param_shardings(model, mesh, rules)
+        shardings = shd.param_shardings(init, mesh, rules)
     plan = _plan(config, abstract["params"])
     _check_tensors(config, plan, source)
     offset = hf_weights.norm_offset(config)

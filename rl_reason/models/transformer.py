@@ -310,6 +310,16 @@ class Transformer(nn.Module):
         )
 
 
+def init_params(model: Transformer, rng: jax.Array) -> dict:
+    """`model`'s params, boxed with their logical axis names (from a 2-token dummy input).
+
+    Under `jax.eval_shape` this gives shapes and names without allocating:
+    what shardings and restore targets are built from.
+    """
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return model.init(rng, tokens, jnp.zeros_like(tokens))
+
+
 def unstack_layers(params: dict) -> dict:
     """Scanned layout (params/layers with a leading layer axis) -> layers_0, layers_1, ..."""
     inner = dict(params["params"])

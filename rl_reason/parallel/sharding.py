@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -85,6 +85,13 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(
         one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     )
+
+
+def param_shardings(init_fn: Callable[[jax.Array], Any], mesh: Mesh, rules: Rules) -> Any:
+    """Shardings of the unboxed params that `init_fn(rng)` returns, from its logical
+    names and shapes alone (`jax.eval_shape`: nothing is allocated)."""
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    return logical_shardings(abstract, mesh, rules)
 
 
 def named_sharding(

@@ -1,0 +1,20 @@
+"""Which loop trains a config: `config.algorithm` names it (SFT when absent)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import ml_collections
+
+# algorithm -> module whose `train(config, workdir)` runs it; imported on demand.
+TRAINERS = {
+    "sft": "rl_reason.experiments.sft",
+}
+
+
+def trainer(config: ml_collections.ConfigDict) -> Callable[[ml_collections.ConfigDict, str], Any]:
+    algorithm = config.get("algorithm", "sft")
+    if algorithm not in TRAINERS:
+        raise ValueError(f"algorithm={algorithm!r}; known: {sorted(TRAINERS)}")
+    return importlib.import_module(TRAINERS[algorithm]).train

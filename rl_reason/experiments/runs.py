@@ -1,0 +1,103 @@
+"""What every training run shares: its workdir's record, resume checks, the finite gate.
+
+A run's `config.json` describes its checkpoints, so it is written only once
+the run has restored (or created) its state under this config, atomically,
+and a resume whose config changes what the checkpoints mean (the model, the
+data, the seed, the algorithm's shapes) stops first with the keys that differ
+instead of failing in a restore (or, worse, silently continuing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from rl_reason import checkpointing
+from rl_reason import logging as run_logging
+
+# Sections (or top-level keys) a resumed run may not change.
+LOCKED_KEYS = ("seed", "model", "data")
+
+
+class ResumeConfigError(ValueError):
+    """The config asks to resume a run with a different model, data or seed."""
+
+
+class NonFiniteStepError(FloatingPointError):
+    """A step produced NaN or inf; nothing from it was saved."""
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def check_resume_config(
+    config: ml_collections.ConfigDict, workdir: str, locked: Iterable[str] = LOCKED_KEYS
+) -> None:
+    """Raises ResumeConfigError naming every locked key whose value differs from
+    the run's saved config.json (nothing to check for a new run)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    current = _flatten(config_dict(config))
+    prefixes = tuple(locked)
+    differ = [
+        f"{key}: {saved.get(key, '<absent>')!r} in the run, {current.get(key, '<absent>')!r} now"
+        for key in sorted(set(saved) | set(current))
+        if key.split(".")[0] in prefixes and saved.get(key) != current.get(key)
+    ]
+    if differ:
+        raise ResumeConfigError(
+            f"{workdir} holds a run with a different config; its checkpoints do not fit:\n  "
+            + "\n  ".join(differ)
+            + "\nUse a new --workdir, or the run's own values."
+        )
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """config.json, atomically, by the lead process."""
+    if jax.process_index() == 0:
+        checkpointing.write_json_atomic(os.path.join(workdir, "config.json"), config_dict(config))
+
+
+def check_finite(metrics: Mapping[str, Any], where: str, last_checkpoint: Optional[int]) -> None:
+    """Raises NonFiniteStepError when the step's `finite` flag is off, naming what is not finite."""
+    if float(metrics.get("finite", 1.0)) == 1.0:
+        return
+    bad = [
+        f"{key}={float(value)}"
+        for key, value in metrics.items()
+        if np.size(value) == 1 and not np.isfinite(float(value))
+    ]
+    kept = (
+        f"the last checkpoint, step {last_checkpoint}, is intact"
+        if last_checkpoint is not None
+        else "no checkpoint was written"
+    )
+    raise NonFiniteStepError(
+        f"{where} is not finite ({', '.join(bad) or 'updated parameters'}); nothing from it was"
+        f" saved and {kept}. Lower optim.lr, check the data or the rewards."
+    )
+
+
+def finished_record(workdir: str) -> dict[str, Any]:
+    """The last metrics record of a run that has nothing left to do."""
+    records = run_logging.read_metrics(workdir)
+    return records[-1] if records else {}

