@@ -104,9 +104,10 @@ def jit_step(
     (`param_shardings`), replicated scalars (`replicated(mesh)`), a KL
     controller's state. Metrics come back replicated.
     """
+    batch_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
     jitted = jax.jit(
         step_fn,
-        in_shardings=(shardings, NamedSharding(mesh, P(shd.BATCH_AXES)), *extra_shardings),
+        in_shardings=(shardings, batch_sharding, *extra_shardings),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
@@ -114,6 +115,9 @@ def jit_step(
     def call(state, batch, *extra):
         if len(extra) != len(extra_shardings):
             raise TypeError(f"The step takes {len(extra_shardings)} extra arguments, got {len(extra)}.")
+        # Batch leaves computed by another program (advantages) may be laid out
+        # otherwise; moving them is a no-op when they already are split this way.
+        batch = jax.device_put(batch, batch_sharding)
         with shd.activation_sharding(mesh, rules):
             return jitted(state, batch, *extra)
 

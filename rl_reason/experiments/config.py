@@ -7,6 +7,7 @@ checked by ml_collections against these defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -107,6 +108,118 @@ def eval_config() -> ml_collections.ConfigDict:
     # rl_reason.sampling.sampler.CPU_XNNPACK_DOTS (see BENCHMARKS.md); empty: defaults.
     c.eval.compiler_options = ml_collections.ConfigDict()
     return c
+
+
+def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
+    """base_config() plus what an on-policy RL run needs (PPO, GRPO, RLOO, Dr. GRPO).
+
+    The defaults are the study's PPO where it states them (KL coefficient 0.05
+    in the reward, k1; gamma 1, lambda 0.95, clip 0.2, value clip 0.2) and
+    what a CPU can afford elsewhere (`configs/arith_ppo.py` sets sizes).
+    """
+    from rl_reason.algorithms.ppo import PPOConfig
+
+    c = base_config()
+    c.algorithm = algorithm
+    c.model_source = ml_collections.ConfigDict()
+    c.model_source.kind = "run"  # "run" (an rl_reason workdir), "hf" (a directory), "gguf" (a file)
+    c.model_source.path = ""
+    c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    c.data.manual_dir = ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
+    c.data.svamp_train_tenths = 7  # SVAMP rows with index % 10 < 7 train, the rest are held out
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.num_iterations = 20
+    c.rl.prompts_per_iteration = 16
+    c.rl.num_samples = 4  # K samples per prompt
+    c.rl.temperature = 1.0
+    c.rl.top_p = 1.0
+    c.rl.max_new_tokens = 64
+    c.rl.sampling_batch_size = 16  # prompts per sampler call
+    c.rl.prompt_buckets = (64, 128, 256)
+    c.rl.rewards = ml_collections.ConfigDict({"correctness": 1.0})
+    # "gae" (PPO) or a group baseline: "grpo", "grpo_no_std", "rloo", "dr_grpo".
+    c.rl.advantage = "gae"
+    c.rl.gamma = 1.0
+    c.rl.lam = 0.95
+    c.rl.std_floor = 1e-6
+    # KL(policy || reference) paid in the reward (PPO, the study); GRPO's is ppo.kl_loss_coef.
+    c.rl.kl_coef = 0.05
+    c.rl.kl_estimator = "k1"
+    c.rl.kl_target = 0.0  # > 0: the adaptive controller (Ziegler et al.) aims at this KL
+    c.rl.kl_horizon = 10000
+    c.rl.eval_every = 5  # iterations between held-out evaluations (0: only at the end)
+    c.rl.stop_after = 0  # stop after this many iterations as if preempted (0: run to the end)
+
+    c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 64  # held-out questions per evaluation (0: all)
+    c.eval.num_samples = 4
+    c.eval.temperature = 0.7
+    c.eval.max_new_tokens = 64
+
+    c.optim.lr = 1e-5
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    c.optim.weight_decay = 0.0
+    c.checkpoint.save_interval_steps = 1
+    return c
+
+
+def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ValueError naming every problem of an RL config before anything compiles."""
+    from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from rl_reason.algorithms.kl import KL_ESTIMATORS
+    from rl_reason.algorithms.ppo import PPOConfig
+    from rl_reason.rewards import registry
+
+    problems = []
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    rl = config.rl
+    try:
+        pc = PPOConfig(**config.ppo.to_dict())
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+        pc = None
+    if rl.advantage != "gae" and rl.advantage not in ADVANTAGE_ESTIMATORS:
+        problems.append(
+            f"rl.advantage={rl.advantage!r} not in {['gae', *sorted(ADVANTAGE_ESTIMATORS)]}."
+        )
+    if pc is not None and rl.advantage == "gae" and not pc.use_value:
+        problems.append("rl.advantage='gae' needs a value: set ppo.use_value=True.")
+    if rl.kl_estimator not in KL_ESTIMATORS:
+        problems.append(f"rl.kl_estimator={rl.kl_estimator!r} not in {KL_ESTIMATORS}.")
+    if rl.advantage != "gae" and rl.num_samples < 2:
+        problems.append(f"rl.advantage={rl.advantage!r} needs rl.num_samples >= 2 (a group).")
+    for name in rl.rewards:
+        if name not in registry.names():
+            problems.append(f"rl.rewards names {name!r}; known rewards: {registry.names()}.")
+    try:
+        shape = mesh_lib.resolve_mesh_shape(config.mesh.shape, num_devices)
+        shards = math.prod(
+            size for size, name in zip(shape, config.mesh.axis_names) if name in shd.BATCH_AXES
+        )
+        rows = rl.prompts_per_iteration * rl.num_samples
+        if pc is not None and rows % (pc.num_minibatches * pc.num_microbatches * shards):
+            problems.append(
+                f"{rows} samples per iteration (rl.prompts_per_iteration x rl.num_samples) do not"
+                f" split into ppo.num_minibatches={pc.num_minibatches} x"
+                f" ppo.num_microbatches={pc.num_microbatches} x the mesh's {shards} batch shards."
+            )
+        if rl.sampling_batch_size % shards:
+            problems.append(
+                f"rl.sampling_batch_size={rl.sampling_batch_size} is not divisible by the mesh's"
+                f" {shards} batch shards."
+            )
+    except ValueError as e:
+        problems.append(str(e))
+    if not config.model_source.path and config.model_source.kind != "gguf":
+        problems.append(
+            f"model_source.path is empty: give the start model (kind={config.model_source.kind!r})."
+        )
+    if problems:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def gemma3_270m_few_shot_config(task: str, num_examples: int) -> ml_collections.ConfigDict:

@@ -10,6 +10,8 @@ import ml_collections
 # algorithm -> module whose `train(config, workdir)` runs it; imported on demand.
 TRAINERS = {
     "sft": "rl_reason.experiments.sft",
+    "ppo": "rl_reason.experiments.on_policy",
+    "grpo": "rl_reason.experiments.on_policy",
 }
 
 

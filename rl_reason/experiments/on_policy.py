@@ -1,0 +1,336 @@
+"""PPO and the group-baseline methods (GRPO, RLOO, Dr. GRPO): one on-policy loop.
+
+Each iteration: the next prompts from the resumable iterator -> K samples per
+prompt from the current policy (the learner's params, same mesh) -> rewards
+-> one scoring pass (policy and reference log-probs, values) -> advantages
+(GAE with the KL penalty in the reward, as the study; or group baselines with
+the KL as a loss term, as GRPO) -> `ppo_update` (epochs x minibatches in one
+program) -> log -> held-out maj@1 / maj@K / pass@K every `rl.eval_every` ->
+checkpoint.
+
+The checkpoint step is the iteration. Everything an iteration draws comes
+from (seed, iteration) or from the checkpointed state (policy and value
+head, optimizer, the update's RNG, the prompt cursor, the KL coefficient), so
+a run killed anywhere and restarted with the same command ends with the same
+parameters and metrics. The reference model is rebuilt from its source and
+checked against the checksum the run recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from rl_reason import checkpointing
+from rl_reason import logging as run_logging
+from rl_reason.algorithms import advantages as adv_lib
+from rl_reason.algorithms import grpo, kl, optimizer, ppo
+from rl_reason.algorithms import train_state as ts
+from rl_reason.data import templates
+from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.data.iterator import IndexIterator
+from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.experiments.config import validate_rl
+from rl_reason.models.transformer import Transformer
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
+from rl_reason.rewards import compose
+from rl_reason.sampling.engine import Sampler
+
+_log = logging.getLogger(__name__)
+
+GROUP_ESTIMATORS = ("grpo", "grpo_no_std", "rloo", "dr_grpo")
+
+
+def ppo_config(config: ml_collections.ConfigDict) -> ppo.PPOConfig:
+    return ppo.PPOConfig(**config.ppo.to_dict())
+
+
+def advantages_and_rewards(
+    scored: dict[str, jax.Array],
+    token_scores: jax.Array,
+    sequence_rewards: jax.Array,
+    loss_mask: jax.Array,
+    kl_coef: jax.Array,
+    *,
+    estimator: str,
+    num_samples: int,
+    gamma: float,
+    lam: float,
+    kl_estimator: str,
+    std_floor: float,
+) -> dict[str, jax.Array]:
+    """Advantages (and returns) for one rollout batch, with the KL diagnostics.
+
+    "gae": the study's PPO; per-token rewards are the task rewards minus
+    kl_coef * KL(policy || reference) on every completion token, then GAE.
+    A group estimator: each completion's total reward against its K-1
+    siblings, broadcast to its tokens (the KL, if any, is a loss term).
+    """
+    valid = loss_mask.at[:, 0].set(False)
+    out: dict[str, jax.Array] = {}
+    has_reference = "ref_logprobs" in scored
+    if has_reference:
+        out.update(kl.all_kl_estimates(scored["old_logprobs"], scored["ref_logprobs"], valid))
+    if estimator == "gae":
+        rewards = token_scores
+        if has_reference:
+            rewards = kl.token_rewards_with_kl(
+                token_scores, scored["old_logprobs"], scored["ref_logprobs"], valid, kl_coef,
+                kl_estimator,
+            )
+        advantages, returns = adv_lib.gae(rewards, scored["old_values"], valid, gamma, lam)
+        out.update(advantages=advantages, returns=returns)
+        out["kl_penalty_mean"] = ((token_scores - rewards) * valid).sum() / jnp.maximum(
+            valid.any(axis=1).sum(), 1
+        )
+    else:
+        out["advantages"] = grpo.group_token_advantages(
+            sequence_rewards, valid, num_samples, estimator, std_floor
+        )
+        out["zero_variance_groups"] = adv_lib.zero_variance_fraction(sequence_rewards, num_samples)
+    return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) PPO/GRPO to rl.num_iterations; returns the last logged metrics.
+
+    Raises checkpointing.Preempted after saving when SIGTERM/SIGINT arrives.
+    """
+    mesh_lib.maybe_initialize_distributed(**config.distributed)
+    validate_rl(config)
+    os.makedirs(workdir, exist_ok=True)
+    runs.check_resume_config(config, workdir)
+    rl, pc = config.rl, ppo_config(config)
+    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    rules = shd.rules_from_config(config.mesh.rules)
+    task = tasks.load(config)
+
+    source = sources.load_model(config.model_source.kind, config.model_source.path, mesh, rules)
+    tokenizer = source.tokenizer
+    if tokenizer is None:
+        raise sources.ModelSourceError(
+            f"{config.model_source.path} has no tokenizer; RL needs one to read and score samples."
+        )
+    policy = sources.with_heads(
+        source, ("value",) if pc.use_value else (), mesh, rules, seed=config.seed
+    )
+    models = ppo.ActorCritic(Transformer(policy.config))
+    needs_reference = rl.kl_coef > 0 or pc.kl_loss_coef > 0
+    ref_params = source.params if needs_reference else None  # frozen, sharded like the policy
+    reference_id = sources.checksum(ref_params) if needs_reference else None
+    del source
+
+    steps_per_iteration = pc.num_epochs * pc.num_minibatches
+    tx, schedule = optimizer.make_optimizer(config.optim, rl.num_iterations * steps_per_iteration)
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.checkpoint.save_interval_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
+    )
+    iterator = IndexIterator(
+        len(task.train), rl.prompts_per_iteration, seed=config.seed, shuffle=config.data.shuffle
+    )
+    progress: dict[str, Any] = {"iteration": 0, "kl_coef": float(rl.kl_coef), "samples_drawn": 0}
+    if checkpointer.latest_step() is not None:
+        abstract = ts.abstract_train_state(models.policy, tx, mesh, rules)
+        items, progress, _ = checkpointer.restore(checkpointing.train_state_items("policy", abstract))
+        state = checkpointing.merge_train_state("policy", items)
+        iterator.restore(progress["data"])
+        if progress.get("reference") != reference_id:
+            raise runs.ResumeConfigError(
+                f"The reference model rebuilt from {config.model_source.path!r} has checksum"
+                f" {reference_id}, but the run started from {progress.get('reference')}: the"
+                " source changed since the run began."
+            )
+    else:
+        state = ppo.create_ppo_state(models, tx, mesh, rules, config.seed, params=policy.params)
+    del policy
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
+        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    runs.write_config(config, workdir)
+
+    start = int(progress["iteration"])
+    if start >= rl.num_iterations:
+        checkpointer.close()
+        print(f"The run in {workdir} finished at iteration {start}; nothing to do.")
+        return runs.finished_record(workdir)
+
+    sampler = Sampler(
+        models.policy.config,
+        tokenizer,
+        batch_size=rl.sampling_batch_size,
+        prompt_buckets=tuple(rl.prompt_buckets),
+        mesh=mesh,
+        rules=rules,
+        stop_strings=templates.STOP_SEQUENCES,
+    )
+    sampling = sampler.sampling_config(
+        max_new_tokens=rl.max_new_tokens,
+        temperature=rl.temperature,
+        top_p=rl.top_p,
+        num_samples=rl.num_samples,
+    )
+    reward_fn = compose.compose(rl.rewards.to_dict())
+    update = ts.jit_step(
+        ppo.make_ppo_update(models, tx, pc, lr_schedule=schedule),
+        mesh,
+        rules,
+        ts.state_shardings(models.policy, tx, mesh, rules),
+    )
+    score = jax.jit(functools.partial(ppo.score, models, chunk_size=pc.chunk_size))
+    estimate = jax.jit(
+        functools.partial(
+            advantages_and_rewards,
+            estimator=rl.advantage,
+            num_samples=rl.num_samples,
+            gamma=rl.gamma,
+            lam=rl.lam,
+            kl_estimator=rl.kl_estimator,
+            std_floor=rl.std_floor,
+        )
+    )
+    writer = run_logging.MetricWriter(
+        workdir, tensorboard=config.logging.tensorboard, resume_step=start
+    )
+    base_rng = jax.random.PRNGKey(config.seed)
+    last: dict[str, Any] = {}
+    bar = tqdm.trange(
+        start,
+        rl.num_iterations,
+        initial=start,
+        total=rl.num_iterations,
+        desc=config.algorithm,
+        disable=not config.logging.progress_bar or jax.process_index() != 0,
+    )
+    end = rl.num_iterations
+    if rl.stop_after:
+        end = min(end, start + rl.stop_after)
+    try:
+        with checkpointing.PreemptionGuard() as guard:
+            for iteration in range(start, end):
+                done = iteration + 1
+                rng = jax.random.fold_in(base_rng, iteration)
+                sample_rng, eval_rng = jax.random.split(rng)
+                examples = [task.train[i] for i in next(iterator)]
+                prompts = [templates.format_prompt(ex["question"]) for ex in examples]
+
+                clock = time.perf_counter()
+                with shd.activation_sharding(mesh, rules):
+                    batch = rollout.collect(
+                        sampler, state.params, examples, prompts, sample_rng, sampling, reward_fn
+                    )
+                sample_seconds = time.perf_counter() - clock
+                totals = batch.totals()
+                if not np.all(np.isfinite(totals)):
+                    raise runs.NonFiniteStepError(
+                        f"Iteration {done}: a reward is not finite ({totals[~np.isfinite(totals)][:4]});"
+                        " check the reward functions. Nothing from this iteration was saved."
+                    )
+
+                clock = time.perf_counter()
+                sequences = shd.shard_batch(batch.sequences, mesh)
+                token_scores, rewards = shd.shard_batch((batch.token_scores, totals), mesh)
+                with shd.activation_sharding(mesh, rules):
+                    scored = score(state.params, ref_params, sequences)
+                    estimates = estimate(
+                        scored, token_scores, rewards, sequences["loss_mask"],
+                        jnp.float32(progress["kl_coef"]),
+                    )
+                train_batch = {**sequences, **scored, "advantages": estimates["advantages"]}
+                if "returns" in estimates:
+                    train_batch["returns"] = estimates["returns"]
+                if not pc.kl_loss_coef:
+                    train_batch.pop("ref_logprobs", None)
+                state, metrics = update(state, train_batch)
+                metrics = jax.device_get(metrics)
+                update_seconds = time.perf_counter() - clock
+                diagnostics = {
+                    k: v for k, v in jax.device_get(estimates).items()
+                    if k not in ("advantages", "returns")
+                }
+                if metrics["finite"] != 1.0:
+                    writer.write(done, {**metrics, **diagnostics})
+                runs.check_finite(metrics, f"{config.algorithm} iteration {done}", checkpointer.latest_step())
+
+                drawn = len(batch.texts)
+                progress = {
+                    **progress,
+                    "iteration": done,
+                    "samples_drawn": progress["samples_drawn"] + drawn,
+                    "data": iterator.state(),
+                    "reference": reference_id,
+                    "models": {"policy": models.policy.config.to_dict()},
+                }
+                if rl.kl_target and "kl_k1" in diagnostics:
+                    progress["kl_coef"] = float(
+                        kl.adaptive_kl_update(
+                            progress["kl_coef"], diagnostics["kl_k1"], drawn, rl.kl_target,
+                            rl.kl_horizon,
+                        )
+                    )
+                generated = int(batch.samples.rollout.lengths.sum())
+                record = {
+                    **metrics,
+                    **diagnostics,
+                    **batch.metrics(),
+                    "kl_coef": progress["kl_coef"],
+                    "samples_drawn": progress["samples_drawn"],
+                    "sample_seconds": sample_seconds,
+                    "update_seconds": update_seconds,
+                    "sampling_tokens_per_second": generated / max(sample_seconds, 1e-9),
+                    "update_tokens_per_second": float(metrics["target_tokens"])
+                    * pc.num_epochs
+                    / max(update_seconds, 1e-9),
+                }
+                if rl.eval_every and (done % rl.eval_every == 0 or done == rl.num_iterations):
+                    record.update(
+                        {
+                            f"heldout/{k}": v
+                            for k, v in evaluate_policy(sampler, state.params, task, config, eval_rng).items()
+                        }
+                    )
+                last = writer.write(done, record)
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+                stop = guard.should_stop(done)
+                checkpointer.save(
+                    done,
+                    checkpointing.train_state_items("policy", state),
+                    progress,
+                    force=done == end or stop,
+                )
+                if stop:
+                    raise checkpointing.Preempted(done, workdir)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return last
+
+
+def evaluate_policy(
+    sampler: Sampler, params: Any, task: "tasks.Task", config: ml_collections.ConfigDict, rng
+) -> dict[str, float]:
+    """Held-out maj@1 (greedy), maj@K, pass@K of the current policy."""
+    questions = task.heldout[: config.eval.num_examples or None]
+    with shd.activation_sharding(sampler.mesh, sampler.rules):
+        return rollout.heldout_metrics(
+            sampler,
+            params,
+            questions,
+            num_samples=config.eval.num_samples,
+            temperature=config.eval.temperature,
+            max_new_tokens=config.eval.max_new_tokens,
+            rng=rng,
+        )
