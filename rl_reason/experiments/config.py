@@ -167,6 +167,43 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     return c
 
 
+def ei_config() -> ml_collections.ConfigDict:
+    """base_config() plus Expert Iteration's settings (the study's protocol, CPU-sized)."""
+    c = base_config()
+    c.algorithm = "ei"
+    c.model_source = ml_collections.ConfigDict()
+    c.model_source.kind = "run"
+    c.model_source.path = ""
+    c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    c.data.manual_dir = ""
+    c.data.svamp_train_tenths = 7
+    c.data.num_validation = 64  # train questions held back to select each round's checkpoint
+
+    c.ei = ml_collections.ConfigDict()
+    c.ei.num_rounds = 5
+    c.ei.num_samples = 8  # K per question (the study: 96)
+    c.ei.temperature = 1.0
+    c.ei.max_new_tokens = 64
+    c.ei.sampling_batch_size = 16
+    c.ei.sampling_chunk = 256  # questions per saved sampling chunk
+    c.ei.prompt_buckets = (64, 128, 256)
+    c.ei.first_round_shots = 0  # few-shot exemplars in round 0's prompts (a pretrained start)
+    c.ei.rewards = ml_collections.ConfigDict({"correctness": 1.0})
+    c.ei.threshold = 1.0  # keep samples whose reward reaches this
+    c.ei.max_per_question = 0  # 0: no cap
+    c.ei.restart_from_initial = True  # the study: each round fine-tunes the start model
+    c.ei.steps_per_round = 200
+    c.ei.eval_every = 50  # validation maj@1 every this many steps picks the round's checkpoint
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 128
+    c.eval.num_samples = 4
+    c.eval.temperature = 0.7
+    c.eval.max_new_tokens = 64
+    c.checkpoint.save_interval_steps = 50
+    return c
+
+
 def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ValueError naming every problem of an RL config before anything compiles."""
     from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS

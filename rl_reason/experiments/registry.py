@@ -12,6 +12,7 @@ TRAINERS = {
     "sft": "rl_reason.experiments.sft",
     "ppo": "rl_reason.experiments.on_policy",
     "grpo": "rl_reason.experiments.on_policy",
+    "ei": "rl_reason.experiments.expert_iteration",
 }
 
 

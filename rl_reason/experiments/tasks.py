@@ -21,7 +21,17 @@ from rl_reason.data import builders, synthetic
 @dataclasses.dataclass
 class Task:
     train: list[Mapping[str, Any]]
-    heldout: list[Mapping[str, Any]]
+    heldout: list[Mapping[str, Any]]  # the test questions: final figures only
+    # Taken from the end of the train questions (data.num_validation of them)
+    # and removed from train: what Expert Iteration selects its checkpoints by.
+    validation: list[Mapping[str, Any]] = dataclasses.field(default_factory=list)
+
+    def with_validation(self, count: int) -> "Task":
+        if count <= 0:
+            return self
+        if count >= len(self.train):
+            raise ValueError(f"data.num_validation={count} leaves no train question of {len(self.train)}.")
+        return Task(self.train[:-count], self.heldout, self.train[-count:])
 
 
 def _read(config: ml_collections.ConfigDict, dataset: str, split: str) -> list[dict[str, str]]:
@@ -32,13 +42,18 @@ def _read(config: ml_collections.ConfigDict, dataset: str, split: str) -> list[d
 
 
 def load(config: ml_collections.ConfigDict) -> Task:
+    return _load(config).with_validation(config.data.get("num_validation", 0))
+
+
+def _load(config: ml_collections.ConfigDict) -> Task:
     task = config.data.task
     if task == "synthetic":
         difficulty = synthetic.Difficulty(
             config.data.min_steps, config.data.max_steps, config.data.max_operand
         )
         make = lambda split, n: synthetic.generate(split, n, seed=config.seed, difficulty=difficulty)
-        return Task(make("train", config.data.num_train), make("test", config.data.num_eval))
+        train = make("train", config.data.num_train + config.data.get("num_validation", 0))
+        return Task(train, make("test", config.data.num_eval))
     if task == "gsm8k":
         return Task(_read(config, "gsm8k", "train"), _read(config, "gsm8k", "test"))
     if task == "svamp":

@@ -1,0 +1,369 @@
+"""Expert Iteration (the study's best performer): sample, keep the correct, fine-tune, repeat.
+
+Round r:
+  1. sample  -- K solutions for every train question from the policy chosen
+     at the end of round r-1 (the start model in round 0), in chunks of
+     `ei.sampling_chunk` questions; each chunk's correct, answer-cut samples
+     go to `ei/round_<r>/chunk_<c>.jsonl` and a checkpoint records the chunk.
+  2. accumulate -- D_r = D_{r-1} ∪ R_r, deduplicated per question, written to
+     `ei/dataset_round_<r>.jsonl` (checksummed; its digest is in the checkpoint).
+  3. train -- `sft_step` on D_r for `ei.steps_per_round` steps, from the
+     INITIAL model each round (the study's choice; `ei.restart_from_initial=False`
+     continues from the last round's), with a fresh optimizer; validation
+     maj@1 every `ei.eval_every` steps picks the round's checkpoint (early
+     stopping), kept as the `best` item.
+  4. the chosen model is measured on the held-out questions (maj@1, maj@K,
+     pass@K) beside the count of samples drawn so far: the study's x-axis.
+
+The checkpoint step is a global counter that rises with every sampling chunk
+and every SFT step. Everything random comes from (seed, round, question index)
+or from the checkpointed TrainState, so a run killed at any point, mid-sampling
+or mid-training, and restarted with the same command ends with the same
+parameters and metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from rl_reason import checkpointing
+from rl_reason import logging as run_logging
+from rl_reason.algorithms import expert_iteration as ei
+from rl_reason.algorithms import optimizer, sft
+from rl_reason.algorithms import train_state as ts
+from rl_reason.data import templates
+from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.data.iterator import IndexIterator
+from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.models.transformer import Transformer
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
+from rl_reason.rewards import compose
+from rl_reason.sampling.engine import Sampler, common_prefix_length
+
+_log = logging.getLogger(__name__)
+
+SAMPLE, TRAIN = "sample", "train"
+
+
+class _Files:
+    """The run's EI files: per-chunk kept samples and each round's dataset."""
+
+    def __init__(self, workdir: str):
+        self.root = os.path.join(workdir, "ei")
+
+    def chunk(self, round_: int, chunk: int) -> str:
+        return os.path.join(self.root, f"round_{round_}", f"chunk_{chunk:05d}.jsonl")
+
+    def dataset(self, round_: int) -> str:
+        return os.path.join(self.root, f"dataset_round_{round_}.jsonl")
+
+    def write(self, path: str, solutions) -> None:
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            checkpointing.write_bytes_atomic(path, ei.to_jsonl(solutions))
+
+    def read(self, path: str, digest: Optional[str] = None) -> ei.Dataset:
+        with open(path, "rb") as f:
+            try:
+                dataset = ei.from_jsonl(f.read())
+            except ValueError as e:
+                raise checkpointing.CorruptCheckpointError(f"{path}: {e}") from None
+        if digest is not None and ei.dataset_digest(dataset) != digest:
+            raise checkpointing.CorruptCheckpointError(
+                f"{path} is not the dataset the checkpoint recorded (digest differs)."
+            )
+        return dataset
+
+
+def _copy(tree: Any) -> Any:
+    """A copy that survives the donation of the original's buffers to the next step."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) Expert Iteration to ei.num_rounds; returns the last logged metrics."""
+    mesh_lib.maybe_initialize_distributed(**config.distributed)
+    os.makedirs(workdir, exist_ok=True)
+    runs.check_resume_config(config, workdir)
+    c = config.ei
+    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    rules = shd.rules_from_config(config.mesh.rules)
+    task = tasks.load(config)
+    if not task.validation:
+        raise ValueError("Expert Iteration selects checkpoints by validation: set data.num_validation.")
+    files = _Files(workdir)
+
+    start = sources.load_model(config.model_source.kind, config.model_source.path, mesh, rules)
+    tokenizer = start.tokenizer
+    model = Transformer(start.config)
+    initial_id = sources.checksum(start.params)
+    tx, schedule = optimizer.make_optimizer(config.optim, c.steps_per_round)
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.checkpoint.save_interval_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
+    )
+    abstract_state = ts.abstract_train_state(model, tx, mesh, rules)
+    if checkpointer.latest_step() is not None:
+        targets = {
+            **checkpointing.train_state_items("policy", abstract_state),
+            "best.params": abstract_state.params,
+        }
+        items, progress, _ = checkpointer.restore(targets)
+        state = checkpointing.merge_train_state("policy", items)
+        best_params = items["best.params"]
+        if progress["initial"] != initial_id:
+            raise runs.ResumeConfigError(
+                f"The start model from {config.model_source.path!r} changed since the run began"
+                f" (checksum {initial_id}, recorded {progress['initial']})."
+            )
+    else:
+        progress = {
+            "round": 0,
+            "phase": SAMPLE,
+            "chunk": 0,
+            "global_step": 0,
+            "samples_drawn": 0,
+            "initial": initial_id,
+            "dataset": {"round": -1, "digest": ei.dataset_digest(()), "count": 0},
+            "models": {"policy": model.config.to_dict()},
+        }
+        state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=start.params)
+        best_params = _copy(start.params)
+    initial_params = start.params
+    del start
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
+        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    runs.write_config(config, workdir)
+    if progress["round"] >= c.num_rounds:
+        checkpointer.close()
+        print(f"The run in {workdir} finished its {c.num_rounds} rounds; nothing to do.")
+        return runs.finished_record(workdir)
+
+    sampler = Sampler(
+        model.config,
+        tokenizer,
+        batch_size=c.sampling_batch_size,
+        prompt_buckets=tuple(c.prompt_buckets),
+        mesh=mesh,
+        rules=rules,
+        stop_strings=templates.STOP_SEQUENCES,
+        progress=config.logging.progress_bar and jax.process_index() == 0,
+    )
+    sampling = sampler.sampling_config(
+        max_new_tokens=c.max_new_tokens, temperature=c.temperature, num_samples=c.num_samples
+    )
+    reward_fn = compose.compose(c.rewards.to_dict())
+    step_fn = ts.jit_step(
+        sft.make_sft_step(
+            model,
+            tx,
+            num_microbatches=config.train.num_microbatches,
+            chunk_size=config.train.loss_chunk_size,
+            lr_schedule=schedule,
+        ),
+        mesh,
+        rules,
+        ts.state_shardings(model, tx, mesh, rules),
+    )
+    writer = run_logging.MetricWriter(
+        workdir, tensorboard=config.logging.tensorboard, resume_step=progress["global_step"]
+    )
+    exemplars = templates.select_exemplars(task.train, c.first_round_shots, seed=config.seed)
+    last: dict[str, Any] = {}
+
+    def save(force: bool) -> None:
+        items = {
+            **checkpointing.train_state_items("policy", state),
+            "best.params": best_params,
+        }
+        checkpointer.save(progress["global_step"], items, progress, force=force)
+
+    def log(record: dict[str, Any]) -> dict[str, Any]:
+        return writer.write(progress["global_step"], {"round": progress["round"], **record})
+
+    base_rng = jax.random.PRNGKey(config.seed)
+    try:
+        with checkpointing.PreemptionGuard() as guard:
+
+            def checkpoint_and_maybe_stop(force: bool = False) -> None:
+                stop = guard.should_stop(progress["global_step"])
+                save(force or stop)
+                if stop:
+                    raise checkpointing.Preempted(progress["global_step"], workdir)
+
+            while progress["round"] < c.num_rounds:
+                r = progress["round"]
+                if progress["phase"] == SAMPLE:
+                    shots = exemplars if r == 0 else ()
+                    prompts = [templates.format_prompt(q["question"], shots) for q in task.train]
+                    stored = [templates.format_prompt(q["question"]) for q in task.train]
+                    shared = common_prefix_length(sampler.token_ids(prompts))
+                    chunks = range(0, len(prompts), c.sampling_chunk)
+                    for index in tqdm.tqdm(
+                        range(progress["chunk"], len(chunks)),
+                        desc=f"EI round {r}: sampling",
+                        disable=not config.logging.progress_bar or jax.process_index() != 0,
+                    ):
+                        first = chunks[index]
+                        questions = task.train[first : first + c.sampling_chunk]
+                        with shd.activation_sharding(mesh, rules):
+                            samples = sampler.generate(
+                                best_params,
+                                prompts[first : first + c.sampling_chunk],
+                                jax.random.fold_in(base_rng, r),
+                                sampling,
+                                prompt_offset=first,
+                                prefix_length=shared,
+                            )
+                        k = c.num_samples
+                        columns = {
+                            key: [q[key] for q in questions for _ in range(k)] for key in questions[0]
+                        }
+                        rewards = reward_fn(samples.texts, columns)
+                        qids = [first + i for i in range(len(questions)) for _ in range(k)]
+                        kept = ei.select_correct(
+                            qids,
+                            [stored[i] for i in qids],
+                            samples.texts,
+                            rewards.totals,
+                            round=r,
+                            threshold=c.threshold,
+                        )
+                        files.write(files.chunk(r, index), kept)
+                        progress.update(
+                            chunk=index + 1,
+                            global_step=progress["global_step"] + 1,
+                            samples_drawn=progress["samples_drawn"] + len(samples.texts),
+                        )
+                        log(
+                            {
+                                "sample_accuracy": float(np.mean(np.asarray(rewards.totals) >= c.threshold)),
+                                "kept": len(kept),
+                                "samples_drawn": progress["samples_drawn"],
+                            }
+                        )
+                        checkpoint_and_maybe_stop()
+                    previous = _previous_dataset(files, progress)
+                    new = [s for i in range(len(chunks)) for s in files.read(files.chunk(r, i))]
+                    dataset, summary = ei.accumulate(
+                        previous, new, max_per_question=c.max_per_question or None
+                    )
+                    files.write(files.dataset(r), dataset)
+                    progress.update(
+                        phase=TRAIN,
+                        sft_step=0,
+                        best={"maj@1": -1.0, "step": 0},
+                        dataset={"round": r, "digest": ei.dataset_digest(dataset), "count": len(dataset)},
+                        global_step=progress["global_step"] + 1,
+                    )
+                    progress.pop("data", None)
+                    source_params = initial_params if c.restart_from_initial else best_params
+                    state = ts.create_train_state(
+                        model, tx, mesh, rules, config.seed + r, params=_copy(source_params)
+                    )
+                    last = log({**{f"dataset/{k}": v for k, v in summary.as_dict().items()}})
+                    checkpoint_and_maybe_stop(force=True)
+
+                # The train phase.
+                dataset = files.read(files.dataset(r), progress["dataset"]["digest"])
+                arrays, cut = ei.sft_arrays(tokenizer, dataset, config.train.max_length)
+                if cut:
+                    _log.warning("%d of %d EI solutions are longer than train.max_length.", cut, len(dataset))
+                iterator = IndexIterator(
+                    len(dataset), config.train.batch_size, seed=config.seed * 1000 + r
+                )
+                if "data" in progress:
+                    iterator.restore(progress["data"])
+                for step in tqdm.trange(
+                    progress["sft_step"],
+                    c.steps_per_round,
+                    desc=f"EI round {r}: training on {len(dataset)}",
+                    disable=not config.logging.progress_bar or jax.process_index() != 0,
+                ):
+                    rows = next(iterator)
+                    batch = {key: value[rows] for key, value in arrays.items()}
+                    state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
+                    metrics = jax.device_get(metrics)
+                    runs.check_finite(metrics, f"EI round {r} step {step + 1}", checkpointer.latest_step())
+                    done = step + 1
+                    progress.update(
+                        sft_step=done, data=iterator.state(), global_step=progress["global_step"] + 1
+                    )
+                    record = dict(metrics)
+                    if done % c.eval_every == 0 or done == c.steps_per_round:
+                        validation = _greedy_accuracy(sampler, state.params, task.validation, c)
+                        record["validation/maj@1"] = validation
+                        if validation > progress["best"]["maj@1"]:
+                            progress["best"] = {"maj@1": validation, "step": done}
+                            best_params = _copy(state.params)
+                    if done % config.train.log_every == 0 or "validation/maj@1" in record:
+                        last = log(record)
+                    checkpoint_and_maybe_stop(force=done == c.steps_per_round)
+
+                heldout = _heldout(sampler, best_params, task, config, jax.random.fold_in(base_rng, 10_000 + r))
+                progress.update(
+                    round=r + 1, phase=SAMPLE, chunk=0, global_step=progress["global_step"] + 1
+                )
+                last = log(
+                    {
+                        **{f"heldout/{k}": v for k, v in heldout.items()},
+                        "samples_drawn": progress["samples_drawn"],
+                        "selected_step": progress["best"]["step"],
+                        "selected_validation_maj@1": progress["best"]["maj@1"],
+                        "dataset_size": progress["dataset"]["count"],
+                    }
+                )
+                # The selected model becomes the policy: what sampling and evaluation read.
+                state = state.replace(params=_copy(best_params))
+                checkpoint_and_maybe_stop(force=True)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return last
+
+
+def _previous_dataset(files: _Files, progress: dict[str, Any]) -> ei.Dataset:
+    recorded = progress["dataset"]
+    if recorded["round"] < 0:
+        return ()
+    return files.read(files.dataset(recorded["round"]), recorded["digest"])
+
+
+def _greedy_accuracy(sampler: Sampler, params, questions, c) -> float:
+    with shd.activation_sharding(sampler.mesh, sampler.rules):
+        metrics = rollout.heldout_metrics(
+            sampler,
+            params,
+            questions,
+            num_samples=0,
+            temperature=0.0,
+            max_new_tokens=c.max_new_tokens,
+            rng=jax.random.PRNGKey(0),
+        )
+    return metrics["maj@1"]
+
+
+def _heldout(sampler: Sampler, params, task: tasks.Task, config, rng) -> dict[str, float]:
+    questions = task.heldout[: config.eval.num_examples or None]
+    with shd.activation_sharding(sampler.mesh, sampler.rules):
+        return rollout.heldout_metrics(
+            sampler,
+            params,
+            questions,
+            num_samples=config.eval.num_samples,
+            temperature=config.eval.temperature,
+            max_new_tokens=config.eval.max_new_tokens,
+            rng=rng,
+        )
