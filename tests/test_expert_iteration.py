@@ -30,7 +30,8 @@ def test_normalize_collapses_whitespace_only():
     )
     # Annotations, case and punctuation are part of the solution.
     assert ei.normalize_solution("Ann has 5 apples.\n#### 5") != ei.normalize_solution(a)
-    assert ei.normalize_solution("ann has 3+2=<<3+2=5>>5 apples.\n#### 5") != ei.normalize_solution(a)
+    lower = "ann has 3+2=<<3+2=5>>5 apples.\n#### 5"
+    assert ei.normalize_solution(lower) != ei.normalize_solution(a)
 
 
 def test_select_correct_keeps_rewards_at_or_above_threshold_in_order():
@@ -70,7 +71,10 @@ def test_select_correct_cuts_the_rambling_after_the_answer():
         ("a\n####   5   \nb", "a\n####   5   "),
         ("So the answer is 5. Then more text. The answer is 5.", "So the answer is 5."),
         # Extraction reads the LAST "answer is": the cut keeps it when earlier ones differ.
-        ("The answer is 4. No wait, the answer is 5. Ok", "The answer is 4. No wait, the answer is 5."),
+        (
+            "The answer is 4. No wait, the answer is 5. Ok",
+            "The answer is 4. No wait, the answer is 5.",
+        ),
         ("The answer is 12\nand then", "The answer is 12"),
         ("no marker, just 42", "no marker, just 42"),
         ("\\boxed{7} and more", "\\boxed{7} and more"),

@@ -210,9 +210,11 @@ def scored_setup(params):
     assert len(tokenizer) <= VOCAB
     # A sharper head than the initial one, so that scores differ visibly.
     head = params["params"]["scalar_heads_orm"]
-    sharp = {**params, "params": {**params["params"], "scalar_heads_orm": {**head, "kernel": 30 * head["kernel"]}}}
+    sharp_head = {**head, "kernel": 30 * head["kernel"]}
+    sharp = {**params, "params": {**params["params"], "scalar_heads_orm": sharp_head}}
     examples = synthetic.generate("train", 6, difficulty=synthetic.Difficulty(2, 3))
-    prompts = [templates.format_prompt(ex["question"]) for ex in examples] + ["Question: ?\nAnswer:"]
+    prompts = [templates.format_prompt(ex["question"]) for ex in examples]
+    prompts.append("Question: ?\nAnswer:")
     completions = [" " + ex["answer"] for ex in examples] + [""]
     return tokenizer, sharp, prompts, completions
 

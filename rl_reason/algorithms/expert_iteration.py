@@ -148,7 +148,8 @@ def select_correct(
     the uncut text; the cut keeps the answer it judged.
     """
     n = len(completions)
-    for name, column in (("question_ids", question_ids), ("prompts", prompts), ("rewards", rewards)):
+    columns = {"question_ids": question_ids, "prompts": prompts, "rewards": rewards}
+    for name, column in columns.items():
         if len(column) != n:
             raise ValueError(f"{name} has {len(column)} entries for {n} completions")
     kept = []
@@ -255,7 +256,8 @@ def to_jsonl(dataset: Sequence[Solution]) -> bytes:
     lines = [_canonical_json(header)]
     for s in dataset:
         record = s.to_json()
-        lines.append(_canonical_json({"solution": record, "sha256": _sha256(_canonical_json(record))}))
+        checksum = _sha256(_canonical_json(record))
+        lines.append(_canonical_json({"solution": record, "sha256": checksum}))
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -283,7 +285,9 @@ def from_jsonl(data: bytes | str) -> Dataset:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"EI dataset line 1: not an {FORMAT} header")
     if header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"EI dataset line 1: version {header.get('version')} is not {FORMAT_VERSION}")
+        raise ValueError(
+            f"EI dataset line 1: version {header.get('version')} is not {FORMAT_VERSION}"
+        )
     solutions = []
     for number, text in enumerate(lines[1:], start=2):
         entry = parse(number, text)

@@ -76,7 +76,9 @@ def class_normalizer(batch: Batch) -> jax.Array:
     """
     weights = completion_weights(batch).sum(axis=1)
     positive = is_positive(batch["labels"])
-    tokens = jnp.stack([jnp.where(positive, 0.0, weights).sum(), jnp.where(positive, weights, 0.0).sum()])
+    tokens = jnp.stack(
+        [jnp.where(positive, 0.0, weights).sum(), jnp.where(positive, weights, 0.0).sum()]
+    )
     classes = (tokens > 0).sum().astype(jnp.float32)
     return jnp.maximum(classes * tokens, 1.0)
 
@@ -121,7 +123,8 @@ def orm_loss(
     positive = is_positive(labels)
     mask = completion_weights(batch)
     weights = mask / normalizer[positive.astype(jnp.int32)][:, None]
-    bce = optax.sigmoid_binary_cross_entropy(logits, jnp.broadcast_to(labels[:, None], logits.shape))
+    targets = jnp.broadcast_to(labels[:, None], logits.shape)
+    bce = optax.sigmoid_binary_cross_entropy(logits, targets)
     loss = (weights * bce).sum()
     final = final_scores(logits, batch["loss_mask"] & batch["input_mask"])
     has_completion = ~jnp.isnan(final)
@@ -277,7 +280,9 @@ def orm_arrays(
     ``completions`` are the sampled texts as the scorer will see them.
     """
     if not len(prompts) == len(completions) == len(labels):
-        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(labels)} labels")
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(completions)} completions, {len(labels)} labels"
+        )
     pairs = [encode_for_orm(tokenizer, p, c) for p, c in zip(prompts, completions)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     arrays, truncated = sft_data.pack_pairs(pairs, max_length, pad_id)
@@ -352,7 +357,8 @@ class BatchedOrmScorer:
         starts = token_starts(self.tokenizer, completions)
         ids, positions = [], []
         cut_rows = 0
-        for prompt, completion, row_starts, row_offsets in zip(prompts, completions, starts, offsets):
+        rows = zip(prompts, completions, starts, offsets)
+        for prompt, completion, row_starts, row_offsets in rows:
             prompt_ids, completion_ids = encode_for_orm(self.tokenizer, str(prompt), completion)
             if len(completion_ids) != len(row_starts):
                 raise ValueError("the tokenizer's offset mapping disagrees with its token ids")
@@ -368,14 +374,15 @@ class BatchedOrmScorer:
             positions.append([max(p - cut, 0) for p in wanted])
         if cut_rows:
             _log.warning(
-                "%d ORM inputs are longer than the largest bucket (%d tokens); their starts are cut.",
+                "%d ORM inputs are longer than the largest bucket (%d tokens); "
+                "their starts are cut.",
                 cut_rows,
                 max_length,
             )
         return ids, positions
 
     def _score_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """[batch_size, bucket] scores of up to batch_size rows (right-padded; empty rows filled)."""
+        """[batch_size, bucket] scores of up to batch_size rows (right-padded, empty rows added)."""
         length = pick_bucket(max(len(r) for r in rows), self.length_buckets)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         tokens = np.full((self.batch_size, length), pad_id, np.int32)
