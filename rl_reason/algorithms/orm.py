@@ -293,7 +293,7 @@ def orm_arrays(
 # ----------------------------------------------------------------------------- the scorer
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: it holds params
 class BatchedOrmScorer:
     """The rewards/orm.py Scorer on one jitted ORM forward: ``scorer(completions, batch, offsets)``.
 
