@@ -1,0 +1,437 @@
+"""The outcome reward model (ORM): training step, scores, and the batched scorer.
+
+As in Cobbe et al. (2021) and the study: a scalar head on the language model
+reads, after every token of a solution, the probability that the solution's
+final answer is correct. It is trained with per-token binary cross-entropy
+against the whole solution's label, so its score at any prefix estimates the
+solution's outcome; rewards/orm.py turns those scores into sparse (final
+token) or dense (end of every step) rewards through the Scorer contract,
+which :class:`BatchedOrmScorer` implements.
+
+Sequences are encoded exactly like SFT pairs (``data.sft.encode_pair``) but
+without the EOS: the score the ORM is trained to give at the last completion
+token is the one the scorer reads at ``len(completion)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from rl_reason.algorithms.sft import split_microbatches
+from rl_reason.algorithms.train_state import TrainState
+from rl_reason.data import sft as sft_data
+from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import Transformer, default_positions
+from rl_reason.parallel import sharding as shd
+from rl_reason.rewards.functions import Batch as RewardBatch
+from rl_reason.rewards.functions import column
+from rl_reason.rewards.token_positions import char_to_token_positions, token_starts
+from rl_reason.sampling.engine import pick_bucket
+
+Batch = dict[str, jax.Array]
+ORM_HEAD = "orm"
+
+_log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+
+def completion_weights(batch: Batch) -> jax.Array:
+    """[N, L] float32: 1 at the completion's real tokens (the positions the ORM is trained on)."""
+    return (batch["loss_mask"] & batch["input_mask"]).astype(jnp.float32)
+
+
+def is_positive(labels: jax.Array) -> jax.Array:
+    """A label counts as the positive class when it is above 1/2 (labels are 0/1 in practice)."""
+    return labels > 0.5
+
+
+def class_normalizer(batch: Batch) -> jax.Array:
+    """[2] float32 (negative, positive): C * T_c, the divisor of class c's token losses.
+
+    T_c is the number of completion tokens in sequences of class c and C the
+    number of classes present in the batch (1 or 2). The loss is
+
+        sum_c  1 / (C * T_c)  *  sum_{tokens t of class-c sequences}  BCE_t,
+
+    so each present class carries weight 1/C of the loss whatever its share
+    of the batch (a policy that is right 90% of the time must not teach the
+    ORM to say "correct" everywhere), tokens within a class weigh the same
+    (Cobbe et al.'s token mean), and with balanced classes of equal lengths
+    it is the plain token mean. Computed on the whole batch, so gradient
+    accumulation over micro-batches gives exactly the full-batch gradient.
+    """
+    weights = completion_weights(batch).sum(axis=1)
+    positive = is_positive(batch["labels"])
+    tokens = jnp.stack(
+        [jnp.where(positive, 0.0, weights).sum(), jnp.where(positive, weights, 0.0).sum()]
+    )
+    classes = (tokens > 0).sum().astype(jnp.float32)
+    return jnp.maximum(classes * tokens, 1.0)
+
+
+def last_completion_index(loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[N] index of each row's last completion token, and [N] whether the row has one."""
+    length = loss_mask.shape[1]
+    last = length - 1 - jnp.argmax(loss_mask[:, ::-1], axis=1)
+    return last, loss_mask.any(axis=1)
+
+
+def final_scores(scores: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """[N] the score at each row's last completion token (NaN for a row with none)."""
+    last, has_completion = last_completion_index(loss_mask)
+    picked = jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+    return jnp.where(has_completion, picked, jnp.nan)
+
+
+def orm_logits(
+    model: Transformer, params: Any, tokens: jax.Array, input_mask: jax.Array, head: str = ORM_HEAD
+) -> jax.Array:
+    """[N, L] float32 logits of the head after every token (no vocabulary projection)."""
+    out = model.apply(params, tokens, default_positions(input_mask), input_mask)
+    logits = out.heads[head].astype(jnp.float32)
+    chex.assert_shape(logits, tokens.shape)
+    return logits
+
+
+def orm_loss(
+    params: Any, batch: Batch, model: Transformer, normalizer: jax.Array, head: str = ORM_HEAD
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Class-balanced per-token BCE (see :func:`class_normalizer`), float32.
+
+    batch: tokens, input_mask, loss_mask [N, L]; labels [N] (1 = the final
+    answer is correct). Every completion token t is trained towards the
+    label: heads[t] is the score of the text up to and including token t.
+    The aux values are sums, so micro-batches add up.
+    """
+    logits = orm_logits(model, params, batch["tokens"], batch["input_mask"], head)
+    labels = batch["labels"].astype(jnp.float32)
+    chex.assert_shape(labels, (logits.shape[0],))
+    positive = is_positive(labels)
+    mask = completion_weights(batch)
+    weights = mask / normalizer[positive.astype(jnp.int32)][:, None]
+    targets = jnp.broadcast_to(labels[:, None], logits.shape)
+    bce = optax.sigmoid_binary_cross_entropy(logits, targets)
+    loss = (weights * bce).sum()
+    final = final_scores(logits, batch["loss_mask"] & batch["input_mask"])
+    has_completion = ~jnp.isnan(final)
+    hits = jnp.where(has_completion, (final > 0) == positive, False)
+    aux = {
+        "final_hits": hits.sum().astype(jnp.float32),
+        "final_count": has_completion.sum().astype(jnp.float32),
+        "prediction_sum": (jax.nn.sigmoid(logits) * mask).sum(),
+        "token_count": mask.sum(),
+    }
+    return loss, aux
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]],
+    params: Any,
+    batch: Batch,
+    num_microbatches: int,
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """(loss, aux, grads) of a loss that is a sum over rows, summed over micro-batches.
+
+    ``loss_fn(params, micro) -> (loss, aux of scalars)`` must already be
+    normalised by whole-batch counts, so the sums are the full-batch values.
+    Gradients are float32 while accumulating and cast to the params' dtypes.
+    (The same accumulation as inside ``sft.sft_step``, for any loss.)
+    """
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:  # no accumulator: one gradient tree less in memory
+        (loss, aux), grads = value_and_grad(params, batch)
+    else:
+
+        def add(carry, micro):
+            loss, aux, grads = carry
+            (l, a), g = value_and_grad(params, micro)
+            return (loss + l, jax.tree.map(jnp.add, aux, a), jax.tree.map(jnp.add, grads, g)), None
+
+        first = jax.tree.map(lambda x: x[0], split_microbatches(batch, num_microbatches))
+        _, aux_shape = jax.eval_shape(loss_fn, params, first)
+        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+        init = (jnp.zeros((), jnp.float32), zeros(aux_shape), zeros(params))
+        (loss, aux, grads), _ = jax.lax.scan(add, init, split_microbatches(batch, num_microbatches))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, aux, grads
+
+
+def orm_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    num_microbatches: int = 1,
+    lr_schedule: Optional[optax.Schedule] = None,
+    head: str = ORM_HEAD,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update of the ORM from {tokens, input_mask, loss_mask, labels}.
+
+    Metrics: loss, final_accuracy (the sign of the final-token logit against
+    the label), mean_prediction (over completion tokens), positive_fraction,
+    grad_norm, param_norm, finite (1.0 when the loss, the gradient norm and
+    the new parameter norm are all finite, else 0.0: the loop's cue to stop
+    before a bad state reaches a checkpoint), and lr with a schedule.
+    """
+    normalizer = class_normalizer(batch)
+    loss_fn = lambda params, micro: orm_loss(params, micro, model, normalizer, head)
+    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    param_norm = optax.tree.norm(params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    metrics = {
+        "loss": loss,
+        "final_accuracy": aux["final_hits"] / jnp.maximum(aux["final_count"], 1.0),
+        "mean_prediction": aux["prediction_sum"] / jnp.maximum(aux["token_count"], 1.0),
+        "positive_fraction": is_positive(batch["labels"]).mean(dtype=jnp.float32),
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+        "finite": finite.astype(jnp.float32),
+        "target_tokens": aux["token_count"],
+    }
+    if lr_schedule is not None:
+        metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    rng, _ = jax.random.split(state.rng)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+
+def make_orm_step(model: Transformer, tx: optax.GradientTransformation, **options) -> Any:
+    """Binds the static parts, leaving the pure `step(state, batch)`."""
+    return functools.partial(orm_step, model=model, tx=tx, **options)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def orm_scores(
+    model: Transformer, params: Any, tokens: jax.Array, input_mask: jax.Array, head: str = ORM_HEAD
+) -> jax.Array:
+    """[N, L] float32 sigmoid probabilities after every token (padding positions included)."""
+    return jax.nn.sigmoid(orm_logits(model, params, tokens, input_mask, head))
+
+
+orm_scores_jit = jax.jit(orm_scores, static_argnames=("model", "head"))
+
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve: P(a positive outscores a negative), ties counting 1/2.
+
+    Computed as the Mann-Whitney U statistic with average ranks for tied
+    scores. Labels above 1/2 are positive. Raises ValueError when a class is
+    missing (the AUC is undefined) or a score is NaN.
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    positive = np.asarray(labels, np.float64).ravel() > 0.5
+    if scores.shape != positive.shape:
+        raise ValueError(f"{scores.size} scores for {positive.size} labels")
+    if np.isnan(scores).any():
+        raise ValueError("roc_auc got a NaN score")
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc needs both classes, got {n_pos} positive and {n_neg} negative")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)  # 1-based rank of the last member of each tie group
+    average_rank = upper - (counts - 1) / 2.0
+    ranks = average_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def encode_for_orm(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """``sft.encode_pair`` without the EOS: the ORM judges the text, not its end marker."""
+    prompt_ids, completion_ids = sft_data.encode_pair(tokenizer, prompt, completion)
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids[:-1]
+    return prompt_ids, completion_ids
+
+
+def orm_arrays(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    labels: Sequence[float],
+    max_length: int,
+) -> tuple[dict[str, np.ndarray], int]:
+    """An ORM batch {tokens, input_mask, loss_mask [N, max_length], labels [N] float32},
+    and how many rows were cut at max_length (their last tokens are lost, so
+    their final score is not the whole solution's: report it).
+
+    ``completions`` are the sampled texts as the scorer will see them.
+    """
+    if not len(prompts) == len(completions) == len(labels):
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(completions)} completions, {len(labels)} labels"
+        )
+    pairs = [encode_for_orm(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    arrays, truncated = sft_data.pack_pairs(pairs, max_length, pad_id)
+    arrays["labels"] = np.asarray(labels, np.float32)
+    return arrays, truncated
+
+
+# ----------------------------------------------------------------------------- the scorer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: it holds params
+class BatchedOrmScorer:
+    """The rewards/orm.py Scorer on one jitted ORM forward: ``scorer(completions, batch, offsets)``.
+
+    ``batch[prompt_column]`` holds each completion's exact prompt text. Every
+    (prompt, completion) is encoded as :func:`encode_for_orm`, rows are sorted
+    by length, cut into batches of ``batch_size`` (the last filled with empty
+    rows) and right-padded to the smallest of ``length_buckets`` that holds
+    them, so a whole run compiles at most ``len(length_buckets)`` programs.
+    The score for character offset ``c`` is read at the completion token that
+    completes ``completion[:c]`` (``char_to_token_positions`` on the
+    completion's token starts); for ``c <= 0`` (no completion text yet) it is
+    read at the prompt's last token. A sequence longer than the largest
+    bucket loses the start of its prompt; an offset whose token was cut is
+    read at the first kept token. Replace ``params`` with
+    ``dataclasses.replace(scorer, params=...)``; the compiled program is kept.
+    """
+
+    model: Transformer
+    params: Any
+    tokenizer: Any
+    batch_size: int = 32
+    length_buckets: tuple[int, ...] = (128, 256, 512, 1024)
+    prompt_column: str = "prompt"
+    head: str = ORM_HEAD
+    mesh: Optional[Mesh] = None
+    rules: shd.Rules = shd.DEFAULT_RULES
+
+    def __post_init__(self):
+        if self.head not in self.model.config.heads:
+            raise ValueError(f"the model has heads {self.model.config.heads}, not {self.head!r}")
+        if self.mesh is not None:
+            shd.check_batch_divides(self.batch_size, self.mesh, "ORM scoring batch")
+
+    def __call__(
+        self,
+        completions: Sequence[str],
+        batch: RewardBatch,
+        offsets: Sequence[Sequence[int]],
+    ) -> list[list[float]]:
+        n = len(completions)
+        prompts = column(batch, self.prompt_column, n)
+        if len(offsets) != n:
+            raise ValueError(f"{len(offsets)} offset lists for {n} completions")
+        if n == 0:
+            return []
+        ids, positions = self.encode(prompts, completions, offsets)
+        out: list[list[float]] = [[] for _ in range(n)]
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        for start in range(0, n, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            scores = self._score_rows([ids[i] for i in rows])
+            for k, i in enumerate(rows):
+                out[i] = [float(scores[k, p]) for p in positions[i]]
+        return out
+
+    def encode(
+        self, prompts: Sequence[str], completions: Sequence[str], offsets: Sequence[Sequence[int]]
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Each row's token ids (cut to the largest bucket) and the position to read per offset."""
+        max_length = max(self.length_buckets)
+        starts = token_starts(self.tokenizer, completions)
+        ids, positions = [], []
+        cut_rows = 0
+        rows = zip(prompts, completions, starts, offsets)
+        for prompt, completion, row_starts, row_offsets in rows:
+            prompt_ids, completion_ids = encode_for_orm(self.tokenizer, str(prompt), completion)
+            if len(completion_ids) != len(row_starts):
+                raise ValueError("the tokenizer's offset mapping disagrees with its token ids")
+            tokens = prompt_ids + completion_ids
+            first = len(prompt_ids)
+            wanted = [
+                first + p if c > 0 and completion_ids else first - 1
+                for c, p in zip(row_offsets, char_to_token_positions(row_starts, row_offsets))
+            ]
+            cut = max(len(tokens) - max_length, 0)
+            cut_rows += cut > 0
+            ids.append(tokens[cut:])
+            positions.append([max(p - cut, 0) for p in wanted])
+        if cut_rows:
+            _log.warning(
+                "%d ORM inputs are longer than the largest bucket (%d tokens); "
+                "their starts are cut.",
+                cut_rows,
+                max_length,
+            )
+        return ids, positions
+
+    def _score_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """[batch_size, bucket] scores of up to batch_size rows (right-padded, empty rows added)."""
+        length = pick_bucket(max(len(r) for r in rows), self.length_buckets)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tokens = np.full((self.batch_size, length), pad_id, np.int32)
+        mask = np.zeros((self.batch_size, length), bool)
+        for k, row in enumerate(rows):
+            tokens[k, : len(row)] = row
+            mask[k, : len(row)] = True
+        with shd.activation_sharding(self.mesh, self.rules):
+            if self.mesh is not None:
+                tokens, mask = shd.shard_batch((tokens, mask), self.mesh)
+            scores = orm_scores_jit(self.model, self.params, tokens, mask, self.head)
+        return np.asarray(jax.device_get(scores))
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def head_param_name(name: str) -> str:
+    """Where Transformer keeps scalar head ``name``'s Dense params (a dict attribute in setup)."""
+    return f"scalar_heads_{name}"
+
+
+def add_head(
+    params: Any, model_config: ModelConfig, name: str, rng: jax.Array
+) -> tuple[Any, ModelConfig]:
+    """(params, config) with a freshly initialised scalar head ``name`` added.
+
+    Imported HF/GGUF weights have no heads. The new head is initialised like
+    Transformer's own (kernel ~ normal(init_std), zero bias, param dtype);
+    every other parameter is the same object as before. A no-op when the
+    params and config already have the head. ``params`` are unboxed
+    ({"params": {...}}), scanned or unrolled.
+    """
+    key = head_param_name(name)
+    heads = model_config.heads if name in model_config.heads else (*model_config.heads, name)
+    config = model_config.replace(heads=heads)
+    if key in params["params"]:
+        return params, config
+    abstract = jax.eval_shape(
+        lambda: nn.meta.unbox(
+            Transformer(config).init(
+                jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32)
+            )
+        )
+    )["params"][key]
+    dtype = config.weights_dtype
+    head = {
+        "kernel": nn.initializers.normal(config.init_std)(rng, (config.hidden_dim, 1), dtype),
+        "bias": jnp.zeros((1,), dtype),
+    }
+    chex.assert_trees_all_equal_shapes_and_dtypes(head, abstract)
+    return {**params, "params": {**params["params"], key: head}}, config

@@ -1,0 +1,225 @@
+"""Return-Conditioned RL (RCRL): fine-tune on samples prefixed with their return.
+
+As in the study (after Decision Transformer / Quark-style conditioning): each
+sampled solution is labelled with a return token -- ``<|good|>`` if it earned
+the reward, ``<|bad|>`` otherwise -- placed where the solution starts, and the
+model is fine-tuned with the ordinary SFT step on correct *and* incorrect
+samples. At test time the prompt carries ``<|good|>``, asking for a solution
+like the good ones. Sparse RCRL puts one token before the whole solution;
+dense RCRL puts one before every step (a non-blank line), labelled from that
+step's reward (step-match credit, or the ORM's score at the step's end).
+
+The return tokens are conditioning, not targets: the loss never trains the
+model to predict them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+from rl_reason.data import sft as sft_data
+from rl_reason.data import templates
+from rl_reason.models.config import ModelConfig
+from rl_reason.rewards.steps import split_steps
+
+GOOD = "<|good|>"
+BAD = "<|bad|>"
+RETURN_TOKENS = (GOOD, BAD)
+ANSWER_MARKER = "Answer:"
+
+Mode = Literal["sparse", "dense"]
+MODES = ("sparse", "dense")
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def add_return_tokens(
+    tokenizer: Any,
+    params: Any,
+    model_config: ModelConfig,
+    tokens: Sequence[str] = RETURN_TOKENS,
+) -> tuple[Any, Any, ModelConfig]:
+    """(tokenizer, params, config) that know the return tokens.
+
+    The tokenizer (a copy; the argument is not mutated) gains the missing
+    tokens as special tokens: never split, skipped by
+    ``decode(skip_special_tokens=True)``, ids from ``len(tokenizer)`` on, so
+    every existing id is unchanged. The embedding (and an untied ``lm_head``)
+    grows to cover the new ids; rows of the tokens added now, and rows the
+    matrix grows by, are set to the mean of the existing tokens' rows -- a
+    new token starts as "an average token", so the logits of old tokens are
+    untouched and the new ones start at a typical logit, not at a random one.
+    Idempotent: tokens the tokenizer already has keep their ids and rows
+    (only rows the matrix lacks are added). ``params`` are unboxed
+    ({"params": {...}}), scanned or unrolled (the embedding is outside the
+    layers).
+    """
+    old_length = len(tokenizer)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(missing, special_tokens=True)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    old_vocab = model_config.vocab_size
+    new_vocab = max(old_vocab, max(ids) + 1)
+    added_ids = {tokenizer.convert_tokens_to_ids(t) for t in missing}
+    fresh = sorted(added_ids | set(range(old_vocab, new_vocab)))
+    if not fresh:
+        return tokenizer, params, model_config
+
+    # The rows the mean is taken over: real tokens that are not return tokens.
+    source = np.zeros(old_vocab, bool)
+    source[: min(old_vocab, old_length)] = True
+    source[[i for i in ids if i < old_vocab]] = False
+
+    def grow(table: Any, vocab_axis: int) -> Any:
+        rows = jnp.moveaxis(jnp.asarray(table), vocab_axis, 0)  # [V, E]
+        chex.assert_axis_dimension(rows, 0, old_vocab)
+        mean = rows[np.flatnonzero(source)].astype(jnp.float32).mean(axis=0).astype(rows.dtype)
+        extra = jnp.zeros((new_vocab - old_vocab, rows.shape[1]), rows.dtype)
+        rows = jnp.concatenate([rows, extra])
+        rows = rows.at[np.asarray(fresh)].set(mean)
+        return jnp.moveaxis(rows, 0, vocab_axis)
+
+    inner = dict(params["params"])
+    inner["embedder"] = {**inner["embedder"], "embedding": grow(inner["embedder"]["embedding"], 0)}
+    if not model_config.tie_embeddings:
+        inner["lm_head"] = grow(inner["lm_head"], 1)
+    return tokenizer, {**params, "params": inner}, model_config.replace(vocab_size=new_vocab)
+
+
+def return_token_ids(tokenizer: Any, tokens: Sequence[str] = RETURN_TOKENS) -> list[int]:
+    """The ids of the return tokens; ValueError if the tokenizer lacks one."""
+    vocab = tokenizer.get_vocab()
+    absent = [t for t in tokens if t not in vocab]
+    if absent:
+        raise ValueError(f"the tokenizer has no {absent}; call add_return_tokens first")
+    return [vocab[t] for t in tokens]
+
+
+def strip_return_tokens(text: str, tokens: Sequence[str] = RETURN_TOKENS) -> str:
+    """``text`` without any return token (e.g. a decoded sample before rewarding it)."""
+    for token in tokens:
+        text = text.replace(token, "")
+    return text
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def condition_prompt(prompt: str, token: str) -> str:
+    """``prompt`` with ``token`` right after its last "Answer:", where the solution starts.
+
+    House prompts end with "Answer:", so this appends the token; a prompt
+    without the marker gets it at its end (where the solution starts too).
+    """
+    at = prompt.rfind(ANSWER_MARKER)
+    at = len(prompt) if at < 0 else at + len(ANSWER_MARKER)
+    return prompt[:at] + token + prompt[at:]
+
+
+@dataclasses.dataclass(frozen=True)
+class RcrlSample:
+    """One sampled solution with its reward (sparse) and per-step rewards (dense).
+
+    ``step_rewards[k]`` is the reward of the k-th step of ``completion``
+    (``split_steps``), e.g. from :func:`per_step_rewards`.
+    """
+
+    prompt: str
+    completion: str
+    reward: float
+    step_rewards: tuple[float, ...] | None = None
+
+
+def per_step_rewards(completion: str, dense: Sequence[tuple[int, float]]) -> tuple[float, ...]:
+    """Dense (character offset, reward) pairs summed per step of ``completion``.
+
+    A reward paid at offset c belongs to the first step that ends at or
+    after c (rewards are paid at step ends); one past the last step goes to
+    the last step. Step-match credit and ORM step scores both pay at step
+    ends, so each step gets exactly its own value.
+    """
+    ends = [step.end for step in split_steps(completion)]
+    totals = [0.0] * len(ends)
+    for offset, reward in dense:
+        if not ends:
+            break
+        k = next((i for i, end in enumerate(ends) if offset <= end), len(ends) - 1)
+        totals[k] += float(reward)
+    return tuple(totals)
+
+
+def _label(value: float, threshold: float, tokens: Sequence[str]) -> str:
+    good, bad = tokens
+    return good if value >= threshold else bad
+
+
+def conditioned_pair(
+    sample: RcrlSample,
+    mode: Mode,
+    *,
+    threshold: float,
+    tokens: Sequence[str] = RETURN_TOKENS,
+) -> tuple[str, str]:
+    """The (prompt, completion) texts of one RCRL training pair, return tokens in place.
+
+    The completion is in the house template (``templates.format_completion``:
+    one space, then the solution), so RCRL trains like SFT and EI. Sparse:
+    one token after "Answer:", good when ``reward >= threshold``. Dense: a
+    token at the start of every step, good when that step's reward is
+    ``>= threshold``; the first step starts the completion, so its token
+    sits after "Answer:" as in sparse mode. A dense sample without steps
+    (an empty solution) is labelled by its reward, as in sparse mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    completion = templates.format_completion(sample.completion)
+    steps = split_steps(completion)
+    if mode == "sparse" or not steps:
+        return condition_prompt(sample.prompt, _label(sample.reward, threshold, tokens)), completion
+    if sample.step_rewards is None or len(sample.step_rewards) != len(steps):
+        given = None if sample.step_rewards is None else len(sample.step_rewards)
+        raise ValueError(
+            f"dense RCRL needs one reward per step: {len(steps)} steps, {given} rewards"
+        )
+    labels = [_label(r, threshold, tokens) for r in sample.step_rewards]
+    starts = [step.end - len(step.text) for step in steps]
+    assert starts[0] == 0, "format_completion's text starts with its first step"
+    pieces = [completion[start:end] for start, end in zip(starts, [*starts[1:], len(completion)])]
+    body = "".join(label + piece for label, piece in zip(labels[1:], pieces[1:]))
+    return condition_prompt(sample.prompt, labels[0]), pieces[0] + body
+
+
+def rcrl_arrays(
+    tokenizer: Any,
+    samples: Sequence[RcrlSample],
+    max_length: int,
+    mode: Mode,
+    *,
+    threshold: float,
+    tokens: Sequence[str] = RETURN_TOKENS,
+) -> tuple[dict[str, np.ndarray], int]:
+    """{tokens, input_mask, loss_mask} [len(samples), max_length] for ``sft_step``, and the
+    count of rows cut at max_length.
+
+    Pairs are :func:`conditioned_pair` encoded by ``data.sft.encode_pair``;
+    positions holding a return token are removed from the loss mask, so the
+    model learns the solution given its return, never to emit the return.
+    """
+    return_ids = return_token_ids(tokenizer, tokens)
+    texts = [conditioned_pair(s, mode, threshold=threshold, tokens=tokens) for s in samples]
+    pairs = [sft_data.encode_pair(tokenizer, prompt, completion) for prompt, completion in texts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    arrays, truncated = sft_data.pack_pairs(pairs, max_length, pad_id)
+    arrays["loss_mask"] &= ~np.isin(arrays["tokens"], return_ids)
+    return arrays, truncated
