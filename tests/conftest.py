@@ -17,3 +17,25 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
+
+
+def tiny_sft_config():
+    """A 2-layer, 32-wide model SFT-trained for a few steps on the synthetic task."""
+    from rl_reason.experiments import config as config_lib
+
+    config = config_lib.base_config()
+    config.model.update(hidden_dim=32, num_layers=2, head_dim=8, mlp_dim=64, vocab_size=0)
+    config.data.update(num_train=64, num_eval=16, tokenizer_vocab_size=300)
+    config.train.update(batch_size=16, max_length=128, num_steps=3, log_every=1, eval_every=3)
+    config.logging.update(progress_bar=False, tensorboard=False)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory) -> pathlib.Path:
+    """The workdir of a tiny SFT run: the start model of the RL tests."""
+    from rl_reason.experiments import sft
+
+    workdir = tmp_path_factory.mktemp("tiny_sft")
+    sft.train(tiny_sft_config(), str(workdir))
+    return workdir
