@@ -194,6 +194,7 @@ def ei_config() -> ml_collections.ConfigDict:
     c.ei.restart_from_initial = True  # the study: each round fine-tunes the start model
     c.ei.steps_per_round = 200
     c.ei.eval_every = 50  # validation maj@1 every this many steps picks the round's checkpoint
+    c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 128

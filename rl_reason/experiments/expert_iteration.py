@@ -103,6 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     files = _Files(workdir)
 
     start = sources.load_model(config.model_source.kind, config.model_source.path, mesh, rules)
+    if config.train.remat:  # recomputation changes no parameter, only what the step keeps
+        start = start._replace(config=start.config.replace(remat=config.train.remat))
     tokenizer = start.tokenizer
     model = Transformer(start.config)
     initial_id = sources.checksum(start.params)
