@@ -182,6 +182,7 @@ def ei_config() -> ml_collections.ConfigDict:
     c.ei = ml_collections.ConfigDict()
     c.ei.num_rounds = 5
     c.ei.num_samples = 8  # K per question (the study: 96)
+    c.ei.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
     c.ei.temperature = 1.0
     c.ei.max_new_tokens = 64
     c.ei.sampling_batch_size = 16

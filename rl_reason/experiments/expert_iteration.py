@@ -162,9 +162,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         stop_strings=templates.STOP_SEQUENCES,
         progress=config.logging.progress_bar and jax.process_index() == 0,
     )
-    sampling = sampler.sampling_config(
-        max_new_tokens=c.max_new_tokens, temperature=c.temperature, num_samples=c.num_samples
-    )
     reward_fn = compose.compose(c.rewards.to_dict())
     step_fn = ts.jit_step(
         sft.make_sft_step(
@@ -219,25 +216,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     ):
                         first = chunks[index]
                         questions = task.train[first : first + c.sampling_chunk]
-                        with shd.activation_sharding(mesh, rules):
-                            samples = sampler.generate(
-                                best_params,
-                                prompts[first : first + c.sampling_chunk],
-                                jax.random.fold_in(base_rng, r),
-                                sampling,
-                                prompt_offset=first,
-                                prefix_length=shared,
-                            )
+                        texts = _sample_k(
+                            sampler, best_params, prompts[first : first + c.sampling_chunk],
+                            jax.random.fold_in(base_rng, r), c, first, shared,
+                        )
                         k = c.num_samples
                         columns = {
                             key: [q[key] for q in questions for _ in range(k)] for key in questions[0]
                         }
-                        rewards = reward_fn(samples.texts, columns)
+                        rewards = reward_fn(texts, columns)
                         qids = [first + i for i in range(len(questions)) for _ in range(k)]
                         kept = ei.select_correct(
                             qids,
                             [stored[i] for i in qids],
-                            samples.texts,
+                            texts,
                             rewards.totals,
                             round=r,
                             threshold=c.threshold,
@@ -246,7 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         progress.update(
                             chunk=index + 1,
                             global_step=progress["global_step"] + 1,
-                            samples_drawn=progress["samples_drawn"] + len(samples.texts),
+                            samples_drawn=progress["samples_drawn"] + len(texts),
                         )
                         log(
                             {
@@ -334,6 +326,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         checkpointer.close()
         writer.close()
     return last
+
+
+def _sample_k(sampler: Sampler, params, prompts, rng, c, prompt_offset: int, shared: int) -> list[str]:
+    """c.num_samples completions per prompt, prompt-major, drawn c.samples_per_call at a
+    time (the study's K=96 rows per prompt need not share one KV cache)."""
+    per_call = c.samples_per_call or c.num_samples
+    calls = -(-c.num_samples // per_call)
+    groups: list[list[str]] = [[] for _ in prompts]
+    for call in range(calls):
+        count = min(per_call, c.num_samples - call * per_call)
+        config = sampler.sampling_config(
+            max_new_tokens=c.max_new_tokens, temperature=c.temperature, num_samples=count
+        )
+        with shd.activation_sharding(sampler.mesh, sampler.rules):
+            out = sampler.generate(
+                params,
+                prompts,
+                rng if calls == 1 else jax.random.fold_in(rng, call),
+                config,
+                prompt_offset=prompt_offset,
+                prefix_length=shared,
+            )
+        for group, texts in zip(groups, out.texts_per_prompt()):
+            group.extend(texts)
+    return [text for group in groups for text in group]
 
 
 def _previous_dataset(files: _Files, progress: dict[str, Any]) -> ei.Dataset:

@@ -227,10 +227,28 @@ def gemma3_270m(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def llama2_7b(**changes) -> ModelConfig:
+    """meta-llama/Llama-2-7b-hf: the study's smaller model (6.7B parameters)."""
+    base = dict(
+        vocab_size=32_000,
+        hidden_dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        mlp_dim=11_008,
+        tie_embeddings=False,
+        norm_eps=1e-5,
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
 PRESETS = {
     "tiny_llama": tiny_llama,
     "tiny_gemma3": tiny_gemma3,
     "llama_50m": llama_50m,
     "llama_125m": llama_125m,
     "gemma3_270m": gemma3_270m,
+    "llama2_7b": llama2_7b,
 }
