@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from rl_reason import checkpointing
-from rl_reason.algorithms import train_state as ts
 from rl_reason.experiments import expert_iteration, on_policy, sources
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd

@@ -110,6 +110,19 @@ def eval_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _from_a_start_model(algorithm: str) -> ml_collections.ConfigDict:
+    """base_config() with the algorithm's name, its start model and the task's data."""
+    c = base_config()
+    c.algorithm = algorithm
+    c.model_source = ml_collections.ConfigDict()
+    c.model_source.kind = "run"  # "run" (an rl_reason workdir), "hf" (a directory), "gguf" (a file)
+    c.model_source.path = ""
+    c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    c.data.manual_dir = ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
+    c.data.svamp_train_tenths = 7  # SVAMP rows with index % 10 < 7 train, the rest are held out
+    return c
+
+
 def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     """base_config() plus what an on-policy RL run needs (PPO, GRPO, RLOO, Dr. GRPO).
 
@@ -119,14 +132,7 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     """
     from rl_reason.algorithms.ppo import PPOConfig
 
-    c = base_config()
-    c.algorithm = algorithm
-    c.model_source = ml_collections.ConfigDict()
-    c.model_source.kind = "run"  # "run" (an rl_reason workdir), "hf" (a directory), "gguf" (a file)
-    c.model_source.path = ""
-    c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    c.data.manual_dir = ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
-    c.data.svamp_train_tenths = 7  # SVAMP rows with index % 10 < 7 train, the rest are held out
+    c = _from_a_start_model(algorithm)
 
     c.rl = ml_collections.ConfigDict()
     c.rl.num_iterations = 20
@@ -169,14 +175,7 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
 
 def ei_config() -> ml_collections.ConfigDict:
     """base_config() plus Expert Iteration's settings (the study's protocol, CPU-sized)."""
-    c = base_config()
-    c.algorithm = "ei"
-    c.model_source = ml_collections.ConfigDict()
-    c.model_source.kind = "run"
-    c.model_source.path = ""
-    c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    c.data.manual_dir = ""
-    c.data.svamp_train_tenths = 7
+    c = _from_a_start_model("ei")
     c.data.num_validation = 64  # train questions held back to select each round's checkpoint
 
     c.ei = ml_collections.ConfigDict()

@@ -37,14 +37,14 @@ import tqdm
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
 from rl_reason.algorithms import expert_iteration as ei
-from rl_reason.algorithms import optimizer, sft
+from rl_reason.algorithms import optimizer
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.experiments import sft as sft_experiment
 from rl_reason.models.transformer import Transformer
-from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.sampling.engine import Sampler, common_prefix_length
@@ -84,6 +84,28 @@ class _Files:
         return dataset
 
 
+def validate_ei(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming every problem of an EI config before anything compiles."""
+    from rl_reason.rewards import registry
+
+    c, problems = config.ei, []
+    if c.num_rounds < 1 or c.num_samples < 1 or c.steps_per_round < 1:
+        problems.append("ei.num_rounds, ei.num_samples and ei.steps_per_round must be positive.")
+    if c.eval_every < 1:
+        problems.append("ei.eval_every must be positive: validation picks each round's checkpoint.")
+    if config.data.get("num_validation", 0) < 1:
+        problems.append("data.num_validation must be positive: validation maj@1 picks checkpoints.")
+    problems += [
+        f"ei.rewards names {name!r}; known rewards: {registry.names()}."
+        for name in c.rewards
+        if name not in registry.names()
+    ]
+    if not config.model_source.path and config.model_source.kind != "gguf":
+        problems.append(f"model_source.path is empty: give the start model ({config.model_source.kind}).")
+    if problems:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
 def _copy(tree: Any) -> Any:
     """A copy that survives the donation of the original's buffers to the next step."""
     return jax.tree.map(jnp.copy, tree)
@@ -91,15 +113,9 @@ def _copy(tree: Any) -> Any:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) Expert Iteration to ei.num_rounds; returns the last logged metrics."""
-    mesh_lib.maybe_initialize_distributed(**config.distributed)
-    os.makedirs(workdir, exist_ok=True)
-    runs.check_resume_config(config, workdir)
+    mesh, rules = runs.start(config, workdir, validate_ei)
     c = config.ei
-    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
-    rules = shd.rules_from_config(config.mesh.rules)
     task = tasks.load(config)
-    if not task.validation:
-        raise ValueError("Expert Iteration selects checkpoints by validation: set data.num_validation.")
     files = _Files(workdir)
 
     start = sources.load_model(config.model_source.kind, config.model_source.path, mesh, rules)
@@ -109,12 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model = Transformer(start.config)
     initial_id = sources.checksum(start.params)
     tx, schedule = optimizer.make_optimizer(config.optim, c.steps_per_round)
-    checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        save_interval_steps=config.checkpoint.save_interval_steps,
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save,
-    )
+    checkpointer = runs.make_checkpointer(config, workdir)
     abstract_state = ts.abstract_train_state(model, tx, mesh, rules)
     if checkpointer.latest_step() is not None:
         targets = {
@@ -163,18 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         progress=config.logging.progress_bar and jax.process_index() == 0,
     )
     reward_fn = compose.compose(c.rewards.to_dict())
-    step_fn = ts.jit_step(
-        sft.make_sft_step(
-            model,
-            tx,
-            num_microbatches=config.train.num_microbatches,
-            chunk_size=config.train.loss_chunk_size,
-            lr_schedule=schedule,
-        ),
-        mesh,
-        rules,
-        ts.state_shardings(model, tx, mesh, rules),
-    )
+    step_fn = sft_experiment.jit_sft_step(config, model, tx, schedule, mesh, rules)
     writer = run_logging.MetricWriter(
         workdir, tensorboard=config.logging.tensorboard, resume_step=progress["global_step"]
     )
@@ -305,7 +305,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         last = log(record)
                     checkpoint_and_maybe_stop(force=done == c.steps_per_round)
 
-                heldout = _heldout(sampler, best_params, task, config, jax.random.fold_in(base_rng, 10_000 + r))
+                heldout = rollout.evaluate_heldout(
+                    sampler, best_params, task.heldout, config.eval,
+                    jax.random.fold_in(base_rng, 10_000 + r),
+                )
                 progress.update(
                     round=r + 1, phase=SAMPLE, chunk=0, global_step=progress["global_step"] + 1
                 )
@@ -373,16 +376,3 @@ def _greedy_accuracy(sampler: Sampler, params, questions, c) -> float:
         )
     return metrics["maj@1"]
 
-
-def _heldout(sampler: Sampler, params, task: tasks.Task, config, rng) -> dict[str, float]:
-    questions = task.heldout[: config.eval.num_examples or None]
-    with shd.activation_sharding(sampler.mesh, sampler.rules):
-        return rollout.heldout_metrics(
-            sampler,
-            params,
-            questions,
-            num_samples=config.eval.num_samples,
-            temperature=config.eval.temperature,
-            max_new_tokens=config.eval.max_new_tokens,
-            rng=rng,
-        )

@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,6 @@ from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
 from rl_reason.experiments.config import validate_rl
 from rl_reason.models.transformer import Transformer
-from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.sampling.engine import Sampler
@@ -106,13 +105,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     Raises checkpointing.Preempted after saving when SIGTERM/SIGINT arrives.
     """
-    mesh_lib.maybe_initialize_distributed(**config.distributed)
-    validate_rl(config)
-    os.makedirs(workdir, exist_ok=True)
-    runs.check_resume_config(config, workdir)
+    mesh, rules = runs.start(config, workdir, validate_rl)
     rl, pc = config.rl, ppo_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
-    rules = shd.rules_from_config(config.mesh.rules)
     task = tasks.load(config)
 
     source = sources.load_model(config.model_source.kind, config.model_source.path, mesh, rules)
@@ -132,12 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     steps_per_iteration = pc.num_epochs * pc.num_minibatches
     tx, schedule = optimizer.make_optimizer(config.optim, rl.num_iterations * steps_per_iteration)
-    checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        save_interval_steps=config.checkpoint.save_interval_steps,
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save,
-    )
+    checkpointer = runs.make_checkpointer(config, workdir)
     iterator = IndexIterator(
         len(task.train), rl.prompts_per_iteration, seed=config.seed, shuffle=config.data.shuffle
     )
@@ -297,7 +286,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     record.update(
                         {
                             f"heldout/{k}": v
-                            for k, v in evaluate_policy(sampler, state.params, task, config, eval_rng).items()
+                            for k, v in rollout.evaluate_heldout(
+                                sampler, state.params, task.heldout, config.eval, eval_rng
+                            ).items()
                         }
                     )
                 last = writer.write(done, record)
@@ -318,19 +309,3 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.close()
     return last
 
-
-def evaluate_policy(
-    sampler: Sampler, params: Any, task: "tasks.Task", config: ml_collections.ConfigDict, rng
-) -> dict[str, float]:
-    """Held-out maj@1 (greedy), maj@K, pass@K of the current policy."""
-    questions = task.heldout[: config.eval.num_examples or None]
-    with shd.activation_sharding(sampler.mesh, sampler.rules):
-        return rollout.heldout_metrics(
-            sampler,
-            params,
-            questions,
-            num_samples=config.eval.num_samples,
-            temperature=config.eval.temperature,
-            max_new_tokens=config.eval.max_new_tokens,
-            rng=rng,
-        )

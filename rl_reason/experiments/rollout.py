@@ -121,3 +121,22 @@ def heldout_metrics(
     greedy = [g[0] for g in groups]
     k_texts = [g[1:] if num_samples > 0 else [g[0]] for g in groups]
     return score_samples(k_texts, [q["final_answer"] for q in questions], greedy=greedy)
+
+
+def evaluate_heldout(
+    sampler: Sampler, params: Any, questions: Sequence[Mapping[str, Any]], eval_config, rng: jax.Array
+) -> dict[str, float]:
+    """heldout_metrics with a run's `eval` section (num_examples, num_samples, temperature,
+    max_new_tokens), on the sampler's mesh."""
+    from rl_reason.parallel import sharding as shd
+
+    with shd.activation_sharding(sampler.mesh, sampler.rules):
+        return heldout_metrics(
+            sampler,
+            params,
+            questions[: eval_config.num_examples or None],
+            num_samples=eval_config.num_samples,
+            temperature=eval_config.temperature,
+            max_new_tokens=eval_config.max_new_tokens,
+            rng=rng,
+        )

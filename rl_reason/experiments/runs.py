@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
 
 # Sections (or top-level keys) a resumed run may not change.
 LOCKED_KEYS = ("seed", "model", "data")
@@ -94,6 +97,29 @@ def check_finite(metrics: Mapping[str, Any], where: str, last_checkpoint: Option
     raise NonFiniteStepError(
         f"{where} is not finite ({', '.join(bad) or 'updated parameters'}); nothing from it was"
         f" saved and {kept}. Lower optim.lr, check the data or the rewards."
+    )
+
+
+def start(
+    config: ml_collections.ConfigDict, workdir: str, validate: Callable[[Any], None]
+) -> tuple[Mesh, tuple]:
+    """What every run does first: join the other hosts, check the config (`validate`)
+    and that it may resume the workdir's run, then build the mesh and its rules."""
+    mesh_lib.maybe_initialize_distributed(**config.distributed)
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    check_resume_config(config, workdir)
+    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    return mesh, shd.rules_from_config(config.mesh.rules)
+
+
+def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointing.Checkpointer:
+    """The run's checkpointer, as its `checkpoint` section says."""
+    return checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.checkpoint.save_interval_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
     )
 
 

@@ -30,7 +30,6 @@ from rl_reason.experiments import runs
 from rl_reason.experiments.config import validate
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
-from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
 
@@ -119,29 +118,29 @@ def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int, me
     return {"eval_loss": nll / max(count, 1), "eval_token_accuracy": hits / max(count, 1)}
 
 
+def jit_sft_step(config: ml_collections.ConfigDict, model: Transformer, tx, schedule, mesh, rules):
+    """`sft_step` as the `train` section sets it, compiled on the mesh (SFT and EI rounds)."""
+    step = sft.make_sft_step(
+        model,
+        tx,
+        num_microbatches=config.train.num_microbatches,
+        chunk_size=config.train.loss_chunk_size,
+        lr_schedule=schedule,
+    )
+    return ts.jit_step(step, mesh, rules, ts.state_shardings(model, tx, mesh, rules))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) SFT to config.train.num_steps; returns the last logged metrics.
 
     Raises checkpointing.Preempted after saving when SIGTERM/SIGINT arrives.
     """
-    mesh_lib.maybe_initialize_distributed(**config.distributed)
-    validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    runs.check_resume_config(config, workdir)
-
-    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
-    rules = shd.rules_from_config(config.mesh.rules)
+    mesh, rules = runs.start(config, workdir, validate)
     data = prepare_data(config, workdir)
     model = Transformer(model_config(config, data.tokenizer))
     tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
-    shardings = ts.state_shardings(model, tx, mesh, rules)
 
-    checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        save_interval_steps=config.checkpoint.save_interval_steps,
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save,
-    )
+    checkpointer = runs.make_checkpointer(config, workdir)
     iterator = IndexIterator(
         len(data.train["tokens"]),
         config.train.batch_size,
@@ -164,18 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"The run in {workdir} finished at step {start}; nothing to do.")
         return runs.finished_record(workdir)
 
-    step_fn = ts.jit_step(
-        sft.make_sft_step(
-            model,
-            tx,
-            num_microbatches=config.train.num_microbatches,
-            chunk_size=config.train.loss_chunk_size,
-            lr_schedule=schedule,
-        ),
-        mesh,
-        rules,
-        shardings,
-    )
+    step_fn = jit_sft_step(config, model, tx, schedule, mesh, rules)
     eval_fn = _eval_fn(model, config.train.loss_chunk_size)
     eval_batch = config.train.batch_size // config.train.num_microbatches
     writer = run_logging.MetricWriter(
