@@ -348,28 +348,30 @@ def judge_many(
     pending = unique
     for _ in range(MAX_LATEX_CHECKS + 1):
         missing: dict[tuple[str, str], None] = {}
+        asked = [0]  # unknown checks the pair being decided asked for
 
         def oracle(gold: str, pred: str) -> bool:
             if (gold, pred) in known:
                 return known[(gold, pred)]
             missing[(gold, pred)] = None
+            asked[0] += 1
             return False
 
         waiting = []
         for pair in pending:
-            before = len(missing)
+            asked[0] = 0
             try:
                 verdict = _decide(pair[0], pair[1], rel_tol, oracle)
             except RecursionError:
                 verdict = False
-            if len(missing) == before:
+            if not asked[0]:
                 decided[pair] = verdict
             else:
                 waiting.append(pair)
         if not missing:
             break
-        asked = list(missing)
-        for key, value in zip(asked, _check_many(latex, asked, rel_tol)):
+        keys = list(missing)
+        for key, value in zip(keys, _check_many(latex, keys, rel_tol)):
             known[key] = value
         pending = waiting
     for pair in pending:

@@ -28,7 +28,7 @@ _TEXT_COMMANDS = re.compile(
 )
 _TEXT = re.compile(r"\\text\s*\{([^{}]*)\}")
 _SIZES = re.compile(r"\\(?:left|right|[bB]igg?[lrm]?)(?![A-Za-z])\s*(?:\.(?![0-9]))?")
-_THIN_SPACES = re.compile(r"\\[,!;: ]|\\q?quad(?![A-Za-z])|~")
+_THIN_SPACES = re.compile(r"(?<!\\)\\[,!;: ]|\\q?quad(?![A-Za-z])|~")
 _FRAC_ALIASES = re.compile(r"\\[dtc]frac(?![A-Za-z])")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])|\^\s*\{\s*\}")
 _PERCENT = re.compile(r"\\?%")
