@@ -1,4 +1,4 @@
-"""Answer equivalence: exact numbers, structures, units and bases, LaTeX through time-limited workers."""
+"""Answer equivalence: exact numbers, structures, units, bases; LaTeX in time-limited workers."""
 
 import time
 from fractions import Fraction

@@ -39,6 +39,7 @@ import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
+from rl_reason.rewards.guard import MAX_DEPTH as GUARD_MAX_DEPTH
 from rl_reason.rewards.guard import refusal
 from rl_reason.rewards.latex import LatexChecker
 from rl_reason.rewards.normalize import normalise
@@ -57,6 +58,7 @@ __all__ = [
 MAX_ELEMENTS = 64  # elements of one tuple, set or list
 MAX_STRUCTURE_DEPTH = 8  # tuples of tuples of ...
 MAX_LATEX_CHECKS = 16  # LaTeX checks one comparison may ask for
+MAX_NESTING = 2 * GUARD_MAX_DEPTH  # brackets; deeper answers are compared as strings only
 
 Oracle = Callable[[str, str], bool]  # (gold atom, predicted atom) -> equal?
 
@@ -270,7 +272,7 @@ class _Judge:
 
 
 def _assignment(text: str) -> tuple[str, str] | None:
-    """``x=5`` -> (``x``, ``5``); ``a=b=7`` -> (``a``, ``7``); None unless a lone variable is assigned."""
+    """``x=5`` -> (``x``, ``5``), ``a=b=7`` -> (``a``, ``7``); None unless a variable is set."""
     if "=" not in text:
         return None
     parts = _split_top(text, "=")
@@ -307,7 +309,20 @@ def _decide(predicted: str | None, gold: str, rel_tol: float, oracle: Oracle) ->
     p, g = normalise(predicted), normalise(str(gold))
     if p is None or g is None:
         return False
+    if _depth(p) > MAX_NESTING or _depth(g) > MAX_NESTING:
+        return p == g  # no answer nests this deep; only the identical string is the same
     return _Judge(rel_tol, oracle).same(p, g)
+
+
+def _depth(text: str) -> int:
+    depth = deepest = 0
+    for c in text:
+        if c in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "})]":
+            depth -= 1
+    return deepest
 
 
 def is_equivalent(
@@ -317,7 +332,7 @@ def is_equivalent(
     rel_tol: float = DEFAULT_REL_TOL,
     latex: LatexChecker | None = None,
 ) -> bool:
-    """Whether ``predicted`` (None = no answer) states the ``gold`` answer; never raises for any strings.
+    """Whether ``predicted`` (None = no answer) states the ``gold`` answer; never raises.
 
     ``latex`` is the checker for LaTeX answers (default: one shared per
     process); it is only started when an answer needs it.

@@ -83,7 +83,8 @@ def _unwrap_math(answer: str | None) -> str | None:
     if answer is None:
         return None
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if len(answer) > len(left) + len(right) and answer.startswith(left) and answer.endswith(right):
+        wrapped = answer.startswith(left) and answer.endswith(right)
+        if wrapped and len(answer) > len(left) + len(right):
             inner = answer[len(left) : -len(right)].strip()
             if inner and "$" not in inner.replace("\\$", ""):
                 return inner

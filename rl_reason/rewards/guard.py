@@ -90,7 +90,7 @@ def _operand_before(text: str, i: int) -> str:
 
 
 def _tower_value(exponent: str) -> int | None:
-    """The value of an all-integer tower such as ``2^{3^{2}}``, None if it is not one or is too big."""
+    """The value of an all-integer tower such as ``2^{3^{2}}``; None if not one or too big."""
     exponent = exponent.strip().strip("{}").strip()
     head, caret, rest = exponent.partition("^")
     if not _INT.fullmatch(head.strip("{}() ")):
@@ -121,7 +121,8 @@ def _power_refusal(text: str, caret: int) -> str | None:
         return None  # x^{n}, 2^{\frac{1}{2}}: symbolic, nothing to evaluate eagerly
     power = abs(int(exponent.strip().strip("()")))
     if base.isdigit():
-        size = power * math.log10(max(int(base[:20]), 2)) + (power * (len(base) - 20) if len(base) > 20 else 0)
+        digits = math.log10(max(int(base[:20]), 2)) + max(len(base) - 20, 0)
+        size = power * digits
         if size > MAX_POWER_DIGITS:
             return f"a power of more than {MAX_POWER_DIGITS} digits"
     elif power > MAX_EXPONENT:

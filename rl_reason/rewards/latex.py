@@ -6,10 +6,10 @@ thread. So, as MaxText does for its math rewards, checks run in separate
 worker processes: each comparison gets a deadline, and a worker that
 overruns it is killed (the answer counts as not equivalent) and a
 replacement is started at once, in the background, so the next check finds
-a ready worker instead of paying the restart. Workers are plain ``python -m``
-subprocesses (this module's ``_serve``) speaking JSON lines, so they are independent of how the parent
-started (fork after JAX's threads is unsafe) and cost nothing until the
-first LaTeX answer. :meth:`LatexChecker.equivalent_many` keeps every worker
+a ready worker instead of paying the restart. Workers are plain ``python``
+subprocesses (this module's ``_serve``) speaking JSON lines, so they are
+independent of how the parent started (fork after JAX's threads is unsafe)
+and cost nothing until the first LaTeX answer. :meth:`LatexChecker.equivalent_many` keeps every worker
 busy, so a batch's checks run on all cores and one slow check does not
 serialise the rest.
 
@@ -265,7 +265,7 @@ class LatexChecker:
                         raise RuntimeError("the math-verify worker did not start")
 
     def equivalent(self, gold: str, predicted: str, rel_tol: float = DEFAULT_REL_TOL) -> bool:
-        """True when math-verify proves ``predicted`` equal to ``gold`` in time; never raises for any strings."""
+        """True when ``predicted`` is proved equal to ``gold`` in time; never raises."""
         return self.equivalent_many([(gold, predicted)], rel_tol)[0]
 
 

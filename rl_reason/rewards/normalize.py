@@ -75,12 +75,13 @@ def _matching_brace(text: str, open_index: int) -> int:
 
 
 def _strip_delimiters(text: str) -> str:
-    """``$x$``, ``$$x$$``, ``\\(x\\)``, ``\\[x\\]`` and a whole-answer ``\\boxed{x}`` -> ``x``, repeatedly."""
+    """``$x$``, ``\\(x\\)``, ``\\[x\\]``, a whole-answer ``\\boxed{x}`` -> ``x``, repeatedly."""
     while True:
         before = text
         text = text.strip()
         for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-            if len(text) >= len(left) + len(right) and text.startswith(left) and text.endswith(right):
+            wrapped = text.startswith(left) and text.endswith(right)
+            if wrapped and len(text) >= len(left) + len(right):
                 inner = text[len(left) : len(text) - len(right)]
                 if left != "$" or "$" not in inner.replace("\\$", ""):
                     text = inner.strip()

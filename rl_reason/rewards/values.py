@@ -43,7 +43,8 @@ class Number:
 def _singular(word: str) -> str:
     if word in _IRREGULAR:
         return _IRREGULAR[word]
-    if len(word) > 3 and word.endswith("es") and word[-3] in "sxz" or word.endswith(("ches", "shes")):
+    sibilant = len(word) > 3 and word.endswith("es") and word[-3] in "sxz"
+    if sibilant or word.endswith(("ches", "shes")):
         return word[:-2]
     if len(word) > 2 and word.endswith("s") and not word.endswith("ss"):
         return word[:-1]
