@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
@@ -290,10 +291,21 @@ def _text_form(atom: str) -> str | None:
 
 
 def _latex_oracle(latex: LatexChecker | None, rel_tol: float) -> Oracle:
+    """Checks for one comparison, all of them within the checker's ``timeout`` together."""
     checker = latex or default_latex_checker()
-    if isinstance(checker, LatexChecker):
-        return lambda gold, predicted: checker.equivalent(gold, predicted, rel_tol=rel_tol)
-    return checker.equivalent  # any object with equivalent(gold, predicted), e.g. a test double
+    if not isinstance(checker, LatexChecker):
+        return checker.equivalent  # any object with equivalent(gold, predicted), e.g. a test double
+    deadline: list[float] = []
+
+    def ask(gold: str, predicted: str) -> bool:
+        if not deadline:  # the clock starts at the first check (after a cold start, if any)
+            deadline.append(time.monotonic() + checker.timeout)
+        remaining = deadline[0] - time.monotonic()
+        if remaining <= 0:
+            return False
+        return checker.equivalent(gold, predicted, rel_tol=rel_tol, within=remaining)
+
+    return ask
 
 
 def _check_many(latex: LatexChecker | None, pairs: list[tuple[str, str]], rel_tol: float):

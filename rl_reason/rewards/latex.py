@@ -39,6 +39,10 @@ from rl_reason.rewards.numbers import DEFAULT_REL_TOL
 MAX_ANSWER_CHARS = 1000  # a longer "answer" is not equivalent to anything
 DEFAULT_TIMEOUT = 1.0  # seconds per check (config: rewards.latex_timeout)
 DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))  # config: rewards.latex_workers
+# Idle, warm workers beyond ``workers``: after an overrun kills a worker, a spare
+# takes over at once while the replacement starts (1.5-2 s on a loaded machine).
+DEFAULT_SPARES = 1
+MAX_REMEMBERED_OVERRUNS = 4096
 
 
 def _as_math(text: str) -> str:
@@ -87,6 +91,7 @@ class _Worker:
         self.ready = False
         self.buffer = b""
         self.job: int | None = None  # index of the request being checked
+        self.key: tuple = ()  # its (gold, predicted, rel_tol)
         self.sent = 0.0  # when that request was sent
 
     def read_lines(self) -> list[bytes] | None:
@@ -121,7 +126,8 @@ class LatexChecker:
     """Decides whether LaTeX answers are equal, each comparison within ``timeout`` seconds.
 
     ``workers`` processes check in parallel (default: both cores of the
-    project's machine). Start-up (importing sympy) has its own, longer limit;
+    project's machine), and ``spares`` more wait warm for a worker to be
+    killed. Start-up (importing sympy) has its own, longer limit;
     a worker that does not start in time raises ``RuntimeError``. Use as a
     context manager or call :meth:`close`; workers also exit with their
     parent, whose pipe they read. Thread-safe (calls are serialised).
@@ -132,14 +138,17 @@ class LatexChecker:
         timeout: float = DEFAULT_TIMEOUT,
         startup_timeout: float = 60.0,
         workers: int = DEFAULT_WORKERS,
+        spares: int = DEFAULT_SPARES,
     ):
         self.timeout = timeout
         self.startup_timeout = startup_timeout
         self.workers = max(1, workers)
+        self.spares = max(0, spares)
         self.stats = CheckerStats()
         self._pool: list[_Worker] = []
         self._lock = threading.Lock()
         self._started_once = False
+        self._overran: dict[tuple, None] = {}  # (gold, predicted, rel_tol) that overran, oldest first
 
     def __enter__(self) -> Self:
         return self
@@ -153,23 +162,27 @@ class LatexChecker:
             for worker in self._pool:
                 worker.kill()
             self._pool = []
+            self._started_once = False
 
     def start(self) -> None:
         """Starts the workers and waits until they are ready (otherwise the first check does)."""
         with self._lock:
-            self._fill()
-            deadline = time.monotonic() + self.startup_timeout
-            while not all(w.ready for w in self._pool):
-                self._poll(max(0.0, deadline - time.monotonic()), [])
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the math-verify workers did not start")
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        self._fill()
+        deadline = time.monotonic() + self.startup_timeout
+        while not all(w.ready for w in self._pool):
+            self._poll(max(0.0, deadline - time.monotonic()), [])
+            if time.monotonic() > deadline:
+                raise RuntimeError("the math-verify workers did not start")
 
     @property
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._pool]
 
     def _fill(self) -> None:
-        while len(self._pool) < self.workers:
+        while len(self._pool) < self.workers + self.spares:
             self._pool.append(_Worker())
             if self._started_once:
                 self.stats.restarts += 1
@@ -209,64 +222,108 @@ class LatexChecker:
                     worker.job = None
 
     def equivalent_many(
-        self, pairs: Sequence[tuple[str, str]], rel_tol: float = DEFAULT_REL_TOL
+        self,
+        pairs: Sequence[tuple[str, str]],
+        rel_tol: float = DEFAULT_REL_TOL,
+        *,
+        within: float | None = None,
     ) -> list[bool]:
-        """For each ``(gold, predicted)``, whether math-verify proves them equal in time.
+        """For each ``(gold, predicted)``, whether it is proved equal within the time limit.
 
-        Never raises for any strings. Checks run on all workers at once.
+        Checks run on all workers at once, each under ``timeout`` from the
+        moment a worker takes it. With ``within`` (seconds), the whole call
+        also ends by then, waiting for a restarting worker included: what is
+        not checked by then is not equivalent. Never raises for any strings.
         """
         results: list[bool | None] = [None] * len(pairs)
         requests = []
         for i, (gold, predicted) in enumerate(pairs):
-            if len(gold) > MAX_ANSWER_CHARS or len(predicted) > MAX_ANSWER_CHARS:
+            if (
+                len(gold) > MAX_ANSWER_CHARS
+                or len(predicted) > MAX_ANSWER_CHARS
+                or (gold, predicted, rel_tol) in self._overran
+            ):
                 results[i] = False
                 continue
             message = {"gold": _as_math(gold), "predicted": _as_math(predicted), "rel_tol": rel_tol}
-            requests.append((i, json.dumps(message).encode() + b"\n"))
+            requests.append((i, (gold, predicted, rel_tol), json.dumps(message).encode() + b"\n"))
         if not requests:
             return [bool(r) for r in results]
         with self._lock:
+            if not any(w.ready for w in self._pool) and not self._started_once:
+                self._start_locked()  # the first start is not on any call's clock
             begin = time.monotonic()
             try:
-                self._run(requests, results)
+                self._run(requests, results, None if within is None else begin + within)
             finally:
                 self.stats.seconds += time.monotonic() - begin
         return [bool(r) for r in results]
 
-    def _run(self, requests: list[tuple[int, bytes]], results: list[bool | None]) -> None:
+    def _run(self, requests: list, results: list[bool | None], deadline: float | None) -> None:
         queue = list(reversed(requests))
         self._fill()
         while queue or any(w.job is not None for w in self._pool):
             for worker in self._pool:
                 if queue and worker.ready and worker.job is None:
-                    job, request = queue.pop()
+                    if sum(w.job is not None for w in self._pool) >= self.workers:
+                        break  # the spares wait: no more checks at once than workers
+                    job, key, request = queue.pop()
                     if not worker.send(job, request):
-                        queue.append((job, request))
+                        queue.append((job, key, request))
                         self._replace(worker)
                         break
+                    worker.key = key
             now = time.monotonic()
-            busy = [w for w in self._pool if w.job is not None]
-            starting = [w for w in self._pool if not w.ready]
-            waits = [w.sent + self.timeout - now for w in busy]
-            waits += [w.started + self.startup_timeout - now for w in starting]
-            self._poll(max(0.0, min(waits)) if waits else 0.0, results)
+            ends = [w.sent + self.timeout for w in self._pool if w.job is not None]
+            ends += [w.started + self.startup_timeout for w in self._pool if not w.ready]
+            if deadline is not None:
+                ends.append(deadline)
+            self._poll(max(0.0, min(ends) - now) if ends else 0.0, results)
             now = time.monotonic()
             for worker in list(self._pool):
-                if worker.job is not None and now - worker.sent >= self.timeout:
+                late = deadline is not None and now >= deadline
+                if worker.job is not None and (now - worker.sent >= self.timeout or late):
                     results[worker.job] = False
                     self.stats.checks += 1
                     self.stats.timeouts += 1
                     self.stats.slowest = max(self.stats.slowest, now - worker.sent)
+                    if now - worker.sent >= self.timeout:
+                        self._remember_overrun(worker.key)
                     worker.job = None
                     self._replace(worker)
                 elif not worker.ready and now - worker.started >= self.startup_timeout:
                     self._replace(worker)
                     if not any(w.ready for w in self._pool):
                         raise RuntimeError("the math-verify worker did not start")
+            if deadline is not None and time.monotonic() >= deadline:
+                for job, _, _ in queue:
+                    results[job] = False  # no worker was free in time (all were restarting)
+                    self.stats.checks += 1
+                    self.stats.timeouts += 1
+                return
 
-    def equivalent(self, gold: str, predicted: str, rel_tol: float = DEFAULT_REL_TOL) -> bool:
-        """True when ``predicted`` is proved equal to ``gold`` in time; never raises."""
-        return self.equivalent_many([(gold, predicted)], rel_tol)[0]
+    def _remember_overrun(self, key: tuple) -> None:
+        """A pair that overran once is refused at once from then on (a policy repeats itself)."""
+        self._overran[key] = None
+        while len(self._overran) > MAX_REMEMBERED_OVERRUNS:
+            del self._overran[next(iter(self._overran))]
+
+    def equivalent(
+        self,
+        gold: str,
+        predicted: str,
+        rel_tol: float = DEFAULT_REL_TOL,
+        *,
+        within: float | None = None,
+    ) -> bool:
+        """True when ``predicted`` is proved equal to ``gold`` in time; never raises.
+
+        The call returns within ``within`` seconds (default: ``timeout``), a
+        wait for a restarting worker included, plus the time to kill an
+        overrunning one.
+        """
+        limit = self.timeout if within is None else min(within, self.timeout)
+        return self.equivalent_many([(gold, predicted)], rel_tol, within=limit)[0]
 
 
 def _is_number(expr) -> bool:
