@@ -27,6 +27,8 @@ MAX_POWER_DIGITS = 10_000  # digits of an integer power such as 2^{30000}
 MAX_EXPONENT = 1000  # |exponent| of any other power (x^{1000}, \pi^{1000})
 MAX_FACTORIAL = 1000  # n in n! and in \binom{n}{k}
 MAX_TOWER_VALUE = 10**6  # an all-integer tower is evaluated while it stays below this
+MAX_COMPOUND_EXPONENT = 30  # (x+1)^{30}: sympy expands sums' powers when it simplifies
+MAX_EXPANSION_TERMS = 500  # terms of such an expansion, (x+y+z+1)^{n} having C(n+3, 3)
 
 _FORBIDDEN = re.compile(
     r"\\(?:sum|prod|coprod|int|iint|iiint|oint|lim|limsup|liminf|bigcup|bigcap|sup|inf|max|min)"
@@ -109,6 +111,23 @@ def _tower_value(exponent: str) -> int | None:
     return base**value if value >= 0 else None
 
 
+def _is_compound(group: str) -> bool:
+    """Whether a bracketed base holds more than a number (a letter, a command)."""
+    return any(c.isalpha() or c == "\\" for c in group)
+
+
+def _top_level_terms(text: str) -> int:
+    depth, terms = 0, 1
+    for i, c in enumerate(text):
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth -= 1
+        elif c in "+-" and depth == 0 and i > 0:
+            terms += 1
+    return terms
+
+
 def _power_refusal(text: str, caret: int) -> str | None:
     exponent, _ = _group_after(text, caret + 1)
     base = _operand_before(text, caret)
@@ -120,6 +139,12 @@ def _power_refusal(text: str, caret: int) -> str | None:
     if not _INT.fullmatch(exponent.strip().strip("()")):
         return None  # x^{n}, 2^{\frac{1}{2}}: symbolic, nothing to evaluate eagerly
     power = abs(int(exponent.strip().strip("()")))
+    if base[:1] in "({[" and _is_compound(base):
+        terms = _top_level_terms(base[1:-1])
+        if power > MAX_COMPOUND_EXPONENT or (
+            terms > 2 and math.comb(power + terms - 1, terms - 1) > MAX_EXPANSION_TERMS
+        ):
+            return "a power of a sum whose expansion is too large"
     if base.isdigit():
         digits = math.log10(max(int(base[:20]), 2)) + max(len(base) - 20, 0)
         size = power * digits

@@ -56,6 +56,7 @@ _PLAIN_UNIT = re.compile(
 )
 _MIXED_PLAIN = re.compile(r"(?<![\d.])(\d+)\s+(\d+)\s*/\s*(\d+)(?![\d.])")
 _WORDS = re.compile(r"[A-Za-z][A-Za-z '-]*")
+_BRACED_COMMA = re.compile(r"\{\s*,\s*\}")
 _IN_PREFIX = re.compile(r"^[A-Za-z]\s*\\in(?![A-Za-z])\s*")
 _OR_AND = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\s(?:or|and)\s")
 
@@ -78,7 +79,7 @@ def _strip_delimiters(text: str) -> str:
     """``$x$``, ``\\(x\\)``, ``\\[x\\]``, a whole-answer ``\\boxed{x}`` -> ``x``, repeatedly."""
     while True:
         before = text
-        text = text.strip()
+        text = text.strip().rstrip(".").rstrip()  # "$x$." and "\\(x\\)." too
         for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
             wrapped = text.startswith(left) and text.endswith(right)
             if wrapped and len(text) >= len(left) + len(right):
@@ -127,7 +128,7 @@ def normalise(answer: str | None) -> str | None:
         text = text[:-1].rstrip()
     if _LONE_NUMBER_WITH_COMMAS.fullmatch(text):
         text = text.replace(",", "")
-    text = text.replace("{,}", "")
+    text = _BRACED_COMMA.sub("", text)
     plain = _PLAIN_UNIT.fullmatch(text)
     if plain:  # "18 dollars", "7 km/h": the unit as \text{}
         text = f"{plain['num']}\\text{{{plain['unit']}}}"
