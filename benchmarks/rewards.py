@@ -145,8 +145,15 @@ def latex_completions(n: int, rng: random.Random) -> tuple[list, list]:
     return completions, golds
 
 
-def throughput(name: str, completions: list, golds: list, checker: LatexChecker) -> None:
-    reward = Correctness(latex=checker)
+def throughput(
+    name: str, completions: list, golds: list, checker: LatexChecker, processes: int = 1
+) -> None:
+    try:
+        reward = Correctness(latex=checker, processes=processes)
+    except TypeError:  # a checkout from before ``processes``
+        if processes > 1:
+            return
+        reward = Correctness(latex=checker)
     checks, seconds = _stats(checker)
     begin = time.perf_counter()
     scores = reward(completions, {"final_answer": golds})
@@ -198,11 +205,13 @@ def main() -> None:
             rows = sources.read_gsm8k(data, "train")
             completions, golds = gsm8k_completions(rows, 16, rng)
             n = args.completions
-            throughput("GSM8K-shaped, K=16", completions[:n], golds[:n], checker)
+            for processes in (1, 2, 2):  # the second run of 2 finds its processes started
+                name = f"GSM8K-shaped, K=16, {processes} process{'es' if processes > 1 else ''}"
+                throughput(name, completions[:n], golds[:n], checker, processes)
         else:
             print("(GSM8K not found: set RL_REASON_DATA_DIR)")
         completions, golds = latex_completions(args.latex_completions, rng)
-        throughput("LaTeX-heavy MATH mix", completions, golds, checker)
+        throughput("LaTeX-heavy MATH mix (2 LaTeX workers)", completions, golds, checker)
     math_verify_table()
 
 

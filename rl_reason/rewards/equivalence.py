@@ -45,6 +45,7 @@ from rl_reason.rewards.guard import refusal
 from rl_reason.rewards.latex import LatexChecker
 from rl_reason.rewards.normalize import normalise
 from rl_reason.rewards.numbers import DEFAULT_REL_TOL, format_number
+from rl_reason.rewards.parallel import process_map
 from rl_reason.rewards.values import Number, read_number, split_unit, terminates
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
 MAX_ELEMENTS = 64  # elements of one tuple, set or list
 MAX_STRUCTURE_DEPTH = 8  # tuples of tuples of ...
 MAX_LATEX_CHECKS = 16  # LaTeX checks one comparison may ask for
+PARALLEL_MIN_PAIRS = 2000  # fewer distinct pairs are judged faster than shipped to processes
 MAX_NESTING = 2 * GUARD_MAX_DEPTH  # brackets; deeper answers are compared as strings only
 
 Oracle = Callable[[str, str], bool]  # (gold atom, predicted atom) -> equal?
@@ -355,24 +357,60 @@ def is_equivalent(
         return False
 
 
+def chunks(items: Sequence, count: int) -> list[Sequence]:
+    """``items`` in ``count`` contiguous pieces of (nearly) equal size."""
+    size = max(1, -(-len(items) // count))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def first_round(pairs: Sequence[tuple[str | None, str]], rel_tol: float) -> list[bool | None]:
+    """Each pair's verdict where no LaTeX check is needed, else None (runs in a pool process)."""
+    out: list[bool | None] = []
+    for predicted, gold in pairs:
+        asked = [0]
+
+        def oracle(gold_atom: str, predicted_atom: str) -> bool:
+            asked[0] += 1
+            return False
+
+        try:
+            verdict = _decide(predicted, gold, rel_tol, oracle)
+        except RecursionError:
+            verdict = False
+        out.append(None if asked[0] else verdict)
+    return out
+
+
 def judge_many(
     predicted: Sequence[str | None],
     golds: Sequence[str],
     *,
     rel_tol: float = DEFAULT_REL_TOL,
     latex: LatexChecker | None = None,
+    processes: int = 1,
 ) -> list[bool]:
     """:func:`is_equivalent` for each pair, with the LaTeX checks of the whole batch run together.
 
     Equal pairs are judged once, and the checks the batch needs go to the
     checker's workers in parallel (in rounds: a set's later elements are
-    only checked once its earlier ones are known).
+    only checked once its earlier ones are known). With ``processes`` > 1
+    and at least :data:`PARALLEL_MIN_PAIRS` distinct pairs, the judging that
+    needs no LaTeX runs in that many kept subprocesses (see ``parallel``).
     """
     pairs = list(zip(predicted, (str(g) for g in golds)))
     unique = list(dict.fromkeys(pairs))
     known: dict[tuple[str, str], bool] = {}
     decided: dict[tuple[str | None, str], bool] = {}
     pending = unique
+    if processes > 1 and len(unique) >= PARALLEL_MIN_PAIRS:
+        parts = chunks(unique, processes)
+        verdicts = process_map(processes).map(first_round, [(part, rel_tol) for part in parts])
+        pending = []
+        for pair, verdict in zip(unique, (v for part in verdicts for v in part)):
+            if verdict is None:
+                pending.append(pair)
+            else:
+                decided[pair] = verdict
     for _ in range(MAX_LATEX_CHECKS + 1):
         missing: dict[tuple[str, str], None] = {}
         asked = [0]  # unknown checks the pair being decided asked for

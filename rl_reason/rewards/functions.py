@@ -21,12 +21,15 @@ from typing import Any, ClassVar
 from rl_reason.rewards import calculator, steps
 from rl_reason.rewards.equivalence import (
     DEFAULT_REL_TOL,
+    PARALLEL_MIN_PAIRS,
+    chunks,
     default_latex_checker,
     judge_many,
     numbers_equal,
 )
 from rl_reason.rewards.extraction import Mode, extract_answer
 from rl_reason.rewards.latex import CheckerStats, LatexChecker
+from rl_reason.rewards.parallel import process_map
 from rl_reason.rewards.numbers import parse_number
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ def column(batch: Batch, name: str, size: int) -> Sequence[Any]:
     if len(values) != size:
         raise ValueError(f"column {name!r} has {len(values)} rows for {size} completions")
     return values
+
+
+def extract_answers(texts: Sequence[str], mode: Mode) -> list[str | None]:
+    return [extract_answer(text, mode) for text in texts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,7 @@ class Correctness:
     rel_tol: float = DEFAULT_REL_TOL
     gold_column: str = "final_answer"
     latex: LatexChecker | None = None  # None: the process's shared checker
+    processes: int = 1  # > 1: extraction and non-LaTeX judging in that many subprocesses
     last_stats: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, completions: Sequence[str], batch: Batch) -> list[float]:
@@ -72,8 +80,17 @@ class Correctness:
         checker = self.latex if self.latex is not None else default_latex_checker()
         before = dataclasses.replace(checker.stats) if isinstance(checker, LatexChecker) else None
         begin = time.perf_counter()
-        answers = [extract_answer(text, self.mode) for text in completions]
-        verdicts = judge_many(answers, golds, rel_tol=self.rel_tol, latex=checker)
+        if self.processes > 1 and len(completions) >= PARALLEL_MIN_PAIRS:
+            parts = chunks(list(completions), self.processes)
+            extracted = process_map(self.processes).map(
+                extract_answers, [(part, self.mode) for part in parts]
+            )
+            answers = [answer for part in extracted for answer in part]
+        else:
+            answers = extract_answers(completions, self.mode)
+        verdicts = judge_many(
+            answers, golds, rel_tol=self.rel_tol, latex=checker, processes=self.processes
+        )
         seconds = time.perf_counter() - begin
         spent = checker.stats.minus(before) if before is not None else CheckerStats()
         self.last_stats.clear()
