@@ -199,3 +199,14 @@ def test_checks_run_on_every_worker_at_once():
 def test_overlong_answers_are_not_sent(checker):
     long_answer = "1+" * MAX_ANSWER_CHARS + "1"
     assert not checker.equivalent(long_answer, long_answer)
+
+
+def test_answered_pairs_are_remembered_and_an_overrun_is_refused_at_once():
+    with LatexChecker(timeout=0.5) as checker:
+        checker.start()
+        assert checker.equivalent("\\sqrt{4}", "2")
+        assert checker.equivalent("\\sqrt{4}", "2") and checker.stats.cached == 1
+        assert not checker.equivalent("(x+y+z+1)^{60}", "(1+x+y+z)^{61}")
+        begin = time.perf_counter()
+        assert not checker.equivalent("(x+y+z+1)^{60}", "(1+x+y+z)^{61}")
+        assert time.perf_counter() - begin < 0.1 and checker.stats.timeouts == 1

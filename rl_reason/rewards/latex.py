@@ -42,7 +42,7 @@ DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))  # config: rewards.latex_w
 # Idle, warm workers beyond ``workers``: after an overrun kills a worker, a spare
 # takes over at once while the replacement starts (1.5-2 s on a loaded machine).
 DEFAULT_SPARES = 1
-MAX_REMEMBERED_OVERRUNS = 4096
+MAX_REMEMBERED = 65536  # answered pairs kept (about 15 MB)
 
 
 def _as_math(text: str) -> str:
@@ -53,7 +53,8 @@ def _as_math(text: str) -> str:
 class CheckerStats:
     """Counters since the checker was made; subtract two snapshots for one batch."""
 
-    checks: int = 0  # comparisons answered (in time or not)
+    checks: int = 0  # comparisons answered by a worker (in time or not)
+    cached: int = 0  # comparisons answered from the checker's memory of earlier ones
     timeouts: int = 0  # comparisons that overran and killed their worker
     restarts: int = 0  # workers started after the first ones
     seconds: float = 0.0  # wall time spent inside equivalent / equivalent_many
@@ -62,6 +63,7 @@ class CheckerStats:
     def minus(self, earlier: CheckerStats) -> CheckerStats:
         return CheckerStats(
             self.checks - earlier.checks,
+            self.cached - earlier.cached,
             self.timeouts - earlier.timeouts,
             self.restarts - earlier.restarts,
             self.seconds - earlier.seconds,
@@ -148,7 +150,8 @@ class LatexChecker:
         self._pool: list[_Worker] = []
         self._lock = threading.Lock()
         self._started_once = False
-        self._overran: dict[tuple, None] = {}  # (gold, predicted, rel_tol) that overran, oldest first
+        self._cache: dict[tuple, bool] = {}  # (gold, predicted, rel_tol) -> answer, oldest first
+        self._overran_now: set[tuple] = set()
 
     def __enter__(self) -> Self:
         return self
@@ -238,15 +241,16 @@ class LatexChecker:
         results: list[bool | None] = [None] * len(pairs)
         requests = []
         for i, (gold, predicted) in enumerate(pairs):
-            if (
-                len(gold) > MAX_ANSWER_CHARS
-                or len(predicted) > MAX_ANSWER_CHARS
-                or (gold, predicted, rel_tol) in self._overran
-            ):
+            key = (gold, predicted, rel_tol)
+            if key in self._cache:  # answered before (an overrun is remembered as False)
+                results[i] = self._cache[key]
+                self.stats.cached += 1
+                continue
+            if len(gold) > MAX_ANSWER_CHARS or len(predicted) > MAX_ANSWER_CHARS:
                 results[i] = False
                 continue
             message = {"gold": _as_math(gold), "predicted": _as_math(predicted), "rel_tol": rel_tol}
-            requests.append((i, (gold, predicted, rel_tol), json.dumps(message).encode() + b"\n"))
+            requests.append((i, key, json.dumps(message).encode() + b"\n"))
         if not requests:
             return [bool(r) for r in results]
         with self._lock:
@@ -257,6 +261,10 @@ class LatexChecker:
                 self._run(requests, results, None if within is None else begin + within)
             finally:
                 self.stats.seconds += time.monotonic() - begin
+            for i, key, _ in requests:
+                if key not in self._overran_now:  # a check cut short by ``within`` may yet pass
+                    self._remember(key, bool(results[i]))
+            self._overran_now.clear()
         return [bool(r) for r in results]
 
     def _run(self, requests: list, results: list[bool | None], deadline: float | None) -> None:
@@ -287,8 +295,8 @@ class LatexChecker:
                     self.stats.checks += 1
                     self.stats.timeouts += 1
                     self.stats.slowest = max(self.stats.slowest, now - worker.sent)
-                    if now - worker.sent >= self.timeout:
-                        self._remember_overrun(worker.key)
+                    if now - worker.sent < self.timeout:
+                        self._overran_now.add(worker.key)  # cut short by ``within``: not kept
                     worker.job = None
                     self._replace(worker)
                 elif not worker.ready and now - worker.started >= self.startup_timeout:
@@ -296,17 +304,21 @@ class LatexChecker:
                     if not any(w.ready for w in self._pool):
                         raise RuntimeError("the math-verify worker did not start")
             if deadline is not None and time.monotonic() >= deadline:
-                for job, _, _ in queue:
+                for job, key, _ in queue:
                     results[job] = False  # no worker was free in time (all were restarting)
+                    self._overran_now.add(key)
                     self.stats.checks += 1
                     self.stats.timeouts += 1
                 return
 
-    def _remember_overrun(self, key: tuple) -> None:
-        """A pair that overran once is refused at once from then on (a policy repeats itself)."""
-        self._overran[key] = None
-        while len(self._overran) > MAX_REMEMBERED_OVERRUNS:
-            del self._overran[next(iter(self._overran))]
+    def _remember(self, key: tuple, equal: bool) -> None:
+        """Answers are kept, oldest dropped first: a policy repeats itself across batches.
+
+        A pair that overran its full limit is kept as False, so it is refused at once after.
+        """
+        self._cache[key] = equal
+        while len(self._cache) > MAX_REMEMBERED:
+            del self._cache[next(iter(self._cache))]
 
     def equivalent(
         self,
