@@ -186,33 +186,39 @@ def main() -> None:
     parser.add_argument("--completions", type=int, default=100_000)
     parser.add_argument("--latex-completions", type=int, default=20_000)
     parser.add_argument("--timeout", type=float, default=1.0)
+    parser.add_argument("--sections", default="hostile,restart,gsm8k,latex,table")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     rng = random.Random(0)
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
 
-    with _checker(args.timeout) as checker, _checker(args.timeout) as bare:
-        _start(checker)
-        _start(bare)
-        hostile_table(checker, bare)
-    restart_cost(args.timeout)
+    if "hostile" in sections:
+        with _checker(args.timeout) as checker, _checker(args.timeout) as bare:
+            _start(checker)
+            _start(bare)
+            hostile_table(checker, bare)
+    if "restart" in sections:
+        restart_cost(args.timeout)
 
     data = sources.locate_data_dir()
     print("\n| completions | n | time | completions/s | LaTeX checks | LaTeX time | mean reward |")
     print("|---|---|---|---|---|---|---|")
     with _checker(args.timeout) as checker:
         _start(checker)
-        if data is not None:
+        if data is not None and "gsm8k" in sections:
             rows = sources.read_gsm8k(data, "train")
             completions, golds = gsm8k_completions(rows, 16, rng)
             n = args.completions
             for processes in (1, 2, 2):  # the second run of 2 finds its processes started
                 name = f"GSM8K-shaped, K=16, {processes} process{'es' if processes > 1 else ''}"
                 throughput(name, completions[:n], golds[:n], checker, processes)
-        else:
+        elif data is None:
             print("(GSM8K not found: set RL_REASON_DATA_DIR)")
-        completions, golds = latex_completions(args.latex_completions, rng)
-        throughput("LaTeX-heavy MATH mix (2 LaTeX workers)", completions, golds, checker)
-    math_verify_table()
+        if "latex" in sections:
+            completions, golds = latex_completions(args.latex_completions, random.Random(1))
+            throughput("LaTeX-heavy MATH mix (2 LaTeX workers)", completions, golds, checker)
+    if "table" in sections:
+        math_verify_table()
 
 
 if __name__ == "__main__":
