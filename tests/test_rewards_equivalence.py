@@ -180,9 +180,10 @@ def test_overrunning_worker_is_killed_and_replaced_in_the_background():
         assert elapsed < 0.5 + 1.0  # the limit plus a generous margin for a loaded machine
         assert checker.stats.timeouts == 1 and checker.stats.restarts == 1
         assert len(first - set(checker.pids)) == 1  # the overrunning worker is gone
+        checker.timeout = 10.0  # room to wait for a restart, were there one to wait for
         begin = time.perf_counter()
-        assert checker.equivalent("\\sqrt{4}", "2")  # the other worker answers at once
-        assert time.perf_counter() - begin < 0.5
+        assert checker.equivalent("\\sqrt{4}", "2")  # a ready worker answers at once
+        assert time.perf_counter() - begin < 1.0  # a restart takes 1-3 s on this machine
     assert checker.pids == []
 
 
@@ -193,7 +194,7 @@ def test_checks_run_on_every_worker_at_once():
         results = checker.equivalent_many([("(x+y+z+1)^{60}", "(1+x+y+z)^{61}")] * 2)
         elapsed = time.perf_counter() - begin
     assert results == [False, False]
-    assert elapsed < 0.5 + 0.4  # two overruns side by side, not one after the other
+    assert elapsed < 2 * 0.5  # two overruns side by side: one after the other would take 1 s
 
 
 def test_overlong_answers_are_not_sent(checker):
