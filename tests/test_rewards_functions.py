@@ -149,3 +149,34 @@ def test_compose_reads_ml_collections_configs():
     )
     for spec in (config.rewards, ml_collections.FrozenConfigDict(config).rewards):
         assert compose(spec)(["#### 72"], _batch(1)).totals == [2.0 + 1.5]
+
+
+def test_correctness_in_processes_agrees_with_one_process():
+    from rl_reason.rewards.equivalence import PARALLEL_MIN_PAIRS
+
+    n = PARALLEL_MIN_PAIRS + 500
+    texts = [f"so #### {i % 97}" if i % 3 else f"The answer is ${i % 89}$." for i in range(n)]
+    texts[7] = "\\boxed{\\sqrt{4}}"  # one LaTeX check among them
+    batch = {"final_answer": [str(i % 97) if i != 7 else "2" for i in range(n)]}
+    one = Correctness()(texts, batch)
+    two = Correctness(processes=2)(texts, batch)
+    assert one == two and one[7] == 1.0 and 0 < sum(one) < n
+
+
+def test_process_map_runs_only_rl_reason_functions_and_survives_a_dead_process():
+    from rl_reason.rewards.extraction import extract_answer
+    from rl_reason.rewards.functions import extract_answers
+    from rl_reason.rewards.parallel import ProcessMap
+
+    pool = ProcessMap(2)
+    try:
+        with pytest.raises(ValueError, match="rl_reason"):
+            pool.map(len, [("abc",)])
+        chunks = [(["#### 1", "#### 2"], "strict"), (["\\boxed{3}"], "strict")]
+        assert pool.map(extract_answers, chunks) == [["1", "2"], ["3"]]
+        pool._procs[0].kill()  # its chunk runs in this process instead
+        pool._procs[0].wait()
+        assert pool.map(extract_answers, chunks) == [["1", "2"], ["3"]]
+        assert extract_answer("#### 1") == "1"
+    finally:
+        pool.close()

@@ -1,19 +1,37 @@
-"""No reward function raises or stalls on any string a model can write."""
+"""No reward function raises or stalls on any string a model can write.
 
+These run the real LaTeX checker (worker processes with the default 1 s limit),
+not a stand-in: hostile LaTeX must be refused by the structural check or cut
+off by the limit, and every call must come back within the limit plus a
+margin for a loaded machine.
+"""
+
+import random
+import time
+
+import pytest
+from fuzz_answers import GOLDS, fuzz_strings
+from fuzz_answers import PIECES as LATEX_PIECES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rl_reason.rewards import registry
 from rl_reason.rewards.compose import compose
-from rl_reason.rewards.equivalence import canonical_answer, is_equivalent
+from rl_reason.rewards.equivalence import canonical_answer, is_equivalent, judge_many
 from rl_reason.rewards.extraction import extract_answer
+from rl_reason.rewards.latex import DEFAULT_TIMEOUT, LatexChecker
+
+# A call may wait out the limit, then for a replacement worker if every worker
+# was just killed (a restart, about 1 s on a loaded machine): generous, but bounded.
+MARGIN = 2.0
+BOUND = DEFAULT_TIMEOUT + MARGIN
 
 
-class _RecordingLatex:
-    """Stands in for the worker (tested on its own) and checks what reaches it."""
-
-    def equivalent(self, gold, predicted):
-        assert isinstance(gold, str) and isinstance(predicted, str)
-        return False
+@pytest.fixture(scope="module")
+def latex():
+    with LatexChecker(timeout=DEFAULT_TIMEOUT) as checker:
+        checker.start()
+        yield checker
 
 
 def _scorer(completions, batch, offsets):
@@ -33,38 +51,82 @@ ADVERSARIAL = st.one_of(
     ),
     st.integers(1, 5000).map(lambda n: "<<" + "(" * n + "1" + ")" * n + "=1>>"),
     st.integers(1, 100_000).map(lambda n: "#### " + "9" * n),
-)
-REWARD = compose(
-    {
-        "correctness": {"weight": 1.0, "mode": "flexible"},
-        "format": 0.5,
-        "step_match": 1.0,
-        "calculator": 1.0,
-        "orm_outcome": 0.1,
-        "orm_steps": 0.1,
-    },
-    latex=_RecordingLatex(),
-    scorer=_scorer,
+    st.lists(st.sampled_from(LATEX_PIECES), max_size=60).map("".join),
+    st.integers(2, 12).map(lambda h: "\\boxed{" + "^{".join(["9"] * h) + "}" * h),
+    st.integers(5, 2000).map(lambda n: "The answer is $" + "{" * n + "1" + "}" * n + "$."),
 )
 
 
-@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+def _all_rewards(latex):
+    """Every registered reward, each with weight 1, the ORM ones on a stub scorer."""
+    return compose(
+        {name: {"weight": 1.0, "mode": "flexible"} if name == "correctness" else 1.0
+         for name in registry.names()},
+        latex=latex,
+        scorer=_scorer,
+    )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ADVERSARIAL, min_size=1, max_size=4), ADVERSARIAL, ADVERSARIAL)
-def test_composed_rewards_never_raise_and_stay_well_formed(completions, reference, gold):
+def test_composed_rewards_never_raise_and_stay_well_formed(latex, completions, reference, gold):
     n = len(completions)
     batch = {"question": ["q"] * n, "answer": [reference] * n, "final_answer": [gold] * n}
-    out = REWARD(completions, batch)
+    out = _all_rewards(latex)(completions, batch)
     assert len(out.totals) == len(out.dense) == n
     for text, pairs in zip(completions, out.dense):
         assert all(0 <= offset <= len(text) for offset, _ in pairs)
 
 
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ADVERSARIAL, ADVERSARIAL, st.sampled_from(["strict", "flexible"]))
-def test_extraction_and_equivalence_never_raise(text, gold, mode):
+def test_extraction_and_equivalence_never_raise(latex, text, gold, mode):
     answer = extract_answer(text, mode)
     canonical_answer(answer)
-    assert is_equivalent(answer, gold, latex=_RecordingLatex()) in (True, False)
+    begin = time.perf_counter()
+    assert is_equivalent(answer, gold, latex=latex) in (True, False)
+    assert is_equivalent(text, text[::-1], latex=latex) in (True, False)
+    assert time.perf_counter() - begin < 2 * BOUND
+
+
+@pytest.mark.slow
+def test_20000_fuzzed_strings_through_every_reward(latex):
+    """Random Unicode, towers, brace nests, huge digit strings, 1e308 and random LaTeX."""
+    strings = fuzz_strings(20_000, seed=14)
+    rng = random.Random(14)
+    golds = [rng.choice(GOLDS + strings[:100]) for _ in strings]  # hostile golds too
+    answers = []
+    for text in strings:
+        for mode in ("strict", "flexible"):
+            answer = extract_answer(text, mode)
+            assert answer is None or isinstance(answer, str)
+            key = canonical_answer(answer)
+            assert key is None or isinstance(key, str)
+        answers.append(answer)
+
+    # Every registered reward on all 20,000 as completions: Correctness judges
+    # them with judge_many, so every LaTeX check runs on the real workers.
+    reward = _all_rewards(latex)
+    references = strings[::-1]  # hostile reference solutions for the step rewards
+    for start in range(0, len(strings), 2000):
+        stop = start + 2000
+        n = len(strings[start:stop])
+        batch = {
+            "question": ["q"] * n,
+            "answer": references[start:stop],
+            "final_answer": golds[start:stop],
+        }
+        out = reward(strings[start:stop], batch)
+        assert len(out.totals) == n and all(isinstance(t, float) for t in out.totals)
+    assert latex.stats.checks > 500  # the fuzz does reach the workers
+    assert latex.stats.slowest < BOUND  # and no check ran past the limit (+ margin)
+
+    slowest = 0.0
+    for answer, gold in zip(answers[:1000], golds):  # one call at a time, each timed
+        begin = time.perf_counter()
+        assert is_equivalent(answer, gold, latex=latex) in (True, False)
+        slowest = max(slowest, time.perf_counter() - begin)
+    assert slowest < BOUND
 
 
 HOSTILE_NOTES = st.one_of(

@@ -78,9 +78,25 @@ def last_number(text: str) -> str | None:
     return matches[-1].rstrip(",") if matches else None
 
 
+def _unwrap_math(answer: str | None) -> str | None:
+    """``$x=5$`` and ``\\(x=5\\)`` -> ``x=5``; a lone currency ``$18`` is left as it is."""
+    if answer is None:
+        return None
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        wrapped = answer.startswith(left) and answer.endswith(right)
+        if wrapped and len(answer) > len(left) + len(right):
+            inner = answer[len(left) : -len(right)].strip()
+            if inner and "$" not in inner.replace("\\$", ""):
+                return inner
+    return answer
+
+
 def extract_answer(text: str, mode: Mode = "strict") -> str | None:
-    """The final answer written in ``text``, as text, or None if there is none."""
-    answer = _after_hashes(text) or _boxed(text) or _answer_is(text)
+    """The final answer written in ``text``, as text, or None if there is none.
+
+    An answer wrapped whole in math delimiters is returned without them.
+    """
+    answer = _unwrap_math(_after_hashes(text) or _boxed(text) or _answer_is(text))
     if answer is None and mode == "flexible":
         answer = last_number(text)
     return answer

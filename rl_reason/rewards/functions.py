@@ -12,15 +12,27 @@ pairs, the offset being the end of the text the reward is for.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any, ClassVar
 
 from rl_reason.rewards import calculator, steps
-from rl_reason.rewards.equivalence import DEFAULT_REL_TOL, is_equivalent, numbers_equal
+from rl_reason.rewards.equivalence import (
+    DEFAULT_REL_TOL,
+    PARALLEL_MIN_PAIRS,
+    chunks,
+    default_latex_checker,
+    judge_many,
+    numbers_equal,
+)
 from rl_reason.rewards.extraction import Mode, extract_answer
-from rl_reason.rewards.latex import LatexChecker
+from rl_reason.rewards.latex import CheckerStats, LatexChecker
+from rl_reason.rewards.parallel import process_map
 from rl_reason.rewards.numbers import parse_number
+
+log = logging.getLogger(__name__)
 
 Batch = Mapping[str, Sequence[Any]]
 Dense = list[list[tuple[int, float]]]
@@ -36,9 +48,22 @@ def column(batch: Batch, name: str, size: int) -> Sequence[Any]:
     return values
 
 
+def extract_answers(texts: Sequence[str], mode: Mode) -> list[str | None]:
+    return [extract_answer(text, mode) for text in texts]
+
+
 @dataclasses.dataclass(frozen=True)
 class Correctness:
-    """The study's sparse reward: ``correct`` if the final answer equals the gold one."""
+    """The study's sparse reward: ``correct`` if the final answer equals the gold one.
+
+    Answers are judged by :func:`~rl_reason.rewards.equivalence.judge_many`:
+    each distinct (answer, gold) pair once, the batch's LaTeX checks in
+    parallel on the checker's workers. ``rel_tol`` applies only to a written
+    decimal against a value no decimal states exactly (see ``equivalence``).
+    Each call logs (``rl_reason.rewards.functions``, INFO) its completions per
+    second and the LaTeX checks, timeouts and seconds it cost; ``last_stats``
+    holds the same figures for the experiment's metrics.
+    """
 
     dense: ClassVar[bool] = False
     correct: float = 1.0
@@ -47,17 +72,42 @@ class Correctness:
     rel_tol: float = DEFAULT_REL_TOL
     gold_column: str = "final_answer"
     latex: LatexChecker | None = None  # None: the process's shared checker
+    processes: int = 1  # > 1: extraction and non-LaTeX judging in that many subprocesses
+    last_stats: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, completions: Sequence[str], batch: Batch) -> list[float]:
         golds = column(batch, self.gold_column, len(completions))
-        return [
-            self.correct
-            if is_equivalent(
-                extract_answer(text, self.mode), str(gold), rel_tol=self.rel_tol, latex=self.latex
+        checker = self.latex if self.latex is not None else default_latex_checker()
+        before = dataclasses.replace(checker.stats) if isinstance(checker, LatexChecker) else None
+        begin = time.perf_counter()
+        if self.processes > 1 and len(completions) >= PARALLEL_MIN_PAIRS:
+            parts = chunks(list(completions), self.processes)
+            extracted = process_map(self.processes).map(
+                extract_answers, [(part, self.mode) for part in parts]
             )
-            else self.incorrect
-            for text, gold in zip(completions, golds)
-        ]
+            answers = [answer for part in extracted for answer in part]
+        else:
+            answers = extract_answers(completions, self.mode)
+        verdicts = judge_many(
+            answers, golds, rel_tol=self.rel_tol, latex=checker, processes=self.processes
+        )
+        seconds = time.perf_counter() - begin
+        spent = checker.stats.minus(before) if before is not None else CheckerStats()
+        self.last_stats.clear()
+        self.last_stats.update(
+            completions=len(completions),
+            seconds=seconds,
+            completions_per_second=len(completions) / seconds if seconds > 0 else 0.0,
+            latex_checks=spent.checks,
+            latex_timeouts=spent.timeouts,
+            latex_seconds=spent.seconds,
+        )
+        log.info(
+            "correctness: %d completions in %.3f s (%.0f/s); %d LaTeX checks, %d timed out, %.3f s",
+            len(completions), seconds, self.last_stats["completions_per_second"],
+            spent.checks, spent.timeouts, spent.seconds,
+        )  # fmt: skip
+        return [self.correct if ok else self.incorrect for ok in verdicts]
 
 
 @dataclasses.dataclass(frozen=True)

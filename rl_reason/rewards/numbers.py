@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+# Relative tolerance for a written decimal against a value it can only round
+# (1/3, sqrt(2), pi); exact values are always compared exactly. Config key:
+# rewards.<name>.rel_tol (Correctness, StepMatch) and evaluation's rel_tol.
+DEFAULT_REL_TOL = 1e-4
 MAX_NUMBER_CHARS = 100  # longer "numbers" are not answers; refuse rather than parse
 
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*?)\s*\}\s*\{\s*([^{}]*?)\s*\}")
