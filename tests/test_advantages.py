@@ -50,13 +50,16 @@ def _rollout_masks(rng, rows, prompt_len, gen_len):
     return input_mask, loss_mask
 
 
-@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 0.9), (0.5, 1.0), (0.0, 0.0), (1.0, 0.0)])
+@pytest.mark.parametrize(
+    "gamma, lam", [(1.0, 0.95), (0.99, 0.9), (0.5, 1.0), (0.0, 0.0), (1.0, 0.0)]
+)
 def test_gae_matches_numpy_on_random_rollouts(gamma, lam):
     rng = np.random.default_rng(0)
     _, mask = _rollout_masks(rng, 16, 5, 9)
     rewards = rng.normal(size=mask.shape).astype(np.float32)
     values = rng.normal(size=mask.shape).astype(np.float32)
-    got = jax.jit(adv.gae, static_argnames=("gamma", "lam"))(rewards, values, mask, gamma=gamma, lam=lam)
+    gae = jax.jit(adv.gae, static_argnames=("gamma", "lam"))
+    got = gae(rewards, values, mask, gamma=gamma, lam=lam)
     want = _numpy_gae(rewards, values, mask, gamma, lam)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5)
