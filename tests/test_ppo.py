@@ -139,6 +139,9 @@ def test_chunked_entropy_equals_full_softmax_entropy():
 
     (logprobs, hits, got), plain, want, (g_chunk, g_full) = both_ways(table)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    full = jax.nn.log_softmax(hidden @ table.T)
+    target_logprobs = jnp.take_along_axis(full, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(logprobs, target_logprobs, atol=1e-5)
     np.testing.assert_array_equal(logprobs, plain[0])
     np.testing.assert_array_equal(hits, plain[1])
     np.testing.assert_allclose(g_chunk, g_full, atol=1e-4)
