@@ -5,12 +5,13 @@ for its ratio, the KL penalty against the reference model. The unembedding is
 applied to one chunk of positions at a time under `jax.checkpoint`, so the
 forward and the backward pass hold at most [batch, chunk, vocab] float32
 logits; with Gemma 3's 262k vocabulary that is the difference between
-megabytes and gigabytes.
+megabytes and gigabytes. The policy's entropy, which PPO's entropy bonus
+needs over the whole vocabulary, is computed inside the same chunks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -29,6 +30,8 @@ class TokenLogProbs:
     logprobs: jax.Array  # [B, T] float32
     is_argmax: jax.Array  # [B, T] bool, the token is the model's top choice
     heads: dict[str, jax.Array]  # scalar heads at every position, [B, T]
+    # Entropy of the distribution token t was drawn from, [B, T] float32, when asked for.
+    entropy: Optional[jax.Array] = None
 
 
 def chunked_target_logprobs(
@@ -40,6 +43,23 @@ def chunked_target_logprobs(
     """log softmax(logits_fn(hidden))[targets] and argmax hits, chunk by chunk.
 
     hidden [B, T, E], targets [B, T] -> two [B, T] arrays.
+    """
+    logprobs, hits, _ = chunked_target_scores(logits_fn, hidden, targets, chunk_size)
+    return logprobs, hits
+
+
+def chunked_target_scores(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,
+    targets: jax.Array,
+    chunk_size: int,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """Target log-probs, argmax hits and (optionally) entropies [B, T], chunk by chunk.
+
+    Each chunk's [B, chunk, V] logits live only inside one checkpointed
+    `lax.map` step, in the forward and in the backward pass; the entropy
+    H = logsumexp(z) - sum softmax(z) z reuses that chunk's logsumexp.
     """
     b, t, e = hidden.shape
     chunk = max(1, min(chunk_size, t))
@@ -54,13 +74,18 @@ def chunked_target_logprobs(
     def one_chunk(args):
         h, tgt = args
         logits = logits_fn(h).astype(jnp.float32)
+        log_normalizer = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        logprob = target_logit - jax.nn.logsumexp(logits, axis=-1)
-        return logprob, jnp.argmax(logits, axis=-1) == tgt
+        scores = (target_logit - log_normalizer, jnp.argmax(logits, axis=-1) == tgt)
+        if with_entropy:
+            probs = jnp.exp(logits - log_normalizer[..., None])
+            scores += (log_normalizer - (probs * logits).sum(axis=-1),)
+        return scores
 
-    logprobs, hits = jax.lax.map(one_chunk, (hidden, targets))
+    scores = jax.lax.map(one_chunk, (hidden, targets))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t]
-    return unchunk(logprobs), unchunk(hits)
+    logprobs, hits = unchunk(scores[0]), unchunk(scores[1])
+    return logprobs, hits, unchunk(scores[2]) if with_entropy else None
 
 
 def token_logprobs(
@@ -76,11 +101,33 @@ def token_logprobs(
     Positions count real tokens only, so a left-padded prompt scores exactly as
     the sampler saw it.
     """
+    return score_tokens(model, params, tokens, input_mask, chunk_size=chunk_size)
+
+
+def score_tokens(
+    model: Transformer,
+    params: Any,
+    tokens: jax.Array,
+    input_mask: jax.Array,
+    *,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+) -> TokenLogProbs:
+    """`token_logprobs`, plus the per-token entropy of the policy when with_entropy.
+
+    One forward pass gives log-probs, entropies and the scalar heads (PPO's
+    value head on the policy's trunk), all aligned with the tokens.
+    """
     positions = default_positions(input_mask)
     out = model.apply(params, tokens, positions, input_mask)
     logits_fn = lambda h: model.apply(params, h, method=Transformer.logits)
-    logprobs, hits = chunked_target_logprobs(
-        logits_fn, out.hidden[:, :-1], tokens[:, 1:], chunk_size
+    logprobs, hits, entropy = chunked_target_scores(
+        logits_fn, out.hidden[:, :-1], tokens[:, 1:], chunk_size, with_entropy
     )
     pad = lambda x, value: jnp.concatenate([jnp.full((x.shape[0], 1), value, x.dtype), x], axis=1)
-    return TokenLogProbs(logprobs=pad(logprobs, 0.0), is_argmax=pad(hits, False), heads=out.heads)
+    return TokenLogProbs(
+        logprobs=pad(logprobs, 0.0),
+        is_argmax=pad(hits, False),
+        heads=out.heads,
+        entropy=None if entropy is None else pad(entropy, 0.0),
+    )

@@ -1,0 +1,200 @@
+"""Advantages for on-policy updates: GAE over tokens, group baselines, whitening.
+
+Every per-token array is aligned with the tokens of the full sequence layout
+(left-padded prompt, completion, right padding): entry t is about token t, and
+`mask` marks the completion tokens that are actions. Padding and prompt
+entries come out as 0, so nothing downstream has to re-mask them.
+
+Group baselines (GRPO, RLOO, Dr. GRPO) work on one scalar reward per sampled
+completion with rows prompt-major (row = prompt * K + k), the sampler's order.
+They are registered by name, as tunix's `rl/function_registry.py` registers
+its advantage estimators, so a config can name one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    gamma: float,
+    lam: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over tokens, as a reverse `lax.scan`.
+
+    rewards, values, mask: [N, L]; values[:, t] is the value of the state in
+    which token t was chosen (the value head shifted right by one). Returns
+    (advantages, returns), both [N, L] float32 and 0 where mask is False;
+    returns = advantages + values on valid tokens (the critic's target).
+
+    The recursion runs over valid tokens only: the "next" state of a valid
+    token is the next valid token of its row, and after the last one the
+    episode has ended (value 0). Masked entries pass the carry through
+    untouched, so a masked reward or value never enters the result: right
+    padding cannot leak a value into the last completion token, and the
+    prompt receives nothing. (For the usual contiguous completion this is
+    exactly "terminal after the last valid token".) The scan follows
+    purejaxrl's `_calculate_gae`, with its `done` flags replaced by the mask.
+    """
+    mask = mask.astype(bool)
+    rewards = jnp.where(mask, rewards.astype(jnp.float32), 0.0)
+    values = jnp.where(mask, values.astype(jnp.float32), 0.0)
+
+    def backward_step(carry, step):
+        next_advantage, next_value = carry
+        reward, value, valid = step
+        delta = reward + gamma * next_value - value
+        advantage = delta + gamma * lam * next_advantage
+        carry = (
+            jnp.where(valid, advantage, next_advantage),
+            jnp.where(valid, value, next_value),
+        )
+        return carry, jnp.where(valid, advantage, 0.0)
+
+    time_major = lambda x: x.swapaxes(0, 1)
+    zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+    _, advantages = jax.lax.scan(
+        backward_step,
+        (zeros, zeros),
+        (time_major(rewards), time_major(values), time_major(mask)),
+        reverse=True,
+    )
+    advantages = time_major(advantages)
+    returns = jnp.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over the entries where mask is True (0 when there are none)."""
+    weights = mask.astype(jnp.float32)
+    return (x.astype(jnp.float32) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def masked_variance(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Population variance of x over the valid entries (no Bessel correction)."""
+    mean = masked_mean(x, mask)
+    return masked_mean(jnp.square(x.astype(jnp.float32) - mean), mask)
+
+
+def whiten(
+    x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8
+) -> jax.Array:
+    """x scaled to unit variance (and zero mean if shift_mean) over the valid entries.
+
+    The statistics are reductions over the whole array, so under jit on a
+    sharded global array they are the global batch's, not one shard's. With
+    shift_mean=False the mean is kept (TRL's `whiten`), which scales
+    advantages without changing their sign balance. Masked entries are 0.
+    """
+    mean = masked_mean(x, mask)
+    scaled = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(masked_variance(x, mask) + eps)
+    if not shift_mean:
+        scaled = scaled + mean
+    return jnp.where(mask, scaled, 0.0)
+
+
+def broadcast_to_tokens(sequence_values: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """One value per row [N] -> the same value on every valid token [N, L], 0 elsewhere."""
+    return jnp.where(loss_mask, sequence_values.astype(jnp.float32)[:, None], 0.0)
+
+
+# --- group baselines -------------------------------------------------------
+
+AdvantageEstimator = Callable[[jax.Array, float], jax.Array]
+"""groups [P, K] float32, std_floor -> advantages [P, K]."""
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(*names: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Registers a group estimator under one or more names."""
+
+    def register(fn: AdvantageEstimator) -> AdvantageEstimator:
+        for name in names:
+            if name in ADVANTAGE_ESTIMATORS:
+                raise ValueError(f"Advantage estimator {name!r} is already registered.")
+            ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+@register_advantage_estimator("grpo")
+def _group_normalised(groups: jax.Array, std_floor: float) -> jax.Array:
+    """GRPO (Shao et al. 2024): (r - group mean) / max(group std, std_floor).
+
+    The std is the sample std (ddof=1), as TRL's and tunix's GRPO use. The
+    floor, rather than an epsilon added to the std, keeps groups with a tiny
+    spread from being blown up without biasing every other group; a group
+    whose rewards are all equal gets 0 advantage either way.
+    """
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    std = jnp.std(groups, axis=1, ddof=1, keepdims=True)
+    return centred / jnp.maximum(std, std_floor)
+
+
+@register_advantage_estimator("grpo_no_std", "dr_grpo")
+def _group_centred(groups: jax.Array, std_floor: float) -> jax.Array:
+    """r - group mean, no division by the std (Dr. GRPO, Liu et al. 2025).
+
+    Dividing by the std up-weights prompts that are nearly always or never
+    solved; Dr. GRPO drops it (and the 1/|o| length normalisation, which is
+    PPOConfig.loss_aggregation's business, not the advantage's).
+    """
+    del std_floor
+    return groups - groups.mean(axis=1, keepdims=True)
+
+
+@register_advantage_estimator("rloo")
+def _leave_one_out(groups: jax.Array, std_floor: float) -> jax.Array:
+    """RLOO (Ahmadian et al. 2024): r_i minus the mean of the other K - 1 rewards.
+
+    r_i - (sum - r_i) / (K - 1) = K / (K - 1) * (r_i - mean): an unbiased
+    baseline, because it does not depend on the sample it is subtracted from.
+    """
+    del std_floor
+    k = groups.shape[1]
+    others_mean = (groups.sum(axis=1, keepdims=True) - groups) / (k - 1)
+    return groups - others_mean
+
+
+def _groups(rewards: jax.Array, num_samples: int) -> jax.Array:
+    if rewards.ndim != 1:
+        raise ValueError(f"Expected one reward per row [N]; got shape {rewards.shape}.")
+    if num_samples < 2:
+        raise ValueError(
+            f"Group baselines need num_samples >= 2 completions per prompt; got {num_samples}."
+        )
+    if rewards.shape[0] % num_samples:
+        raise ValueError(
+            f"{rewards.shape[0]} rows are not a whole number of groups of {num_samples}"
+            " (rows must be prompt-major: row = prompt * K + k)."
+        )
+    return rewards.astype(jnp.float32).reshape(-1, num_samples)
+
+
+def group_advantages(
+    rewards: jax.Array, num_samples: int, method: str = "grpo", std_floor: float = 1e-6
+) -> jax.Array:
+    """One advantage per completion [N] from its group of num_samples (K) siblings.
+
+    rewards [N], rows prompt-major (row = prompt * K + k). method names an
+    entry of ADVANTAGE_ESTIMATORS: "grpo", "grpo_no_std", "dr_grpo", "rloo".
+    """
+    if method not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"Unknown advantage estimator {method!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}."
+        )
+    return ADVANTAGE_ESTIMATORS[method](_groups(rewards, num_samples), std_floor).reshape(-1)
+
+
+def zero_variance_fraction(rewards: jax.Array, num_samples: int) -> jax.Array:
+    """Fraction of groups whose rewards are all equal: they carry no learning signal."""
+    groups = _groups(rewards, num_samples)
+    return (groups.max(axis=1) == groups.min(axis=1)).astype(jnp.float32).mean()
