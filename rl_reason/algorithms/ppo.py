@@ -26,11 +26,10 @@ import functools
 from typing import Any, Optional
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from rl_reason.algorithms import sft
 from rl_reason.algorithms import train_state as ts
@@ -38,7 +37,7 @@ from rl_reason.algorithms.advantages import masked_mean, masked_variance, whiten
 from rl_reason.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from rl_reason.algorithms.logprobs import TokenLogProbs, score_tokens, token_logprobs
 from rl_reason.algorithms.train_state import TrainState
-from rl_reason.models.transformer import Transformer, default_positions
+from rl_reason.models.transformer import Transformer, default_positions, init_params
 from rl_reason.parallel import sharding as shd
 
 Batch = dict[str, jax.Array]
@@ -543,45 +542,30 @@ def make_ppo_update(
 
 
 # --- the train state of an ActorCritic ------------------------------------------
-# Without a critic these are train_state's own functions. With one, params is
-# {"policy", "critic"}; train_state builds its state from one model's init,
-# so the pair's init is spelled out here.
+# Without a critic the policy's own params; with one, {"policy", "critic"} in one
+# tree that one optimizer updates (one TrainState, one checkpoint item).
+
+
+def trained(models: ActorCritic) -> ts.Trained:
+    """What the TrainState holds parameters of, for train_state's functions."""
+    if models.critic is None:
+        return models.policy
+    return functools.partial(_init_params, models)
 
 
 def _init_params(models: ActorCritic, rng: jax.Array) -> Any:
-    tokens = jnp.zeros((1, 2), jnp.int32)
     policy_rng, critic_rng = jax.random.split(rng)
     return {
-        "policy": models.policy.init(policy_rng, tokens, jnp.zeros_like(tokens)),
-        "critic": models.critic.init(critic_rng, tokens, jnp.zeros_like(tokens)),
+        "policy": init_params(models.policy, policy_rng),
+        "critic": init_params(models.critic, critic_rng),
     }
-
-
-def _new_state(
-    models: ActorCritic, tx: optax.GradientTransformation, rng: jax.Array, params: Optional[Any]
-) -> TrainState:
-    init_rng, state_rng = jax.random.split(rng)
-    if params is None:
-        params = nn.meta.unbox(_init_params(models, init_rng))
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
-    )
 
 
 def ppo_state_shardings(
     models: ActorCritic, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
 ) -> TrainState:
     """Shardings of the TrainState of `models` (for jit_step and checkpoints)."""
-    if models.critic is None:
-        return ts.state_shardings(models.policy, tx, mesh, rules)
-    boxed = jax.eval_shape(functools.partial(_init_params, models), jax.random.PRNGKey(0))
-    params_sh = shd.logical_shardings(boxed, mesh, rules)
-    replicated = NamedSharding(mesh, P())
-    abstract_opt = jax.eval_shape(tx.init, nn.meta.unbox(boxed))
-    opt_sh = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, params_sh, transform_non_params=lambda _: replicated
-    )
-    return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+    return ts.state_shardings(trained(models), tx, mesh, rules)
 
 
 def create_ppo_state(
@@ -593,18 +577,11 @@ def create_ppo_state(
     params: Optional[Any] = None,
 ) -> TrainState:
     """Initialises (or adopts `params`, {"policy", "critic"} with a critic) in its shardings."""
-    if models.critic is None:
-        return ts.create_train_state(models.policy, tx, mesh, rules, seed, params)
-    init = functools.partial(_new_state, models, tx)
-    shardings = ppo_state_shardings(models, tx, mesh, rules)
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed), params)
+    return ts.create_train_state(trained(models), tx, mesh, rules, seed, params)
 
 
 def abstract_ppo_state(
     models: ActorCritic, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
 ) -> TrainState:
     """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
-    if models.critic is None:
-        return ts.abstract_train_state(models.policy, tx, mesh, rules)
-    shapes = jax.eval_shape(functools.partial(_new_state, models, tx), jax.random.PRNGKey(0), None)
-    return shd.abstract_like(shapes, ppo_state_shardings(models, tx, mesh, rules))
+    return ts.abstract_train_state(trained(models), tx, mesh, rules)

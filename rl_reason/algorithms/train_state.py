@@ -7,7 +7,7 @@ nothing is materialised on one device and then moved.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax
 import flax.linen as nn
@@ -30,24 +30,36 @@ class TrainState:
     rng: jax.Array
 
 
-def param_shardings(model: Transformer, mesh: Mesh, rules: shd.Rules) -> Any:
+# What a TrainState holds parameters of: one Transformer, or any function
+# rng -> boxed params (e.g. a policy and a separate critic in one tree).
+Trained = Union[Transformer, Callable[[jax.Array], Any]]
+
+
+def _init_fn(model: Trained) -> Callable[[jax.Array], Any]:
+    return functools.partial(init_params, model) if isinstance(model, Transformer) else model
+
+
+def param_shardings(model: Trained, mesh: Mesh, rules: shd.Rules) -> Any:
     """Shardings of `model`'s unboxed params tree, from logical names and shapes alone."""
-    return shd.param_shardings(functools.partial(init_params, model), mesh, rules)
+    return shd.param_shardings(_init_fn(model), mesh, rules)
 
 
-def abstract_params(model: Transformer, mesh: Mesh, rules: shd.Rules) -> Any:
+def _param_shapes(model: Trained) -> Any:
+    return jax.eval_shape(lambda: nn.meta.unbox(_init_fn(model)(jax.random.PRNGKey(0))))
+
+
+def abstract_params(model: Trained, mesh: Mesh, rules: shd.Rules) -> Any:
     """ShapeDtypeStructs of `model`'s params with their shardings (a restore target)."""
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
-    return shd.abstract_like(shapes, param_shardings(model, mesh, rules))
+    return shd.abstract_like(_param_shapes(model), param_shardings(model, mesh, rules))
 
 
 def state_shardings(
-    model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
+    model: Trained, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
 ) -> TrainState:
     """Shardings of the whole TrainState; optimizer moments follow their params."""
     params_sh = param_shardings(model, mesh, rules)
     replicated = NamedSharding(mesh, P())
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+    shapes = _param_shapes(model)
     abstract_opt = jax.eval_shape(tx.init, shapes)
     opt_sh = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract_opt, params_sh, transform_non_params=lambda _: replicated
@@ -56,18 +68,18 @@ def state_shardings(
 
 
 def _new_state(
-    model: Transformer, tx: optax.GradientTransformation, rng: jax.Array, params: Optional[Any]
+    model: Trained, tx: optax.GradientTransformation, rng: jax.Array, params: Optional[Any]
 ) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     if params is None:
-        params = nn.meta.unbox(init_params(model, init_rng))
+        params = nn.meta.unbox(_init_fn(model)(init_rng))
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
     )
 
 
 def create_train_state(
-    model: Transformer,
+    model: Trained,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: shd.Rules,
@@ -81,7 +93,7 @@ def create_train_state(
 
 
 def abstract_train_state(
-    model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
+    model: Trained, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
 ) -> TrainState:
     """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
     shapes = jax.eval_shape(functools.partial(_new_state, model, tx), jax.random.PRNGKey(0), None)
