@@ -297,3 +297,280 @@ def test_load_hf_names_the_broken_weights_file(tmp_path, data):
     _replace(tmp_path / "model.safetensors", data)
     with pytest.raises(CheckpointFormatError, match="model.safetensors: "):
         load_hf(tmp_path)
+
+
+# ---------------------------------------------------------------- GGUF
+
+HIDDEN, VOCAB = 32, 16
+Q = gguf.GGMLQuantizationType
+
+
+def _write_gguf(path, endianess=gguf.GGUFEndian.LITTLE):
+    """A small but complete Gemma 3 GGUF: every key gguf_hf_config reads, a vocabulary,
+    and F16, F32, Q8_0 and Q4_K tensors."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "gemma3", endianess=endianess)
+    writer.add_context_length(64)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(256)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_key_length(16)
+    writer.add_value_length(16)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(1e6)
+    writer.add_sliding_window(4)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"t{i}" for i in range(VOCAB)])
+    writer.add_token_scores([float(-i) for i in range(VOCAB)])
+    writer.add_token_types([1] * VOCAB)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float16))
+    writer.add_tensor("blk.0.attn_norm.weight", rng.standard_normal(HIDDEN).astype(np.float32))
+    q = rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(q, Q.Q8_0), raw_dtype=Q.Q8_0)
+    # gguf cannot quantize to Q4_K (only dequantize): one block of bytes, its f16 scales small.
+    blocks = rng.integers(0, 256, (1, 144), dtype=np.uint8)
+    blocks[:, :4] = np.array([0.01, 0.001], np.float16).view(np.uint8)
+    writer.add_tensor("blk.0.ffn_up.weight", blocks, raw_dtype=Q.Q4_K)
+    writer.add_tensor("output_norm.weight", rng.standard_normal(HIDDEN).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "valid.gguf"
+    _write_gguf(path)
+    _read_gguf(path)  # imports what transformers imports lazily, outside the bounds
+    return path.read_bytes()
+
+
+def _read_gguf(path):
+    """Everything the importer does with a GGUF file short of building the model."""
+    reader = gguf_import.read_gguf(path)
+    config = gguf_import.gguf_hf_config(reader)
+    source = gguf_import.GGUFTensors(reader, [], "gemma3", config.num_hidden_layers)
+    for name in source.names:
+        assert source.get(name).shape == source.shape(name)
+    return config
+
+
+@pytest.fixture
+def gguf_path(tmp_path):
+    return tmp_path / "model.gguf"
+
+
+def test_valid_gguf_reads(gguf_path, gguf_bytes):
+    _replace(gguf_path, gguf_bytes)
+    config = _read_gguf(gguf_path)
+    assert (config.hidden_size, config.vocab_size, config.intermediate_size) == (HIDDEN, VOCAB, 256)
+
+
+def test_big_endian_gguf_passes_the_check(gguf_path):
+    _write_gguf(gguf_path, gguf.GGUFEndian.BIG)
+    gguf_import.check_gguf_header(gguf_path)
+    assert gguf_import.read_gguf(gguf_path).endianess == gguf.GGUFEndian.BIG
+
+
+def _gguf_header(tensor_count=0, kv_count=0, version=3, magic=b"GGUF") -> bytes:
+    return magic + struct.pack("<IQQ", version, tensor_count, kv_count)
+
+
+def _kv(key: bytes, vtype: int, value: bytes, key_length: int | None = None) -> bytes:
+    n = len(key) if key_length is None else key_length
+    return struct.pack("<Q", n) + key + struct.pack("<I", vtype) + value
+
+
+def _tensor_info(name=b"w", dims=(4,), qtype=0, offset=0, n_dims=None) -> bytes:
+    n_dims = len(dims) if n_dims is None else n_dims
+    return (
+        struct.pack("<Q", len(name)) + name + struct.pack("<I", n_dims)
+        + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", qtype, offset)
+    )  # fmt: skip
+
+
+def _padded(header: bytes, data: bytes = b"") -> bytes:
+    return header + bytes(-len(header) % 32) + data
+
+
+T = gguf.GGUFValueType
+ARCH = _kv(b"general.architecture", T.STRING, struct.pack("<Q", 6) + b"gemma3")
+NOT_UTF8 = struct.pack("<Q", 1) + b"\xff"
+
+
+MALFORMED_GGUF = [
+        (b"", "0 bytes"),
+        (b"GGUF", "4 bytes"),
+        (b"GGUF" + bytes(19), "23 bytes"),
+        (b"GGML" + bytes(40), "not a GGUF file: it starts with b'GGML'"),
+        (_gguf_header(version=1) + bytes(8), "version 1 is not supported"),
+        (_gguf_header(version=7) + bytes(8), "version 7"),
+        (_gguf_header(tensor_count=2**64 - 1), "the tensor count is 18446744073709551615"),
+        (_gguf_header(kv_count=2**60) + bytes(100), "the key-value count is"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 4, b"", key_length=2**63), f"key 0 ({2**63} bytes)"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 4, b"", key_length=90), "key 0 (90 bytes)"),
+        (_gguf_header(kv_count=1) + _kv(b"\xff\xfe", 4, bytes(4)), "not UTF-8"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 13, bytes(8)), "unknown value type 13"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 4, b"\x01"), "the value of 'k'"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 8, struct.pack("<Q", 2**62)), "the value of 'k'"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 9, struct.pack("<IQ", 4, 2**61)), "the length of"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 9, struct.pack("<IQ", 8, 2**40)), "the length of"),
+        (_gguf_header(kv_count=1) + _kv(b"k", 9, struct.pack("<IQ", 99, 0)), "value type 99"),
+        (
+            _gguf_header(kv_count=1) + _kv(b"k", 9, struct.pack("<IQ", 9, 1) * 20 + bytes(12)),
+            "nests arrays deeper than 8",
+        ),
+        (_gguf_header(kv_count=2) + _kv(b"k", 0, b"\x01") * 2, "key 'k' appears twice"),
+        (_gguf_header(kv_count=1) + _kv(b"GGUF.version", 0, b"\x01"), "appears twice"),
+        (_gguf_header(kv_count=1) + _kv(b"general.alignment", 0, b"\x01"), "not UINT32"),
+        (_gguf_header(kv_count=1) + _kv(b"general.alignment", 4, b"\x18\0\0\0"), "not a power"),
+        (_gguf_header(kv_count=1) + _kv(b"general.alignment", 4, bytes(4)), "not a power"),
+        (_padded(_gguf_header(1) + _tensor_info(n_dims=5, dims=(4,) * 5)), "5 dimensions"),
+        (_gguf_header(1) + _tensor_info(n_dims=3), "a dimension of tensor 'w'"),
+        (_padded(_gguf_header(1) + _tensor_info(qtype=4), bytes(16)), "unknown type code 4"),
+        (_padded(_gguf_header(1) + _tensor_info(qtype=2**32 - 1), bytes(16)), "unknown type code"),
+        (_padded(_gguf_header(2) + _tensor_info() * 2, bytes(16)), "tensor 'w' appears twice"),
+        (_padded(_gguf_header(1) + _tensor_info(), bytes(15)), "truncated: tensor 'w'"),
+        (_padded(_gguf_header(1) + _tensor_info(offset=2**63), bytes(16)), "truncated: tensor 'w'"),
+        (_padded(_gguf_header(1) + _tensor_info(dims=(2**32, 2**32)), bytes(16)), "more than the"),
+        (_padded(_gguf_header(1) + _tensor_info(dims=(0, 2**62)), bytes(16)), "more than the"),
+        (_padded(_gguf_header(1) + _tensor_info(dims=(2**64 - 1,)), bytes(16)), "more than the"),
+        (_padded(_gguf_header(1) + _tensor_info(dims=(33,), qtype=8), bytes(64)), "blocks of 32"),
+        (_padded(_gguf_header(1) + _tensor_info(dims=(), qtype=8), bytes(64)), "blocks of 32"),
+        (_padded(_gguf_header(1) + _tensor_info(b"\xc3")), "not UTF-8"),
+        (
+            _padded(_gguf_header(0, 1) + ARCH),
+            "no gemma3.embedding_length field",
+        ),
+        (
+            _padded(_gguf_header(0, 2) + ARCH + _kv(b"gemma3.embedding_length", 8, bytes(8))),
+            "gemma3.embedding_length is '', not a int",
+        ),
+        (
+            _padded(_gguf_header(0, 1) + _kv(b"general.architecture", 4, bytes(4))),
+            "general.architecture is 0, not a str",
+        ),
+        (
+            _padded(_gguf_header(0, 1) + _kv(b"general.architecture", 8, NOT_UTF8)),
+            "general.architecture is unreadable",
+        ),
+]
+
+
+@pytest.mark.parametrize("data, problem", MALFORMED_GGUF, ids=[p for _, p in MALFORMED_GGUF])
+def test_malformed_gguf_is_a_clear_error(gguf_path, data, problem):
+    _replace(gguf_path, data)
+    with Bounded() as bounded, pytest.raises(CheckpointFormatError) as e:
+        bounded(_read_gguf, gguf_path)
+    assert str(gguf_path) in str(e.value) and problem in str(e.value), str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def _gguf_header_end(path, data: bytes) -> int:
+    _replace(path, data)
+    return min(t.data_offset for t in gguf_import.read_gguf(path).tensors)
+
+
+def test_gguf_truncated_anywhere_is_a_clear_error(gguf_path, gguf_bytes):
+    """At every byte of the header, every 8th of the data and each of the last 64."""
+    header_end = _gguf_header_end(gguf_path, gguf_bytes)
+    ends = sorted(
+        {*range(header_end), *range(header_end, len(gguf_bytes), 8)}
+        | {*range(len(gguf_bytes) - 64, len(gguf_bytes))}
+    )
+    with Bounded() as bounded:
+        valid = [
+            end
+            for end in ends
+            if _expect_clear_error_or_valid(_read_gguf, gguf_path, gguf_bytes[:end], bounded)
+        ]
+    # Only the alignment padding after the last tensor may go.
+    assert all(end > len(gguf_bytes) - 32 for end in valid)
+
+
+def _gguf_number_fields(path) -> list[tuple[int, str]]:
+    """(offset, struct format) of every integer in the header: each length, count, value type,
+    dimension count, dimension, tensor type and data offset (and integer values)."""
+    reader = gguf_import.read_gguf(path)
+    base = reader.data.ctypes.data
+    parts = [p for f in reader.fields.values() for p in f.parts]
+    parts += [p for t in reader.tensors for p in t.field.parts]
+    out = set()
+    for part in parts:
+        if part.dtype.kind in "ui" and part.dtype.itemsize in (4, 8):
+            for k in range(part.size):
+                offset = part.ctypes.data - base + k * part.dtype.itemsize
+                out.add((offset, {4: "<I", 8: "<Q"}[part.dtype.itemsize]))
+    return sorted(out)
+
+
+def test_gguf_lying_header_fields(gguf_path, gguf_bytes):
+    """Every integer of the header (lengths, counts, type codes, dimensions, offsets) set
+    to a lie: the largest value, zero, one more, one less, 2**32."""
+    _replace(gguf_path, gguf_bytes)
+    fields = _gguf_number_fields(gguf_path)
+    assert len(fields) > 100
+    with Bounded() as bounded:
+        for offset, fmt in fields:
+            bits = 8 * struct.calcsize(fmt)
+            (old,) = struct.unpack_from(fmt, gguf_bytes, offset)
+            for value in {2**bits - 1, 0, old + 1, old - 1, 2**32}:
+                mutated = bytearray(gguf_bytes)
+                struct.pack_into(fmt, mutated, offset, value % 2**bits)
+                _expect_clear_error_or_valid(_read_gguf, gguf_path, bytes(mutated), bounded)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=512))
+def test_random_bytes_gguf(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    with Bounded() as bounded:
+        _expect_clear_error_or_valid(_read_gguf, path, data, bounded)
+        _expect_clear_error_or_valid(_read_gguf, path, _gguf_header(1, 2) + data, bounded)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 10_000), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4
+    )
+)
+def test_random_edits_gguf(tmp_path_factory, gguf_bytes, edits):
+    data = bytearray(gguf_bytes)
+    for position, chunk in edits:
+        position %= 1024  # mostly the header
+        data[position : position + len(chunk)] = chunk
+    path = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    with Bounded() as bounded:
+        _expect_clear_error_or_valid(_read_gguf, path, bytes(data), bounded)
+
+
+def test_unsupported_quantization_is_a_clear_error(gguf_path):
+    writer = gguf.GGUFWriter(str(gguf_path), "gemma3")
+    writer.add_tensor("w", np.zeros(4, np.int32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = gguf_import.GGUFTensors(gguf_import.read_gguf(gguf_path), [], "gemma3", 1)
+    with pytest.raises(CheckpointFormatError, match="tensor w has type I32, which the gguf"):
+        source.get("w")
+
+
+@pytest.mark.parametrize(
+    "data", [b"", os.urandom(64), b"GGUF" + bytes(60)], ids=["empty", "random", "version 0"]
+)
+def test_load_gguf_names_the_broken_file(gguf_path, data):
+    _replace(gguf_path, data)
+    with pytest.raises(CheckpointFormatError, match="model.gguf: "):
+        gguf_import.load_gguf(gguf_path, with_tokenizer=False)
+
+
+def test_load_gguf_of_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No GGUF file at .*nothing.gguf"):
+        gguf_import.load_gguf(tmp_path / "nothing.gguf", with_tokenizer=False)
