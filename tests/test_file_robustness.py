@@ -574,3 +574,37 @@ def test_load_gguf_names_the_broken_file(gguf_path, data):
 def test_load_gguf_of_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No GGUF file at .*nothing.gguf"):
         gguf_import.load_gguf(tmp_path / "nothing.gguf", with_tokenizer=False)
+
+
+# ---------------------------------------------------------------- export
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = tiny_llama()
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    init = lambda: nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens))
+    # The values do not matter here: shapes only, so nothing is compiled.
+    params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), jax.eval_shape(init))
+    tokenizer = tokenizer_lib.train_tokenizer(["one two three", "1 + 2 = 3"], vocab_size=300)
+    return config, params, tokenizer
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("max_shard_bytes", [2**40, 100_000])
+def test_exported_files_are_readable_like_save_pretrained(
+    tiny_model, tmp_path, umask, max_shard_bytes
+):
+    config, params, tokenizer = tiny_model
+    old = os.umask(umask)
+    try:
+        export_hf(tmp_path / "out", config, params, tokenizer, max_shard_bytes=max_shard_bytes)
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "out").iterdir())
+    assert any(p.name.endswith(".safetensors") for p in files)
+    assert {p.name: oct(_mode(p)) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}

@@ -235,6 +235,26 @@ def _index_files(index_path: str) -> list[str]:
     return files
 
 
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the mode open() gives a new file."""
+    try:  # Linux says it without changing it (another thread may be creating files)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, leaving the file readable as open() would (it writes 0600)."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, _default_file_mode())
+
+
 def write_checkpoint(
     directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], max_shard_bytes: int
 ) -> list[str]:
@@ -242,7 +262,9 @@ def write_checkpoint(
 
     Shards are filled in the order of `tensors` and named as transformers names
     them (model-00001-of-00003.safetensors); a previous export's weight files in
-    `directory` are removed first. Returns the file names written.
+    `directory` are removed first. Files get the mode open() gives (0o666 less
+    the umask), as transformers' save_pretrained leaves them. Returns the file
+    names written.
     """
     directory = os.fspath(directory)
     for name in os.listdir(directory):  # a previous export's files would shadow or mix in
@@ -258,12 +280,12 @@ def write_checkpoint(
         size += array.nbytes
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata=metadata)
+        _save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata)
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file_name, shard in zip(names, shards):
-        save_file(shard, os.path.join(directory, file_name), metadata=metadata)
+        _save_file(shard, os.path.join(directory, file_name), metadata)
         weight_map.update(dict.fromkeys(shard, file_name))
     index = {
         "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
