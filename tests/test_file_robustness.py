@@ -608,3 +608,111 @@ def test_exported_files_are_readable_like_save_pretrained(
     files = sorted((tmp_path / "out").iterdir())
     assert any(p.name.endswith(".safetensors") for p in files)
     assert {p.name: oct(_mode(p)) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer_lib.train_tokenizer(["Ann has 3 apples.", "12 + 30 = 42"], vocab_size=300)
+
+
+def _leftovers(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_tokenizer_save_is_readable_and_leaves_nothing_behind(tok, tmp_path):
+    target = tmp_path / "run" / "tokenizer"
+    tokenizer_lib.save_tokenizer(tok, target)
+    assert sorted(p.name for p in target.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert _mode(target) == 0o777 & ~_current_umask()  # not mkdtemp's 0700
+    assert _leftovers(target.parent) == []
+    assert tokenizer_lib.load_tokenizer(target).get_vocab() == tok.get_vocab()
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_tokenizer_save_fills_an_empty_directory(tok, tmp_path):
+    tokenizer_lib.save_tokenizer(tok, tmp_path)  # what a crashed older save left behind
+    assert tokenizer_lib.load_tokenizer(tmp_path).get_vocab() == tok.get_vocab()
+
+
+def test_tokenizer_save_keeps_an_existing_complete_directory(tok, tmp_path):
+    tokenizer_lib.save_tokenizer(tok, tmp_path / "tokenizer")
+    other = tokenizer_lib.train_tokenizer(["completely different text"], vocab_size=270)
+    tokenizer_lib.save_tokenizer(other, tmp_path / "tokenizer")
+    assert tokenizer_lib.load_tokenizer(tmp_path / "tokenizer").get_vocab() == tok.get_vocab()
+    assert _leftovers(tmp_path) == []
+
+
+def test_tokenizer_save_moves_a_partial_directory_aside(tok, tmp_path):
+    partial = tmp_path / "tokenizer"
+    partial.mkdir()
+    (partial / "tokenizer_config.json").write_text("{}")
+    tokenizer_lib.save_tokenizer(tok, partial)
+    assert tokenizer_lib.load_tokenizer(partial).get_vocab() == tok.get_vocab()
+    (aside,) = tmp_path.glob("tokenizer.incomplete-*")
+    assert [p.name for p in aside.iterdir()] == ["tokenizer_config.json"]
+
+
+def test_tokenizer_save_that_fails_leaves_no_directory(tok, tmp_path, monkeypatch):
+    def save_pretrained(directory):
+        (tmp_path / "staging_seen").write_text(str(directory))
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            f.write("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tok, "save_pretrained", save_pretrained)
+    with pytest.raises(OSError, match="disk full"):
+        tokenizer_lib.save_tokenizer(tok, tmp_path / "tokenizer")
+    assert not (tmp_path / "tokenizer").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_tokenizer_save_killed_midway_leaves_no_directory(tmp_path, repo_root):
+    """The process dies (no cleanup at all) after writing one file: no tokenizer/ appears."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        from rl_reason.data import tokenizer as t
+        tok = t.train_tokenizer(["a b c"], vocab_size=270)
+        def dying_save(directory):
+            open(os.path.join(directory, "tokenizer_config.json"), "w").write("{{}}")
+            os._exit(9)
+        tok.save_pretrained = dying_save
+        t.save_tokenizer(tok, {str(tmp_path / "tokenizer")!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=repo_root, timeout=120)
+    assert result.returncode == 9
+    assert not (tmp_path / "tokenizer").exists()
+    with pytest.raises(FileNotFoundError, match="No tokenizer directory"):
+        tokenizer_lib.load_tokenizer(tmp_path / "tokenizer")
+
+
+@pytest.mark.parametrize(
+    "files, problem",
+    [
+        ({}, "holds no files but no vocabulary"),
+        ({"tokenizer_config.json": "{}"}, "holds tokenizer_config.json but no vocabulary"),
+        (
+            {"tokenizer_config.json": "{}", "tokenizer.json": '{"version": "1.0", "trunc'},
+            "tokenizer.json is not valid JSON",
+        ),
+    ],
+    ids=["empty", "config only", "truncated tokenizer.json"],
+)
+def test_load_tokenizer_from_an_incomplete_directory(tmp_path, files, problem):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(tokenizer_lib.IncompleteTokenizerError) as e:
+        tokenizer_lib.load_tokenizer(tmp_path)
+    message = str(e.value)
+    assert str(tmp_path) in message and "incomplete" in message and problem in message
+    assert "sentencepiece" not in message
