@@ -11,15 +11,13 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from rl_reason.experiments import cli
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(_ROOT, "configs", "synthetic_eval.py"),
-    "Evaluation config file.",
-    lock_config=True,
+cli.define_config_flag(
+    "config", os.path.join(_ROOT, "configs", "synthetic_eval.py"), "Evaluation config file."
 )
 flags.DEFINE_string("workdir", "runs/eval", "Where the report and samples go.")
 

