@@ -29,7 +29,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     from rl_reason.experiments import evaluate
 
-    evaluate.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    cli.run_reporting_errors(evaluate.run, flags.FLAGS.config, flags.FLAGS.workdir)
     with open(os.path.join(flags.FLAGS.workdir, "report.md")) as f:
         print(f.read())
 

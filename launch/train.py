@@ -30,22 +30,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax reports every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-    from rl_reason import checkpointing
-    from rl_reason.experiments import registry, runs
+    from rl_reason.experiments import registry
 
     config = flags.FLAGS.config
-    try:
-        metrics = registry.trainer(config)(config, flags.FLAGS.workdir)
-    except checkpointing.Preempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
-    except (
-        runs.ResumeConfigError,
-        runs.NonFiniteStepError,
-        checkpointing.CheckpointError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    metrics = cli.run_reporting_errors(registry.trainer(config), config, flags.FLAGS.workdir)
     print("final metrics:", metrics)
 
 

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any, Callable
 
 import ml_collections
 from absl import flags
@@ -267,3 +268,36 @@ def check_model_source(kind: str, path: str | os.PathLike) -> str:
         )
         raise fail(f"has no model.safetensors or model.safetensors.index.json{hint}.")
     return path
+
+
+def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), with the errors a user can act on printed as one paragraph.
+
+    A run stopped by a preemption signal after saving exits with status 75
+    (rerun to resume); a config, model source, checkpoint or non-finite step
+    problem exits with status 1 and its message, no traceback. Anything else
+    is a bug and keeps its traceback.
+    """
+    from rl_reason import checkpointing
+    from rl_reason.data.tokenizer import IncompleteTokenizerError
+    from rl_reason.experiments import runs, sources
+    from rl_reason.experiments.config import InvalidConfigError
+    from rl_reason.models.safetensors_io import CheckpointFormatError
+
+    try:
+        return fn(*args)
+    except checkpointing.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
+    except (
+        InvalidConfigError,
+        runs.ResumeConfigError,
+        runs.NonFiniteStepError,
+        checkpointing.CheckpointError,
+        sources.ModelSourceError,
+        ModelSourceNotFoundError,
+        CheckpointFormatError,
+        IncompleteTokenizerError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

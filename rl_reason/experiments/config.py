@@ -20,6 +20,14 @@ from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
 
+class InvalidConfigError(ValueError):
+    """Every problem a config check found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("Invalid config:\n  - " + "\n  - ".join(problems))
+        self.problems = problems
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -257,7 +265,7 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
             f"model_source.path is empty: give the start model (kind={config.model_source.kind!r})."
         )
     if problems:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise InvalidConfigError(problems)
 
 
 def gemma3_270m_few_shot_config(task: str, num_examples: int) -> ml_collections.ConfigDict:
@@ -315,4 +323,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     except ValueError as e:
         problems.append(str(e))
     if problems:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise InvalidConfigError(problems)

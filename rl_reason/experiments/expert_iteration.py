@@ -44,6 +44,7 @@ from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
 from rl_reason.experiments import sft as sft_experiment
+from rl_reason.experiments.config import InvalidConfigError
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
@@ -103,7 +104,7 @@ def validate_ei(config: ml_collections.ConfigDict) -> None:
     if not config.model_source.path and config.model_source.kind != "gguf":
         problems.append(f"model_source.path is empty: give the start model ({config.model_source.kind}).")
     if problems:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise InvalidConfigError(problems)
 
 
 def _copy(tree: Any) -> Any:

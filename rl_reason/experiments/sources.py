@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from rl_reason import checkpointing
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.experiments import cli
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer, init_params
 from rl_reason.parallel import sharding as shd
@@ -53,16 +54,13 @@ def model_source(kind: str):
 
 
 def load_model(kind: str, path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
+    """The model at `path` of `kind`; a missing or misplaced path is a clear error
+    naming both before anything is read."""
     if kind not in MODEL_SOURCES:
         raise ValueError(f"model_source.kind={kind!r}; known: {sorted(MODEL_SOURCES)}")
+    if path or kind != "gguf":  # an empty gguf path is the PyPI package's Gemma 3 270M
+        cli.check_model_source(kind, path)
     return MODEL_SOURCES[kind](path, mesh, rules)
-
-
-def _require(kind: str, path: str, what: str, exists: Callable[[str], bool]) -> None:
-    if not path or not exists(path):
-        raise ModelSourceError(
-            f"model_source.kind={kind!r} needs {what}; model_source.path={path!r} is not one."
-        )
 
 
 @model_source("run")
@@ -72,9 +70,7 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
     The checkpoint must verify: evaluation refuses a damaged checkpoint rather
     than falling back or quarantining (it only reads the run).
     """
-    _require("run", path, "an rl_reason run directory", os.path.isdir)
     checkpoint_dir = os.path.join(path, "checkpoints")
-    _require("run", checkpoint_dir, "a run directory with checkpoints/", os.path.isdir)
     checkpointer = checkpointing.Checkpointer(checkpoint_dir)
     try:
         step = checkpointer.latest_step()
@@ -99,7 +95,6 @@ def load_hf_directory(path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
     """A Hugging Face checkpoint directory (Llama, Qwen2, Gemma 3)."""
     from rl_reason.models.hf_import import load_hf
 
-    _require("hf", path, "a Hugging Face checkpoint directory", os.path.isdir)
     return LoadedModel(*load_hf(path, mesh, rules))
 
 
@@ -110,7 +105,6 @@ def load_gguf_file(path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
     from rl_reason.models.gguf_import import load_gguf
 
     path = path or gemma3_270m_gguf()
-    _require("gguf", path, "a GGUF file", os.path.isfile)
     return LoadedModel(*load_gguf(path, mesh, rules))
 
 
