@@ -280,7 +280,7 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     """
     from rl_reason import checkpointing
     from rl_reason.data.tokenizer import IncompleteTokenizerError
-    from rl_reason.experiments import runs, sources
+    from rl_reason.experiments import runs
     from rl_reason.experiments.config import InvalidConfigError
     from rl_reason.models.safetensors_io import CheckpointFormatError
 
@@ -294,7 +294,6 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
         runs.ResumeConfigError,
         runs.NonFiniteStepError,
         checkpointing.CheckpointError,
-        sources.ModelSourceError,
         ModelSourceNotFoundError,
         CheckpointFormatError,
         IncompleteTokenizerError,

@@ -113,7 +113,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokenizer = source.tokenizer
     if tokenizer is None:
         raise sources.ModelSourceError(
-            f"{config.model_source.path} has no tokenizer; RL needs one to read and score samples."
+            config.model_source.kind,
+            config.model_source.path,
+            "it has no tokenizer; RL needs one to read and score samples.",
         )
     policy = sources.with_heads(
         source, ("value",) if pc.use_value else (), mesh, rules, seed=config.seed

@@ -37,8 +37,7 @@ class LoadedModel(NamedTuple):
     tokenizer: Any
 
 
-class ModelSourceError(FileNotFoundError):
-    """A model source's path is missing or is not what its kind expects."""
+ModelSourceError = cli.ModelSourceNotFoundError  # missing, or not what its kind expects
 
 
 Loader = Callable[[str, Mesh, shd.Rules], LoadedModel]
@@ -75,11 +74,11 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
     try:
         step = checkpointer.latest_step()
         if step is None:
-            raise ModelSourceError(f"{checkpoint_dir} holds no checkpoint yet.")
+            raise ModelSourceError("run", path, "its checkpoints/ holds no checkpoint yet.")
         models = checkpointer.read_progress(step).get("models", {})
         if name not in models:
             raise ModelSourceError(
-                f"Checkpoint {step} of {path} records no model {name!r} (it has {sorted(models)})."
+                "run", path, f"checkpoint {step} records no model {name!r} (it has {sorted(models)})."
             )
         config = ModelConfig.from_dict(models[name])
         abstract = ts.abstract_params(Transformer(config), mesh, rules)
