@@ -156,13 +156,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         best_params = _copy(start.params)
     initial_params = start.params
     del start
-    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
-        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
-    runs.write_config(config, workdir)
-    if progress["round"] >= c.num_rounds:
+    if progress["round"] >= c.num_rounds:  # a finished run is left as it is, config.json included
         checkpointer.close()
         print(f"The run in {workdir} finished its {c.num_rounds} rounds; nothing to do.")
         return runs.finished_record(workdir)
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
+        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    runs.write_config(config, workdir)
 
     sampler = Sampler(
         model.config,

@@ -147,15 +147,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
         state = ppo.create_ppo_state(models, tx, mesh, rules, config.seed, params=policy.params)
     del policy
-    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
-        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
-    runs.write_config(config, workdir)
-
     start = int(progress["iteration"])
-    if start >= rl.num_iterations:
+    if start >= rl.num_iterations:  # a finished run is left as it is, config.json included
         checkpointer.close()
         print(f"The run in {workdir} finished at iteration {start}; nothing to do.")
         return runs.finished_record(workdir)
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
+        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    runs.write_config(config, workdir)
 
     sampler = Sampler(
         models.policy.config,
