@@ -134,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     progress: dict[str, Any] = {"iteration": 0, "kl_coef": float(rl.kl_coef), "samples_drawn": 0}
     if checkpointer.latest_step() is not None:
-        abstract = ts.abstract_train_state(models.policy, tx, mesh, rules)
+        abstract = ppo.abstract_ppo_state(models, tx, mesh, rules)
         items, progress, _ = checkpointer.restore(checkpointing.train_state_items("policy", abstract))
         state = checkpointing.merge_train_state("policy", items)
         iterator.restore(progress["data"])
@@ -176,7 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ppo.make_ppo_update(models, tx, pc, lr_schedule=schedule),
         mesh,
         rules,
-        ts.state_shardings(models.policy, tx, mesh, rules),
+        ppo.ppo_state_shardings(models, tx, mesh, rules),
     )
     score = jax.jit(functools.partial(ppo.score, models, chunk_size=pc.chunk_size))
     estimate = jax.jit(
