@@ -157,12 +157,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         iterator.restore(progress["data"])
     else:
         state = ts.create_train_state(model, tx, mesh, rules, config.seed)
-    runs.write_config(config, workdir)
     start = int(state.step)
-    if start >= config.train.num_steps:
+    if start >= config.train.num_steps:  # nothing to run, so nothing (config.json too) changes
         checkpointer.close()
         print(f"The run in {workdir} finished at step {start}; nothing to do.")
         return runs.finished_record(workdir)
+    runs.write_config(config, workdir)
 
     step_fn = ts.jit_step(
         sft.make_sft_step(
