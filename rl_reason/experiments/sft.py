@@ -193,8 +193,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         desc="sft",
         disable=not config.logging.progress_bar or jax.process_index() != 0,
     )
-    try:
-        with checkpointing.PreemptionGuard() as guard:
+    # The guard also covers the final wait: a signal then lets the last save finish.
+    with checkpointing.PreemptionGuard() as guard:
+        try:
             for step in bar:
                 rows = next(iterator)
                 batch = {k: v[rows] for k, v in data.train.items()}
@@ -216,10 +217,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     {"data": iterator.state(), "models": {"policy": model.config.to_dict()}},
                     force=done == end or stop,
                 )
-                if stop:
+                if stop and done < end:  # at `end` the run is done: nothing to resume
                     raise checkpointing.Preempted(done, workdir)
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
     return last
