@@ -365,8 +365,12 @@ def _drop_echoes_of_a_failed_read() -> None:
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
-    """An exception as one short line (TensorStore's run to hundreds of lines)."""
-    text = " ".join(f"{type(error).__name__}: {error}".split())
+    """An exception as one short line (TensorStore's run to hundreds of lines): its
+    root cause, which names the array and the file (Orbax's wrapper names only an
+    index range), without the TensorStore spec appended to it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(f"{type(error).__name__}: {error}".split()).split(" [tensorstore_spec")[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
