@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -256,6 +257,7 @@ class Checkpointer:
             _check_compatible(name, saved[name], describe(abstract, with_checksums=False), step)
         args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
         args[PROGRESS] = ocp.args.JsonRestore()
+        _drop_echoes_of_a_failed_read()  # before: the first echo can beat the error here
         try:
             with _orbax_errors_quiet():
                 restored = self._manager.restore(step, args=ocp.args.Composite(**args))
@@ -327,9 +329,48 @@ def _orbax_errors_quiet():
         logger.setLevel(level)
 
 
+def _drop_echoes_of_a_failed_read() -> None:
+    """Silences the echoes of a failed read.
+
+    When one array of a restore fails, Orbax's asyncio loop closes with the error
+    while TensorStore is still reading the others. As each of those reads ends,
+    TensorStore's thread hands it to the closed loop ("RuntimeError: Event loop is
+    closed"), and each abandoned Orbax read coroutine raises again when it is
+    garbage collected; Python reports every one as an unraisable exception with a
+    traceback (dozens of lines after the one-line warning, at random moments).
+    Those, and only those, are dropped; every other unraisable exception still
+    reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_echoes_of_a_failed_read", False):
+        return
+
+    def is_echo(unraisable) -> bool:
+        error, tb, source = unraisable.exc_value, unraisable.exc_traceback, unraisable.object
+        names = []
+        while tb is not None:
+            names.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return "call_soon_threadsafe" in names
+        code = getattr(source, "cr_code", None)  # a coroutine finalized unfinished
+        return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+    def hook(unraisable):
+        if not is_echo(unraisable):
+            previous(unraisable)
+
+    hook._drops_echoes_of_a_failed_read = True
+    sys.unraisablehook = hook
+
+
 def _short(error: BaseException, limit: int = 300) -> str:
-    """An exception as one short line (TensorStore's run to hundreds of lines)."""
-    text = " ".join(f"{type(error).__name__}: {error}".split())
+    """An exception as one short line (TensorStore's run to hundreds of lines): its
+    root cause, which names the array and the file (Orbax's wrapper names only an
+    index range), without the TensorStore spec appended to it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(f"{type(error).__name__}: {error}".split()).split(" [tensorstore_spec")[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

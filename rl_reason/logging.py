@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -26,10 +27,12 @@ class MetricWriter:
     """Appends {"step": s, **metrics} records; a resumed run drops records past its checkpoint.
 
     metrics.jsonl is the record of truth. TensorBoard mirrors it: every write is
-    flushed at once, and a resumed run rewrites the event files from the
-    (truncated) metrics.jsonl, so after any kill and resume the two hold the
-    same points (a writer that buffers for two minutes and a resume that does
-    not purge lose or duplicate them).
+    on disk when `write` returns (events go to the file directly, not through
+    tensorboardX's SummaryWriter, whose queue thread can hold them past its own
+    flush), and a resumed run rewrites the event files from the (truncated)
+    metrics.jsonl, so after any kill and resume the two hold the same points (a
+    writer that buffers for two minutes and a resume that does not purge lose
+    or duplicate them).
     """
 
     def __init__(
@@ -43,20 +46,30 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._truncate_after(resume_step or 0)
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
             tb_dir = os.path.join(workdir, "tensorboard")
             if os.path.isdir(tb_dir):
                 shutil.rmtree(tb_dir)
-            self._tb = SummaryWriter(tb_dir, flush_secs=1)
+            os.makedirs(tb_dir)
+            self._tb = EventsWriter(os.path.join(tb_dir, "events"))
             for record in read_metrics(workdir) if os.path.exists(self.path) else []:
                 self._add_scalars(record)
             self._tb.flush()
 
     def _add_scalars(self, record: Mapping[str, Any]) -> None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._tb.add_scalar(key, value, record["step"])
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [
+            Summary.Value(tag=key, simple_value=value)
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        if values:
+            self._tb.write_event(
+                Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values))
+            )
 
     def _truncate_after(self, step: int) -> None:
         """Keeps only records up to `step`: those after it are about to be redone."""

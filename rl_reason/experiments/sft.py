@@ -156,12 +156,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         iterator.restore(progress["data"])
     else:
         state = ts.create_train_state(model, tx, mesh, rules, config.seed)
-    runs.write_config(config, workdir)
     start = int(state.step)
-    if start >= config.train.num_steps:
+    if start >= config.train.num_steps:  # nothing to run, so nothing (config.json too) changes
         checkpointer.close()
         print(f"The run in {workdir} finished at step {start}; nothing to do.")
         return runs.finished_record(workdir)
+    runs.write_config(config, workdir)
 
     step_fn = jit_sft_step(config, model, tx, schedule, mesh, rules)
     eval_fn = _eval_fn(model, config.train.loss_chunk_size)
@@ -181,8 +181,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         desc="sft",
         disable=not config.logging.progress_bar or jax.process_index() != 0,
     )
-    try:
-        with checkpointing.PreemptionGuard() as guard:
+    # The guard also covers the final wait: a signal then lets the last save finish.
+    with checkpointing.PreemptionGuard() as guard:
+        try:
             for step in bar:
                 rows = next(iterator)
                 batch = {k: v[rows] for k, v in data.train.items()}
@@ -204,10 +205,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     {"data": iterator.state(), "models": {"policy": model.config.to_dict()}},
                     force=done == end or stop,
                 )
-                if stop:
+                if stop and done < end:  # at `end` the run is done: nothing to resume
                     raise checkpointing.Preempted(done, workdir)
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
     return last
