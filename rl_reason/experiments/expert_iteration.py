@@ -199,7 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             def checkpoint_and_maybe_stop(force: bool = False) -> None:
                 stop = guard.should_stop(progress["global_step"])
                 save(force or stop)
-                if stop:
+                if stop and progress["round"] < c.num_rounds:  # a finished run has nothing to resume
                     raise checkpointing.Preempted(progress["global_step"], workdir)
 
             while progress["round"] < c.num_rounds:

@@ -302,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     progress,
                     force=done == end or stop,
                 )
-                if stop:
+                if stop and done < end:  # at `end` the run is done: nothing to resume
                     raise checkpointing.Preempted(done, workdir)
     finally:
         checkpointer.wait()
