@@ -6,7 +6,8 @@ is split. ``multiprocessing`` would fork after JAX's threads (unsafe) or, with
 "spawn", re-import the caller's main module (which breaks scripts without a
 ``__main__`` guard). So, as for the LaTeX workers, the processes here are
 plain ``python -c`` subprocesses importing only this package, started on
-first use and kept; requests and results cross their pipes pickled. Only
+first use and kept; requests and results cross their pipes as JSON (no
+pickle: nothing read from a pipe can run code). Only
 module-level functions of ``rl_reason`` run there, on data this process
 sends; a process that dies makes its chunk run here instead.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import pickle
+import json
 import struct
 import subprocess
 import sys
@@ -28,7 +29,8 @@ _HEADER = struct.Struct("<Q")
 
 
 def _write(stream, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    """A length-prefixed JSON message (tuples arrive as lists; the functions take either)."""
+    data = json.dumps(obj).encode("utf-8")
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
 
@@ -41,7 +43,7 @@ def _read(stream) -> Any:
     data = stream.read(size)
     if len(data) < size:
         raise EOFError("the process closed its pipe")
-    return pickle.loads(data)
+    return json.loads(data)
 
 
 class ProcessMap:
@@ -95,7 +97,7 @@ class ProcessMap:
                 for proc, i in sent:
                     try:
                         ok, value = _read(proc.stdout)
-                    except (EOFError, OSError, pickle.UnpicklingError):
+                    except (EOFError, OSError, ValueError):
                         ok, value = False, None
                     if not ok:  # died or raised: this chunk runs here (and raises here, if it does)
                         proc.kill()
@@ -113,7 +115,7 @@ def process_map(processes: int) -> ProcessMap:
 
 
 def _serve() -> None:
-    """Process loop: (module, function name, args) in, (ok, result) out, pickled."""
+    """Process loop: (module, function name, args) in, (ok, result) out, as JSON."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr
     while True:
