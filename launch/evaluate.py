@@ -12,9 +12,12 @@ import sys
 
 from absl import app, flags, logging
 
-from rl_reason.experiments import cli
-
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's rl_reason, not an installed one: the default config is loaded
+# (and imports rl_reason) as soon as the flag is defined.
+sys.path.insert(0, _ROOT)
+
+from rl_reason.experiments import cli  # noqa: E402 (after the path is set)
 
 cli.define_config_flag(
     "config", os.path.join(_ROOT, "configs", "synthetic_eval.py"), "Evaluation config file."
@@ -35,5 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, _ROOT)
     app.run(main)

@@ -16,13 +16,14 @@ import sys
 
 from absl import app, flags, logging
 
-from rl_reason.experiments import cli
-
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # This checkout's rl_reason, not an installed one (another checkout's, with an
 # editable install): the default config below is loaded, and imports rl_reason,
 # as soon as the flag is defined, so the path must be set first.
 sys.path.insert(0, _ROOT)
+
+from rl_reason.experiments import cli  # noqa: E402 (after the path is set)
+
 _DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "sft_synthetic.py")
 
 cli.define_config_flag("config", _DEFAULT_CONFIG, "Experiment config file.")

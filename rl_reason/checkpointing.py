@@ -170,6 +170,12 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
 
+    def quarantined(self) -> list[str]:
+        """The damaged checkpoints moved aside so far (their directory names)."""
+        if not os.path.isdir(self.quarantine_directory):
+            return []
+        return sorted(n for n in os.listdir(self.quarantine_directory) if not n.endswith(".txt"))
+
     def should_save(self, step: int) -> bool:
         return self._manager.should_save(step)
 
@@ -267,8 +273,8 @@ class Checkpointer:
         for name, tree in items.items():
             try:
                 sums = describe(tree)["checksums"]
-            except NonFiniteStateError:
-                raise CorruptCheckpointError(f"item {name!r} reads back with NaN or inf")
+            except NonFiniteStateError as e:
+                raise CorruptCheckpointError(f"item {name!r} reads back with NaN or inf: {e}")
             bad = [p for p, a, b in zip(saved[name]["paths"], sums, saved[name]["checksums"]) if a != b]
             if bad:
                 raise CorruptCheckpointError(
@@ -288,7 +294,7 @@ class Checkpointer:
         """Moves checkpoint `step` aside (never deletes it); returns where it went."""
         self.wait()
         source = os.path.join(self.directory, str(step))
-        target = os.path.join(self.quarantine_directory, f"{step}.{int(time.time())}")
+        target = os.path.join(self.quarantine_directory, f"{step}.{time.time_ns()}")
         _log.warning(
             "Checkpoint %d in %s is damaged: %s. Moved to %s; trying the previous one.",
             step,

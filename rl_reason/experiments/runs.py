@@ -114,13 +114,26 @@ def start(
 
 
 def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointing.Checkpointer:
-    """The run's checkpointer, as its `checkpoint` section says."""
-    return checkpointing.Checkpointer(
+    """The run's checkpointer, as its `checkpoint` section says.
+
+    A run whose every checkpoint was found damaged and quarantined is not
+    silently started over (that would also truncate its metrics): it is an
+    error saying where the damaged checkpoints are.
+    """
+    checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_interval_steps=config.checkpoint.save_interval_steps,
         max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save,
     )
+    if checkpointer.latest_step() is None and checkpointer.quarantined():
+        checkpointer.close()
+        raise checkpointing.CorruptCheckpointError(
+            f"Every checkpoint of the run in {workdir} was damaged and moved to"
+            f" {checkpointer.quarantine_directory}; there is nothing intact to resume from."
+            " Use a new --workdir to start over (the damaged checkpoints are kept)."
+        )
+    return checkpointer
 
 
 def finished_record(workdir: str) -> dict[str, Any]:
