@@ -713,3 +713,19 @@ def test_metric_writer_resume_rebuilds_tensorboard_from_metrics(tmp_path):
     assert records[0]["bad"] == "nan"  # kept visible in metrics.jsonl, not a TensorBoard point
     assert _tensorboard_scalars(tmp_path) == _jsonl_scalars(records)
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_not_started_over(tmp_path, mesh):
+    from rl_reason.experiments import runs
+
+    workdir = tmp_path / "run"
+    ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+    ckpt.save(1, {"state": _tree(mesh, 1)}, {}, force=True)
+    ckpt.wait()
+    ckpt.quarantine(1, "damaged, for the test")
+    ckpt.close()
+    config = config_lib.base_config()
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="Every checkpoint of the run"):
+        runs.make_checkpointer(config, str(workdir))
+    assert [p.name.split(".")[0] for p in (workdir / "checkpoints_quarantine").iterdir()
+            if p.is_dir()] == ["1"]  # kept
