@@ -129,3 +129,54 @@ def test_a_finished_rl_run_changes_nothing(tiny_sft_run, tmp_path, capsys):
     again = on_policy.train(config, str(tmp_path / "run"))
     assert "nothing to do" in capsys.readouterr().out
     assert again["step"] == 1 and open(tmp_path / "run" / "metrics.jsonl").read() == before
+
+
+@pytest.mark.slow
+def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_run(
+    tiny_sft_run, tmp_path, repo_root
+):
+    """A real process death (SIGKILL: no handler, no save) mid-iteration, three times."""
+    import signal
+    import subprocess
+    import time
+
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    overrides = [
+        f"--config.model_source.path={tiny_sft_run}",
+        "--config.data.num_train=64", "--config.data.num_eval=16",
+        "--config.rl.num_iterations=5", "--config.rl.prompts_per_iteration=8",
+        "--config.rl.num_samples=2", "--config.rl.max_new_tokens=12",
+        "--config.rl.sampling_batch_size=8", "--config.rl.eval_every=5",
+        "--config.rl.prompt_buckets=(128,)", "--config.eval.num_examples=8",
+        "--config.eval.num_samples=2", "--config.eval.max_new_tokens=12",
+        "--config.logging.progress_bar=False", "--config.logging.tensorboard=False",
+    ]
+
+    def command(workdir):
+        return [sys.executable, str(repo_root / "launch" / "train.py"),
+                f"--config={repo_root / 'configs' / 'arith_ppo.py'}", f"--workdir={workdir}",
+                *overrides]
+
+    def records(workdir):
+        path = workdir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(command(straight), env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for kill_after in (1, 2, 4):  # records on disk when the kill comes
+        proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while records(killed) < kill_after and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(command(killed), env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(straight, killed)
