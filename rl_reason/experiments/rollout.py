@@ -19,6 +19,7 @@ import numpy as np
 
 from rl_reason.data import templates
 from rl_reason.evaluation.evaluate import evaluate as score_samples
+from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.rewards.token_positions import sampled_token_rewards
 from rl_reason.sampling.engine import Sampler, Samples
@@ -128,8 +129,6 @@ def evaluate_heldout(
 ) -> dict[str, float]:
     """heldout_metrics with a run's `eval` section (num_examples, num_samples, temperature,
     max_new_tokens), on the sampler's mesh."""
-    from rl_reason.parallel import sharding as shd
-
     with shd.activation_sharding(sampler.mesh, sampler.rules):
         return heldout_metrics(
             sampler,
