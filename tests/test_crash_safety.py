@@ -34,6 +34,7 @@ from rl_reason.experiments import config as config_lib
 from rl_reason.experiments import sft as sft_experiment
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
+from test_resume import TINY as RESUME_TINY
 
 # The seed of every "random" choice below (kill points); change it to explore others.
 SEED = 13
@@ -41,20 +42,7 @@ SEED = 13
 # As tests/test_resume.py, with TensorBoard on: 64 examples, batches of 16, 7 steps,
 # a checkpoint every step (the newest 3 kept), a record every step, eval at the end.
 TINY = [
-    "--config.model.hidden_dim=32",
-    "--config.model.num_layers=2",
-    "--config.model.head_dim=8",
-    "--config.model.mlp_dim=64",
-    "--config.data.num_train=64",
-    "--config.data.num_eval=16",
-    "--config.data.tokenizer_vocab_size=300",
-    "--config.train.batch_size=16",
-    "--config.train.max_length=96",
-    "--config.train.num_steps=7",
-    "--config.train.log_every=1",
-    "--config.train.eval_every=7",
-    "--config.checkpoint.save_interval_steps=1",
-    "--config.logging.progress_bar=False",
+    *(flag for flag in RESUME_TINY if not flag.startswith("--config.logging.tensorboard")),
     "--config.logging.tensorboard=True",
 ]
 
