@@ -16,8 +16,14 @@ def get_config():
     config.model_source.path = "runs/sft"
     config.data.update(num_train=512, num_validation=64, num_eval=128)
     config.ei.update(
-        num_rounds=3, num_samples=4, max_new_tokens=48, sampling_batch_size=32, sampling_chunk=128,
-        prompt_buckets=(64, 128), steps_per_round=150, eval_every=50,
+        num_rounds=3,
+        num_samples=4,
+        max_new_tokens=48,
+        sampling_batch_size=32,
+        sampling_chunk=128,
+        prompt_buckets=(64, 128),
+        steps_per_round=150,
+        eval_every=50,
     )
     config.train.update(batch_size=32, max_length=128)
     config.optim.update(lr=1e-3, warmup_steps=10)

@@ -15,13 +15,26 @@ def get_config():
     config = rl_config("grpo")
     config.model_source.path = "runs/sft"
     config.rl.update(
-        num_iterations=30, prompts_per_iteration=16, num_samples=4, max_new_tokens=48,
-        temperature=1.0, prompt_buckets=(128,), eval_every=10, advantage="grpo", kl_coef=0.0,
+        num_iterations=30,
+        prompts_per_iteration=16,
+        num_samples=4,
+        max_new_tokens=48,
+        temperature=1.0,
+        prompt_buckets=(128,),
+        eval_every=10,
+        advantage="grpo",
+        kl_coef=0.0,
     )
     config.ppo.update(
-        use_value=False, vf_coef=0.0, value_clip=0.0, whiten_advantages=False,
-        kl_loss_coef=0.04, kl_estimator="k3", loss_aggregation="seq_mean_token_mean",
-        num_epochs=2, num_minibatches=2,
+        use_value=False,
+        vf_coef=0.0,
+        value_clip=0.0,
+        whiten_advantages=False,
+        kl_loss_coef=0.04,
+        kl_estimator="k3",
+        loss_aggregation="seq_mean_token_mean",
+        num_epochs=2,
+        num_minibatches=2,
     )
     config.optim.lr = 2e-5
     return config

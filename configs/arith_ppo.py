@@ -15,8 +15,13 @@ def get_config():
     config = rl_config("ppo")
     config.model_source.path = "runs/sft"
     config.rl.update(
-        num_iterations=30, prompts_per_iteration=16, num_samples=4, max_new_tokens=48,
-        temperature=1.0, prompt_buckets=(128,), eval_every=10,
+        num_iterations=30,
+        prompts_per_iteration=16,
+        num_samples=4,
+        max_new_tokens=48,
+        temperature=1.0,
+        prompt_buckets=(128,),
+        eval_every=10,
     )
     config.ppo.update(num_epochs=2, num_minibatches=2, vf_coef=0.5, entropy_coef=0.0)
     config.optim.lr = 2e-5

@@ -21,9 +21,16 @@ def get_config():
     config.model_source.path = "/path/to/llama-2-7b-gsm8k-sft"
     config.data.update(task="gsm8k", num_validation=500)
     config.ei.update(
-        num_rounds=5, num_samples=96, temperature=1.0, max_new_tokens=256,
-        samples_per_call=8, sampling_batch_size=32, sampling_chunk=512, prompt_buckets=(256, 512),
-        steps_per_round=2000, eval_every=250,
+        num_rounds=5,
+        num_samples=96,
+        temperature=1.0,
+        max_new_tokens=256,
+        samples_per_call=8,
+        sampling_batch_size=32,
+        sampling_chunk=512,
+        prompt_buckets=(256, 512),
+        steps_per_round=2000,
+        eval_every=250,
     )
     config.train.update(batch_size=128, max_length=768, remat="full")
     config.optim.update(lr=1e-5, warmup_steps=50)

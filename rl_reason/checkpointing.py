@@ -275,7 +275,9 @@ class Checkpointer:
                 sums = describe(tree)["checksums"]
             except NonFiniteStateError as e:
                 raise CorruptCheckpointError(f"item {name!r} reads back with NaN or inf: {e}")
-            bad = [p for p, a, b in zip(saved[name]["paths"], sums, saved[name]["checksums"]) if a != b]
+            bad = [
+                p for p, a, b in zip(saved[name]["paths"], sums, saved[name]["checksums"]) if a != b
+            ]
             if bad:
                 raise CorruptCheckpointError(
                     f"item {name!r}: {len(bad)} array(s) do not match their checksums,"

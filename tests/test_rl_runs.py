@@ -18,7 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import arith_ei, arith_grpo, arith_ppo  # noqa: E402
 
 # Wall times differ between runs; everything else must not.
-TIMING = ("sample_seconds", "update_seconds", "sampling_tokens_per_second", "update_tokens_per_second")
+TIMING = (
+    "sample_seconds",
+    "update_seconds",
+    "sampling_tokens_per_second",
+    "update_tokens_per_second",
+)
 
 
 def _on_policy_config(module, start):
@@ -26,8 +31,13 @@ def _on_policy_config(module, start):
     config.model_source.path = str(start)
     config.data.update(num_train=64, num_eval=16)
     config.rl.update(
-        num_iterations=3, prompts_per_iteration=8, num_samples=2, max_new_tokens=12,
-        sampling_batch_size=8, eval_every=3, prompt_buckets=(128,),
+        num_iterations=3,
+        prompts_per_iteration=8,
+        num_samples=2,
+        max_new_tokens=12,
+        sampling_batch_size=8,
+        eval_every=3,
+        prompt_buckets=(128,),
     )
     config.ppo.update(num_epochs=2, num_minibatches=2)
     config.eval.update(num_examples=8, num_samples=2, max_new_tokens=12)
@@ -40,8 +50,15 @@ def _ei_config(start):
     config.model_source.path = str(start)
     config.data.update(num_train=24, num_validation=8, num_eval=8)
     config.ei.update(
-        num_rounds=2, num_samples=2, max_new_tokens=12, sampling_batch_size=8, sampling_chunk=8,
-        steps_per_round=4, eval_every=2, prompt_buckets=(128,), threshold=0.0,
+        num_rounds=2,
+        num_samples=2,
+        max_new_tokens=12,
+        sampling_batch_size=8,
+        sampling_chunk=8,
+        steps_per_round=4,
+        eval_every=2,
+        prompt_buckets=(128,),
+        threshold=0.0,
     )
     config.eval.update(num_examples=8, num_samples=2, max_new_tokens=12)
     config.train.update(batch_size=8, max_length=128, log_every=1)
@@ -90,9 +107,19 @@ def _assert_same_run(a, b):
 def test_on_policy_run_logs_and_resumes_exactly(tiny_sft_run, tmp_path, monkeypatch, module):
     config = _on_policy_config(module, tiny_sft_run)
     straight = on_policy.train(config, str(tmp_path / "straight"))
-    for key in ("reward_mean", "reward/correctness", "entropy", "clip_fraction", "approx_kl",
-                "grad_norm", "response_length", "cut_by_length", "heldout/maj@1",
-                "heldout/pass@2", "samples_drawn"):
+    for key in (
+        "reward_mean",
+        "reward/correctness",
+        "entropy",
+        "clip_fraction",
+        "approx_kl",
+        "grad_norm",
+        "response_length",
+        "cut_by_length",
+        "heldout/maj@1",
+        "heldout/pass@2",
+        "samples_drawn",
+    ):
         assert key in straight, key
     assert straight["samples_drawn"] == 3 * 8 * 2
     if module is arith_ppo:
@@ -106,7 +133,9 @@ def test_on_policy_run_logs_and_resumes_exactly(tiny_sft_run, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_expert_iteration_resumes_mid_sampling_and_mid_training(tiny_sft_run, tmp_path, monkeypatch):
+def test_expert_iteration_resumes_mid_sampling_and_mid_training(
+    tiny_sft_run, tmp_path, monkeypatch
+):
     config = _ei_config(tiny_sft_run)
     last = expert_iteration.train(config, str(tmp_path / "straight"))
     assert last["round"] == 2 and last["samples_drawn"] == 2 * 24 * 2
@@ -148,19 +177,30 @@ def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_ru
     )
     overrides = [
         f"--config.model_source.path={tiny_sft_run}",
-        "--config.data.num_train=64", "--config.data.num_eval=16",
-        "--config.rl.num_iterations=5", "--config.rl.prompts_per_iteration=8",
-        "--config.rl.num_samples=2", "--config.rl.max_new_tokens=12",
-        "--config.rl.sampling_batch_size=8", "--config.rl.eval_every=5",
-        "--config.rl.prompt_buckets=(128,)", "--config.eval.num_examples=8",
-        "--config.eval.num_samples=2", "--config.eval.max_new_tokens=12",
-        "--config.logging.progress_bar=False", "--config.logging.tensorboard=False",
+        "--config.data.num_train=64",
+        "--config.data.num_eval=16",
+        "--config.rl.num_iterations=5",
+        "--config.rl.prompts_per_iteration=8",
+        "--config.rl.num_samples=2",
+        "--config.rl.max_new_tokens=12",
+        "--config.rl.sampling_batch_size=8",
+        "--config.rl.eval_every=5",
+        "--config.rl.prompt_buckets=(128,)",
+        "--config.eval.num_examples=8",
+        "--config.eval.num_samples=2",
+        "--config.eval.max_new_tokens=12",
+        "--config.logging.progress_bar=False",
+        "--config.logging.tensorboard=False",
     ]
 
     def command(workdir):
-        return [sys.executable, str(repo_root / "launch" / "train.py"),
-                f"--config={repo_root / 'configs' / 'arith_ppo.py'}", f"--workdir={workdir}",
-                *overrides]
+        return [
+            sys.executable,
+            str(repo_root / "launch" / "train.py"),
+            f"--config={repo_root / 'configs' / 'arith_ppo.py'}",
+            f"--workdir={workdir}",
+            *overrides,
+        ]
 
     def records(workdir):
         path = workdir / "metrics.jsonl"
@@ -170,8 +210,9 @@ def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_ru
     done = subprocess.run(command(straight), env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     for kill_after in (1, 2, 4):  # records on disk when the kill comes
-        proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 600
         while records(killed) < kill_after and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -180,3 +221,18 @@ def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_ru
     done = subprocess.run(command(killed), env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_run(straight, killed)
+
+
+@pytest.mark.slow
+def test_an_ei_round_that_keeps_nothing_trains_nothing(tiny_sft_run, tmp_path):
+    config = _ei_config(tiny_sft_run)
+    config.ei.update(num_rounds=1, threshold=2.0)  # no reward reaches 2
+    last = expert_iteration.train(config, str(tmp_path / "run"))
+    assert last["dataset_size"] == 0 and last["samples_drawn"] == 24 * 2
+    start = jax.device_get(
+        sources.load_run(
+            str(tiny_sft_run), mesh_lib.make_mesh((-1, 1, 1)), shd.DEFAULT_RULES
+        ).params
+    )
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(_params(tmp_path / "run"))):
+        np.testing.assert_array_equal(a, b)  # the round's model is the start model

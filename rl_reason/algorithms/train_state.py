@@ -126,7 +126,9 @@ def jit_step(
 
     def call(state, batch, *extra):
         if len(extra) != len(extra_shardings):
-            raise TypeError(f"The step takes {len(extra_shardings)} extra arguments, got {len(extra)}.")
+            raise TypeError(
+                f"The step takes {len(extra_shardings)} extra arguments, got {len(extra)}."
+            )
         # Batch leaves computed by another program (advantages) may be laid out
         # otherwise; moving them is a no-op when they already are split this way.
         batch = jax.device_put(batch, batch_sharding)

@@ -126,7 +126,9 @@ def _from_a_start_model(algorithm: str) -> ml_collections.ConfigDict:
     c.model_source.kind = "run"  # "run" (an rl_reason workdir), "hf" (a directory), "gguf" (a file)
     c.model_source.path = ""
     c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    c.data.manual_dir = ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
+    c.data.manual_dir = (
+        ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
+    )
     c.data.svamp_train_tenths = 7  # SVAMP rows with index % 10 < 7 train, the rest are held out
     return c
 

@@ -102,7 +102,9 @@ def validate_ei(config: ml_collections.ConfigDict) -> None:
         if name not in registry.names()
     ]
     if not config.model_source.path and config.model_source.kind != "gguf":
-        problems.append(f"model_source.path is empty: give the start model ({config.model_source.kind}).")
+        problems.append(
+            f"model_source.path is empty: give the start model ({config.model_source.kind})."
+        )
     if problems:
         raise InvalidConfigError(problems)
 
@@ -199,7 +201,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             def checkpoint_and_maybe_stop(force: bool = False) -> None:
                 stop = guard.should_stop(progress["global_step"])
                 save(force or stop)
-                if stop and progress["round"] < c.num_rounds:  # a finished run has nothing to resume
+                if (
+                    stop and progress["round"] < c.num_rounds
+                ):  # a finished run has nothing to resume
                     raise checkpointing.Preempted(progress["global_step"], workdir)
 
             while progress["round"] < c.num_rounds:
@@ -218,12 +222,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         first = chunks[index]
                         questions = task.train[first : first + c.sampling_chunk]
                         texts = _sample_k(
-                            sampler, best_params, prompts[first : first + c.sampling_chunk],
-                            jax.random.fold_in(base_rng, r), c, first, shared,
+                            sampler,
+                            best_params,
+                            prompts[first : first + c.sampling_chunk],
+                            jax.random.fold_in(base_rng, r),
+                            c,
+                            first,
+                            shared,
                         )
                         k = c.num_samples
                         columns = {
-                            key: [q[key] for q in questions for _ in range(k)] for key in questions[0]
+                            key: [q[key] for q in questions for _ in range(k)]
+                            for key in questions[0]
                         }
                         rewards = reward_fn(texts, columns)
                         qids = [first + i for i in range(len(questions)) for _ in range(k)]
@@ -243,7 +253,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         )
                         log(
                             {
-                                "sample_accuracy": float(np.mean(np.asarray(rewards.totals) >= c.threshold)),
+                                "sample_accuracy": float(
+                                    np.mean(np.asarray(rewards.totals) >= c.threshold)
+                                ),
                                 "kept": len(kept),
                                 "samples_drawn": progress["samples_drawn"],
                             }
@@ -259,7 +271,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         phase=TRAIN,
                         sft_step=0,
                         best={"maj@1": -1.0, "step": 0},
-                        dataset={"round": r, "digest": ei.dataset_digest(dataset), "count": len(dataset)},
+                        dataset={
+                            "round": r,
+                            "digest": ei.dataset_digest(dataset),
+                            "count": len(dataset),
+                        },
                         global_step=progress["global_step"] + 1,
                     )
                     progress.pop("data", None)
@@ -272,42 +288,56 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
                 # The train phase.
                 dataset = files.read(files.dataset(r), progress["dataset"]["digest"])
-                arrays, cut = ei.sft_arrays(tokenizer, dataset, config.train.max_length)
-                if cut:
-                    _log.warning("%d of %d EI solutions are longer than train.max_length.", cut, len(dataset))
-                iterator = IndexIterator(
-                    len(dataset), config.train.batch_size, seed=config.seed * 1000 + r
-                )
-                if "data" in progress:
-                    iterator.restore(progress["data"])
-                for step in tqdm.trange(
-                    progress["sft_step"],
-                    c.steps_per_round,
-                    desc=f"EI round {r}: training on {len(dataset)}",
-                    disable=not config.logging.progress_bar or jax.process_index() != 0,
-                ):
-                    rows = next(iterator)
-                    batch = {key: value[rows] for key, value in arrays.items()}
-                    state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
-                    metrics = jax.device_get(metrics)
-                    runs.check_finite(metrics, f"EI round {r} step {step + 1}", checkpointer.latest_step())
-                    done = step + 1
-                    progress.update(
-                        sft_step=done, data=iterator.state(), global_step=progress["global_step"] + 1
+                if not dataset:  # nothing kept: the round's model stays the one it sampled with
+                    _log.warning("EI round %d kept no solution; it trains nothing.", r)
+                else:
+                    arrays, cut = ei.sft_arrays(tokenizer, dataset, config.train.max_length)
+                    if cut:
+                        _log.warning(
+                            "%d of %d EI solutions are longer than train.max_length.",
+                            cut,
+                            len(dataset),
+                        )
+                    iterator = IndexIterator(
+                        len(dataset), config.train.batch_size, seed=config.seed * 1000 + r
                     )
-                    record = dict(metrics)
-                    if done % c.eval_every == 0 or done == c.steps_per_round:
-                        validation = _greedy_accuracy(sampler, state.params, task.validation, c)
-                        record["validation/maj@1"] = validation
-                        if validation > progress["best"]["maj@1"]:
-                            progress["best"] = {"maj@1": validation, "step": done}
-                            best_params = _copy(state.params)
-                    if done % config.train.log_every == 0 or "validation/maj@1" in record:
-                        last = log(record)
-                    checkpoint_and_maybe_stop(force=done == c.steps_per_round)
+                    if "data" in progress:
+                        iterator.restore(progress["data"])
+                    for step in tqdm.trange(
+                        progress["sft_step"],
+                        c.steps_per_round,
+                        desc=f"EI round {r}: training on {len(dataset)}",
+                        disable=not config.logging.progress_bar or jax.process_index() != 0,
+                    ):
+                        rows = next(iterator)
+                        batch = {key: value[rows] for key, value in arrays.items()}
+                        state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
+                        metrics = jax.device_get(metrics)
+                        runs.check_finite(
+                            metrics, f"EI round {r} step {step + 1}", checkpointer.latest_step()
+                        )
+                        done = step + 1
+                        progress.update(
+                            sft_step=done,
+                            data=iterator.state(),
+                            global_step=progress["global_step"] + 1,
+                        )
+                        record = dict(metrics)
+                        if done % c.eval_every == 0 or done == c.steps_per_round:
+                            validation = _greedy_accuracy(sampler, state.params, task.validation, c)
+                            record["validation/maj@1"] = validation
+                            if validation > progress["best"]["maj@1"]:
+                                progress["best"] = {"maj@1": validation, "step": done}
+                                best_params = _copy(state.params)
+                        if done % config.train.log_every == 0 or "validation/maj@1" in record:
+                            last = log(record)
+                        checkpoint_and_maybe_stop(force=done == c.steps_per_round)
 
                 heldout = rollout.evaluate_heldout(
-                    sampler, best_params, task.heldout, config.eval,
+                    sampler,
+                    best_params,
+                    task.heldout,
+                    config.eval,
                     jax.random.fold_in(base_rng, 10_000 + r),
                 )
                 progress.update(
@@ -332,7 +362,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return last
 
 
-def _sample_k(sampler: Sampler, params, prompts, rng, c, prompt_offset: int, shared: int) -> list[str]:
+def _sample_k(
+    sampler: Sampler, params, prompts, rng, c, prompt_offset: int, shared: int
+) -> list[str]:
     """c.num_samples completions per prompt, prompt-major, drawn c.samples_per_call at a
     time (the study's K=96 rows per prompt need not share one KV cache)."""
     per_call = c.samples_per_call or c.num_samples
@@ -376,4 +408,3 @@ def _greedy_accuracy(sampler: Sampler, params, questions, c) -> float:
             rng=jax.random.PRNGKey(0),
         )
     return metrics["maj@1"]
-

@@ -84,7 +84,11 @@ def advantages_and_rewards(
         rewards = token_scores
         if has_reference:
             rewards = kl.token_rewards_with_kl(
-                token_scores, scored["old_logprobs"], scored["ref_logprobs"], valid, kl_coef,
+                token_scores,
+                scored["old_logprobs"],
+                scored["ref_logprobs"],
+                valid,
+                kl_coef,
                 kl_estimator,
             )
         advantages, returns = adv_lib.gae(rewards, scored["old_values"], valid, gamma, lam)
@@ -135,7 +139,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     progress: dict[str, Any] = {"iteration": 0, "kl_coef": float(rl.kl_coef), "samples_drawn": 0}
     if checkpointer.latest_step() is not None:
         abstract = ppo.abstract_ppo_state(models, tx, mesh, rules)
-        items, progress, _ = checkpointer.restore(checkpointing.train_state_items("policy", abstract))
+        items, progress, _ = checkpointer.restore(
+            checkpointing.train_state_items("policy", abstract)
+        )
         state = checkpointing.merge_train_state("policy", items)
         iterator.restore(progress["data"])
         if progress.get("reference") != reference_id:
@@ -234,7 +240,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 with shd.activation_sharding(mesh, rules):
                     scored = score(state.params, ref_params, sequences)
                     estimates = estimate(
-                        scored, token_scores, rewards, sequences["loss_mask"],
+                        scored,
+                        token_scores,
+                        rewards,
+                        sequences["loss_mask"],
                         jnp.float32(progress["kl_coef"]),
                     )
                 train_batch = {**sequences, **scored, "advantages": estimates["advantages"]}
@@ -246,12 +255,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 metrics = jax.device_get(metrics)
                 update_seconds = time.perf_counter() - clock
                 diagnostics = {
-                    k: v for k, v in jax.device_get(estimates).items()
+                    k: v
+                    for k, v in jax.device_get(estimates).items()
                     if k not in ("advantages", "returns")
                 }
                 if metrics["finite"] != 1.0:
                     writer.write(done, {**metrics, **diagnostics})
-                runs.check_finite(metrics, f"{config.algorithm} iteration {done}", checkpointer.latest_step())
+                runs.check_finite(
+                    metrics, f"{config.algorithm} iteration {done}", checkpointer.latest_step()
+                )
 
                 drawn = len(batch.texts)
                 progress = {
@@ -265,7 +277,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if rl.kl_target and "kl_k1" in diagnostics:
                     progress["kl_coef"] = float(
                         kl.adaptive_kl_update(
-                            progress["kl_coef"], diagnostics["kl_k1"], drawn, rl.kl_target,
+                            progress["kl_coef"],
+                            diagnostics["kl_k1"],
+                            drawn,
+                            rl.kl_target,
                             rl.kl_horizon,
                         )
                     )
@@ -309,4 +324,3 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         checkpointer.close()
         writer.close()
     return last
-

@@ -64,7 +64,9 @@ def memory_plan(
     if reference:
         plan["reference"] = plan["params"]
     cache = jax.eval_shape(
-        lambda: KVCache.init(model_config.replace(scan_layers=False), sampling_rows, sampling_length)
+        lambda: KVCache.init(
+            model_config.replace(scan_layers=False), sampling_rows, sampling_length
+        )
     )
     k_sharding = shd.named_sharding(mesh, rules, KEY_CACHE_AXES, cache.k[0].shape)
     v_sharding = shd.named_sharding(mesh, rules, VALUE_CACHE_AXES, cache.v[0].shape)

@@ -125,7 +125,11 @@ def heldout_metrics(
 
 
 def evaluate_heldout(
-    sampler: Sampler, params: Any, questions: Sequence[Mapping[str, Any]], eval_config, rng: jax.Array
+    sampler: Sampler,
+    params: Any,
+    questions: Sequence[Mapping[str, Any]],
+    eval_config,
+    rng: jax.Array,
 ) -> dict[str, float]:
     """heldout_metrics with a run's `eval` section (num_examples, num_samples, temperature,
     max_new_tokens), on the sampler's mesh."""

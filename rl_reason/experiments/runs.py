@@ -113,7 +113,9 @@ def start(
     return mesh, shd.rules_from_config(config.mesh.rules)
 
 
-def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointing.Checkpointer:
+def make_checkpointer(
+    config: ml_collections.ConfigDict, workdir: str
+) -> checkpointing.Checkpointer:
     """The run's checkpointer, as its `checkpoint` section says.
 
     A run whose every checkpoint was found damaged and quarantined is not

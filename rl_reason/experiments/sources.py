@@ -78,7 +78,9 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
         models = checkpointer.read_progress(step).get("models", {})
         if name not in models:
             raise ModelSourceError(
-                "run", path, f"checkpoint {step} records no model {name!r} (it has {sorted(models)})."
+                "run",
+                path,
+                f"checkpoint {step} records no model {name!r} (it has {sorted(models)}).",
             )
         config = ModelConfig.from_dict(models[name])
         abstract = ts.abstract_params(Transformer(config), mesh, rules)

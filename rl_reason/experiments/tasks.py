@@ -30,7 +30,9 @@ class Task:
         if count <= 0:
             return self
         if count >= len(self.train):
-            raise ValueError(f"data.num_validation={count} leaves no train question of {len(self.train)}.")
+            raise ValueError(
+                f"data.num_validation={count} leaves no train question of {len(self.train)}."
+            )
         return Task(self.train[:-count], self.heldout, self.train[-count:])
 
 
@@ -51,7 +53,9 @@ def _load(config: ml_collections.ConfigDict) -> Task:
         difficulty = synthetic.Difficulty(
             config.data.min_steps, config.data.max_steps, config.data.max_operand
         )
-        make = lambda split, n: synthetic.generate(split, n, seed=config.seed, difficulty=difficulty)
+        make = lambda split, n: synthetic.generate(
+            split, n, seed=config.seed, difficulty=difficulty
+        )
         train = make("train", config.data.num_train + config.data.get("num_validation", 0))
         return Task(train, make("test", config.data.num_eval))
     if task == "gsm8k":
