@@ -236,3 +236,26 @@ def test_an_ei_round_that_keeps_nothing_trains_nothing(tiny_sft_run, tmp_path):
     )
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(_params(tmp_path / "run"))):
         np.testing.assert_array_equal(a, b)  # the round's model is the start model
+
+
+@pytest.mark.slow
+def test_every_ei_sampling_chunk_is_checkpointed_whatever_the_interval(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    """A kill mid-sampling loses at most the chunk being sampled (SIGKILL gives no save)."""
+    config = _ei_config(tiny_sft_run)
+    config.ei.num_rounds = 1
+    config.checkpoint.save_interval_steps = 1000
+    saved = []
+    original = checkpointing.Checkpointer.save
+
+    def record(self, step, items, progress, *, force=False):
+        did = original(self, step, items, progress, force=force)
+        if did:
+            saved.append((progress["phase"], progress["chunk"]))
+        return did
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", record)
+    expert_iteration.train(config, str(tmp_path / "run"))
+    # Each of the 3 chunks, then the dataset (train phase) and the round's end (next round, chunk 0).
+    assert saved[:3] == [("sample", 1), ("sample", 2), ("sample", 3)]

@@ -260,7 +260,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 "samples_drawn": progress["samples_drawn"],
                             }
                         )
-                        checkpoint_and_maybe_stop()
+                        # Every chunk: sampling costs far more than a save, whatever the interval.
+                        checkpoint_and_maybe_stop(force=True)
                     previous = _previous_dataset(files, progress)
                     new = [s for i in range(len(chunks)) for s in files.read(files.chunk(r, i))]
                     dataset, summary = ei.accumulate(
