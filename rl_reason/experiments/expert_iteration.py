@@ -201,9 +201,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             def checkpoint_and_maybe_stop(force: bool = False) -> None:
                 stop = guard.should_stop(progress["global_step"])
                 save(force or stop)
-                if (
-                    stop and progress["round"] < c.num_rounds
-                ):  # a finished run has nothing to resume
+                # A finished run (last round done) has nothing to resume.
+                if stop and progress["round"] < c.num_rounds:
                     raise checkpointing.Preempted(progress["global_step"], workdir)
 
             while progress["round"] < c.num_rounds:
