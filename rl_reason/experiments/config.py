@@ -88,9 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def eval_config() -> ml_collections.ConfigDict:
-    """base_config() plus what an evaluation run needs: the model's source and the protocol."""
-    c = base_config()
+def _with_model_source(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` plus where its model comes from and where the real data sets are."""
     c.model_source = ml_collections.ConfigDict()
     c.model_source.kind = "run"  # "run" (an rl_reason workdir), "hf" (a directory), "gguf" (a file)
     c.model_source.path = ""
@@ -98,6 +97,12 @@ def eval_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = (
         ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
     )
+    return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """base_config() plus what an evaluation run needs: the model's source and the protocol."""
+    c = _with_model_source(base_config())
 
     c.eval = ml_collections.ConfigDict()
     c.eval.task = "synthetic"  # "synthetic", "gsm8k" or "svamp"
@@ -120,15 +125,8 @@ def eval_config() -> ml_collections.ConfigDict:
 
 def _from_a_start_model(algorithm: str) -> ml_collections.ConfigDict:
     """base_config() with the algorithm's name, its start model and the task's data."""
-    c = base_config()
+    c = _with_model_source(base_config())
     c.algorithm = algorithm
-    c.model_source = ml_collections.ConfigDict()
-    c.model_source.kind = "run"  # "run" (an rl_reason workdir), "hf" (a directory), "gguf" (a file)
-    c.model_source.path = ""
-    c.data.tfds_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    c.data.manual_dir = (
-        ""  # the real GSM8K/SVAMP files; empty: $RL_REASON_DATA_DIR or ../shared/data
-    )
     c.data.svamp_train_tenths = 7  # SVAMP rows with index % 10 < 7 train, the rest are held out
     return c
 
