@@ -40,7 +40,6 @@ from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.algorithms import optimizer
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
-from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
 from rl_reason.experiments import sft as sft_experiment
@@ -162,9 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         checkpointer.close()
         print(f"The run in {workdir} finished its {c.num_rounds} rounds; nothing to do.")
         return runs.finished_record(workdir)
-    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
-        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
-    runs.write_config(config, workdir)
+    runs.write_run_record(config, workdir, tokenizer)
 
     sampler = Sampler(
         model.config,

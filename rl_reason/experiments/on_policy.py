@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from typing import Any
 
@@ -36,7 +35,6 @@ from rl_reason.algorithms import advantages as adv_lib
 from rl_reason.algorithms import grpo, kl, optimizer, ppo
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
-from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
 from rl_reason.experiments.config import validate_rl
@@ -158,9 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         checkpointer.close()
         print(f"The run in {workdir} finished at iteration {start}; nothing to do.")
         return runs.finished_record(workdir)
-    if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, "tokenizer")):
-        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
-    runs.write_config(config, workdir)
+    runs.write_run_record(config, workdir, tokenizer)
 
     sampler = Sampler(
         models.policy.config,
@@ -254,11 +250,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 state, metrics = update(state, train_batch)
                 metrics = jax.device_get(metrics)
                 update_seconds = time.perf_counter() - clock
-                diagnostics = {
-                    k: v
-                    for k, v in jax.device_get(estimates).items()
-                    if k not in ("advantages", "returns")
-                }
+                # The scalars only: advantages and returns stay on the devices.
+                diagnostics = jax.device_get(
+                    {k: v for k, v in estimates.items() if k not in ("advantages", "returns")}
+                )
                 if metrics["finite"] != 1.0:
                     writer.write(done, {**metrics, **diagnostics})
                 runs.check_finite(

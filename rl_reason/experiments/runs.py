@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
+from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
@@ -78,6 +79,15 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """config.json, atomically, by the lead process."""
     if jax.process_index() == 0:
         checkpointing.write_json_atomic(os.path.join(workdir, "config.json"), config_dict(config))
+
+
+def write_run_record(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any) -> None:
+    """What a run started from a model source records beside its checkpoints: the
+    tokenizer its samples are read with (once) and config.json (each time it runs)."""
+    directory = os.path.join(workdir, "tokenizer")
+    if jax.process_index() == 0 and not os.path.isdir(directory):
+        tokenizer_lib.save_tokenizer(tokenizer, directory)
+    write_config(config, workdir)
 
 
 def check_finite(metrics: Mapping[str, Any], where: str, last_checkpoint: Optional[int]) -> None:
