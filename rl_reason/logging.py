@@ -44,7 +44,9 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._truncate_after(resume_step or 0)
+        # A fresh run (resume_step None) keeps nothing, not even a step-0 record of
+        # a start that was killed before its first checkpoint.
+        self._truncate_after(-1 if resume_step is None else resume_step)
         if tensorboard:
             from tensorboardX.event_file_writer import EventsWriter
 

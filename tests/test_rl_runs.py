@@ -127,6 +127,9 @@ def test_on_policy_run_logs_and_resumes_exactly(tiny_sft_run, tmp_path, monkeypa
     else:
         assert {"kl_loss", "zero_variance_groups"} <= set(straight)
 
+    start = _records(tmp_path / "straight")[0]  # the start model, before any update
+    assert start["step"] == 0 and start["samples_drawn"] == 0 and "heldout/maj@1" in start
+
     _interrupt_at(monkeypatch, [1, 2])
     _run_until_done(on_policy.train, config, tmp_path / "resumed")
     _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
@@ -139,9 +142,12 @@ def test_expert_iteration_resumes_mid_sampling_and_mid_training(
     config = _ei_config(tiny_sft_run)
     last = expert_iteration.train(config, str(tmp_path / "straight"))
     assert last["round"] == 2 and last["samples_drawn"] == 2 * 24 * 2
-    # Global steps: 3 sampling chunks, 1 accumulate, 4 SFT steps, 1 round end = 9 per round.
-    # Interrupt in round 0's sampling (2), its training (6), round 1's sampling (11) and training (16).
-    _interrupt_at(monkeypatch, [2, 6, 11, 16])
+    start = _records(tmp_path / "straight")[0]
+    assert start["samples_drawn"] == 0 and "heldout/maj@1" in start
+    # Global steps: 1 start evaluation, then per round 3 sampling chunks, 1 accumulate,
+    # 4 SFT steps, 1 round end. Interrupt after the start evaluation (1), in round 0's
+    # sampling (2), its training (6), round 1's sampling (11) and training (16).
+    _interrupt_at(monkeypatch, [1, 2, 6, 11, 16])
     _run_until_done(expert_iteration.train, config, tmp_path / "resumed")
     _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
     for r in range(2):
@@ -257,5 +263,6 @@ def test_every_ei_sampling_chunk_is_checkpointed_whatever_the_interval(
 
     monkeypatch.setattr(checkpointing.Checkpointer, "save", record)
     expert_iteration.train(config, str(tmp_path / "run"))
-    # Each of the 3 chunks, then the dataset (train phase) and the round's end (next round, chunk 0).
-    assert saved[:3] == [("sample", 1), ("sample", 2), ("sample", 3)]
+    # The start model's evaluation, each of the 3 chunks, then the dataset (train phase)
+    # and the round's end (next round, chunk 0).
+    assert saved[:4] == [("sample", 0), ("sample", 1), ("sample", 2), ("sample", 3)]

@@ -131,6 +131,20 @@ def _from_a_start_model(algorithm: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _heldout_eval(num_examples: int) -> ml_collections.ConfigDict:
+    """The held-out evaluation an RL or EI run logs as it trains: greedy maj@1, then
+    maj@K and pass@K from K samples, against the samples drawn so far."""
+    c = ml_collections.ConfigDict()
+    c.num_examples = num_examples  # held-out questions per evaluation (0: all)
+    c.num_samples = 4  # K
+    c.temperature = 0.7
+    c.max_new_tokens = 64
+    # Evaluate the start model before any update (the x = 0 point of the study's
+    # curves; EI's round-0 few-shot prompt if it has one).
+    c.at_start = True
+    return c
+
+
 def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     """base_config() plus what an on-policy RL run needs (PPO, GRPO, RLOO, Dr. GRPO).
 
@@ -167,11 +181,7 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
 
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_examples = 64  # held-out questions per evaluation (0: all)
-    c.eval.num_samples = 4
-    c.eval.temperature = 0.7
-    c.eval.max_new_tokens = 64
+    c.eval = _heldout_eval(num_examples=64)
 
     c.optim.lr = 1e-5
     c.optim.warmup_steps = 0
@@ -204,11 +214,7 @@ def ei_config() -> ml_collections.ConfigDict:
     c.ei.eval_every = 50  # validation maj@1 every this many steps picks the round's checkpoint
     c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_examples = 128
-    c.eval.num_samples = 4
-    c.eval.temperature = 0.7
-    c.eval.max_new_tokens = 64
+    c.eval = _heldout_eval(num_examples=128)
     c.checkpoint.save_interval_steps = 50
     return c
 

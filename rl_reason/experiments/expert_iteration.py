@@ -176,7 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     reward_fn = compose.compose(c.rewards.to_dict())
     step_fn = sft_experiment.jit_sft_step(config, model, tx, schedule, mesh, rules)
     writer = run_logging.MetricWriter(
-        workdir, tensorboard=config.logging.tensorboard, resume_step=progress["global_step"]
+        workdir,
+        tensorboard=config.logging.tensorboard,
+        resume_step=progress["global_step"] or None,  # None: a fresh run
     )
     exemplars = templates.select_exemplars(task.train, c.first_round_shots, seed=config.seed)
     last: dict[str, Any] = {}
@@ -201,6 +203,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 # A finished run (last round done) has nothing to resume.
                 if stop and progress["round"] < c.num_rounds:
                     raise checkpointing.Preempted(progress["global_step"], workdir)
+
+            if config.eval.at_start and not progress.get("start_evaluated"):
+                # The start model as round 0 samples it (with its few-shot prompt).
+                heldout = rollout.evaluate_heldout(
+                    sampler,
+                    best_params,
+                    task.heldout,
+                    config.eval,
+                    jax.random.fold_in(base_rng, 9_999),
+                    exemplars=exemplars,
+                )
+                last = log({**{f"heldout/{k}": v for k, v in heldout.items()}, "samples_drawn": 0})
+                progress.update(start_evaluated=True, global_step=progress["global_step"] + 1)
+                checkpoint_and_maybe_stop(force=True)
 
             while progress["round"] < c.num_rounds:
                 r = progress["round"]

@@ -193,7 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     )
     writer = run_logging.MetricWriter(
-        workdir, tensorboard=config.logging.tensorboard, resume_step=start
+        workdir, tensorboard=config.logging.tensorboard, resume_step=start or None
     )
     base_rng = jax.random.PRNGKey(config.seed)
     last: dict[str, Any] = {}
@@ -209,6 +209,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if rl.stop_after:
         end = min(end, start + rl.stop_after)
     try:
+        if start == 0 and config.eval.at_start and rl.eval_every:
+            # The start model: the x = 0 point of held-out maj@1 against samples drawn.
+            # Not checkpointed: a kill before iteration 1 redoes it (the writer drops it).
+            heldout = rollout.evaluate_heldout(
+                sampler,
+                state.params,
+                task.heldout,
+                config.eval,
+                jax.random.fold_in(base_rng, rl.num_iterations),  # a key no iteration uses
+            )
+            writer.write(0, {**{f"heldout/{k}": v for k, v in heldout.items()}, "samples_drawn": 0})
         with checkpointing.PreemptionGuard() as guard:
             for iteration in range(start, end):
                 done = iteration + 1

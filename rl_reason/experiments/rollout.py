@@ -130,6 +130,7 @@ def evaluate_heldout(
     questions: Sequence[Mapping[str, Any]],
     eval_config,
     rng: jax.Array,
+    exemplars: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, float]:
     """heldout_metrics with a run's `eval` section (num_examples, num_samples, temperature,
     max_new_tokens), on the sampler's mesh."""
@@ -142,4 +143,5 @@ def evaluate_heldout(
             temperature=eval_config.temperature,
             max_new_tokens=eval_config.max_new_tokens,
             rng=rng,
+            exemplars=exemplars,
         )

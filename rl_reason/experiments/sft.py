@@ -167,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_fn = _eval_fn(model, config.train.loss_chunk_size)
     eval_batch = config.train.batch_size // config.train.num_microbatches
     writer = run_logging.MetricWriter(
-        workdir, tensorboard=config.logging.tensorboard, resume_step=start
+        workdir, tensorboard=config.logging.tensorboard, resume_step=start or None
     )
     end = config.train.num_steps
     if config.train.stop_after:
