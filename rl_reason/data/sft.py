@@ -24,6 +24,27 @@ def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], lis
     return prompt_ids, completion_ids
 
 
+def encode_pairs(
+    tokenizer, prompts: Sequence[str], completions: Sequence[str]
+) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_pair` of every (prompt, completion), each list encoded in one call."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+    if not prompts:
+        return []
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [(bos + p, c + eos) for p, c in zip(prompt_ids, completion_ids)]
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding is filled with: the tokenizer's pad token, else 0 (Llama has
+    none; padded positions are masked out of attention and loss, so any id does)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def pack_pairs(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pad_id: int
 ) -> tuple[dict[str, np.ndarray], int]:

@@ -145,6 +145,27 @@ def _heldout_eval(num_examples: int) -> ml_collections.ConfigDict:
     return c
 
 
+def sft_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
+    """base_config() plus a start model: SFT of a real model on a task's reference solutions.
+
+    The study's SFT start: the model fine-tuned on GSM8K's reference solutions,
+    zero-shot prompt -> solution (``templates.format_prompt`` /
+    ``format_completion``), the loss on the solution and its EOS only. The
+    tokenizer is the start model's. Train rows are the task's train split less
+    `data.num_validation` questions from its end (set it as the EI run that
+    starts from this model does, so that SFT never trains on the questions EI
+    selects its checkpoints by); the token loss is reported on those
+    questions, or on the first `data.num_eval` held-out ones when there are
+    none (0: all).
+    """
+    c = _from_a_start_model("sft")
+    c.data.task = task
+    c.data.num_validation = 0
+    c.data.num_eval = 256
+    c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
+    return c
+
+
 def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     """base_config() plus what an on-policy RL run needs (PPO, GRPO, RLOO, Dr. GRPO).
 
@@ -320,6 +341,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             )
     except ValueError as e:
         problems.append(str(e))
+    if "model_source" in config:
+        if not config.model_source.path and config.model_source.kind != "gguf":
+            problems.append(
+                f"model_source.path is empty: give the start model"
+                f" (kind={config.model_source.kind!r})."
+            )
+    elif config.data.task != "synthetic":
+        problems.append(
+            f"data.task={config.data.task!r} needs a start model and its tokenizer: use"
+            " sft_config() (a model_source section) or data.task='synthetic'."
+        )
     if config.optim.schedule not in SCHEDULES:
         problems.append(f"optim.schedule={config.optim.schedule!r} not in {SCHEDULES}.")
     if config.train.num_steps < 1:

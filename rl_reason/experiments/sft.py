@@ -23,10 +23,10 @@ from rl_reason import logging as run_logging
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import sft as sft_data
-from rl_reason.data import synthetic, templates
+from rl_reason.data import templates
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.data.iterator import IndexIterator
-from rl_reason.experiments import runs
+from rl_reason.experiments import runs, sources, tasks
 from rl_reason.experiments.config import validate
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
@@ -40,41 +40,40 @@ class SFTData:
     eval: dict[str, np.ndarray]
 
 
-def _synthetic_examples(config: ml_collections.ConfigDict):
-    difficulty = synthetic.Difficulty(
-        min_steps=config.data.min_steps,
-        max_steps=config.data.max_steps,
-        max_operand=config.data.max_operand,
-    )
-    make = lambda split, n: synthetic.generate(split, n, seed=config.seed, difficulty=difficulty)
-    return make("train", config.data.num_train), make("test", config.data.num_eval)
+def examples(config: ml_collections.ConfigDict) -> tuple[list, list]:
+    """The (train, eval) examples: `tasks.load`'s train split, and its validation
+    questions, or the first `data.num_eval` held-out ones when it has none (the
+    synthetic task's held-out split has num_eval questions already)."""
+    task = tasks.load(config)
+    heldout = task.heldout[: config.data.num_eval] if config.data.num_eval else task.heldout
+    return task.train, task.validation or heldout
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> SFTData:
-    """Tokenized train and eval arrays; the tokenizer is trained once and saved with the run."""
-    if config.data.task != "synthetic":
-        raise ValueError(f"Unknown SFT task {config.data.task!r}; available: 'synthetic'.")
-    train_examples, eval_examples = _synthetic_examples(config)
-    tokenizer_dir = os.path.join(workdir, "tokenizer")
-    if os.path.isdir(tokenizer_dir):
-        tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-    else:
-        texts = [ex["question"] + "\n" + ex["answer"] for ex in train_examples]
-        tokenizer = tokenizer_lib.train_tokenizer(texts, config.data.tokenizer_vocab_size)
-        if jax.process_index() == 0:
-            tokenizer_lib.save_tokenizer(tokenizer, tokenizer_dir)
+def prepare_data(config: ml_collections.ConfigDict, workdir: str, tokenizer=None) -> SFTData:
+    """Tokenized train and eval arrays: prompt -> reference solution, loss on the solution.
+
+    `tokenizer` is the start model's; without one (a synthetic run from scratch)
+    a tokenizer is trained on the task's text once and saved with the run.
+    """
+    train_examples, eval_examples = examples(config)
+    if tokenizer is None:
+        tokenizer_dir = os.path.join(workdir, "tokenizer")
+        if os.path.isdir(tokenizer_dir):
+            tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
+        else:
+            texts = [ex["question"] + "\n" + ex["answer"] for ex in train_examples]
+            tokenizer = tokenizer_lib.train_tokenizer(texts, config.data.tokenizer_vocab_size)
+            if jax.process_index() == 0:
+                tokenizer_lib.save_tokenizer(tokenizer, tokenizer_dir)
 
     def pack(examples, split):
-        pairs = [
-            sft_data.encode_pair(
-                tokenizer,
-                templates.format_prompt(ex["question"]),
-                templates.format_completion(ex["answer"]),
-            )
-            for ex in examples
-        ]
+        pairs = sft_data.encode_pairs(
+            tokenizer,
+            [templates.format_prompt(ex["question"]) for ex in examples],
+            [templates.format_completion(ex["answer"]) for ex in examples],
+        )
         arrays, truncated = sft_data.pack_pairs(
-            pairs, config.train.max_length, tokenizer.pad_token_id
+            pairs, config.train.max_length, sft_data.pad_id(tokenizer)
         )
         if truncated:
             logging.warning(
@@ -87,6 +86,22 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> SFTData:
         return arrays
 
     return SFTData(tokenizer, pack(train_examples, "train"), pack(eval_examples, "eval"))
+
+
+def start_model(config: ml_collections.ConfigDict, mesh, rules) -> sources.LoadedModel | None:
+    """The model SFT starts from (`model_source`, with `train.remat` applied), or None for a
+    model trained from scratch (a config without a model_source section)."""
+    if "model_source" not in config:
+        return None
+    kind, path = config.model_source.kind, config.model_source.path
+    start = sources.load_model(kind, path, mesh, rules)
+    if start.tokenizer is None:
+        raise sources.ModelSourceError(
+            kind, path, "it has no tokenizer files; SFT encodes the data with the model's own."
+        )
+    if config.train.get("remat"):  # recomputation changes no parameter, only what a step keeps
+        start = start._replace(config=start.config.replace(remat=config.train.remat))
+    return start
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
@@ -136,9 +151,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Raises checkpointing.Preempted after saving when SIGTERM/SIGINT arrives.
     """
     mesh, rules = runs.start(config, workdir, validate)
-    data = prepare_data(config, workdir)
-    model = Transformer(model_config(config, data.tokenizer))
+    start = start_model(config, mesh, rules)
+    data = prepare_data(config, workdir, start.tokenizer if start else None)
+    model = Transformer(start.config if start else model_config(config, data.tokenizer))
     tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
+    # The start model's fingerprint: a resume from another start is an error, not a mix.
+    initial = {"initial": sources.checksum(start.params)} if start else {}
 
     checkpointer = runs.make_checkpointer(config, workdir)
     iterator = IndexIterator(
@@ -151,32 +169,44 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     if checkpointer.latest_step() is not None:
         abstract = ts.abstract_train_state(model, tx, mesh, rules)
-        items, progress, _ = checkpointer.restore(checkpointing.train_state_items("policy", abstract))
+        items, progress, _ = checkpointer.restore(
+            checkpointing.train_state_items("policy", abstract)
+        )
         state = checkpointing.merge_train_state("policy", items)
         iterator.restore(progress["data"])
+        if progress.get("initial") != initial.get("initial"):
+            checkpointer.close()
+            source = config.get("model_source")
+            raise runs.ResumeConfigError(
+                f"The run in {workdir} started from another model than the config's"
+                f" ({f'{source.kind}: {source.path!r}' if source else 'trained from scratch'};"
+                f" checksum {initial.get('initial')}, recorded {progress.get('initial')})."
+            )
     else:
-        state = ts.create_train_state(model, tx, mesh, rules, config.seed)
-    start = int(state.step)
-    if start >= config.train.num_steps:  # nothing to run, so nothing (config.json too) changes
+        params = start.params if start else None
+        state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=params)
+    del start  # its parameters are the state's now, or were only needed for the checksum
+    first = int(state.step)
+    if first >= config.train.num_steps:  # nothing to run, so nothing (config.json too) changes
         checkpointer.close()
-        print(f"The run in {workdir} finished at step {start}; nothing to do.")
+        print(f"The run in {workdir} finished at step {first}; nothing to do.")
         return runs.finished_record(workdir)
-    runs.write_config(config, workdir)
+    runs.write_run_record(config, workdir, data.tokenizer)
 
     step_fn = jit_sft_step(config, model, tx, schedule, mesh, rules)
     eval_fn = _eval_fn(model, config.train.loss_chunk_size)
     eval_batch = config.train.batch_size // config.train.num_microbatches
     writer = run_logging.MetricWriter(
-        workdir, tensorboard=config.logging.tensorboard, resume_step=start or None
+        workdir, tensorboard=config.logging.tensorboard, resume_step=first or None
     )
     end = config.train.num_steps
     if config.train.stop_after:
-        end = min(end, start + config.train.stop_after)
+        end = min(end, first + config.train.stop_after)
     last: dict[str, Any] = {}
     bar = tqdm.trange(
-        start,
+        first,
         end,
-        initial=start,
+        initial=first,
         total=config.train.num_steps,
         desc="sft",
         disable=not config.logging.progress_bar or jax.process_index() != 0,
@@ -202,7 +232,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 checkpointer.save(
                     done,
                     checkpointing.train_state_items("policy", state),
-                    {"data": iterator.state(), "models": {"policy": model.config.to_dict()}},
+                    {
+                        "data": iterator.state(),
+                        "models": {"policy": model.config.to_dict()},
+                        **initial,
+                    },
                     force=done == end or stop,
                 )
                 if stop and done < end:  # at `end` the run is done: nothing to resume
