@@ -50,7 +50,8 @@ def memory_plan(
     sampling_length: int,
 ) -> dict[str, int]:
     """Bytes per device of a run's state: the trained model (params + optimizer
-    moments), a frozen reference if any, one sampling call's KV cache."""
+    moments), a frozen reference if any, one sampling call's KV cache (none
+    when `sampling_rows` is 0: SFT samples nothing)."""
     model = Transformer(model_config)
     tx, _ = optimizer.make_optimizer(optim, 1)
     state_shapes = jax.eval_shape(
@@ -63,6 +64,15 @@ def memory_plan(
     }
     if reference:
         plan["reference"] = plan["params"]
+    if sampling_rows:
+        plan["kv_cache"] = _kv_cache_bytes(
+            model_config, mesh, rules, sampling_rows, sampling_length
+        )
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def _kv_cache_bytes(model_config: ModelConfig, mesh, rules, sampling_rows, sampling_length) -> int:
     cache = jax.eval_shape(
         lambda: KVCache.init(
             model_config.replace(scan_layers=False), sampling_rows, sampling_length
@@ -70,17 +80,26 @@ def memory_plan(
     )
     k_sharding = shd.named_sharding(mesh, rules, KEY_CACHE_AXES, cache.k[0].shape)
     v_sharding = shd.named_sharding(mesh, rules, VALUE_CACHE_AXES, cache.v[0].shape)
-    plan["kv_cache"] = model_config.num_layers * (
+    return model_config.num_layers * (
         bytes_per_device(cache.k[0], k_sharding) + bytes_per_device(cache.v[0], v_sharding)
     )
-    plan["total"] = sum(plan.values())
-    return plan
 
 
 def plan_for_config(config: ml_collections.ConfigDict, mesh: AbstractMesh) -> dict[str, int]:
-    """memory_plan of an RL (`rl` section) or EI (`ei` section) config, for the model
-    its `model` section describes (the shape of what model_source will load)."""
-    section = config.rl if "rl" in config else config.ei
+    """memory_plan of an RL (`rl` section), EI (`ei` section) or SFT (neither) config,
+    for the model its `model` section describes (the shape of what model_source
+    will load)."""
+    section = config.rl if "rl" in config else config.get("ei")
+    if section is None:  # SFT: the trained model alone
+        return memory_plan(
+            ModelConfig.from_dict(config.model),
+            config.optim,
+            mesh,
+            shd.rules_from_config(config.mesh.rules),
+            reference=False,
+            sampling_rows=0,
+            sampling_length=0,
+        )
     reference = "rl" in config and (config.rl.kl_coef > 0 or config.ppo.kl_loss_coef > 0)
     heads = ("value",) if "ppo" in config and config.ppo.use_value else ()
     model_config = ModelConfig.from_dict(config.model).replace(heads=heads)
