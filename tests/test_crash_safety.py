@@ -34,6 +34,7 @@ from rl_reason.experiments import config as config_lib
 from rl_reason.experiments import sft as sft_experiment
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
+from subprocess_runs import wait_for as _wait_for  # polls; fails if the process exits first
 from test_resume import TINY as RESUME_TINY
 
 # The seed of every "random" choice below (kill points); change it to explore others.
@@ -103,20 +104,6 @@ def _records(workdir):
 def _records_so_far(workdir):
     """metrics.jsonl of a running (or killed) process: a line being written is skipped."""
     return run_logging.read_metrics(str(workdir))
-
-
-def _wait_for(proc, condition, what):
-    """Polls until `condition()`; fails if the process exits first. The deadline only
-    guards against a hang (nothing here asserts how long anything takes)."""
-    deadline = time.monotonic() + 900
-    while not condition():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"exited {proc.returncode} before {what}:\n{err[-4000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} after 900 s")
-        time.sleep(0.02)
 
 
 def _snapshot(directory):

@@ -13,6 +13,7 @@ from rl_reason import checkpointing
 from rl_reason.experiments import expert_iteration, on_policy, sources
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
+import subprocess_runs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import arith_ei, arith_grpo, arith_ppo  # noqa: E402
@@ -168,19 +169,10 @@ def test_a_finished_rl_run_changes_nothing(tiny_sft_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_run(
-    tiny_sft_run, tmp_path, repo_root
+    tiny_sft_run, tmp_path
 ):
     """A real process death (SIGKILL: no handler, no save) mid-iteration, three times."""
-    import signal
-    import subprocess
-    import time
-
-    env = dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env = subprocess_runs.compilation_cache_env(tmp_path / "jax_cache")
     overrides = [
         f"--config.model_source.path={tiny_sft_run}",
         "--config.data.num_train=64",
@@ -198,35 +190,90 @@ def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_ru
         "--config.logging.progress_bar=False",
         "--config.logging.tensorboard=False",
     ]
-
-    def command(workdir):
-        return [
-            sys.executable,
-            str(repo_root / "launch" / "train.py"),
-            f"--config={repo_root / 'configs' / 'arith_ppo.py'}",
-            f"--workdir={workdir}",
-            *overrides,
-        ]
-
-    def records(workdir):
-        path = workdir / "metrics.jsonl"
-        return len(path.read_text().splitlines()) if path.exists() else 0
-
+    command = lambda workdir: subprocess_runs.train_command(workdir, "arith_ppo.py", overrides)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(command(straight), env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    subprocess_runs.run(command(straight), env)
     for kill_after in (1, 2, 4):  # records on disk when the kill comes
-        proc = subprocess.Popen(
-            command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        subprocess_runs.kill_when(
+            command(killed),
+            env,
+            lambda: len(subprocess_runs.records(killed)) >= kill_after,
+            f"{kill_after} records",
+            log=tmp_path / "killed.log",
         )
-        deadline = time.time() + 600
-        while records(killed) < kill_after and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    done = subprocess.run(command(killed), env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    subprocess_runs.run(command(killed), env)
     _assert_same_run(straight, killed)
+
+
+@pytest.mark.slow
+def test_ei_killed_with_sigkill_mid_sampling_and_mid_training_ends_like_an_uninterrupted_run(
+    tiny_sft_run, tmp_path
+):
+    """Three real process deaths: as round 0's first sampling chunk lands, inside round
+    0's SFT phase, inside a sampling chunk of round 1; then the same command again.
+
+    Kill points are found by watching the run's files (chunk files, records,
+    checkpoints), not by step numbers. Checkpoints are written synchronously
+    here, so a chunk's checkpoint appearing means the next chunk's sampling has
+    begun (an asynchronous save lands somewhere inside it).
+    """
+    config = _ei_config(tiny_sft_run)
+    config.ei.max_new_tokens = 32  # a chunk samples long enough to be killed inside
+    config.checkpoint.async_save = False
+    overrides = subprocess_runs.config_overrides(config, arith_ei.get_config())
+    command = lambda workdir: subprocess_runs.train_command(workdir, "arith_ei.py", overrides)
+    env = subprocess_runs.compilation_cache_env(tmp_path / "jax_cache")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess_runs.run(command(straight), env)
+    chunks_per_round = -(-config.data.num_train // config.ei.sampling_chunk)
+    assert chunks_per_round >= 2
+
+    def chunk_files(r):
+        directory = killed / "ei" / f"round_{r}"
+        return sorted(directory.glob("chunk_*.jsonl")) if directory.is_dir() else []
+
+    def records_of(r, key):
+        return [x for x in subprocess_runs.records(killed) if x.get("round") == r and key in x]
+
+    def inside_a_chunk(r):
+        """Chunk k < last of round r sampled and checkpointed: chunk k+1 is sampling."""
+        files, sampled = chunk_files(r), records_of(r, "kept")
+        return (
+            0 < len(files) < chunks_per_round
+            and len(sampled) == len(files)
+            and sampled[-1]["step"] in subprocess_runs.checkpoint_steps(killed)
+        )
+
+    kill = lambda condition, what: subprocess_runs.kill_when(
+        command(killed), env, condition, what, log=tmp_path / "killed.log"
+    )
+    # 1. Mid-sampling, between chunks: round 0's first chunk file is written (its
+    # checkpoint may or may not be).
+    kill(lambda: len(chunk_files(0)) >= 1, "round 0's first chunk")
+    progress = subprocess_runs.latest_progress(killed)
+    assert progress is None or (progress["round"], progress["phase"]) == (0, "sample"), progress
+
+    # 2. Mid-training: round 0's SFT phase has logged a step.
+    kill(lambda: records_of(0, "loss"), "an SFT step of round 0")
+    progress = subprocess_runs.latest_progress(killed)
+    assert (progress["round"], progress["phase"]) == (0, "train"), progress
+    assert progress["sft_step"] < config.ei.steps_per_round, progress
+
+    # 3. Mid-sampling, inside a chunk of round 1 (the one after a checkpointed chunk).
+    kill(lambda: inside_a_chunk(1), "a checkpointed chunk of round 1 with one to follow")
+    progress = subprocess_runs.latest_progress(killed)
+    assert (progress["round"], progress["phase"]) == (1, "sample"), progress
+    assert len(chunk_files(1)) == progress["chunk"] < chunks_per_round, (
+        "the kill came after the next chunk's samples were written",
+        progress,
+    )
+
+    subprocess_runs.run(command(killed), env)
+    _assert_same_run(straight, killed)
+    assert sources.checksum(_params(killed)) == sources.checksum(_params(straight))
+    for r in range(config.ei.num_rounds):
+        name = f"dataset_round_{r}.jsonl"
+        assert (killed / "ei" / name).read_bytes() == (straight / "ei" / name).read_bytes()
 
 
 @pytest.mark.slow
