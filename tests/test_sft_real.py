@@ -30,6 +30,7 @@ from rl_reason.experiments import runs, sft, sources
 from rl_reason.models.hf_import import load_tokenizer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
+import subprocess_runs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import gemma3_270m_gsm8k_sft  # noqa: E402 (after the path is set)
@@ -366,3 +367,35 @@ def test_gemma3_tokenizer_masks_on_gsm8k_and_the_config_length(tfds_dir, tmp_pat
     cut = _check_masks(tokenizer, data.train, train, config.train.max_length)
     assert cut <= 0.02 * len(train), cut  # 384 tokens hold ~98.7% of the rows
     assert _check_masks(tokenizer, data.eval, evaluation, config.train.max_length) <= 1
+
+
+@pytest.mark.slow
+def test_killed_with_sigkill_and_rerun_ends_bitwise_equal(starts, tfds_dir, tmp_path):
+    """`launch/train.py --config=configs/gemma3_270m_gsm8k_sft.py`, its model and sizes
+    overridden to the tiny Llama start: killed (no handler, no save) before its
+    first checkpoint and again between two, rerun, it ends as the uninterrupted run."""
+    config = _config(starts["llama"], "gsm8k", tfds_dir, max_length=256, num_steps=STEPS + 2)
+    config.checkpoint.save_interval_steps = 3
+    overrides = subprocess_runs.config_overrides(config, gemma3_270m_gsm8k_sft.get_config())
+    command = lambda workdir: subprocess_runs.train_command(
+        workdir, "gemma3_270m_gsm8k_sft.py", overrides
+    )
+    env = subprocess_runs.compilation_cache_env(tmp_path / "jax_cache")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess_runs.run(command(straight), env)
+    for records in (2, 5):  # before checkpoint 3; after it, before checkpoint 6
+        subprocess_runs.kill_when(
+            command(killed),
+            env,
+            lambda: len(subprocess_runs.records(killed)) >= records,
+            f"{records} records",
+            log=tmp_path / "killed.log",
+        )
+    assert 3 in subprocess_runs.checkpoint_steps(killed)
+    subprocess_runs.run(command(killed), env)
+    assert _records(killed) == _records(straight)
+    params_a, progress_a, _ = _final(straight)
+    params_b, progress_b, _ = _final(killed)
+    assert progress_a == progress_b
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_array_equal(a, b)
