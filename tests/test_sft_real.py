@@ -6,7 +6,8 @@ the data's text (no download): a SentencePiece-style BPE with byte fallback,
 BOS and no pad token (Llama), and a byte-level BPE with no BOS whose pad is
 its EOS (Qwen2). The loss masks are checked on every row, the real Gemma 3
 tokenizer's too (slow), a few steps lower the loss, and a run stopped and
-resumed ends bitwise equal to an uninterrupted one.
+resumed, or SIGKILLed in a separate process and rerun (slow), ends bitwise
+equal to an uninterrupted one.
 """
 
 import copy
