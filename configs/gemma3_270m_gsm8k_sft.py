@@ -9,9 +9,15 @@ questions are held out (the token loss is reported on them; an EI run from
 this model should hold out the same ones, `data.num_validation=64`).
 384 tokens hold 98.7% of the train rows with Gemma's tokenizer (median 176);
 the rest are cut with a warning. One device (the 262k vocabulary), full
-rematerialisation and two micro-batches of 4 keep a step near the measured
-6.8 GB of batch 8 x 256 (BENCHMARKS.md). Rerun the same command to resume;
-evaluate the result with
+rematerialisation, two micro-batches of 4.
+
+Memory: give it 12 GB. A smoke run on this 2-core CPU (2026-11-29, shared
+with other jobs) took its first step (loss 2.00, token accuracy 0.58 on the
+reference solutions) and peaked at 10.4 GB resident while writing its first
+checkpoint (the save copies the state to the host: params and AdamW moments,
+3.2 GB), where the kernel's OOM killer stopped it on a machine whose other
+jobs held ~10 GB; the SFT step alone is ~7 GB (BENCHMARKS.md). Rerun the same
+command to resume; evaluate the result with
 
     python launch/evaluate.py --config=configs/gemma3_270m_gsm8k_eval.py \\
         --config.model_source.kind=run --config.model_source.path=runs/gemma3_gsm8k_sft \\
