@@ -149,11 +149,13 @@ def measure(
 ) -> dict[str, float]:
     """The ORM's held-out figures on K samples per question (question-major, K equal).
 
-    auc (omitted when one class is missing: it is undefined), accuracy of the
+    auc over all samples and within_question_auc over pairs of one question's
+    samples (each omitted when undefined: a class missing), accuracy of the
     score at 0.5 against the labels, the labels' positive fraction, the mean
     score, and evaluation's metrics of the same samples with the scores:
     rerank@K beside maj@K and pass@K (maj@1 and pass@1 read each question's
-    first sample).
+    first sample). The overall AUC also rewards knowing which questions are
+    hard; rerank@K gains only from the within-question one.
     """
     texts = [s.completion for s in samples]
     rows = scorer(texts, {"prompt": [s.prompt for s in samples]}, [[len(t)] for t in texts])
@@ -164,11 +166,13 @@ def measure(
         "positive_fraction": float(labels.mean()),
         "mean_score": float(scores.mean()),
     }
-    if 0 < labels.sum() < labels.size:
-        out["auc"] = orm_lib.roc_auc(scores, labels)
     k = len(samples) // len(golds)
     if k * len(golds) != len(samples):
         raise ValueError(f"{len(samples)} samples for {len(golds)} questions: K is not whole")
+    if 0 < labels.sum() < labels.size:
+        out["auc"] = orm_lib.roc_auc(scores, labels)
+        if any(0 < row.sum() < k for row in labels.reshape(-1, k)):
+            out["within_question_auc"] = orm_lib.within_group_auc(scores, labels, k)
     grouped = [texts[i : i + k] for i in range(0, len(texts), k)]
     grouped_scores = [scores[i : i + k].tolist() for i in range(0, len(texts), k)]
     out.update(score_samples(grouped, golds, scores=grouped_scores))
