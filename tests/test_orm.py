@@ -198,6 +198,31 @@ def test_roc_auc_against_hand_and_brute_force():
         orm.roc_auc([np.nan, 0.2], [0, 1])
 
 
+def test_within_group_auc_pools_the_pairs_of_each_group():
+    # Group 0: the positive outscores 1 of 3 negatives; group 1: one class only
+    # (no pair); group 2: 2 positives x 2 negatives, 2 wins, a tie and a loss.
+    scores = [0.5, 0.6, 0.4, 0.7, 0.9, 0.9, 0.9, 0.9, 0.3, 0.5, 0.2, 0.5]
+    labels = [1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0]
+    assert orm.within_group_auc(scores, labels, 4) == (1 + 2.5) / (3 + 4)
+    # Scores that only know which group is the easy one: 3/4 overall, 1/2 within.
+    easy = np.repeat([0.1, 0.9], 4)
+    labels = [1, 0, 0, 0, 1, 1, 1, 0]
+    assert orm.roc_auc(easy, labels) == 0.75 and orm.within_group_auc(easy, labels, 4) == 0.5
+    rng = np.random.default_rng(1)
+    scores, labels = rng.integers(0, 4, 40).astype(float), rng.integers(0, 2, 40)
+    want = [
+        (_brute_force_auc(s, y), y.sum() * (5 - y.sum()))
+        for s, y in zip(scores.reshape(8, 5), labels.reshape(8, 5))
+        if 0 < y.sum() < 5
+    ]
+    np.testing.assert_allclose(
+        orm.within_group_auc(scores, labels, 5),
+        sum(a * n for a, n in want) / sum(n for _, n in want),
+    )
+    with pytest.raises(ValueError, match="both classes"):
+        orm.within_group_auc([0.1, 0.2], [1, 1], 2)
+
+
 # ----------------------------------------------------------------------------- scorer
 
 

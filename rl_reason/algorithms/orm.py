@@ -255,6 +255,33 @@ def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.n
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def within_group_auc(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray, group_size: int
+) -> float:
+    """P(a positive outscores a negative of the same group), pooled over every
+    (positive, negative) pair that shares a group; ties count 1/2.
+
+    Consecutive runs of ``group_size`` entries are one group (one question's
+    K samples). This is what reranking needs: an ORM that has only learned
+    which questions are hard reaches a high :func:`roc_auc` over all samples
+    while this stays near 1/2. Raises ValueError when no group holds both classes.
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    positive = np.asarray(labels, np.float64).ravel() > 0.5
+    if scores.size != positive.size or scores.size % group_size:
+        raise ValueError(f"{scores.size} scores, {positive.size} labels, groups of {group_size}")
+    wins = pairs = 0.0
+    for s, p in zip(scores.reshape(-1, group_size), positive.reshape(-1, group_size)):
+        n_pos = int(p.sum())
+        if 0 < n_pos < group_size:
+            count = n_pos * (group_size - n_pos)
+            wins += roc_auc(s, p) * count
+            pairs += count
+    if not pairs:
+        raise ValueError("within_group_auc needs a group with both classes")
+    return wins / pairs
+
+
 # ----------------------------------------------------------------------------- data
 
 

@@ -117,6 +117,11 @@ def eval_config() -> ml_collections.ConfigDict:
     c.eval.chunk_size = (
         128  # questions per saved chunk (a killed run resumes after the last); 0: one
     )
+    # An ORM run's workdir (configs/arith_orm.py): its scores of the K samples give
+    # rerank@k. Empty: no rerank. Scoring batches are eval.batch_size rows, padded
+    # to the smallest of eval.orm_length_buckets that holds prompt + completion.
+    c.eval.orm_source = ""
+    c.eval.orm_length_buckets = (128, 256, 512, 1024)
     # XLA options for the sampling program alone, e.g. on CPU
     # rl_reason.sampling.sampler.CPU_XNNPACK_DOTS (see BENCHMARKS.md); empty: defaults.
     c.eval.compiler_options = ml_collections.ConfigDict()
@@ -236,6 +241,46 @@ def ei_config() -> ml_collections.ConfigDict:
     c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
 
     c.eval = _heldout_eval(num_examples=128)
+    c.checkpoint.save_interval_steps = 50
+    return c
+
+
+def orm_config() -> ml_collections.ConfigDict:
+    """base_config() plus the outcome reward model's settings (CPU-sized defaults).
+
+    model_source is the policy whose samples the ORM learns to judge;
+    orm.init_source the model the ORM starts from (empty path: the policy,
+    the study's choice of the SFT model). `train` sizes the ORM's training,
+    `eval` the held-out samples its AUC and rerank@K are measured on.
+    """
+    c = _from_a_start_model("orm")
+
+    c.orm = ml_collections.ConfigDict()
+    c.orm.init_source = ml_collections.ConfigDict({"kind": "run", "path": ""})
+    c.orm.num_samples = 4  # K per train question
+    c.orm.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
+    c.orm.temperature = 1.0
+    c.orm.max_new_tokens = 64
+    c.orm.num_shots = 0  # few-shot exemplars in every prompt (a pretrained policy)
+    c.orm.sampling_batch_size = 16
+    c.orm.sampling_chunk = 256  # questions per saved sampling chunk
+    c.orm.prompt_buckets = (64, 128, 256)
+    c.orm.rewards = ml_collections.ConfigDict({"correctness": 1.0})
+    c.orm.threshold = 1.0  # a sample is labelled correct when its reward reaches this
+    c.orm.score_batch_size = 32  # rows per held-out scoring call
+    c.train.num_steps = 200
+    c.train.eval_every = 50  # held-out AUC every this many steps (and at the end)
+    c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 128  # held-out questions sampled once for AUC and rerank@K (0: all)
+    c.eval.num_samples = 4  # K per held-out question
+    c.eval.temperature = 0.7
+    c.eval.max_new_tokens = 64
+
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.0
     c.checkpoint.save_interval_steps = 50
     return c
 

@@ -143,7 +143,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         )
     greedy = [text for c in chunks for text in c["greedy"]]
     k_texts = [texts for c in chunks for texts in c["samples"]]
-    metrics = score(k_texts, golds, greedy=greedy)
+    orm_scores = None
+    if config.eval.orm_source:  # rerank@k: the ORM's final-token score of every sample
+        orm_scores = _orm_scores(config, mesh, prompts, k_texts)
+    metrics = score(k_texts, golds, greedy=greedy, scores=orm_scores)
     generated = sum(c["generated_tokens"] for c in chunks)
     seconds = sum(c["seconds"] for c in chunks)  # sampling time, over every session of the run
     metrics.update(
@@ -153,8 +156,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         tokens_per_second=generated / max(seconds, 1e-9),
     )
     if jax.process_index() == 0:
-        _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics)
+        _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics, orm_scores)
     return metrics
+
+
+def _orm_scores(config, mesh, prompts, k_texts) -> list[list[float]]:
+    """Each sample's score by the ORM run at eval.orm_source, grouped like k_texts.
+
+    Scoring follows sampling (the samples are the chunks' saved ones), so an
+    evaluation can be reranked by another ORM without sampling again.
+    """
+    scorer = sources.orm_scorer(
+        config.eval.orm_source,
+        mesh,
+        shd.rules_from_config(config.mesh.rules),
+        batch_size=config.eval.batch_size,
+        length_buckets=tuple(config.eval.orm_length_buckets),
+    )
+    texts = [text for group in k_texts for text in group]
+    rows = [p for p, group in zip(prompts, k_texts) for _ in group]
+    flat = [row[0] for row in scorer(texts, {"prompt": rows}, [[len(t)] for t in texts])]
+    out, start = [], 0
+    for group in k_texts:
+        out.append(flat[start : start + len(group)])
+        start += len(group)
+    return out
 
 
 def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dict[str, Any]:
@@ -170,7 +196,10 @@ def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dic
         json.dumps(
             {
                 "seed": config.seed,
-                "eval": config.eval.to_dict(),
+                # The ORM scores samples after they are drawn: not a sampling setting.
+                "eval": {
+                    k: v for k, v in config.eval.to_dict().items() if not k.startswith("orm_")
+                },
                 "model": dataclasses.asdict(model_config),
                 "weights_abs_sum": f"{float(checksum):.6e}",
             },
@@ -220,21 +249,22 @@ class _Progress:
         os.replace(path + ".tmp", path)
 
 
-def _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics) -> None:
+def _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics, orm_scores) -> None:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(workdir, "eval_samples.jsonl"), "w") as f:
-        for q, g, texts, gold in zip(data.questions, greedy, k_texts, golds):
-            f.write(
-                json.dumps({"question": q["question"], "gold": gold, "greedy": g, "samples": texts})
-                + "\n"
-            )
+        for i, (q, g, texts, gold) in enumerate(zip(data.questions, greedy, k_texts, golds)):
+            row = {"question": q["question"], "gold": gold, "greedy": g, "samples": texts}
+            if orm_scores is not None:
+                row["orm_scores"] = orm_scores[i]
+            f.write(json.dumps(row) + "\n")
     lines = [
         f"# Evaluation: {config.eval.task} ({len(golds)} questions)",
         "",
         f"model: `{config.model_source.kind}` {config.model_source.path}; "
         f"{config.eval.num_shots}-shot; K={config.eval.num_samples} at temperature "
-        f"{config.eval.temperature}; up to {config.eval.max_new_tokens} new tokens",
+        f"{config.eval.temperature}; up to {config.eval.max_new_tokens} new tokens"
+        + (f"; rerank by the ORM of {config.eval.orm_source}" if orm_scores is not None else ""),
         "",
         "| metric | value |",
         "|---|---|",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,22 +66,8 @@ class _Files:
     def dataset(self, round_: int) -> str:
         return os.path.join(self.root, f"dataset_round_{round_}.jsonl")
 
-    def write(self, path: str, solutions) -> None:
-        if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            checkpointing.write_bytes_atomic(path, ei.to_jsonl(solutions))
-
-    def read(self, path: str, digest: Optional[str] = None) -> ei.Dataset:
-        with open(path, "rb") as f:
-            try:
-                dataset = ei.from_jsonl(f.read())
-            except ValueError as e:
-                raise checkpointing.CorruptCheckpointError(f"{path}: {e}") from None
-        if digest is not None and ei.dataset_digest(dataset) != digest:
-            raise checkpointing.CorruptCheckpointError(
-                f"{path} is not the dataset the checkpoint recorded (digest differs)."
-            )
-        return dataset
+    write = staticmethod(runs.write_solutions)
+    read = staticmethod(runs.read_solutions)
 
 
 def validate_ei(config: ml_collections.ConfigDict) -> None:
@@ -233,21 +219,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     ):
                         first = chunks[index]
                         questions = task.train[first : first + c.sampling_chunk]
-                        texts = _sample_k(
+                        texts = rollout.sample_k(
                             sampler,
                             best_params,
                             prompts[first : first + c.sampling_chunk],
                             jax.random.fold_in(base_rng, r),
-                            c,
-                            first,
-                            shared,
+                            num_samples=c.num_samples,
+                            temperature=c.temperature,
+                            max_new_tokens=c.max_new_tokens,
+                            samples_per_call=c.samples_per_call,
+                            prompt_offset=first,
+                            prefix_length=shared,
                         )
                         k = c.num_samples
-                        columns = {
-                            key: [q[key] for q in questions for _ in range(k)]
-                            for key in questions[0]
-                        }
-                        rewards = reward_fn(texts, columns)
+                        rewards = reward_fn(texts, rollout.columns_k(questions, k))
                         qids = [first + i for i in range(len(questions)) for _ in range(k)]
                         kept = ei.select_correct(
                             qids,
@@ -373,33 +358,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         checkpointer.close()
         writer.close()
     return last
-
-
-def _sample_k(
-    sampler: Sampler, params, prompts, rng, c, prompt_offset: int, shared: int
-) -> list[str]:
-    """c.num_samples completions per prompt, prompt-major, drawn c.samples_per_call at a
-    time (the study's K=96 rows per prompt need not share one KV cache)."""
-    per_call = c.samples_per_call or c.num_samples
-    calls = -(-c.num_samples // per_call)
-    groups: list[list[str]] = [[] for _ in prompts]
-    for call in range(calls):
-        count = min(per_call, c.num_samples - call * per_call)
-        config = sampler.sampling_config(
-            max_new_tokens=c.max_new_tokens, temperature=c.temperature, num_samples=count
-        )
-        with shd.activation_sharding(sampler.mesh, sampler.rules):
-            out = sampler.generate(
-                params,
-                prompts,
-                rng if calls == 1 else jax.random.fold_in(rng, call),
-                config,
-                prompt_offset=prompt_offset,
-                prefix_length=shared,
-            )
-        for group, texts in zip(groups, out.texts_per_prompt()):
-            group.extend(texts)
-    return [text for group in groups for text in group]
 
 
 def _previous_dataset(files: _Files, progress: dict[str, Any]) -> ei.Dataset:

@@ -13,6 +13,7 @@ TRAINERS = {
     "ppo": "rl_reason.experiments.on_policy",
     "grpo": "rl_reason.experiments.on_policy",
     "ei": "rl_reason.experiments.expert_iteration",
+    "orm": "rl_reason.experiments.orm",
 }
 
 

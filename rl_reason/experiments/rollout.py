@@ -100,6 +100,54 @@ def collect(
     return RolloutBatch(samples, rows, rewards, sequences, token_scores)
 
 
+def sample_k(
+    sampler: Sampler,
+    params: Any,
+    prompts: Sequence[str],
+    rng: jax.Array,
+    *,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    samples_per_call: int = 0,
+    prompt_offset: int = 0,
+    prefix_length: int | None = None,
+) -> list[str]:
+    """num_samples completions per prompt, prompt-major, drawn samples_per_call at a time
+    (0: all in one call; the study's K=96 rows per prompt need not share one KV cache).
+
+    The sampled chunks of a loop (EI's solutions, the ORM's labelled samples)
+    come from here: with the set's prompt_offset and shared prefix_length, a
+    prompt's draws depend on its index in the set, not on how it was chunked.
+    """
+    per_call = samples_per_call or num_samples
+    calls = -(-num_samples // per_call)
+    groups: list[list[str]] = [[] for _ in prompts]
+    for call in range(calls):
+        count = min(per_call, num_samples - call * per_call)
+        config = sampler.sampling_config(
+            max_new_tokens=max_new_tokens, temperature=temperature, num_samples=count
+        )
+        with shd.activation_sharding(sampler.mesh, sampler.rules):
+            out = sampler.generate(
+                params,
+                prompts,
+                rng if calls == 1 else jax.random.fold_in(rng, call),
+                config,
+                prompt_offset=prompt_offset,
+                prefix_length=prefix_length,
+            )
+        for group, texts in zip(groups, out.texts_per_prompt()):
+            group.extend(texts)
+    return [text for group in groups for text in group]
+
+
+def columns_k(examples: Sequence[Mapping[str, Any]], k: int) -> dict[str, list[Any]]:
+    """Every column of `examples`, each row repeated k times (prompt-major): what
+    rewards see beside k samples per example."""
+    return {key: [ex[key] for ex in examples for _ in range(k)] for key in examples[0]}
+
+
 def heldout_metrics(
     sampler: Sampler,
     params: Any,

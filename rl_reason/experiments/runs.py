@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
+from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
@@ -146,6 +147,29 @@ def make_checkpointer(
             " Use a new --workdir to start over (the damaged checkpoints are kept)."
         )
     return checkpointer
+
+
+def write_solutions(path: str, solutions) -> None:
+    """Scored samples (EI's kept solutions, the ORM's labelled samples) as checksummed
+    JSON lines (``ei.to_jsonl``), written atomically by the lead process."""
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        checkpointing.write_bytes_atomic(path, ei.to_jsonl(solutions))
+
+
+def read_solutions(path: str, digest: str | None = None) -> ei.Dataset:
+    """What `write_solutions` wrote; a damaged file, or one whose digest is not the
+    one the checkpoint recorded, is a CorruptCheckpointError naming it."""
+    with open(path, "rb") as f:
+        try:
+            dataset = ei.from_jsonl(f.read())
+        except ValueError as e:
+            raise checkpointing.CorruptCheckpointError(f"{path}: {e}") from None
+    if digest is not None and ei.dataset_digest(dataset) != digest:
+        raise checkpointing.CorruptCheckpointError(
+            f"{path} is not the dataset the checkpoint recorded (digest differs)."
+        )
+    return dataset
 
 
 def finished_record(workdir: str) -> dict[str, Any]:

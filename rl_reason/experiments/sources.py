@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from rl_reason import checkpointing
 from rl_reason.algorithms import train_state as ts
+from rl_reason.algorithms.orm import ORM_HEAD, BatchedOrmScorer
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.experiments import cli
 from rl_reason.models.config import ModelConfig
@@ -52,13 +53,20 @@ def model_source(kind: str):
     return register
 
 
-def load_model(kind: str, path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
+def load_model(
+    kind: str, path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy"
+) -> LoadedModel:
     """The model at `path` of `kind`; a missing or misplaced path is a clear error
-    naming both before anything is read."""
+    naming both before anything is read. `name` picks one of a run's models
+    (`policy`, or `orm` for an ORM run); other kinds hold one model."""
     if kind not in MODEL_SOURCES:
         raise ValueError(f"model_source.kind={kind!r}; known: {sorted(MODEL_SOURCES)}")
     if path or kind != "gguf":  # an empty gguf path is the PyPI package's Gemma 3 270M
         cli.check_model_source(kind, path)
+    if kind == "run":
+        return load_run(path, mesh, rules, name)
+    if name != "policy":
+        raise ValueError(f"a {kind!r} model source holds one model; there is no {name!r} in it.")
     return MODEL_SOURCES[kind](path, mesh, rules)
 
 
@@ -136,6 +144,29 @@ def with_heads(
 
     params = jax.jit(adopt, out_shardings=shardings)(loaded.params, jax.random.PRNGKey(seed))
     return LoadedModel(config, params, loaded.tokenizer)
+
+
+def orm_scorer(
+    path: str,
+    mesh: Mesh,
+    rules: shd.Rules,
+    *,
+    batch_size: int,
+    length_buckets: tuple[int, ...],
+) -> BatchedOrmScorer:
+    """The ORM of the ORM run at `path` (its `orm` model) as evaluation's and the
+    rewards' batched scorer: final-token scores for rerank@K, step scores for
+    dense rewards, its batches split over the mesh's batch axes."""
+    loaded = load_model("run", path, mesh, rules, name=ORM_HEAD)
+    return BatchedOrmScorer(
+        Transformer(loaded.config),
+        loaded.params,
+        loaded.tokenizer,
+        batch_size=batch_size,
+        length_buckets=tuple(length_buckets),
+        mesh=mesh,
+        rules=rules,
+    )
 
 
 def checksum(params: Any) -> str:

@@ -1,0 +1,216 @@
+"""The ORM run end to end: its config checks, the labelled samples it writes, an exact
+resume, the ORM served to evaluation's rerank@K, and (slow) an ORM that separates the
+right and wrong samples of an imperfect SFT policy on the synthetic task."""
+
+import dataclasses
+import json
+import os
+import sys
+from typing import ClassVar
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from test_rl_runs import _interrupt_at, _params, _records, _run_until_done
+
+from rl_reason import checkpointing
+from rl_reason.data import templates
+from rl_reason.experiments import config as config_lib
+from rl_reason.experiments import evaluate, registry, runs, sources, tasks
+from rl_reason.experiments import orm as orm_experiment
+from rl_reason.experiments.cli import ModelSourceNotFoundError
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
+from rl_reason.rewards import compose
+from rl_reason.rewards import registry as reward_registry
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import arith_orm
+
+EVEN = "test_even_length"
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvenLength:
+    """1 for a completion of even length: both labels among a tiny model's samples,
+    which are never correct."""
+
+    dense: ClassVar[bool] = False
+
+    def __call__(self, completions, batch):
+        return [float(len(text) % 2 == 0) for text in completions]
+
+
+if EVEN not in reward_registry.names():
+    reward_registry.register(EVEN, _EvenLength)
+
+
+def _orm_config(start, num_steps=4):
+    config = arith_orm.get_config()
+    config.model_source.path = str(start)
+    config.data.update(num_train=12, num_eval=8)
+    config.orm.update(
+        num_samples=2,
+        max_new_tokens=12,
+        sampling_batch_size=8,
+        sampling_chunk=8,
+        prompt_buckets=(128,),
+        score_batch_size=8,
+        rewards=ml_collections.ConfigDict({EVEN: 1.0}),
+    )
+    config.eval.update(num_examples=8, num_samples=2, max_new_tokens=12)
+    config.train.update(num_steps=num_steps, batch_size=8, max_length=128, log_every=1)
+    config.train.eval_every = 2
+    config.checkpoint.save_interval_steps = 1
+    config.logging.update(progress_bar=False, tensorboard=False)
+    return config
+
+
+@pytest.fixture(scope="module")
+def orm_run(tiny_sft_run, tmp_path_factory):
+    """(config, workdir, last metrics) of an uninterrupted tiny ORM run."""
+    config = _orm_config(tiny_sft_run)
+    workdir = tmp_path_factory.mktemp("orm")
+    return config, workdir, orm_experiment.train(config, str(workdir))
+
+
+def test_an_orm_config_is_checked_before_anything_compiles():
+    assert registry.trainer(arith_orm.get_config()) is orm_experiment.train
+    orm_experiment.validate_orm(arith_orm.get_config())  # the shipped config is valid
+    config = arith_orm.get_config()
+    config.model_source.path = ""
+    config.orm.update(num_samples=0, sampling_batch_size=6)
+    config.orm.rewards = ml_collections.ConfigDict({"correctness": 1.0, "nonsense": 1.0})
+    config.orm.init_source.kind = "onnx"
+    config.train.batch_size = 30
+    with pytest.raises(config_lib.InvalidConfigError) as error:
+        orm_experiment.validate_orm(config)
+    problems = error.value.problems
+    for expected in (
+        "orm.num_samples",
+        "'nonsense'",
+        "model_source.path is empty",
+        "'onnx'",
+        "orm.sampling_batch_size=6",
+        "micro-batch of 30 rows",
+    ):
+        assert any(expected in p for p in problems), (expected, problems)
+
+
+def test_an_orm_run_labels_its_samples_trains_and_saves_a_loadable_orm(orm_run, tiny_sft_run):
+    config, workdir, last = orm_run
+    # 12 train questions x 2 samples, then 8 held-out questions x 2.
+    assert last["samples_drawn"] == 12 * 2 + 8 * 2 and last["orm_step"] == 4
+    for key in (
+        "loss",
+        "final_accuracy",
+        "positive_fraction",
+        "grad_norm",
+        "heldout/auc",
+        "heldout/within_question_auc",
+        "heldout/accuracy",
+        "heldout/positive_fraction",
+        "heldout/maj@2",
+        "heldout/rerank@2",
+        "heldout/pass@2",
+    ):
+        assert key in last, key
+
+    progress = checkpointing.Checkpointer(str(workdir / "checkpoints")).read_progress()
+    assert progress["phase"] == orm_experiment.DONE
+    task = tasks.load(config)
+    task_questions = {"train": task.train, "heldout": task.heldout}
+    reward_fn = compose.compose(config.orm.rewards.to_dict())
+    for split, questions in task_questions.items():
+        samples = runs.read_solutions(
+            str(workdir / "orm" / f"{split}.jsonl"), progress["datasets"][split]["digest"]
+        )
+        assert len(samples) == len(questions) * 2 == progress["datasets"][split]["count"]
+        assert [s.question_id for s in samples] == [i for i in range(len(questions)) for _ in "kk"]
+        assert all(
+            s.prompt == templates.format_prompt(questions[s.question_id]["question"])
+            for s in samples
+        )
+        # The label is the configured reward of the completion, as the library computes it.
+        texts = [s.completion for s in samples]
+        columns = {"final_answer": [questions[s.question_id]["final_answer"] for s in samples]}
+        assert [s.reward for s in samples] == reward_fn(texts, columns).totals
+        labels = [s.reward >= config.orm.threshold for s in samples]
+        assert 0 < sum(labels) < len(labels)  # both classes: the AUC is defined
+        np.testing.assert_allclose(
+            progress["datasets"][split]["positive_fraction"], np.mean(labels)
+        )
+
+    # The ORM is the run's `orm` model: a scalar head on the start model, trained.
+    mesh = mesh_lib.make_mesh((-1, 1, 1))
+    loaded = sources.load_model("run", str(workdir), mesh, shd.DEFAULT_RULES, name="orm")
+    assert "orm" in loaded.config.heads
+    start = sources.load_model("run", str(tiny_sft_run), mesh, shd.DEFAULT_RULES)
+    chex.assert_trees_all_equal_structs(
+        {k: v for k, v in loaded.params["params"].items() if k != "scalar_heads_orm"},
+        start.params["params"],
+    )
+    assert not np.allclose(
+        jax.device_get(loaded.params["params"]["final_norm"]["scale"]),
+        jax.device_get(start.params["params"]["final_norm"]["scale"]),
+    )
+    with pytest.raises(ModelSourceNotFoundError, match="no model 'policy'"):
+        sources.load_model("run", str(workdir), mesh, shd.DEFAULT_RULES)
+
+
+def test_a_finished_orm_run_changes_nothing(orm_run, capsys):
+    config, workdir, last = orm_run
+    before = (workdir / "metrics.jsonl").read_text()
+    steps = checkpointing.Checkpointer(str(workdir / "checkpoints")).all_steps()
+    again = orm_experiment.train(config, str(workdir))
+    assert "nothing to do" in capsys.readouterr().out
+    assert again == last and (workdir / "metrics.jsonl").read_text() == before
+    assert checkpointing.Checkpointer(str(workdir / "checkpoints")).all_steps() == steps
+
+
+def test_evaluation_reranks_by_an_orm_run(orm_run, tiny_sft_run, tmp_path):
+    _, workdir, _ = orm_run
+    config = config_lib.eval_config()
+    config.model_source.path = str(tiny_sft_run)
+    config.logging.progress_bar = False
+    config.eval.update(
+        num_examples=8, num_samples=3, max_new_tokens=12, batch_size=8, prompt_buckets=(64,)
+    )
+    plain = evaluate.run(config, str(tmp_path / "plain"))
+    config.eval.update(orm_source=str(workdir), orm_length_buckets=(128,))
+    reranked = evaluate.run(config, str(tmp_path / "plain"))  # the same samples, reused
+    assert "rerank@3" not in plain and "rerank@3" in reranked
+    assert {k: v for k, v in reranked.items() if not k.startswith("rerank")} == plain
+    lines = (tmp_path / "plain" / "eval_samples.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    scores = [row["orm_scores"] for row in rows]
+    chex.assert_shape(np.asarray(scores), (8, 3))
+    # The scores are the ORM's final-token scores, as its scorer gives them directly.
+    mesh = mesh_lib.make_mesh((-1, 1, 1))
+    scorer = sources.orm_scorer(
+        str(workdir), mesh, shd.DEFAULT_RULES, batch_size=8, length_buckets=(128,)
+    )
+    row = rows[0]
+    prompt = templates.format_prompt(row["question"])
+    direct = scorer(row["samples"], {"prompt": [prompt] * 3}, [[len(t)] for t in row["samples"]])
+    chex.assert_trees_all_close(np.asarray(direct)[:, 0], np.asarray(scores[0]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_orm_run_resumes_mid_sampling_and_mid_training(orm_run, tmp_path, monkeypatch):
+    config, straight, _ = orm_run
+    # Global steps: 2 train chunks, 1 held-out chunk, 1 assembly, 4 ORM steps.
+    # Interrupt mid-sampling (1), at the assembly (4) and mid-training (5, 6: an evaluation).
+    _interrupt_at(monkeypatch, [1, 4, 5, 6])
+    _run_until_done(orm_experiment.train, config, tmp_path / "resumed")
+    assert _records(straight) == _records(tmp_path / "resumed")
+    for a, b in zip(
+        jax.tree.leaves(_params(straight, "orm")),
+        jax.tree.leaves(_params(tmp_path / "resumed", "orm")),
+    ):
+        np.testing.assert_array_equal(a, b)
+    for split in orm_experiment.SPLITS:
+        name = f"orm/{split}.jsonl"
+        assert (straight / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
