@@ -13,6 +13,7 @@ TRAINERS = {
     "ppo": "rl_reason.experiments.on_policy",
     "grpo": "rl_reason.experiments.on_policy",
     "ei": "rl_reason.experiments.expert_iteration",
+    "rcrl": "rl_reason.experiments.rcrl",
 }
 
 
