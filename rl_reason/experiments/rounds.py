@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -226,6 +227,7 @@ def train_steps(
     params `best_params` (early stopping, as the study chooses a round's
     checkpoint). A non-finite step stops the run (`runs.check_finite`).
     """
+    chex.assert_equal_shape_prefix(list(arrays.values()), 1)  # one row per record, every array
     size = len(next(iter(arrays.values())))
     iterator = IndexIterator(size, config.train.batch_size, seed=config.seed * 1000 + round_)
     if "data" in progress:
