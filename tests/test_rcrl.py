@@ -124,7 +124,7 @@ def test_add_return_tokens_to_a_model_that_lacks_rows_or_has_spare_ones(tokenize
     result = np.asarray(out["params"]["embedder"]["embedding"])
     assert out_config.vocab_size == old_len + 20
     np.testing.assert_allclose(result[old_len : old_len + 2], [table.mean(0)] * 2, rtol=1e-6)
-    np.testing.assert_array_equal(result[: old_len], table)
+    np.testing.assert_array_equal(result[:old_len], table)
     np.testing.assert_array_equal(result[old_len + 2 :], padded[old_len + 2 :])
 
 
@@ -213,3 +213,82 @@ def test_rcrl_arrays_mask_the_return_tokens_out_of_the_loss(tokenizer, mode):
     )
     with pytest.raises(ValueError, match="add_return_tokens"):
         rcrl.rcrl_arrays(tokenizer, samples, 160, mode, threshold=0.5)
+
+
+# ----------------------------------------------------------------------------- labelling
+
+
+def test_label_samples_keeps_good_and_bad_and_cuts_after_the_answer():
+    rambling = SAMPLE + "\nAnn has 11 apples. Ann has 11 apples."
+    labelled = rcrl.label_samples(
+        [3, 3], [PROMPT, PROMPT], [rambling, " " + REFERENCE], [0.0, 1.0], round=2
+    )
+    assert [s.reward for s in labelled] == [0.0, 1.0]  # RCRL keeps the bad sample too
+    assert labelled[0].completion == SAMPLE  # cut at its "#### 11" line
+    assert labelled[1] == rcrl.RcrlSample(PROMPT, " " + REFERENCE, 1.0, None, 3, 2)
+    assert rcrl.label_summary(labelled, threshold=1.0) == {"good_fraction": 0.5}
+    uncut = rcrl.label_samples([3], [PROMPT], [rambling], [0.0], round=2, cut=False)
+    assert uncut[0].completion == rambling
+    with pytest.raises(ValueError, match="rewards has 1 entries for 2"):
+        rcrl.label_samples([3, 3], [PROMPT, PROMPT], [SAMPLE, SAMPLE], [0.0], round=0)
+
+
+def test_dense_labels_are_the_step_rewards_of_the_stored_text():
+    rambling = SAMPLE + "\nAnn has 5*2=<<5*2=10>>10 apples."  # a matching step after the answer
+    seen = []
+
+    def step_rewards(texts):
+        seen.extend(texts)
+        return [pairs for pairs in StepMatch()(texts, {"answer": [REFERENCE] * len(texts)})]
+
+    (sample,) = rcrl.label_samples(
+        [0], [PROMPT], [rambling], [0.0], round=0, step_rewards_fn=step_rewards
+    )
+    assert seen == [SAMPLE]  # judged as stored, after the cut
+    assert sample.step_rewards == (0.5, 0.0, 0.0)
+    summary = rcrl.label_summary([sample], threshold=1.0, step_threshold=1e-6)
+    assert summary == {"good_fraction": 0.0, "good_step_fraction": pytest.approx(1 / 3)}
+    _, completion = rcrl.conditioned_pair(sample, "dense", threshold=1e-6)
+    assert completion.count(rcrl.BAD) == 2
+
+
+def test_rcrl_samples_are_stored_like_ei_datasets():
+    from rl_reason.algorithms import expert_iteration as ei
+
+    samples = (
+        rcrl.RcrlSample(PROMPT, SAMPLE, 0.0, (0.5, 0.0, 0.0), question_id=4, round=1),
+        rcrl.RcrlSample(PROMPT, " " + REFERENCE, 1.0, None, question_id=5, round=0),
+    )
+    data = ei.to_jsonl(samples, rcrl.RcrlSample)
+    assert ei.from_jsonl(data, rcrl.RcrlSample) == samples
+    assert ei.to_jsonl(ei.from_jsonl(data, rcrl.RcrlSample), rcrl.RcrlSample) == data
+    with pytest.raises(ValueError, match="line 1: not an rl_reason.expert_iteration"):
+        ei.from_jsonl(data)  # an RCRL file is not read as EI solutions
+    with pytest.raises(ValueError, match="fields"):
+        rcrl.RcrlSample.from_json({"prompt": PROMPT})
+    # Accumulated and deduplicated per question like EI's solutions.
+    dataset, summary = ei.accumulate(samples, [samples[0], samples[1]])
+    assert dataset == samples and summary.duplicates == 2
+
+
+def test_heldout_metrics_condition_every_prompt_on_the_token():
+    from rl_reason.experiments import rollout
+    from rl_reason.sampling.engine import Samples
+
+    class Recorder:
+        def sampling_config(self, **options):
+            return options
+
+        def generate(self, params, prompts, rng, config):
+            self.prompts = list(prompts)
+            k = config.get("num_samples", 1)
+            return Samples(None, ["#### 10"] * (k * len(prompts)), k)
+
+    questions = [{"question": "q1", "final_answer": "10"}, {"question": "q2", "final_answer": "3"}]
+    sampler = Recorder()
+    kwargs = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 8, "rng": None}
+    out = rollout.heldout_metrics(sampler, None, questions, condition_on=rcrl.GOOD, **kwargs)
+    assert sampler.prompts == [templates.format_prompt(q) + rcrl.GOOD for q in ("q1", "q2")]
+    assert out["maj@1"] == 0.5
+    rollout.heldout_metrics(sampler, None, questions, **kwargs)
+    assert sampler.prompts == [templates.format_prompt(q) for q in ("q1", "q2")]

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class Solution:
     ``completion`` the decoded text after it, ``reward`` what it earned and
     ``round`` the EI round that sampled it (for per-round analysis).
     """
+
+    FORMAT: ClassVar[str] = FORMAT  # the header of a file of these (see to_jsonl)
 
     question_id: int
     prompt: str
@@ -239,16 +241,18 @@ def dataset_digest(dataset: Iterable[Solution]) -> str:
     return _sha256(_canonical_json([s.to_json() for s in dataset]))
 
 
-def to_jsonl(dataset: Sequence[Solution]) -> bytes:
+def to_jsonl(dataset: Sequence[Solution], record_type: type = Solution) -> bytes:
     """The dataset as UTF-8 JSON lines: a header, then one checksummed record per line.
 
     Header: ``{"format", "version", "count", "digest"}``; record lines:
     ``{"solution": {...}, "sha256": <of the solution's canonical JSON>}``. The
     per-line checksum names the damaged line; the header's count and digest
-    catch lost or reordered lines.
+    catch lost or reordered lines. ``record_type`` is the records' class (any
+    with ``to_json``/``from_json`` and a ``FORMAT`` naming its files, e.g.
+    RCRL's labelled samples); the header carries its ``FORMAT``.
     """
     header = {
-        "format": FORMAT,
+        "format": record_type.FORMAT,
         "version": FORMAT_VERSION,
         "count": len(dataset),
         "digest": dataset_digest(dataset),
@@ -261,8 +265,9 @@ def to_jsonl(dataset: Sequence[Solution]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def from_jsonl(data: bytes | str) -> Dataset:
-    """Reads :func:`to_jsonl` output back; raises ValueError naming the first bad line (1-based)."""
+def from_jsonl(data: bytes | str, record_type: type = Solution) -> Dataset:
+    """Reads :func:`to_jsonl` output of ``record_type`` back; raises ValueError naming the
+    first bad line (1-based)."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -282,8 +287,8 @@ def from_jsonl(data: bytes | str) -> Dataset:
             raise ValueError(f"EI dataset line {number}: not valid JSON ({error.msg})") from None
 
     header = parse(1, lines[0])
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"EI dataset line 1: not an {FORMAT} header")
+    if not isinstance(header, dict) or header.get("format") != record_type.FORMAT:
+        raise ValueError(f"EI dataset line 1: not an {record_type.FORMAT} header")
     if header.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"EI dataset line 1: version {header.get('version')} is not {FORMAT_VERSION}"
@@ -296,7 +301,7 @@ def from_jsonl(data: bytes | str) -> Dataset:
         if _sha256(_canonical_json(entry["solution"])) != entry["sha256"]:
             raise ValueError(f"EI dataset line {number}: checksum mismatch (the line is corrupted)")
         try:
-            solutions.append(Solution.from_json(entry["solution"]))
+            solutions.append(record_type.from_json(entry["solution"]))
         except (TypeError, ValueError) as error:
             raise ValueError(f"EI dataset line {number}: {error}") from None
     if len(solutions) != header.get("count"):

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import chex
 import jax.numpy as jnp
 import numpy as np
 
+from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.data import sft as sft_data
 from rl_reason.data import templates
 from rl_reason.models.config import ModelConfig
@@ -132,13 +133,105 @@ class RcrlSample:
     """One sampled solution with its reward (sparse) and per-step rewards (dense).
 
     ``step_rewards[k]`` is the reward of the k-th step of ``completion``
-    (``split_steps``), e.g. from :func:`per_step_rewards`.
+    (``split_steps``), e.g. from :func:`per_step_rewards`. ``prompt`` is the
+    unconditioned prompt (the return token is placed by
+    :func:`conditioned_pair`); ``question_id`` and ``round`` say which train
+    question and which round, so that a run's RCRL dataset accumulates and
+    deduplicates like Expert Iteration's (``expert_iteration.accumulate``) and
+    is stored in the same checksummed JSON lines (``to_jsonl(..., RcrlSample)``).
     """
+
+    FORMAT: ClassVar[str] = "rl_reason.rcrl.dataset"
 
     prompt: str
     completion: str
     reward: float
     step_rewards: tuple[float, ...] | None = None
+    question_id: int = 0
+    round: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (plain str/int/float values; step_rewards a list or None)."""
+        steps = None if self.step_rewards is None else [float(r) for r in self.step_rewards]
+        return {
+            "question_id": int(self.question_id),
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "reward": float(self.reward),
+            "step_rewards": steps,
+            "round": int(self.round),
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> RcrlSample:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if set(record) != fields:
+            raise ValueError(f"an RcrlSample has fields {sorted(fields)}, got {sorted(record)}")
+        steps = record["step_rewards"]
+        return cls(
+            prompt=str(record["prompt"]),
+            completion=str(record["completion"]),
+            reward=float(record["reward"]),
+            step_rewards=None if steps is None else tuple(float(r) for r in steps),
+            question_id=int(record["question_id"]),
+            round=int(record["round"]),
+        )
+
+
+def label_samples(
+    question_ids: Sequence[int],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    rewards: Sequence[float],
+    *,
+    round: int,
+    step_rewards_fn: Callable[[list[str]], Sequence[Sequence[tuple[int, float]]]] | None = None,
+    cut: bool = True,
+) -> list[RcrlSample]:
+    """Every sample as an :class:`RcrlSample`, good and bad alike (RCRL keeps them all).
+
+    ``rewards`` are the samples' returns, judged on the sampled text (the
+    sparse label). With ``cut`` each completion is cut after its answer
+    (``expert_iteration.cut_at_answer``: what a model writes after its answer
+    is junk it should not learn, whatever the return; the cut never changes
+    the answer). ``step_rewards_fn`` (dense RCRL) maps the completions as
+    stored (cut) to (character offset, reward) pairs per completion, e.g. a
+    composed reward's ``.dense``; they are summed per step by
+    :func:`per_step_rewards`, so every step's label describes the stored text.
+    """
+    n = len(completions)
+    columns = {"question_ids": question_ids, "prompts": prompts, "rewards": rewards}
+    for name, column in columns.items():
+        if len(column) != n:
+            raise ValueError(f"{name} has {len(column)} entries for {n} completions")
+    texts = [ei.cut_at_answer(text) if cut else text for text in completions]
+    dense = None if step_rewards_fn is None else list(step_rewards_fn(texts))
+    if dense is not None and len(dense) != n:
+        raise ValueError(f"step_rewards_fn gave {len(dense)} rows for {n} completions")
+    return [
+        RcrlSample(
+            prompt,
+            text,
+            float(reward),
+            None if dense is None else per_step_rewards(text, dense[i]),
+            int(qid),
+            int(round),
+        )
+        for i, (qid, prompt, text, reward) in enumerate(zip(question_ids, prompts, texts, rewards))
+    ]
+
+
+def label_summary(
+    samples: Sequence[RcrlSample], *, threshold: float, step_threshold: float | None = None
+) -> dict[str, float]:
+    """What a set of labelled samples holds, for a run's log: the fraction whose return
+    reaches ``threshold`` (good under sparse labels) and, for samples with step
+    rewards, the fraction of steps whose reward reaches ``step_threshold``."""
+    out = {"good_fraction": float(np.mean([s.reward >= threshold for s in samples] or [0.0]))}
+    steps = [r for s in samples if s.step_rewards is not None for r in s.step_rewards]
+    if step_threshold is not None and steps:
+        out["good_step_fraction"] = float(np.mean(np.asarray(steps) >= step_threshold))
+    return out
 
 
 def per_step_rewards(completion: str, dense: Sequence[tuple[int, float]]) -> tuple[float, ...]:

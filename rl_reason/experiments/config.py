@@ -108,6 +108,10 @@ def eval_config() -> ml_collections.ConfigDict:
     c.eval.task = "synthetic"  # "synthetic", "gsm8k" or "svamp"
     c.eval.num_examples = 0  # 0: all
     c.eval.num_shots = 0
+    # A return token every prompt carries where its solution starts: "auto" is the one
+    # the model's run records (an RCRL run's good token; none for other models),
+    # "none" none, anything else that token (e.g. "<|bad|>").
+    c.eval.condition_on = "auto"
     c.eval.num_samples = 4  # K for maj@K / pass@K; 0: greedy only
     c.eval.temperature = 0.7
     c.eval.top_p = 1.0
@@ -407,3 +411,53 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append(str(e))
     if problems:
         raise InvalidConfigError(problems)
+
+
+def rcrl_config() -> ml_collections.ConfigDict:
+    """base_config() plus Return-Conditioned RL's settings (online, in EI's rounds; CPU-sized).
+
+    Each round samples K solutions per train question from the current
+    policy (round 0 from the start model as it is; later rounds conditioned
+    on the good-return token), labels every sample with its return, and
+    fine-tunes on all of them, good and bad (`experiments/rcrl.py`).
+    """
+    c = _from_a_start_model("rcrl")
+    c.data.num_validation = 64  # train questions held back to select each round's checkpoint
+
+    c.rcrl = ml_collections.ConfigDict()
+    c.rcrl.num_rounds = 3
+    c.rcrl.num_samples = 4  # K per question
+    c.rcrl.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
+    c.rcrl.temperature = 1.0
+    c.rcrl.max_new_tokens = 64
+    c.rcrl.sampling_batch_size = 16
+    c.rcrl.sampling_chunk = 256  # questions per saved sampling chunk
+    c.rcrl.prompt_buckets = (64, 128, 256)
+    c.rcrl.first_round_shots = 0  # few-shot exemplars in round 0's prompts (a pretrained start)
+    # "sparse": one return token per solution, good when its return (`rewards`) reaches
+    # `threshold`; "dense": one per step (non-blank line), good when the step's reward
+    # (`step_rewards`, summed per step) reaches `step_threshold`.
+    c.rcrl.mode = "sparse"
+    c.rcrl.rewards = ml_collections.ConfigDict({"correctness": 1.0})
+    c.rcrl.threshold = 1.0
+    # step_match pays a step that reaches a reference result; correctness pays the
+    # last step (the answer line), which no reference result names.
+    c.rcrl.step_rewards = ml_collections.ConfigDict({"step_match": 1.0, "correctness": 1.0})
+    c.rcrl.step_threshold = 1e-6  # a step with any positive reward is good
+    c.rcrl.max_per_question = 0  # 0: no cap on a question's samples in the dataset
+    c.rcrl.restart_from_initial = False  # True: each round fine-tunes the start model (EI's way)
+    c.rcrl.steps_per_round = 200
+    c.rcrl.eval_every = 50  # validation maj@1 (good token) every this many steps picks the model
+    # Held-out greedy maj@1 conditioned on the bad-return token too, each round.
+    c.rcrl.eval_bad_token = True
+    c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
+
+    # Held-out figures each round (conditioned on the good token), against samples drawn.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 128  # held-out questions per evaluation (0: all)
+    c.eval.num_samples = 4  # K
+    c.eval.temperature = 0.7
+    c.eval.max_new_tokens = 64
+    c.eval.at_start = True  # the start model first: the x = 0 point of the study's curves
+    c.checkpoint.save_interval_steps = 50
+    return c

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rl_reason.algorithms import rcrl
 from rl_reason.data import builders, synthetic, templates
 from rl_reason.evaluation.evaluate import evaluate as score
 from rl_reason.experiments import sources
@@ -85,6 +86,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     data = load_eval_set(config)
     prompts = [templates.format_prompt(q["question"], data.exemplars) for q in data.questions]
+    condition_on = conditioning_token(config, tokenizer)
+    if condition_on:
+        prompts = [rcrl.condition_prompt(p, condition_on) for p in prompts]
     golds = [q["final_answer"] for q in data.questions]
     sampler = Sampler(
         model_config,
@@ -156,7 +160,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         tokens_per_second=generated / max(seconds, 1e-9),
     )
     if jax.process_index() == 0:
-        _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics, orm_scores)
+        _write_outputs(
+            workdir, config, data, greedy, k_texts, golds, metrics, orm_scores, condition_on
+        )
     return metrics
 
 
@@ -181,6 +187,23 @@ def _orm_scores(config, mesh, prompts, k_texts) -> list[list[float]]:
         out.append(flat[start : start + len(group)])
         start += len(group)
     return out
+
+
+def conditioning_token(config: ml_collections.ConfigDict, tokenizer) -> str:
+    """The return token the prompts carry ("" for none): `eval.condition_on`, where
+    "auto" is what the model's run records (`sources.prompt_conditioning`)."""
+    value = config.eval.condition_on
+    if value == "auto":
+        kind, path = config.model_source.kind, config.model_source.path
+        value = sources.prompt_conditioning(path) if kind == "run" else ""
+    elif value == "none":
+        value = ""
+    if value and value not in tokenizer.get_vocab():
+        raise ValueError(
+            f"eval.condition_on={config.eval.condition_on!r}: the model's tokenizer has no"
+            f" {value!r} (return tokens exist in Return-Conditioned RL runs only)."
+        )
+    return value
 
 
 def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dict[str, Any]:
@@ -249,7 +272,9 @@ class _Progress:
         os.replace(path + ".tmp", path)
 
 
-def _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics, orm_scores) -> None:
+def _write_outputs(
+    workdir, config, data, greedy, k_texts, golds, metrics, orm_scores, condition_on
+) -> None:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(workdir, "eval_samples.jsonl"), "w") as f:
@@ -264,7 +289,8 @@ def _write_outputs(workdir, config, data, greedy, k_texts, golds, metrics, orm_s
         f"model: `{config.model_source.kind}` {config.model_source.path}; "
         f"{config.eval.num_shots}-shot; K={config.eval.num_samples} at temperature "
         f"{config.eval.temperature}; up to {config.eval.max_new_tokens} new tokens"
-        + (f"; rerank by the ORM of {config.eval.orm_source}" if orm_scores is not None else ""),
+        + (f"; rerank by the ORM of {config.eval.orm_source}" if orm_scores is not None else "")
+        + (f"; prompts conditioned on `{condition_on}`" if condition_on else ""),
         "",
         "| metric | value |",
         "|---|---|",

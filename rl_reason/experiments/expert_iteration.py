@@ -25,14 +25,11 @@ parameters and metrics as an uninterrupted run.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
@@ -40,34 +37,16 @@ from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.algorithms import optimizer
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
-from rl_reason.data.iterator import IndexIterator
-from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.experiments import rollout, rounds, runs, sources, tasks
 from rl_reason.experiments import sft as sft_experiment
 from rl_reason.experiments.config import InvalidConfigError
 from rl_reason.models.transformer import Transformer
-from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
-from rl_reason.sampling.engine import Sampler, common_prefix_length
+from rl_reason.sampling.engine import Sampler
 
 _log = logging.getLogger(__name__)
 
 SAMPLE, TRAIN = "sample", "train"
-
-
-class _Files:
-    """The run's EI files: per-chunk kept samples and each round's dataset."""
-
-    def __init__(self, workdir: str):
-        self.root = os.path.join(workdir, "ei")
-
-    def chunk(self, round_: int, chunk: int) -> str:
-        return os.path.join(self.root, f"round_{round_}", f"chunk_{chunk:05d}.jsonl")
-
-    def dataset(self, round_: int) -> str:
-        return os.path.join(self.root, f"dataset_round_{round_}.jsonl")
-
-    write = staticmethod(runs.write_solutions)
-    read = staticmethod(runs.read_solutions)
 
 
 def validate_ei(config: ml_collections.ConfigDict) -> None:
@@ -94,9 +73,7 @@ def validate_ei(config: ml_collections.ConfigDict) -> None:
         raise InvalidConfigError(problems)
 
 
-def _copy(tree: Any) -> Any:
-    """A copy that survives the donation of the original's buffers to the next step."""
-    return jax.tree.map(jnp.copy, tree)
+_copy = rounds.copy_tree
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -104,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh, rules = runs.start(config, workdir, validate_ei)
     c = config.ei
     task = tasks.load(config)
-    files = _Files(workdir)
+    files = rounds.RoundFiles(workdir)
 
     start = sources.load_model(config.model_source.kind, config.model_source.path, mesh, rules)
     if config.train.remat:  # recomputation changes no parameter, only what the step keeps
@@ -210,43 +187,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     shots = exemplars if r == 0 else ()
                     prompts = [templates.format_prompt(q["question"], shots) for q in task.train]
                     stored = [templates.format_prompt(q["question"]) for q in task.train]
-                    shared = common_prefix_length(sampler.token_ids(prompts))
-                    chunks = range(0, len(prompts), c.sampling_chunk)
-                    for index in tqdm.tqdm(
-                        range(progress["chunk"], len(chunks)),
+                    for chunk in rounds.sample_chunks(
+                        sampler,
+                        best_params,
+                        task.train,
+                        prompts,
+                        jax.random.fold_in(base_rng, r),
+                        c,
+                        reward_fn,
+                        start=progress["chunk"],
                         desc=f"EI round {r}: sampling",
-                        disable=not config.logging.progress_bar or jax.process_index() != 0,
+                        show_progress=config.logging.progress_bar,
                     ):
-                        first = chunks[index]
-                        questions = task.train[first : first + c.sampling_chunk]
-                        texts = rollout.sample_k(
-                            sampler,
-                            best_params,
-                            prompts[first : first + c.sampling_chunk],
-                            jax.random.fold_in(base_rng, r),
-                            num_samples=c.num_samples,
-                            temperature=c.temperature,
-                            max_new_tokens=c.max_new_tokens,
-                            samples_per_call=c.samples_per_call,
-                            prompt_offset=first,
-                            prefix_length=shared,
-                        )
-                        k = c.num_samples
-                        rewards = reward_fn(texts, rollout.columns_k(questions, k))
-                        qids = [first + i for i in range(len(questions)) for _ in range(k)]
+                        qids, rewards = chunk.question_ids, chunk.rewards
                         kept = ei.select_correct(
                             qids,
                             [stored[i] for i in qids],
-                            texts,
+                            chunk.texts,
                             rewards.totals,
                             round=r,
                             threshold=c.threshold,
                         )
-                        files.write(files.chunk(r, index), kept)
+                        files.write(files.chunk(r, chunk.index), kept)
                         progress.update(
-                            chunk=index + 1,
+                            chunk=chunk.index + 1,
                             global_step=progress["global_step"] + 1,
-                            samples_drawn=progress["samples_drawn"] + len(texts),
+                            samples_drawn=progress["samples_drawn"] + len(chunk.texts),
                         )
                         log(
                             {
@@ -259,12 +225,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         )
                         # Every chunk: sampling costs far more than a save, whatever the interval.
                         checkpoint_and_maybe_stop(force=True)
-                    previous = _previous_dataset(files, progress)
-                    new = [s for i in range(len(chunks)) for s in files.read(files.chunk(r, i))]
-                    dataset, summary = ei.accumulate(
-                        previous, new, max_per_question=c.max_per_question or None
+                    dataset, summary = rounds.accumulate_round(
+                        files,
+                        progress,
+                        r,
+                        rounds.num_chunks(len(prompts), c.sampling_chunk),
+                        c.max_per_question,
                     )
-                    files.write(files.dataset(r), dataset)
                     progress.update(
                         phase=TRAIN,
                         sft_step=0,
@@ -296,40 +263,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             cut,
                             len(dataset),
                         )
-                    iterator = IndexIterator(
-                        len(dataset), config.train.batch_size, seed=config.seed * 1000 + r
+                    steps = rounds.train_steps(
+                        step_fn,
+                        state,
+                        best_params,
+                        arrays,
+                        progress,
+                        config,
+                        c,
+                        round_=r,
+                        validate=lambda params: rounds.greedy_accuracy(
+                            sampler, params, task.validation, c
+                        ),
+                        mesh=mesh,
+                        last_checkpoint=checkpointer.latest_step,
+                        name="EI",
                     )
-                    if "data" in progress:
-                        iterator.restore(progress["data"])
-                    for step in tqdm.trange(
-                        progress["sft_step"],
-                        c.steps_per_round,
-                        desc=f"EI round {r}: training on {len(dataset)}",
-                        disable=not config.logging.progress_bar or jax.process_index() != 0,
-                    ):
-                        rows = next(iterator)
-                        batch = {key: value[rows] for key, value in arrays.items()}
-                        state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
-                        metrics = jax.device_get(metrics)
-                        runs.check_finite(
-                            metrics, f"EI round {r} step {step + 1}", checkpointer.latest_step()
-                        )
-                        done = step + 1
-                        progress.update(
-                            sft_step=done,
-                            data=iterator.state(),
-                            global_step=progress["global_step"] + 1,
-                        )
-                        record = dict(metrics)
-                        if done % c.eval_every == 0 or done == c.steps_per_round:
-                            validation = _greedy_accuracy(sampler, state.params, task.validation, c)
-                            record["validation/maj@1"] = validation
-                            if validation > progress["best"]["maj@1"]:
-                                progress["best"] = {"maj@1": validation, "step": done}
-                                best_params = _copy(state.params)
-                        if done % config.train.log_every == 0 or "validation/maj@1" in record:
+                    for state, best_params, record in steps:  # what save() writes, step by step
+                        if record is not None:
                             last = log(record)
-                        checkpoint_and_maybe_stop(force=done == c.steps_per_round)
+                        checkpoint_and_maybe_stop(force=progress["sft_step"] == c.steps_per_round)
 
                 heldout = rollout.evaluate_heldout(
                     sampler,
@@ -358,24 +311,3 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         checkpointer.close()
         writer.close()
     return last
-
-
-def _previous_dataset(files: _Files, progress: dict[str, Any]) -> ei.Dataset:
-    recorded = progress["dataset"]
-    if recorded["round"] < 0:
-        return ()
-    return files.read(files.dataset(recorded["round"]), recorded["digest"])
-
-
-def _greedy_accuracy(sampler: Sampler, params, questions, c) -> float:
-    with shd.activation_sharding(sampler.mesh, sampler.rules):
-        metrics = rollout.heldout_metrics(
-            sampler,
-            params,
-            questions,
-            num_samples=0,
-            temperature=0.0,
-            max_new_tokens=c.max_new_tokens,
-            rng=jax.random.PRNGKey(0),
-        )
-    return metrics["maj@1"]

@@ -14,6 +14,7 @@ TRAINERS = {
     "grpo": "rl_reason.experiments.on_policy",
     "ei": "rl_reason.experiments.expert_iteration",
     "orm": "rl_reason.experiments.orm",
+    "rcrl": "rl_reason.experiments.rcrl",
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from rl_reason.algorithms import rcrl
 from rl_reason.data import templates
 from rl_reason.evaluation.evaluate import evaluate as score_samples
 from rl_reason.parallel import sharding as shd
@@ -158,10 +159,17 @@ def heldout_metrics(
     max_new_tokens: int,
     rng: jax.Array,
     exemplars: Sequence[Mapping[str, str]] = (),
+    condition_on: str = "",
 ) -> dict[str, float]:
     """maj@1 (greedy), maj@K, pass@K and diversity on held-out questions, in one
-    sampler call (the greedy row continues the K samples' prefill)."""
+    sampler call (the greedy row continues the K samples' prefill).
+
+    `condition_on`: a return token every prompt carries where its solution
+    starts (an RCRL model asked for a high-return solution); "" for none.
+    """
     prompts = [templates.format_prompt(q["question"], exemplars) for q in questions]
+    if condition_on:
+        prompts = [rcrl.condition_prompt(p, condition_on) for p in prompts]
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=0.0)
     if num_samples > 0:
         options.update(temperature=temperature, num_samples=num_samples + 1, greedy_first=True)

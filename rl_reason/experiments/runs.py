@@ -149,20 +149,23 @@ def make_checkpointer(
     return checkpointer
 
 
-def write_solutions(path: str, solutions) -> None:
-    """Scored samples (EI's kept solutions, the ORM's labelled samples) as checksummed
-    JSON lines (``ei.to_jsonl``), written atomically by the lead process."""
+def write_solutions(path: str, solutions, record_type: type = ei.Solution) -> None:
+    """Scored samples (EI's kept solutions, the ORM's labelled samples, RCRL's labelled
+    ones: records of `record_type`) as checksummed JSON lines (``ei.to_jsonl``),
+    written atomically by the lead process."""
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        checkpointing.write_bytes_atomic(path, ei.to_jsonl(solutions))
+        checkpointing.write_bytes_atomic(path, ei.to_jsonl(solutions, record_type))
 
 
-def read_solutions(path: str, digest: str | None = None) -> ei.Dataset:
+def read_solutions(
+    path: str, digest: str | None = None, record_type: type = ei.Solution
+) -> ei.Dataset:
     """What `write_solutions` wrote; a damaged file, or one whose digest is not the
     one the checkpoint recorded, is a CorruptCheckpointError naming it."""
     with open(path, "rb") as f:
         try:
-            dataset = ei.from_jsonl(f.read())
+            dataset = ei.from_jsonl(f.read(), record_type)
         except ValueError as e:
             raise checkpointing.CorruptCheckpointError(f"{path}: {e}") from None
     if digest is not None and ei.dataset_digest(dataset) != digest:

@@ -99,6 +99,23 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
     return LoadedModel(config, items[f"{name}.params"], tokenizer)
 
 
+def prompt_conditioning(path: str, name: str = "policy") -> str:
+    """The return token a run's model `name` answers best after ("" for none).
+
+    A Return-Conditioned RL run records it in every checkpoint's progress
+    (`prompt_conditioning`): its model was trained on prompts that carry the
+    return of the solution, and is asked for a high-return one by the good
+    token. Other runs record nothing.
+    """
+    checkpointer = checkpointing.Checkpointer(os.path.join(path, "checkpoints"))
+    try:
+        step = checkpointer.latest_step()
+        progress = {} if step is None else checkpointer.read_progress(step)
+    finally:
+        checkpointer.close()
+    return progress.get("prompt_conditioning", {}).get(name, "")
+
+
 @model_source("hf")
 def load_hf_directory(path: str, mesh: Mesh, rules: shd.Rules) -> LoadedModel:
     """A Hugging Face checkpoint directory (Llama, Qwen2, Gemma 3)."""
