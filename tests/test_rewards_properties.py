@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from rl_reason.rewards import registry
 from rl_reason.rewards.compose import compose
-from rl_reason.rewards.equivalence import canonical_answer, is_equivalent, judge_many
+from rl_reason.rewards.equivalence import canonical_answer, is_equivalent
 from rl_reason.rewards.extraction import extract_answer
 from rl_reason.rewards.latex import DEFAULT_TIMEOUT, LatexChecker
 

@@ -9,7 +9,7 @@ import pytest
 
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
-from rl_reason.algorithms.logprobs import chunked_target_logprobs, token_logprobs
+from rl_reason.algorithms.logprobs import chunked_target_logprobs
 from rl_reason.experiments.config import base_config
 from rl_reason.models.config import tiny_gemma3, tiny_llama
 from rl_reason.models.transformer import Transformer, default_positions

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from rl_reason import checkpointing
 from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs
