@@ -337,7 +337,9 @@ def ppo_loss(
     )
     policy_loss = aggregate(per_token_policy)
     entropy = jnp.where(valid, scored.entropy, 0.0)
-    loss = policy_loss - config.entropy_coef * aggregate(entropy)
+    loss = policy_loss
+    if config.entropy_coef:  # at 0 the entropy is a metric only: no backward pass through it
+        loss = loss - config.entropy_coef * aggregate(entropy)
     metrics = {
         "policy_loss": policy_loss,
         "entropy": token_mean(entropy),
