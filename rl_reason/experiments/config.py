@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from rl_reason.algorithms.optimizer import SCHEDULES
-from rl_reason.models.config import ModelConfig
+from rl_reason.models.config import REMAT_POLICIES, ModelConfig
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
@@ -164,6 +164,7 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rl.kl_horizon = 10000
     c.rl.eval_every = 5  # iterations between held-out evaluations (0: only at the end)
     c.rl.stop_after = 0  # stop after this many iterations as if preempted (0: run to the end)
+    c.rl.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
 
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
 
@@ -236,6 +237,8 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
         problems.append("rl.advantage='gae' needs a value: set ppo.use_value=True.")
     if rl.kl_estimator not in KL_ESTIMATORS:
         problems.append(f"rl.kl_estimator={rl.kl_estimator!r} not in {KL_ESTIMATORS}.")
+    if rl.get("remat") and rl.remat not in REMAT_POLICIES:
+        problems.append(f"rl.remat={rl.remat!r} not in {REMAT_POLICIES} (or '': the start's).")
     if rl.advantage != "gae" and rl.num_samples < 2:
         problems.append(f"rl.advantage={rl.advantage!r} needs rl.num_samples >= 2 (a group).")
     for name in rl.rewards:

@@ -119,8 +119,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             config.model_source.path,
             "it has no tokenizer; RL needs one to read and score samples.",
         )
+    remat = {"remat": rl.remat} if rl.get("remat") else {}  # changes what a step keeps, no value
     policy = sources.with_heads(
-        source, ("value",) if pc.use_value else (), mesh, rules, seed=config.seed
+        source, ("value",) if pc.use_value else (), mesh, rules, seed=config.seed, **remat
     )
     models = ppo.ActorCritic(Transformer(policy.config))
     needs_reference = rl.kl_coef > 0 or pc.kl_loss_coef > 0
