@@ -293,3 +293,21 @@ def test_every_ei_sampling_chunk_is_checkpointed_whatever_the_interval(
     expert_iteration.train(config, str(tmp_path / "run"))
     # Each of the 3 chunks, then the dataset (train phase) and the round's end (next round, chunk 0).
     assert saved[:3] == [("sample", 1), ("sample", 2), ("sample", 3)]
+
+
+def test_critic_and_remat_settings_are_checked_before_anything_runs():
+    from rl_reason.experiments import config as config_lib
+
+    config = arith_ppo.get_config()
+    config.model_source.path = "runs/sft"
+    config_lib.validate_rl(config, num_devices=1)
+    config.critic.update(kind="hf", path="")
+    config.rl.remat = "most"
+    with pytest.raises(config_lib.InvalidConfigError) as error:
+        config_lib.validate_rl(config, num_devices=1)
+    assert "critic.path is empty" in str(error.value) and "rl.remat='most'" in str(error.value)
+    grpo = arith_grpo.get_config()
+    grpo.model_source.path = "runs/sft"
+    grpo.critic.kind = "start"
+    with pytest.raises(config_lib.InvalidConfigError, match="ppo.use_value=False"):
+        config_lib.validate_rl(grpo, num_devices=1)
