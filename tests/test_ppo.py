@@ -123,9 +123,9 @@ def test_chunked_entropy_equals_full_softmax_entropy():
         chunked_entropy = lambda t: chunked_target_scores(
             lambda h: h @ t.T, hidden, targets, chunk, with_entropy=True
         )[2]
-        full_entropy = lambda t: -(
-            jax.nn.softmax(hidden @ t.T) * jax.nn.log_softmax(hidden @ t.T)
-        ).sum(-1)
+        full_entropy = lambda t: (
+            -(jax.nn.softmax(hidden @ t.T) * jax.nn.log_softmax(hidden @ t.T)).sum(-1)
+        )
         return (
             chunked_target_scores(lambda h: h @ table.T, hidden, targets, chunk, True),
             chunked_target_logprobs(lambda h: h @ table.T, hidden, targets, chunk),
@@ -145,6 +145,39 @@ def test_chunked_entropy_equals_full_softmax_entropy():
     np.testing.assert_array_equal(logprobs, plain[0])
     np.testing.assert_array_equal(hits, plain[1])
     np.testing.assert_allclose(g_chunk, g_full, atol=1e-4)
+
+
+def test_chunks_with_no_needed_position_are_skipped_exactly_and_keep_no_logits():
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 12, 8)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(50, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 12)), jnp.int32)
+    needed = np.zeros((3, 12), bool)
+    needed[0, 9:] = needed[2, 5:] = True  # chunks of 4: the first is never needed
+
+    def loss(table, skip):
+        logprobs, _, entropy = chunked_target_scores(
+            lambda h: h @ table.T, hidden, targets, 4, True, needed if skip else None
+        )
+        return jnp.where(needed, logprobs + 0.1 * entropy, 0.0).sum(), (logprobs, entropy)
+
+    grad = lambda skip: jax.grad(loss, has_aux=True)(table, skip)
+    (g_all, (lp_all, h_all)), (g_skip, (lp_skip, h_skip)) = _fast_jit(
+        lambda: (grad(False), grad(True))
+    )()
+    np.testing.assert_array_equal(lp_skip[:, 4:], lp_all[:, 4:])  # computed as without it
+    np.testing.assert_array_equal(h_skip[:, 4:], h_all[:, 4:])
+    assert not lp_skip[:, :4].any() and not h_skip[:, :4].any()  # the skipped chunk
+    np.testing.assert_allclose(g_skip, g_all, rtol=1e-6, atol=1e-7)
+    # The backward pass keeps each chunk's inputs only, with or without skipping.
+    temp = lambda skip: (
+        jax.jit(functools.partial(grad, skip))
+        .lower()
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+    )
+    assert temp(True) <= temp(False) + 4096
 
 
 # --- score ------------------------------------------------------------------------

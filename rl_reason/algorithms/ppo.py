@@ -183,6 +183,7 @@ def _policy_forward(
         batch["input_mask"],
         chunk_size=chunk_size,
         with_entropy=with_entropy,
+        needed=_valid(batch),  # the completions: prompt-only chunks are not unembedded
     )
     if not with_values:
         return scored, None
@@ -231,6 +232,7 @@ def score(
             batch["tokens"],
             batch["input_mask"],
             chunk_size=chunk_size,
+            needed=valid,
         )
         out["ref_logprobs"] = jnp.where(valid, ref.logprobs, 0.0)
     return jax.lax.stop_gradient(out)
