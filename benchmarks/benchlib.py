@@ -231,7 +231,12 @@ class OnPolicyIteration:
             rules,
             ppo.ppo_state_shardings(self.models, tx, mesh, rules),
         )
-        self.score = jax.jit(functools.partial(ppo.score, self.models, chunk_size=pc.chunk_size))
+        with_policy = rl.advantage == "gae" or not ppo.single_step(pc)
+        self.score = jax.jit(
+            functools.partial(
+                ppo.score, self.models, chunk_size=pc.chunk_size, with_policy=with_policy
+            )
+        )
         self.estimate = jax.jit(
             functools.partial(
                 on_policy.advantages_and_rewards,
@@ -291,7 +296,7 @@ class OnPolicyIteration:
         train_batch = {**sequences, **scored, "advantages": estimates["advantages"]}
         if "returns" in estimates:
             train_batch["returns"] = estimates["returns"]
-        if not self.pc.kl_loss_coef:
+        if not self.pc.kl_loss_coef and "old_logprobs" in train_batch:
             train_batch.pop("ref_logprobs", None)
         del scored, estimates
         self.state, metrics = self.update(self.state, train_batch)

@@ -389,6 +389,35 @@ def test_micro_batches_equal_one_batch(initial_state, batch, reference_update):
         np.testing.assert_allclose(m_micro[name], m_one[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_a_single_step_update_needs_no_rollout_logprobs(initial_state, params, batch):
+    """score(with_policy=False) skips the policy's log-probs; the single-step update takes
+    its ratio against its own (exactly 1) and logs the rollout's KL to the reference."""
+    ref_params = jax.tree.map(lambda x: x * 1.05, params)
+    seqs = {k: batch[k] for k in ("tokens", "input_mask", "loss_mask")}
+    full = SCORE(params, ref_params, seqs)
+    light = _fast_jit(functools.partial(ppo.score, MODELS, chunk_size=CHUNK, with_policy=False))
+    light = light(params, ref_params, seqs)
+    assert "old_logprobs" not in light
+    np.testing.assert_array_equal(light["ref_logprobs"], full["ref_logprobs"])
+    np.testing.assert_allclose(light["old_values"], full["old_values"], atol=1e-6)
+
+    config = dataclasses.replace(UPDATE, num_epochs=1, num_minibatches=1, num_microbatches=2)
+    assert ppo.single_step(config) and not ppo.single_step(UPDATE)
+    rest = {k: v for k, v in batch.items() if k not in full}  # advantages, returns
+    with_old = _update_on_one_device(initial_state, {**rest, **seqs, **full}, config)
+    without = _update_on_one_device(initial_state, {**rest, **seqs, **light}, config)
+    _assert_trees_close(without[0].params, with_old[0].params, atol=1e-6)
+    assert without[1]["ratio_max"] == 1.0 and without[1]["approx_kl"] == 0.0
+    valid = jnp.asarray(batch["loss_mask"]).at[:, 0].set(False)
+    for name, value in kl.all_kl_estimates(
+        full["old_logprobs"], full["ref_logprobs"], valid
+    ).items():
+        np.testing.assert_allclose(without[1][name], value, rtol=1e-4, atol=1e-7, err_msg=name)
+    assert "kl_k1" not in with_old[1]  # the loop logs it from the scored batch then
+    with pytest.raises(ValueError, match="old_logprobs"):
+        _update_on_one_device(initial_state, {**rest, **seqs, **light}, UPDATE)
+
+
 def test_separate_critic_is_trained_with_the_policy():
     models = ppo.ActorCritic(
         policy=Transformer(_model_config(num_layers=1)),

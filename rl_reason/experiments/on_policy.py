@@ -76,7 +76,7 @@ def advantages_and_rewards(
     valid = loss_mask.at[:, 0].set(False)
     out: dict[str, jax.Array] = {}
     has_reference = "ref_logprobs" in scored
-    if has_reference:
+    if has_reference and "old_logprobs" in scored:  # else the single-step update logs them
         out.update(kl.all_kl_estimates(scored["old_logprobs"], scored["ref_logprobs"], valid))
     if estimator == "gae":
         rewards = token_scores
@@ -231,7 +231,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         rules,
         ppo.ppo_state_shardings(models, tx, mesh, rules),
     )
-    score = jax.jit(functools.partial(ppo.score, models, chunk_size=pc.chunk_size))
+    # GAE reads the rollout's log-probs (the KL in the reward); a single-step update does not.
+    with_policy = rl.advantage == "gae" or not ppo.single_step(pc)
+    score = jax.jit(
+        functools.partial(ppo.score, models, chunk_size=pc.chunk_size, with_policy=with_policy)
+    )
     estimate = jax.jit(
         functools.partial(
             advantages_and_rewards,
@@ -296,8 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 train_batch = {**sequences, **scored, "advantages": estimates["advantages"]}
                 if "returns" in estimates:
                     train_batch["returns"] = estimates["returns"]
-                if not pc.kl_loss_coef:
-                    train_batch.pop("ref_logprobs", None)
+                if not pc.kl_loss_coef and "old_logprobs" in train_batch:
+                    train_batch.pop("ref_logprobs", None)  # else the update logs the KL by it
                 state, metrics = update(state, train_batch)
                 metrics = jax.device_get(metrics)
                 update_seconds = time.perf_counter() - clock
