@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from train_step import matmul_peak_flops  # benchmarks/ is on the path when run as a script
+from benchlib import matmul_peak_flops  # benchmarks/ is on the path when run as a script
 
 from rl_reason.models import config as config_lib
 from rl_reason.sampling.sampler import CPU_XNNPACK_DOTS

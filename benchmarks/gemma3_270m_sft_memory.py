@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import jax
 import numpy as np
+from benchlib import peak_rss_bytes  # sets this checkout's path first
 
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
@@ -28,10 +28,6 @@ from rl_reason.models.gemma3_270m import load_gemma3_270m
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def main() -> None:

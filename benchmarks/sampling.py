@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from train_step import matmul_peak_flops  # benchmarks/ is on the path when run as a script
+from benchlib import (  # benchmarks/ is on the path when run as a script; sets ours first
+    PAD,
+    IdTokenizer,
+    ids_to_text,
+    init_params,
+    load_average,
+    make_prompts,
+    matmul_peak_flops,
+    tunix_llama3,
+)
 
 from rl_reason.models.config import ModelConfig, llama_125m
 from rl_reason.models.hf_config import hf_config_dict
@@ -44,19 +50,7 @@ MODES = ("greedy", "sampled")
 # tunix 0.1.7's Llama3 applies RoPE with its default base of 1e6 whatever the
 # config says, so every system uses that base; it does not change the cost.
 ROPE_BASE = 1_000_000.0
-PAD = 0  # prompts never contain it
 CHECK_TOKENS = 16  # leading greedy tokens that must agree across systems
-
-
-def init_params(config: ModelConfig, seed: int) -> dict:
-    """Random weights in the stacked (training) layout, as a trainer hands them to the sampler."""
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    return nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(seed), tokens, tokens))
-
-
-def make_prompts(config: ModelConfig, batch: int, length: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(PAD + 1, config.vocab_size, (batch, length)).astype(np.int32)
 
 
 class Ours:
@@ -108,70 +102,25 @@ class Generate:
         return out[:, prompts.shape[1] :].numpy()
 
 
-class _IdTokenizer:
-    """Token ids written as text, so tunix's string API sees exactly our prompt ids."""
-
-    def encode(self, text, **kwargs):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids, **kwargs):
-        return " ".join(map(str, ids))
-
-    def bos_id(self):
-        return None
-
-    def eos_id(self):
-        return None
-
-    def pad_id(self):
-        return PAD
-
-
 class Tunix:
     """tunix's native JAX sampler (tunix.generate.sampler.Sampler) over its Llama3 model."""
 
     def __init__(self, config: ModelConfig, params: dict, max_length: int):
-        from flax import nnx
         from tunix.generate import sampler as tunix_sampler
-        from tunix.models.llama3 import model as tunix_llama
 
-        tconfig = tunix_llama.ModelConfig(
-            num_layers=config.num_layers,
-            vocab_size=config.vocab_size,
-            embed_dim=config.hidden_dim,
-            hidden_dim=config.mlp_dim,
-            num_heads=config.num_heads,
-            head_dim=config.head_dim,
-            num_kv_heads=config.num_kv_heads,
-            rope_theta=int(config.rope_base),
-            norm_eps=config.norm_eps,
-            shd_config=tunix_llama.ShardingConfig.get_default_sharding(is_sampling=True),
-        )
-        model = tunix_llama.Llama3(tconfig, rngs=nnx.Rngs(0))
-        p = params["params"]
-        model.embedder.input_embedding.value = p["embedder"]["embedding"]
-        model.final_norm.w.value = p["final_norm"]["scale"]
-        model.lm_head.w.value = p["lm_head"]
-        layers = p["layers"]
-        for i, layer in enumerate(model.layers):
-            layer.input_layernorm.w.value = layers["pre_attn_norm"]["scale"][i]
-            layer.post_attention_layernorm.w.value = layers["pre_mlp_norm"]["scale"][i]
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(layer.attn, name).w.value = layers["attn"][name]["kernel"][i]
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(layer.mlp, name).kernel.value = layers["mlp"][name]["kernel"][i]
+        model = tunix_llama3(config, params, sampling=True)
         cache = tunix_sampler.CacheConfig(
             cache_size=max_length,
             num_layers=config.num_layers,
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
         )
-        self.sampler = tunix_sampler.Sampler(model, _IdTokenizer(), cache)
+        self.sampler = tunix_sampler.Sampler(model, IdTokenizer(), cache)
         self.never = config.vocab_size  # an EOS id no model output can take
 
     def generate(self, prompts, greedy, new_tokens, seed):
         out = self.sampler(
-            [" ".join(map(str, row)) for row in prompts],
+            ids_to_text(prompts),
             max_generation_steps=new_tokens,
             max_prompt_length=prompts.shape[1],
             eos_tokens=[self.never],
@@ -204,7 +153,7 @@ def main():
         batches, args.new_tokens, args.repeats = [1, 4], 16, 1
 
     start_all = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     peak_before = matmul_peak_flops()
     params = init_params(config, args.seed)
     runners = {}
@@ -279,7 +228,7 @@ def main():
     print(
         f"\nf32 matmul peak {peak_before / 1e9:.0f} GFLOP/s before, {peak_after / 1e9:.0f} after"
         f" (roofline uses {peak / 1e9:.0f}); load average {load_before:.1f} before,"
-        f" {os.getloadavg()[0]:.1f} after; total time {time.perf_counter() - start_all:.0f} s"
+        f" {load_average():.1f} after; total time {time.perf_counter() - start_all:.0f} s"
     )
 
 

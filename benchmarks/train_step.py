@@ -15,8 +15,8 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from benchlib import load_average, matmul_peak_flops, train_flops_per_token  # sets the path first
 
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
@@ -26,25 +26,6 @@ from rl_reason.models.hf_config import hf_config_dict
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
-
-
-def train_flops_per_token(config: ModelConfig, length: int) -> float:
-    """6 x (matmul params) + attention scores, forward and backward (PaLM's count)."""
-    matmul_params = config.num_params() - config.vocab_size * config.hidden_dim
-    if config.tie_embeddings:  # the table is used once more, as the unembedding
-        matmul_params += config.vocab_size * config.hidden_dim
-    attention = 12 * config.num_layers * length * config.num_heads * config.head_dim
-    return 6 * matmul_params + attention
-
-
-def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        f(a).block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def _batch(config, batch, length, seed=0):
@@ -133,7 +114,8 @@ def main():
 
     print(
         f"model {args.preset}: {config.num_params() / 1e6:.1f}M params, batch {args.batch} x {args.length}"
-        f" tokens, {args.steps} timed steps; matmul peak {peak / 1e9:.0f} GFLOP/s (f32)"
+        f" tokens, {args.steps} timed steps; matmul peak {peak / 1e9:.0f} GFLOP/s (f32);"
+        f" load average {load_average():.1f}"
     )
     print(f"| step | tokens/s | MFU |\n|---|---|---|")
     for name, tps in rows:

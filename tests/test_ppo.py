@@ -123,9 +123,9 @@ def test_chunked_entropy_equals_full_softmax_entropy():
         chunked_entropy = lambda t: chunked_target_scores(
             lambda h: h @ t.T, hidden, targets, chunk, with_entropy=True
         )[2]
-        full_entropy = lambda t: -(
-            jax.nn.softmax(hidden @ t.T) * jax.nn.log_softmax(hidden @ t.T)
-        ).sum(-1)
+        full_entropy = lambda t: (
+            -(jax.nn.softmax(hidden @ t.T) * jax.nn.log_softmax(hidden @ t.T)).sum(-1)
+        )
         return (
             chunked_target_scores(lambda h: h @ table.T, hidden, targets, chunk, True),
             chunked_target_logprobs(lambda h: h @ table.T, hidden, targets, chunk),
@@ -145,6 +145,39 @@ def test_chunked_entropy_equals_full_softmax_entropy():
     np.testing.assert_array_equal(logprobs, plain[0])
     np.testing.assert_array_equal(hits, plain[1])
     np.testing.assert_allclose(g_chunk, g_full, atol=1e-4)
+
+
+def test_chunks_with_no_needed_position_are_skipped_exactly_and_keep_no_logits():
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 12, 8)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(50, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 12)), jnp.int32)
+    needed = np.zeros((3, 12), bool)
+    needed[0, 9:] = needed[2, 5:] = True  # chunks of 4: the first is never needed
+
+    def loss(table, skip):
+        logprobs, _, entropy = chunked_target_scores(
+            lambda h: h @ table.T, hidden, targets, 4, True, needed if skip else None
+        )
+        return jnp.where(needed, logprobs + 0.1 * entropy, 0.0).sum(), (logprobs, entropy)
+
+    grad = lambda skip: jax.grad(loss, has_aux=True)(table, skip)
+    (g_all, (lp_all, h_all)), (g_skip, (lp_skip, h_skip)) = _fast_jit(
+        lambda: (grad(False), grad(True))
+    )()
+    np.testing.assert_array_equal(lp_skip[:, 4:], lp_all[:, 4:])  # computed as without it
+    np.testing.assert_array_equal(h_skip[:, 4:], h_all[:, 4:])
+    assert not lp_skip[:, :4].any() and not h_skip[:, :4].any()  # the skipped chunk
+    np.testing.assert_allclose(g_skip, g_all, rtol=1e-6, atol=1e-7)
+    # The backward pass keeps each chunk's inputs only, with or without skipping.
+    temp = lambda skip: (
+        jax.jit(functools.partial(grad, skip))
+        .lower()
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+    )
+    assert temp(True) <= temp(False) + 4096
 
 
 # --- score ------------------------------------------------------------------------
@@ -354,6 +387,35 @@ def test_micro_batches_equal_one_batch(initial_state, batch, reference_update):
     _assert_trees_close(micro.params, one.params, atol=1e-6)
     for name in ("loss", "policy_loss", "value_loss", "grad_norm", "ratio_max", "clip_fraction"):
         np.testing.assert_allclose(m_micro[name], m_one[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_single_step_update_needs_no_rollout_logprobs(initial_state, params, batch):
+    """score(with_policy=False) skips the policy's log-probs; the single-step update takes
+    its ratio against its own (exactly 1) and logs the rollout's KL to the reference."""
+    ref_params = jax.tree.map(lambda x: x * 1.05, params)
+    seqs = {k: batch[k] for k in ("tokens", "input_mask", "loss_mask")}
+    full = SCORE(params, ref_params, seqs)
+    light = _fast_jit(functools.partial(ppo.score, MODELS, chunk_size=CHUNK, with_policy=False))
+    light = light(params, ref_params, seqs)
+    assert "old_logprobs" not in light
+    np.testing.assert_array_equal(light["ref_logprobs"], full["ref_logprobs"])
+    np.testing.assert_allclose(light["old_values"], full["old_values"], atol=1e-6)
+
+    config = dataclasses.replace(UPDATE, num_epochs=1, num_minibatches=1, num_microbatches=2)
+    assert ppo.single_step(config) and not ppo.single_step(UPDATE)
+    rest = {k: v for k, v in batch.items() if k not in full}  # advantages, returns
+    with_old = _update_on_one_device(initial_state, {**rest, **seqs, **full}, config)
+    without = _update_on_one_device(initial_state, {**rest, **seqs, **light}, config)
+    _assert_trees_close(without[0].params, with_old[0].params, atol=1e-6)
+    assert without[1]["ratio_max"] == 1.0 and without[1]["approx_kl"] == 0.0
+    valid = jnp.asarray(batch["loss_mask"]).at[:, 0].set(False)
+    for name, value in kl.all_kl_estimates(
+        full["old_logprobs"], full["ref_logprobs"], valid
+    ).items():
+        np.testing.assert_allclose(without[1][name], value, rtol=1e-4, atol=1e-7, err_msg=name)
+    assert "kl_k1" not in with_old[1]  # the loop logs it from the scored batch then
+    with pytest.raises(ValueError, match="old_logprobs"):
+        _update_on_one_device(initial_state, {**rest, **seqs, **light}, UPDATE)
 
 
 def test_separate_critic_is_trained_with_the_policy():

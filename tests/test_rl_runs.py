@@ -137,6 +137,40 @@ def test_on_policy_run_logs_and_resumes_exactly(tiny_sft_run, tmp_path, monkeypa
 
 
 @pytest.mark.slow
+def test_ppo_with_a_separate_critic_trains_it_and_resumes_exactly(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    """critic.kind="start": a copy of the start model with a value head, trained by the
+    same optimizer, checkpointed beside the policy (which has no value head of its own)."""
+    config = _on_policy_config(arith_ppo, tiny_sft_run)
+    config.critic.kind = "start"
+    last = on_policy.train(config, str(tmp_path / "straight"))
+    assert {"value_loss", "explained_variance", "kl_k1"} <= set(last)
+
+    policy, critic = (_params(tmp_path / "straight", name) for name in ("policy", "critic"))
+    assert "scalar_heads_value" not in policy["params"]
+    assert "scalar_heads_value" in critic["params"]
+    start = jax.device_get(
+        sources.load_run(
+            str(tiny_sft_run), mesh_lib.make_mesh((-1, 1, 1)), shd.DEFAULT_RULES
+        ).params
+    )
+    trunk = lambda tree: tree["params"]["layers"]
+    moved = lambda tree: any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(trunk(start)), jax.tree.leaves(trunk(tree)))
+    )
+    assert moved(policy) and moved(critic)  # both trained
+
+    _interrupt_at(monkeypatch, [1, 2])
+    _run_until_done(on_policy.train, config, tmp_path / "resumed")
+    _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    resumed = _params(tmp_path / "resumed", "critic")
+    for x, y in zip(jax.tree.leaves(critic), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
 def test_expert_iteration_resumes_mid_sampling_and_mid_training(
     tiny_sft_run, tmp_path, monkeypatch
 ):
@@ -313,3 +347,21 @@ def test_every_ei_sampling_chunk_is_checkpointed_whatever_the_interval(
     # The start model's evaluation, each of the 3 chunks, then the dataset (train phase)
     # and the round's end (next round, chunk 0).
     assert saved[:4] == [("sample", 0), ("sample", 1), ("sample", 2), ("sample", 3)]
+
+
+def test_critic_and_remat_settings_are_checked_before_anything_runs():
+    from rl_reason.experiments import config as config_lib
+
+    config = arith_ppo.get_config()
+    config.model_source.path = "runs/sft"
+    config_lib.validate_rl(config, num_devices=1)
+    config.critic.update(kind="hf", path="")
+    config.rl.remat = "most"
+    with pytest.raises(config_lib.InvalidConfigError) as error:
+        config_lib.validate_rl(config, num_devices=1)
+    assert "critic.path is empty" in str(error.value) and "rl.remat='most'" in str(error.value)
+    grpo = arith_grpo.get_config()
+    grpo.model_source.path = "runs/sft"
+    grpo.critic.kind = "start"
+    with pytest.raises(config_lib.InvalidConfigError, match="ppo.use_value=False"):
+        config_lib.validate_rl(grpo, num_devices=1)

@@ -54,12 +54,17 @@ def chunked_target_scores(
     targets: jax.Array,
     chunk_size: int,
     with_entropy: bool = False,
+    needed: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     """Target log-probs, argmax hits and (optionally) entropies [B, T], chunk by chunk.
 
     Each chunk's [B, chunk, V] logits live only inside one checkpointed
     `lax.map` step, in the forward and in the backward pass; the entropy
     H = logsumexp(z) - sum softmax(z) z reuses that chunk's logsumexp.
+    `needed` [B, T] bool marks the positions whose scores are used (an RL
+    loss reads the completion's, not the prompt's): a chunk with none is
+    skipped, forward and backward, and scores 0. The others are computed as
+    without it.
     """
     b, t, e = hidden.shape
     chunk = max(1, min(chunk_size, t))
@@ -69,8 +74,9 @@ def chunked_target_scores(
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden = hidden.reshape(b, num_chunks, chunk, e).swapaxes(0, 1)
     targets = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)
+    if needed is not None:  # which chunks hold a needed position
+        compute = jnp.pad(needed, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk).any((0, 2))
 
-    @jax.checkpoint
     def one_chunk(args):
         h, tgt = args
         logits = logits_fn(h).astype(jnp.float32)
@@ -82,7 +88,18 @@ def chunked_target_scores(
             scores += (log_normalizer - (probs * logits).sum(axis=-1),)
         return scores
 
-    scores = jax.lax.map(one_chunk, (hidden, targets))
+    def skipped(args):
+        h, _ = args
+        zeros = jnp.zeros(h.shape[:2], jnp.float32)
+        return (zeros, jnp.zeros(h.shape[:2], bool)) + ((zeros,) if with_entropy else ())
+
+    if needed is None:
+        scores = jax.lax.map(jax.checkpoint(one_chunk), (hidden, targets))
+    else:  # the branch inside the checkpoint: the backward pass saves the chunk's inputs only
+        scores = jax.lax.map(
+            jax.checkpoint(lambda args: jax.lax.cond(args[2], one_chunk, skipped, args[:2])),
+            (hidden, targets, compute),
+        )
     unchunk = lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t]
     logprobs, hits = unchunk(scores[0]), unchunk(scores[1])
     return logprobs, hits, unchunk(scores[2]) if with_entropy else None
@@ -95,13 +112,15 @@ def token_logprobs(
     input_mask: jax.Array,
     *,
     chunk_size: int = 256,
+    needed: Optional[jax.Array] = None,
 ) -> TokenLogProbs:
-    """Runs the model over tokens [B, T] and scores every next token.
+    """Runs the model over tokens [B, T] and scores every next token (those `needed`
+    marks, when given: see score_tokens).
 
     Positions count real tokens only, so a left-padded prompt scores exactly as
     the sampler saw it.
     """
-    return score_tokens(model, params, tokens, input_mask, chunk_size=chunk_size)
+    return score_tokens(model, params, tokens, input_mask, chunk_size=chunk_size, needed=needed)
 
 
 def score_tokens(
@@ -112,17 +131,25 @@ def score_tokens(
     *,
     chunk_size: int = 256,
     with_entropy: bool = False,
+    needed: Optional[jax.Array] = None,
 ) -> TokenLogProbs:
     """`token_logprobs`, plus the per-token entropy of the policy when with_entropy.
 
     One forward pass gives log-probs, entropies and the scalar heads (PPO's
-    value head on the policy's trunk), all aligned with the tokens.
+    value head on the policy's trunk), all aligned with the tokens. `needed`
+    [B, T] (aligned with the tokens) skips the unembedding of chunks of
+    positions whose scores are not used (see chunked_target_scores).
     """
     positions = default_positions(input_mask)
     out = model.apply(params, tokens, positions, input_mask)
     logits_fn = lambda h: model.apply(params, h, method=Transformer.logits)
     logprobs, hits, entropy = chunked_target_scores(
-        logits_fn, out.hidden[:, :-1], tokens[:, 1:], chunk_size, with_entropy
+        logits_fn,
+        out.hidden[:, :-1],
+        tokens[:, 1:],
+        chunk_size,
+        with_entropy,
+        None if needed is None else needed[:, 1:],
     )
     pad = lambda x, value: jnp.concatenate([jnp.full((x.shape[0], 1), value, x.dtype), x], axis=1)
     return TokenLogProbs(

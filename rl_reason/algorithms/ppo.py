@@ -93,9 +93,7 @@ class PPOConfig:
                 f"loss_aggregation={self.loss_aggregation!r} not in {LOSS_AGGREGATIONS}"
             )
         if not self.use_value and self.vf_coef:
-            problems.append(
-                f"use_value=False trains no value, so vf_coef={self.vf_coef} must be 0"
-            )
+            problems.append(f"use_value=False trains no value, so vf_coef={self.vf_coef} must be 0")
         if problems:
             raise ValueError("Invalid PPOConfig: " + "; ".join(problems))
 
@@ -183,6 +181,7 @@ def _policy_forward(
         batch["input_mask"],
         chunk_size=chunk_size,
         with_entropy=with_entropy,
+        needed=_valid(batch),  # the completions: prompt-only chunks are not unembedded
     )
     if not with_values:
         return scored, None
@@ -204,6 +203,7 @@ def score(
     ref_params: Optional[Any],
     batch: Batch,
     chunk_size: int = 256,
+    with_policy: bool = True,
 ) -> dict[str, jax.Array]:
     """The rollout as the policy sees it before any update; the one place the reference enters.
 
@@ -215,15 +215,27 @@ def score(
     sampler's: the sampler's numerics (KV cache, bf16, another kernel) differ
     slightly, and a ratio != 1 before the first step would clip and bias the
     update from the start (verl's and NeMo-RL's mismatched-log-prob issues).
+
+    with_policy=False leaves "old_logprobs" out (values, if any, take a trunk
+    forward without the unembedding): for a single-step update
+    (`single_step(config)`), which takes its ratio against its own log-probs,
+    exactly 1, and logs the KL to the reference itself (tunix's GRPO with
+    num_iterations=1 skips this forward too).
     """
     valid = _valid(batch)
-    scored, vals = _policy_forward(
-        models, params, batch, chunk_size, with_entropy=False, with_values=models.has_value
-    )
-    out = {
-        "old_logprobs": jnp.where(valid, scored.logprobs, 0.0),
-        "old_values": jnp.where(valid, vals, 0.0) if vals is not None else jnp.zeros(valid.shape),
-    }
+    out = {}
+    if with_policy:
+        scored, vals = _policy_forward(
+            models, params, batch, chunk_size, with_entropy=False, with_values=models.has_value
+        )
+        out["old_logprobs"] = jnp.where(valid, scored.logprobs, 0.0)
+    else:
+        vals = (
+            values(models, params, batch["tokens"], batch["input_mask"])
+            if models.has_value
+            else None
+        )
+    out["old_values"] = jnp.where(valid, vals, 0.0) if vals is not None else jnp.zeros(valid.shape)
     if ref_params is not None:
         ref = token_logprobs(
             models.reference,
@@ -231,6 +243,7 @@ def score(
             batch["tokens"],
             batch["input_mask"],
             chunk_size=chunk_size,
+            needed=valid,
         )
         out["ref_logprobs"] = jnp.where(valid, ref.logprobs, 0.0)
     return jax.lax.stop_gradient(out)
@@ -329,15 +342,22 @@ def ppo_loss(
     token_mean = lambda x: (x * token_share).sum()
     aggregate = lambda x: (x * aggregated).sum()
 
-    old_logprobs = minibatch["old_logprobs"]
-    log_ratio = jnp.where(valid, scored.logprobs - old_logprobs, 0.0)
+    old_logprobs = minibatch.get("old_logprobs")
+    own_logprobs = old_logprobs is None  # a single-step update: the policy is the rollout's
+    logprobs = scored.logprobs
+    if own_logprobs:  # one buffer on both sides (XLA may otherwise compute it twice): ratio 1
+        logprobs = jax.lax.optimization_barrier(logprobs)
+        old_logprobs = jax.lax.stop_gradient(jnp.where(valid, logprobs, 0.0))
+    log_ratio = jnp.where(valid, logprobs - old_logprobs, 0.0)
     ratio = jnp.exp(log_ratio)
     per_token_policy, policy_clipped = clipped_policy_loss(
         ratio, minibatch["advantages"].astype(jnp.float32), config.clip_eps
     )
     policy_loss = aggregate(per_token_policy)
     entropy = jnp.where(valid, scored.entropy, 0.0)
-    loss = policy_loss - config.entropy_coef * aggregate(entropy)
+    loss = policy_loss
+    if config.entropy_coef:  # at 0 the entropy is a metric only: no backward pass through it
+        loss = loss - config.entropy_coef * aggregate(entropy)
     metrics = {
         "policy_loss": policy_loss,
         "entropy": token_mean(entropy),
@@ -353,6 +373,10 @@ def ppo_loss(
         value_loss = token_mean(jnp.where(valid, per_token_value, 0.0))
         loss = loss + config.vf_coef * value_loss
         metrics.update(value_loss=value_loss, value_clip_fraction=token_mean(value_clipped))
+    if own_logprobs and "ref_logprobs" in minibatch:  # the rollout's KL, as the loop logs it
+        for name in KL_ESTIMATORS:
+            estimate = kl_estimate(old_logprobs, minibatch["ref_logprobs"], name)
+            metrics[f"kl_{name}"] = token_mean(jnp.where(valid, estimate, 0.0))
     if config.kl_loss_coef:
         per_token_kl = kl_estimate(scored.logprobs, minibatch["ref_logprobs"], config.kl_estimator)
         kl_loss = aggregate(jnp.where(valid, per_token_kl, 0.0))
@@ -370,6 +394,12 @@ def ppo_loss(
 # --- the update ---------------------------------------------------------------
 
 
+def single_step(config: PPOConfig) -> bool:
+    """One optimizer step per rollout: the update can take its ratio against its own
+    log-probs (exactly 1), so the rollout's need not be computed before it."""
+    return config.num_epochs * config.num_minibatches == 1
+
+
 def _required_keys(config: PPOConfig) -> tuple[str, ...]:
     keys = ("tokens", "input_mask", "loss_mask", "old_logprobs", "advantages")
     if config.use_value:
@@ -380,15 +410,23 @@ def _required_keys(config: PPOConfig) -> tuple[str, ...]:
 
 
 def _check_batch(batch: Batch, config: PPOConfig) -> Batch:
-    """The keys this config reads, shape-checked; other keys are dropped (not shuffled)."""
+    """The keys this config reads, shape-checked; other keys are dropped (not shuffled).
+
+    A single-step update may go without old_logprobs (see `score`); it then logs
+    the KL to the reference (kl_k1/k2/k3) from ref_logprobs when the batch has them.
+    """
     keys = _required_keys(config)
+    optional = ()
+    if single_step(config):
+        keys = tuple(k for k in keys if k != "old_logprobs")
+        optional = ("old_logprobs", "ref_logprobs")
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(
             f"The PPO batch lacks {missing} (this PPOConfig reads {list(keys)});"
             " old_logprobs/old_values/ref_logprobs come from ppo.score."
         )
-    batch = {k: batch[k] for k in keys}
+    batch = {k: batch[k] for k in (*keys, *optional) if k in batch}
     chex.assert_rank(batch["tokens"], 2)
     chex.assert_equal_shape(list(batch.values()))
     rows = batch["tokens"].shape[0]

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from rl_reason.algorithms.optimizer import SCHEDULES
-from rl_reason.models.config import ModelConfig
+from rl_reason.models.config import REMAT_POLICIES, ModelConfig
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
@@ -208,8 +208,16 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rl.kl_horizon = 10000
     c.rl.eval_every = 5  # iterations between held-out evaluations (0: only at the end)
     c.rl.stop_after = 0  # stop after this many iterations as if preempted (0: run to the end)
+    c.rl.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
 
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
+    # Where PPO's value comes from when ppo.use_value: kind "" is a value head on the
+    # policy's trunk; a separate critic is "start" (a copy of the start model with a
+    # value head) or a model source ("run", "hf", "gguf" at critic.path: e.g. a smaller
+    # model with the policy's tokenizer), trained by the same optimizer.
+    c.critic = ml_collections.ConfigDict()
+    c.critic.kind = ""
+    c.critic.path = ""
 
     c.eval = _heldout_eval(num_examples=64)
 
@@ -289,6 +297,9 @@ def orm_config() -> ml_collections.ConfigDict:
     return c
 
 
+CRITIC_KINDS = ("start", "run", "hf", "gguf")
+
+
 def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ValueError naming every problem of an RL config before anything compiles."""
     from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS
@@ -312,6 +323,15 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
         problems.append("rl.advantage='gae' needs a value: set ppo.use_value=True.")
     if rl.kl_estimator not in KL_ESTIMATORS:
         problems.append(f"rl.kl_estimator={rl.kl_estimator!r} not in {KL_ESTIMATORS}.")
+    critic = config.get("critic", {}).get("kind", "")
+    if critic and critic not in CRITIC_KINDS:
+        problems.append(f"critic.kind={critic!r} not in {CRITIC_KINDS} (or '': no critic).")
+    if critic and pc is not None and not pc.use_value:
+        problems.append(f"critic.kind={critic!r} gives a value, but ppo.use_value=False.")
+    if critic not in ("", "start", "gguf") and not config.critic.path:
+        problems.append(f"critic.path is empty: give the critic's model (kind={critic!r}).")
+    if rl.get("remat") and rl.remat not in REMAT_POLICIES:
+        problems.append(f"rl.remat={rl.remat!r} not in {REMAT_POLICIES} (or '': the start's).")
     if rl.advantage != "gae" and rl.num_samples < 2:
         problems.append(f"rl.advantage={rl.advantage!r} needs rl.num_samples >= 2 (a group).")
     for name in rl.rewards:

@@ -76,7 +76,7 @@ def advantages_and_rewards(
     valid = loss_mask.at[:, 0].set(False)
     out: dict[str, jax.Array] = {}
     has_reference = "ref_logprobs" in scored
-    if has_reference:
+    if has_reference and "old_logprobs" in scored:  # else the single-step update logs them
         out.update(kl.all_kl_estimates(scored["old_logprobs"], scored["ref_logprobs"], valid))
     if estimator == "gae":
         rewards = token_scores
@@ -102,6 +102,52 @@ def advantages_and_rewards(
     return out
 
 
+def load_critic(
+    config: ml_collections.ConfigDict,
+    start: sources.LoadedModel,
+    mesh,
+    rules,
+    **changes: Any,
+) -> sources.LoadedModel | None:
+    """The separate critic `config.critic` names, with a value head; None for a value
+    head on the policy's trunk. It reads the policy's token ids: same vocabulary."""
+    kind = config.get("critic", {}).get("kind", "")
+    if not kind:
+        return None
+    if kind == "start":
+        loaded = start
+    else:
+        loaded = sources.load_model(kind, config.critic.path, mesh, rules)
+        if loaded.config.vocab_size != start.config.vocab_size:
+            raise sources.ModelSourceError(
+                kind,
+                config.critic.path,
+                f"its vocabulary has {loaded.config.vocab_size} tokens, the policy's"
+                f" {start.config.vocab_size}: the critic must read the policy's token ids.",
+            )
+    return sources.with_heads(loaded, (ppo.VALUE_HEAD,), mesh, rules, seed=config.seed, **changes)
+
+
+def state_items(models: ppo.ActorCritic, state: Any) -> dict[str, Any]:
+    """The checkpoint items of the PPO state: `policy.params` (what evaluation and
+    `sources.load_run` read), a critic's as `critic.params`, the rest as `policy.train`."""
+    if models.critic is None:
+        return checkpointing.train_state_items("policy", state)
+    return {
+        "policy.params": state.params["policy"],
+        "critic.params": state.params["critic"],
+        "policy.train": state.replace(params=None),
+    }
+
+
+def merge_state_items(models: ppo.ActorCritic, items: dict[str, Any]) -> Any:
+    """Inverse of `state_items`."""
+    if models.critic is None:
+        return checkpointing.merge_train_state("policy", items)
+    params = {"policy": items["policy.params"], "critic": items["critic.params"]}
+    return items["policy.train"].replace(params=params)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) PPO/GRPO to rl.num_iterations; returns the last logged metrics.
 
@@ -119,10 +165,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             config.model_source.path,
             "it has no tokenizer; RL needs one to read and score samples.",
         )
-    policy = sources.with_heads(
-        source, ("value",) if pc.use_value else (), mesh, rules, seed=config.seed
+    remat = {"remat": rl.remat} if rl.get("remat") else {}  # changes what a step keeps, no value
+    critic = load_critic(config, source, mesh, rules, **remat)
+    heads = ("value",) if pc.use_value and critic is None else ()
+    policy = sources.with_heads(source, heads, mesh, rules, seed=config.seed, **remat)
+    models = ppo.ActorCritic(
+        Transformer(policy.config), Transformer(critic.config) if critic else None
     )
-    models = ppo.ActorCritic(Transformer(policy.config))
+    actor = lambda state: ppo.policy_params(models, state.params)  # what the sampler reads
     needs_reference = rl.kl_coef > 0 or pc.kl_loss_coef > 0
     ref_params = source.params if needs_reference else None  # frozen, sharded like the policy
     reference_id = sources.checksum(ref_params) if needs_reference else None
@@ -137,10 +187,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     progress: dict[str, Any] = {"iteration": 0, "kl_coef": float(rl.kl_coef), "samples_drawn": 0}
     if checkpointer.latest_step() is not None:
         abstract = ppo.abstract_ppo_state(models, tx, mesh, rules)
-        items, progress, _ = checkpointer.restore(
-            checkpointing.train_state_items("policy", abstract)
-        )
-        state = checkpointing.merge_train_state("policy", items)
+        items, progress, _ = checkpointer.restore(state_items(models, abstract))
+        state = merge_state_items(models, items)
         iterator.restore(progress["data"])
         if progress.get("reference") != reference_id:
             raise runs.ResumeConfigError(
@@ -149,8 +197,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 " source changed since the run began."
             )
     else:
-        state = ppo.create_ppo_state(models, tx, mesh, rules, config.seed, params=policy.params)
-    del policy
+        params = (
+            policy.params if critic is None else {"policy": policy.params, "critic": critic.params}
+        )
+        state = ppo.create_ppo_state(models, tx, mesh, rules, config.seed, params=params)
+    del policy, critic
     start = int(progress["iteration"])
     if start >= rl.num_iterations:  # a finished run is left as it is, config.json included
         checkpointer.close()
@@ -180,7 +231,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         rules,
         ppo.ppo_state_shardings(models, tx, mesh, rules),
     )
-    score = jax.jit(functools.partial(ppo.score, models, chunk_size=pc.chunk_size))
+    # GAE reads the rollout's log-probs (the KL in the reward); a single-step update does not.
+    with_policy = rl.advantage == "gae" or not ppo.single_step(pc)
+    score = jax.jit(
+        functools.partial(ppo.score, models, chunk_size=pc.chunk_size, with_policy=with_policy)
+    )
     estimate = jax.jit(
         functools.partial(
             advantages_and_rewards,
@@ -231,7 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 clock = time.perf_counter()
                 with shd.activation_sharding(mesh, rules):
                     batch = rollout.collect(
-                        sampler, state.params, examples, prompts, sample_rng, sampling, reward_fn
+                        sampler, actor(state), examples, prompts, sample_rng, sampling, reward_fn
                     )
                 sample_seconds = time.perf_counter() - clock
                 totals = batch.totals()
@@ -256,8 +311,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 train_batch = {**sequences, **scored, "advantages": estimates["advantages"]}
                 if "returns" in estimates:
                     train_batch["returns"] = estimates["returns"]
-                if not pc.kl_loss_coef:
-                    train_batch.pop("ref_logprobs", None)
+                if not pc.kl_loss_coef and "old_logprobs" in train_batch:
+                    train_batch.pop("ref_logprobs", None)  # else the update logs the KL by it
                 state, metrics = update(state, train_batch)
                 metrics = jax.device_get(metrics)
                 update_seconds = time.perf_counter() - clock
@@ -278,7 +333,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     "samples_drawn": progress["samples_drawn"] + drawn,
                     "data": iterator.state(),
                     "reference": reference_id,
-                    "models": {"policy": models.policy.config.to_dict()},
+                    "models": {
+                        name: model.config.to_dict()
+                        for name, model in (("policy", models.policy), ("critic", models.critic))
+                        if model is not None
+                    },
                 }
                 if rl.kl_target and "kl_k1" in diagnostics:
                     progress["kl_coef"] = float(
@@ -309,7 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         {
                             f"heldout/{k}": v
                             for k, v in rollout.evaluate_heldout(
-                                sampler, state.params, task.heldout, config.eval, eval_rng
+                                sampler, actor(state), task.heldout, config.eval, eval_rng
                             ).items()
                         }
                     )
@@ -319,7 +378,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 stop = guard.should_stop(done)
                 checkpointer.save(
                     done,
-                    checkpointing.train_state_items("policy", state),
+                    state_items(models, state),
                     progress,
                     force=done == end or stop,
                 )
