@@ -24,12 +24,14 @@ mean of token means). Both start from the same random Llama-style weights
   exactly as `RLLearner.train` drives it; its phases are timed by wrapping
   `RLCluster.generate`, `get_ref_per_token_logps` and `update_actor`.
 
-Phases: generate (sampling + text + rewards), reference (ours: policy and
-reference log-probs and advantages; tunix: reference log-probs; tunix skips
-the policy's when num_iterations == 1), update; "other" is the rest of the
-iteration. Each figure is the median over --iterations timed iterations
-after one warm-up (compiling) iteration per system, the systems interleaved
-(ours, tunix, ours, ...) so that load from other work hits both.
+Phases: generate (sampling + text + rewards), reference (the reference
+model's log-probs, and for ours the group advantages: with one optimizer
+step per rollout neither system recomputes the policy's log-probs first),
+update; "other" is the rest of the iteration. Each figure is the median
+over --iterations timed iterations after one warm-up (compiling) iteration
+per system, the systems interleaved (ours, tunix, ours, ...) so that load
+from other work hits both. Ours unembeds --chunk positions at a time and
+skips the chunks that hold prompt positions only.
 
 Roofline: the model FLOPs an iteration needs (PaLM's count: 2 x matmul
 params per token forward, 3 x that for forward + backward, plus attention's
@@ -105,7 +107,7 @@ class _EvenFraction:
         return even_fraction(completions)
 
 
-def grpo_config(*, prompts, samples, prompt_len, new_tokens, temperature, lr):
+def grpo_config(*, prompts, samples, prompt_len, new_tokens, temperature, lr, chunk=256):
     """The run config of this iteration, as configs/arith_grpo.py writes one."""
     config = rl_config("grpo")
     config.rl.update(
@@ -119,7 +121,9 @@ def grpo_config(*, prompts, samples, prompt_len, new_tokens, temperature, lr):
         sampling_batch_size=prompts,
         prompt_buckets=(prompt_len,),
     )
-    config.ppo.update(dataclasses.asdict(grpo_ppo_config(kl_loss_coef=BETA, clip_eps=CLIP_EPS)))
+    config.ppo.update(
+        dataclasses.asdict(grpo_ppo_config(kl_loss_coef=BETA, clip_eps=CLIP_EPS, chunk_size=chunk))
+    )
     config.optim.update(lr=lr, schedule="constant", warmup_steps=0)
     return config
 
@@ -300,6 +304,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument(
+        "--chunk", type=int, default=32, help="ppo.chunk_size: positions unembedded at a time"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 layers, 16 + 16 tokens, 1 timed")
     args = parser.parse_args()
@@ -318,7 +325,8 @@ def main():
     print(
         f"llama 56M{' (2 layers, --quick)' if args.quick else ''}: {config.num_params() / 1e6:.1f}M"
         f" params; prompt {args.prompt_len}, {args.new_tokens} new tokens at temperature"
-        f" {args.temperature}; median of {args.iterations} after 1 warm-up; load average"
+        f" {args.temperature}; ppo.chunk_size {args.chunk}; median of {args.iterations} after 1"
+        f" warm-up; load average"
         f" {loads[0]:.1f}; f32 matmul peak {peaks[0] / 1e9:.0f} GFLOP/s",
         flush=True,
     )
@@ -336,6 +344,7 @@ def main():
             new_tokens=args.new_tokens,
             temperature=args.temperature,
             lr=args.lr,
+            chunk=args.chunk,
         )
         runners = {}
         for name in systems:

@@ -1,5 +1,5 @@
 """The real Gemma 3 270M (Q4_K_M GGUF from PyPI): greedy decoding equals transformers',
-and an SFT step at batch 8 x 256 fits in 8 GB on one CPU device."""
+an SFT step at batch 8 x 256 fits in 8 GB and a PPO iteration in 12 GB on one CPU device."""
 
 import json
 import os
@@ -75,3 +75,20 @@ def test_sft_step_fits_in_8_gb(repo_root):
     assert (report["batch"], report["length"]) == (8, 256)
     assert np.isfinite(report["losses"]).all()
     assert report["peak_rss_gb"] < 8.0, report
+
+
+def test_ppo_iteration_fits_in_12_gb(repo_root):
+    """One PPO iteration of configs/gemma3_270m_svamp_ppo.py (value head, reference,
+    8 x 4 rows of 256 tokens): peak RSS of the whole process, in a fresh one."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    result = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "gemma3_270m_ppo_memory.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["rows"], report["sequence_length"]) == ("8 x 4", 256)
+    assert report["finite"] == 1.0 and np.isfinite(report["loss"])
+    assert report["peak_rss_gb"] < 12.0, report

@@ -1,15 +1,28 @@
-"""The study-scale configs are valid and fit their accelerators, planned without allocating."""
+"""The study-scale configs, and the real-model PPO config, are valid and fit their
+machines, planned without allocating."""
 
+import functools
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from rl_reason.algorithms import optimizer, ppo
+from rl_reason.algorithms import train_state as ts
 from rl_reason.experiments import config as config_lib
-from rl_reason.experiments import plan
+from rl_reason.experiments import on_policy, plan
+from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import Transformer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import study_gsm8k_ei, study_gsm8k_ppo, study_gsm8k_sft  # noqa: E402
+from configs import (  # noqa: E402
+    gemma3_270m_svamp_ppo,
+    study_gsm8k_ei,
+    study_gsm8k_ppo,
+    study_gsm8k_sft,
+)
 
 GIB = 2**30
 # (mesh, devices, accelerator memory): a TPU v4-64 slice (32 chips of 32 GiB)
@@ -44,3 +57,38 @@ def test_the_study_sft_holds_out_the_questions_ei_validates_on():
     sft, ei = study_gsm8k_sft.get_config(), study_gsm8k_ei.get_config()
     assert (sft.data.task, sft.data.num_validation) == (ei.data.task, ei.data.num_validation)
     assert sft.model.to_dict() == ei.model.to_dict()
+
+
+def test_gemma3_270m_svamp_ppo_config_is_valid_and_its_iteration_traces():
+    """The real-model PPO config: valid on one device, its state well within 12 GB, and
+    its scoring and update (value head, reference, remat, chunked loss) traced at the
+    config's shapes without allocating (benchmarks/gemma3_270m_ppo_memory.py runs it)."""
+    config = gemma3_270m_svamp_ppo.get_config()
+    config_lib.validate_rl(config, num_devices=1)
+    assert tuple(config.mesh.shape) == (1, 1, 1)
+    assert (config.model_source.kind, config.data.task) == ("gguf", "svamp")
+    rl, pc = config.rl, on_policy.ppo_config(config)
+    assert pc.use_value and rl.kl_coef > 0 and rl.remat == "full" and pc.chunk_size <= 32
+    budget = plan.plan_for_config(config, plan.abstract_mesh((1, 1, 1)))
+    assert 1.0e9 < budget["params"] < 1.2e9 and "reference" in budget
+    assert budget["total"] < 6e9, {k: v / GIB for k, v in budget.items()}
+
+    model_config = ModelConfig.from_dict(config.model).replace(heads=("value",))
+    assert model_config.remat == rl.remat and model_config.vocab_size == 262_144
+    models = ppo.ActorCritic(Transformer(model_config))
+    tx, schedule = optimizer.make_optimizer(config.optim, rl.num_iterations)
+    state = jax.eval_shape(
+        lambda: ts._new_state(ppo.trained(models), tx, jax.random.PRNGKey(0), None)
+    )
+    rows, length = rl.prompts_per_iteration * rl.num_samples, 128 + rl.max_new_tokens
+    shape = lambda dtype: jax.ShapeDtypeStruct((rows, length), dtype)
+    sequences = {"tokens": shape(jnp.int32), "input_mask": shape(bool), "loss_mask": shape(bool)}
+    score = functools.partial(ppo.score, models, chunk_size=pc.chunk_size)
+    scored = jax.eval_shape(score, state.params, state.params, sequences)
+    assert set(scored) == {"old_logprobs", "old_values", "ref_logprobs"}
+    batch = {**sequences, **scored, "advantages": shape(jnp.float32), "returns": shape(jnp.float32)}
+    update = ppo.make_ppo_update(models, tx, pc, lr_schedule=schedule)
+    new_state, metrics = jax.eval_shape(update, state, batch)
+    same = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    assert same(new_state.params) == same(state.params)
+    assert {"value_loss", "explained_variance", "approx_kl"} <= set(metrics)
