@@ -269,7 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             # Not checkpointed: a kill before iteration 1 redoes it (the writer drops it).
             heldout = rollout.evaluate_heldout(
                 sampler,
-                state.params,
+                actor(state),
                 task.heldout,
                 config.eval,
                 jax.random.fold_in(base_rng, rl.num_iterations),  # a key no iteration uses
