@@ -330,12 +330,16 @@ class LatexChecker:
     ) -> bool:
         """True when ``predicted`` is proved equal to ``gold`` in time; never raises.
 
-        The call returns within ``within`` seconds (default: ``timeout``), a
-        wait for a restarting worker included, plus the time to kill an
-        overrunning one.
+        The check has ``timeout`` seconds from the moment a worker takes it;
+        an overrun is remembered, so the same pair is refused at once after.
+        With ``within``, the whole call (a wait for a restarting worker
+        included) also ends by then, plus the time to kill an overrunning
+        worker; a check that ``within`` cut short of its ``timeout`` is not
+        remembered. (Bounding the call by ``timeout`` itself would cut every
+        check a dispatch's microseconds short, and whether its overrun were
+        remembered would depend on how late the poll woke.)
         """
-        limit = self.timeout if within is None else min(within, self.timeout)
-        return self.equivalent_many([(gold, predicted)], rel_tol, within=limit)[0]
+        return self.equivalent_many([(gold, predicted)], rel_tol, within=within)[0]
 
 
 def _is_number(expr) -> bool:
