@@ -1,4 +1,4 @@
-"""GRPO on the built-in synthetic arithmetic task, from an SFT run of configs/sft_synthetic.py.
+"""GRPO on the built-in synthetic arithmetic task, from the SFT start of configs/arith_start.py.
 
     python launch/train.py --config=configs/arith_grpo.py --workdir=runs/grpo \
         --config.model_source.path=runs/sft

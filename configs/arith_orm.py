@@ -1,6 +1,6 @@
 """An outcome reward model (ORM) on the built-in synthetic arithmetic task, from an SFT run.
 
-    python launch/train.py --config=configs/sft_synthetic.py --workdir=runs/sft   # the policy
+    python launch/train.py --config=configs/arith_start.py --workdir=runs/sft      # the policy
     python launch/train.py --config=configs/arith_orm.py --workdir=runs/orm \
         --config.model_source.path=runs/sft
     python launch/evaluate.py --config=configs/synthetic_eval.py --workdir=runs/eval_orm \

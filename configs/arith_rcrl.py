@@ -1,6 +1,6 @@
 """Return-Conditioned RL on the built-in synthetic arithmetic task, from an SFT run.
 
-    python launch/train.py --config=configs/sft_synthetic.py --workdir=runs/sft
+    python launch/train.py --config=configs/arith_start.py --workdir=runs/sft
     python launch/train.py --config=configs/arith_rcrl.py --workdir=runs/rcrl \
         --config.model_source.path=runs/sft
     python launch/train.py --config=configs/arith_rcrl.py --workdir=runs/rcrl_dense \
