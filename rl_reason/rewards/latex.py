@@ -43,6 +43,9 @@ DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))  # config: rewards.latex_w
 # takes over at once while the replacement starts (1.5-2 s on a loaded machine).
 DEFAULT_SPARES = 1
 MAX_REMEMBERED = 65536  # answered pairs kept (about 15 MB)
+# What `equivalent` allows beyond `timeout` for handing the check to a ready
+# worker: a call bounded by `timeout` alone would cut every check that much short.
+DISPATCH_ALLOWANCE = 0.1  # seconds
 
 
 def _as_math(text: str) -> str:
@@ -332,14 +335,14 @@ class LatexChecker:
 
         The check has ``timeout`` seconds from the moment a worker takes it;
         an overrun is remembered, so the same pair is refused at once after.
-        With ``within``, the whole call (a wait for a restarting worker
-        included) also ends by then, plus the time to kill an overrunning
-        worker; a check that ``within`` cut short of its ``timeout`` is not
-        remembered. (Bounding the call by ``timeout`` itself would cut every
-        check a dispatch's microseconds short, and whether its overrun were
-        remembered would depend on how late the poll woke.)
+        The whole call, a wait for a restarting worker included, ends within
+        ``within`` seconds (default and at most: ``timeout`` plus
+        DISPATCH_ALLOWANCE), plus the time to kill an overrunning worker; a
+        check that ``within`` cut short of its ``timeout`` is not remembered.
         """
-        return self.equivalent_many([(gold, predicted)], rel_tol, within=within)[0]
+        limit = self.timeout + DISPATCH_ALLOWANCE
+        limit = limit if within is None else min(within, limit)
+        return self.equivalent_many([(gold, predicted)], rel_tol, within=limit)[0]
 
 
 def _is_number(expr) -> bool:
