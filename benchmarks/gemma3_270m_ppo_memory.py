@@ -14,7 +14,8 @@ log-probs and values, GAE with the KL penalty, `ppo_update` (the config's
 epochs x minibatches). `--set key=value` overrides the config (dotted keys,
 Python literals). Prints one JSON line: the process's peak RSS (import
 included) after loading the model, after creating the train state and after
-each phase, the phase times and the iteration's loss.
+each phase, the phase times, the load average before and after, and the
+iteration's loss.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import time
 
 import jax
-from benchlib import OnPolicyIteration, peak_rss_bytes  # sets this checkout's path first
+from benchlib import OnPolicyIteration, load_average, peak_rss_bytes  # sets this checkout's path first
 
 from configs import gemma3_270m_svamp_ppo
 from rl_reason.data import templates
@@ -66,6 +67,7 @@ def main() -> None:
     rules = shd.rules_from_config(config.mesh.rules)
 
     rss = {}
+    load_before = load_average()  # RSS does not move with load, but the phase times do
 
     def record(name: str) -> None:
         rss[name] = peak_rss_bytes()
@@ -105,6 +107,7 @@ def main() -> None:
                 "peak_rss_gb": peak_rss_bytes() / GB,
                 "peak_rss_gb_after": {k: round(v / GB, 2) for k, v in rss.items()},
                 "seconds": times,
+                "load_average": [load_before, load_average()],  # before, after
                 "loss": iteration.last["loss"],
                 "finite": iteration.last["finite"],
                 "overrides": args.set,
