@@ -7,10 +7,10 @@
 K samples per train question at temperature 1, keep the correct ones, fine-tune
 the start model on everything kept so far, choose each round's checkpoint by
 validation maj@1 (64 questions); held-out maj@1 on 256 test questions at the
-start and after every round. CPU-sized (the study: K=96, 5 rounds). From
-`configs/arith_start.py`, lr 1e-3 gave only +3-5 points (the fine-tuning
-re-heats a start whose learning rate had come down to 7.75e-4); 3e-4 with
-K=8 gave +8.6 after the first round (README).
+start and after every round. CPU-sized (the study: K=96, 5 rounds). From a
+mid-schedule start like `configs/arith_start.py`'s, lr 1e-3 with K=4 gave only
++3-5 points (the fine-tuning re-heats a start whose learning rate had come
+down to about 7.75e-4); 3e-4 with K=8 gave +8.6 after the first round (README).
 """
 
 from rl_reason.experiments.config import ei_config
