@@ -71,13 +71,16 @@ def _interrupt_at(monkeypatch, steps):
     )
 
 
-def _record_prompts(monkeypatch):
-    """Every Sampler.generate call's (prompts, num_samples, temperature), in order."""
+def _record_prompts(monkeypatch, configs=None):
+    """Every Sampler.generate call's (prompts, num_samples, temperature), in order; each
+    call's SamplingConfig appended to `configs` when given."""
     calls = []
     original = Sampler.generate
 
     def generate(self, params, prompts, rng, config, *args, **kwargs):
         calls.append((list(prompts), config.num_samples, config.temperature))
+        if configs is not None:
+            configs.append(config)
         return original(self, params, prompts, rng, config, *args, **kwargs)
 
     monkeypatch.setattr(Sampler, "generate", generate)
@@ -134,8 +137,9 @@ def test_rcrl_run_conditions_as_specified_and_resumes_exactly(tiny_sft_run, tmp_
     assert progress["models"]["policy"]["vocab_size"] == start_vocab + 2
     assert progress["return_tokens"] == {rcrl.GOOD: start_vocab, rcrl.BAD: start_vocab + 1}
     assert progress["prompt_conditioning"] == {"policy": rcrl.GOOD}
-    assert sources.prompt_conditioning(str(workdir)) == rcrl.GOOD
-    assert sources.prompt_conditioning(str(tiny_sft_run)) == ""
+    assert progress["step_conditioning"] == {"policy": False}
+    assert sources.prompt_conditioning(str(workdir)) == (rcrl.GOOD, False)
+    assert sources.prompt_conditioning(str(tiny_sft_run)) == ("", False)
     tokenizer = tokenizer_lib.load_tokenizer(str(workdir / "tokenizer"))
     assert rcrl.return_token_ids(tokenizer) == [start_vocab, start_vocab + 1]
     params = _params(workdir)
@@ -189,11 +193,14 @@ def test_rcrl_run_conditions_as_specified_and_resumes_exactly(tiny_sft_run, tmp_
 
 
 @pytest.mark.slow
-def test_dense_rcrl_labels_every_step(tiny_sft_run, tmp_path):
+def test_dense_rcrl_labels_and_conditions_every_step(tiny_sft_run, tmp_path, monkeypatch):
     config = _rcrl_config(tiny_sft_run, mode="dense")
-    config.rcrl.update(num_rounds=1, steps_per_round=1, eval_every=1)
+    config.rcrl.update(num_rounds=2, steps_per_round=1, eval_every=1)
     config.rcrl.step_threshold = 0.0  # every step good: the labels must then all be <|good|>
+    configs = []
+    calls = _record_prompts(monkeypatch, configs)
     rcrl_experiment.train(config, str(tmp_path / "run"))
+    monkeypatch.undo()
     dataset_file = tmp_path / "run" / "rcrl" / "dataset_round_0.jsonl"
     dataset = ei.from_jsonl(dataset_file.read_bytes(), rcrl.RcrlSample)
     assert dataset and all(s.step_rewards is not None for s in dataset)
@@ -203,3 +210,33 @@ def test_dense_rcrl_labels_every_step(tiny_sft_run, tmp_path):
     assert any("good_step_fraction" in r for r in records)
     summary = next(r for r in records if "dataset/good_step_fraction" in r)
     assert np.isclose(summary["dataset/good_step_fraction"], 1.0)
+
+    # A dense model is asked for good steps, not only a good start: every call on a
+    # conditioned prompt gives that token after each line (round 0's sampling and the
+    # start's evaluation, on the unconditioned start model, give none).
+    tokenizer = tokenizer_lib.load_tokenizer(str(tmp_path / "run" / "tokenizer"))
+    ids = dict(zip(rcrl.RETURN_TOKENS, rcrl.return_token_ids(tokenizer)))
+    line_ends = rcrl.line_end_ids(tokenizer)
+    assert line_ends and all(tokenizer.decode([i]).endswith("\n") for i in line_ends)
+    for (prompts, _, _), sampling in zip(calls, configs):
+        (token,) = {_ending(p) for p in prompts}
+        assert sampling.step_token == ids.get(token, -1)
+        assert sampling.step_starts == (line_ends if token else ())
+    assert {c.step_token for c in configs} == {-1, *ids.values()}
+    assert sources.prompt_conditioning(str(tmp_path / "run")) == (rcrl.GOOD, True)
+
+    # Evaluation applies it by itself; eval.condition_steps="first" conditions the start only.
+    eval_config = config_lib.eval_config()
+    eval_config.model_source.path = str(tmp_path / "run")
+    eval_config.eval.update(num_examples=4, num_samples=0, max_new_tokens=8, chunk_size=0)
+    eval_config.eval.update(prompt_buckets=(128,), batch_size=8)
+    eval_config.logging.progress_bar = False
+    for steps, every in [("auto", True), ("first", False)]:
+        eval_config.eval.condition_steps = steps
+        configs.clear()
+        _record_prompts(monkeypatch, configs)
+        evaluate.run(eval_config, str(tmp_path / f"eval_{steps}"))
+        monkeypatch.undo()
+        assert [c.step_token for c in configs] == [ids[rcrl.GOOD] if every else -1]
+        report = (tmp_path / f"eval_{steps}" / "report.md").read_text()
+        assert ("(and every step)" in report) == every

@@ -267,6 +267,69 @@ def test_eos_stop_sequences_and_early_exit():
     assert np.all(one.lengths == 1) and np.all(one.decode_steps == 1)
 
 
+def _step_conditioned(decoder, params, tokens, mask, vocab, **options):
+    """A greedy rollout with a step token after any of the tokens the free rollout writes
+    early (so that steps start often)."""
+    free = _sample(decoder, params, tokens, mask, temperature=0.0, max_new_tokens=16)
+    free = np.asarray(free.completion_tokens)
+    starts = tuple(sorted({int(t) for t in free[:, 1:4].ravel()}))
+    given = next(t for t in range(vocab - 1, 0, -1) if t not in starts)
+    options = dict(temperature=0.0, max_new_tokens=16, step_token=given, step_starts=starts, **options)
+    return _sample(decoder, params, tokens, mask, **options), starts, given
+
+
+def test_step_conditioning_gives_the_step_token_after_every_step_start():
+    """Dense RCRL's conditioning: after each step-start token the next one is given; the
+    others are still the full forward's argmax of everything before them, given tokens
+    included, and given tokens score 0."""
+    decoder, scanned, params = _setup("llama")
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    got, starts, given = _step_conditioned(
+        decoder, params, tokens, mask, scanned.config.vocab_size
+    )
+    out = np.asarray(got.completion_tokens)
+    is_given = np.zeros(out.shape, bool)
+    is_given[:, 1:] = np.isin(out[:, :-1], starts)
+    assert is_given[:, :-1].sum() >= 4, "too few step starts to test anything"
+    assert np.all(out[is_given] == given)
+    assert np.all(np.asarray(got.logprobs)[is_given] == 0)
+    seq = got.sequences()
+    learner = token_logprobs(scanned, params, seq["tokens"], seq["input_mask"])
+    width = tokens.shape[1]
+    chosen = ~is_given
+    assert np.all(np.asarray(learner.is_argmax)[:, width:][chosen])
+    np.testing.assert_allclose(
+        np.asarray(learner.logprobs)[:, width:][chosen],
+        np.asarray(got.logprobs)[chosen],
+        atol=2e-5,
+    )
+
+
+def test_given_step_tokens_are_invisible_to_stop_sequences():
+    """A stop sequence ("\\nQuestion:") still ends a sample with a step token inside it."""
+    decoder, scanned, params = _setup("llama")
+    tokens, mask = _prompts(scanned.config.vocab_size)
+    vocab = scanned.config.vocab_size
+    free, starts, given = _step_conditioned(decoder, params, tokens, mask, vocab)
+    row = np.asarray(free.completion_tokens)[0]
+    at = int(np.flatnonzero(np.isin(row[:-2], starts))[0])  # row[at + 1] is the given token
+    stop = (int(row[at]), int(row[at + 2]))
+    got, _, _ = _step_conditioned(
+        decoder, params, tokens, mask, vocab, stop_sequences=(stop,), min_rows=0
+    )
+    assert int(got.finish_reason[0]) == STOP and int(got.lengths[0]) == at + 3
+    np.testing.assert_array_equal(got.completion_tokens[0, : at + 3], row[: at + 3])
+
+
+def test_step_conditioning_options_are_checked():
+    with pytest.raises(ValueError, match="step_token and step_starts"):
+        SamplingConfig(step_token=5)
+    with pytest.raises(ValueError, match="step_token and step_starts"):
+        SamplingConfig(step_starts=(3,))
+    with pytest.raises(ValueError, match="step_token and step_starts"):
+        SamplingConfig(step_token=3, step_starts=(3, 4))
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [ex["question"] + "\n" + ex["answer"] for ex in synthetic.generate("train", 200)]

@@ -107,6 +107,28 @@ def return_token_ids(tokenizer: Any, tokens: Sequence[str] = RETURN_TOKENS) -> l
     return [vocab[t] for t in tokens]
 
 
+def line_end_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids of the tokens whose text ends a line (ends with "\\n"), sorted.
+
+    A step of a solution is a line (``split_steps``), so these are the
+    tokens after which a new step starts and dense RCRL's return token goes.
+    """
+    ids = range(len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return tuple(i for i, text in zip(ids, texts) if text.endswith("\n"))
+
+
+def step_conditioning(tokenizer: Any, token: str) -> dict[str, Any]:
+    """Sampling options (``SamplingConfig`` fields) that put ``token`` before every step.
+
+    A dense RCRL model learnt every step after its own return token; asking
+    it for a good solution means giving it the good token where each step
+    starts, not only the first (which :func:`condition_prompt` places).
+    """
+    (token_id,) = return_token_ids(tokenizer, (token,))
+    return {"step_token": token_id, "step_starts": line_end_ids(tokenizer)}
+
+
 def strip_return_tokens(text: str, tokens: Sequence[str] = RETURN_TOKENS) -> str:
     """``text`` without any return token (e.g. a decoded sample before rewarding it)."""
     for token in tokens:

@@ -112,6 +112,9 @@ def eval_config() -> ml_collections.ConfigDict:
     # the model's run records (an RCRL run's good token; none for other models),
     # "none" none, anything else that token (e.g. "<|bad|>").
     c.eval.condition_on = "auto"
+    # Whether the token also starts every later step: "auto" what the run records
+    # (yes for a dense RCRL model), "every", or "first" (where the solution starts).
+    c.eval.condition_steps = "auto"
     c.eval.num_samples = 4  # K for maj@K / pass@K; 0: greedy only
     c.eval.temperature = 0.7
     c.eval.top_p = 1.0

@@ -86,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     data = load_eval_set(config)
     prompts = [templates.format_prompt(q["question"], data.exemplars) for q in data.questions]
-    condition_on = conditioning_token(config, tokenizer)
+    condition_on, condition_steps = conditioning(config, tokenizer)
     if condition_on:
         prompts = [rcrl.condition_prompt(p, condition_on) for p in prompts]
     golds = [q["final_answer"] for q in data.questions]
@@ -112,6 +112,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             num_samples=k + 1,
             greedy_first=True,
         )
+    if condition_steps:
+        options.update(rcrl.step_conditioning(tokenizer, condition_on))
     sampling = sampler.sampling_config(**options)
     rng = jax.random.PRNGKey(config.seed)
     progress = _Progress(
@@ -161,7 +163,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     if jax.process_index() == 0:
         _write_outputs(
-            workdir, config, data, greedy, k_texts, golds, metrics, orm_scores, condition_on
+            workdir,
+            config,
+            data,
+            greedy,
+            k_texts,
+            golds,
+            metrics,
+            orm_scores,
+            condition_on,
+            condition_steps,
         )
     return metrics
 
@@ -189,13 +200,21 @@ def _orm_scores(config, mesh, prompts, k_texts) -> list[list[float]]:
     return out
 
 
-def conditioning_token(config: ml_collections.ConfigDict, tokenizer) -> str:
-    """The return token the prompts carry ("" for none): `eval.condition_on`, where
-    "auto" is what the model's run records (`sources.prompt_conditioning`)."""
-    value = config.eval.condition_on
+def conditioning(config: ml_collections.ConfigDict, tokenizer) -> tuple[str, bool]:
+    """The return token the prompts carry ("" for none), and whether it starts every
+    step of the solution too.
+
+    `eval.condition_on`: "auto" is what the model's run records
+    (`sources.prompt_conditioning`), "none" none, else that token.
+    `eval.condition_steps`: "auto" what the run records (a dense RCRL run:
+    yes), "every" or "first" (the solution's start only).
+    """
+    value, steps = config.eval.condition_on, config.eval.condition_steps
+    recorded = ("", False)
+    if "auto" in (value, steps) and config.model_source.kind == "run":
+        recorded = sources.prompt_conditioning(config.model_source.path)
     if value == "auto":
-        kind, path = config.model_source.kind, config.model_source.path
-        value = sources.prompt_conditioning(path) if kind == "run" else ""
+        value = recorded[0]
     elif value == "none":
         value = ""
     if value and value not in tokenizer.get_vocab():
@@ -203,7 +222,10 @@ def conditioning_token(config: ml_collections.ConfigDict, tokenizer) -> str:
             f"eval.condition_on={config.eval.condition_on!r}: the model's tokenizer has no"
             f" {value!r} (return tokens exist in Return-Conditioned RL runs only)."
         )
-    return value
+    if steps not in ("auto", "every", "first"):
+        raise ValueError(f"eval.condition_steps={steps!r}: one of 'auto', 'every', 'first'.")
+    every_step = recorded[1] if steps == "auto" else steps == "every"
+    return value, bool(value) and every_step
 
 
 def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dict[str, Any]:
@@ -273,7 +295,7 @@ class _Progress:
 
 
 def _write_outputs(
-    workdir, config, data, greedy, k_texts, golds, metrics, orm_scores, condition_on
+    workdir, config, data, greedy, k_texts, golds, metrics, orm_scores, condition_on, condition_steps
 ) -> None:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -290,7 +312,8 @@ def _write_outputs(
         f"{config.eval.num_shots}-shot; K={config.eval.num_samples} at temperature "
         f"{config.eval.temperature}; up to {config.eval.max_new_tokens} new tokens"
         + (f"; rerank by the ORM of {config.eval.orm_source}" if orm_scores is not None else "")
-        + (f"; prompts conditioned on `{condition_on}`" if condition_on else ""),
+        + (f"; prompts conditioned on `{condition_on}`" if condition_on else "")
+        + (" (and every step)" if condition_steps else ""),
         "",
         "| metric | value |",
         "|---|---|",

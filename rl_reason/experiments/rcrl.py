@@ -21,9 +21,12 @@ vocabulary is in the model config every checkpoint records). Round r:
   4. the chosen model is measured on the held-out questions conditioned on
      `<|good|>` (maj@1, maj@K, pass@K) and, greedily, on `<|bad|>`, beside the
      count of samples drawn so far.
+Dense mode conditions every step, not only the first: after each line the
+sampler gives the model the token (`rcrl.step_conditioning`), as in training.
 
 The token to condition on is recorded in every checkpoint's progress
-(`prompt_conditioning`), so that `launch/evaluate.py` on an RCRL run applies
+(`prompt_conditioning`; `step_conditioning` for dense runs), so that
+`launch/evaluate.py` on an RCRL run applies
 it by itself. The checkpoint step is a global counter that rises with every
 sampling chunk and every SFT step; a run killed at any point and restarted
 with the same command ends with the parameters and metrics of an
@@ -142,8 +145,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "models": {"policy": model.config.to_dict()},
             "return_tokens": token_ids,
             # What evaluation conditions the policy's prompts on: nothing until the
-            # policy is a model trained with return tokens.
+            # policy is a model trained with return tokens (dense: every step too).
             "prompt_conditioning": {"policy": ""},
+            "step_conditioning": {"policy": c.mode == "dense"},
         }
         state = ts.create_train_state(
             model, tx, mesh, rules, config.seed, params=rounds.copy_tree(initial_params)
@@ -168,6 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     reward_fn = compose.compose(c.rewards.to_dict())
     step_reward_fn = compose.compose(c.step_rewards.to_dict()) if c.mode == "dense" else None
     threshold = c.threshold if c.mode == "sparse" else c.step_threshold  # what labels the tokens
+    # A dense model learnt every step after its step's token: it is asked for good steps.
+    every_step = c.mode == "dense"
     label_thresholds = {
         "threshold": c.threshold,
         "step_threshold": c.step_threshold if c.mode == "dense" else None,
@@ -203,10 +209,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 rng=jax.random.fold_in(base_rng, rng_index),
                 exemplars=shots,
                 condition_on=condition_on,
+                condition_steps=every_step,
             )
         out = {f"heldout/{k}": v for k, v in figures.items()}
         if condition_on and c.eval_bad_token:
-            bad = rounds.greedy_accuracy(sampler, params, questions, e, BAD)
+            bad = rounds.greedy_accuracy(sampler, params, questions, e, BAD, every_step)
             out["heldout/bad_token_maj@1"] = bad
         return out
 
@@ -248,6 +255,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         start=progress["chunk"],
                         desc=f"RCRL round {r}: sampling",
                         show_progress=show_progress,
+                        sampling_options=rcrl.step_conditioning(tokenizer, GOOD)
+                        if r > 0 and every_step
+                        else None,
                     ):
                         columns = chunk.columns
                         labelled = rcrl.label_samples(
@@ -333,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     c,
                     round_=r,
                     validate=lambda params: rounds.greedy_accuracy(
-                        sampler, params, task.validation, c, GOOD
+                        sampler, params, task.validation, c, GOOD, every_step
                     ),
                     mesh=mesh,
                     last_checkpoint=checkpointer.latest_step,

@@ -113,9 +113,11 @@ def sample_k(
     samples_per_call: int = 0,
     prompt_offset: int = 0,
     prefix_length: int | None = None,
+    sampling_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """num_samples completions per prompt, prompt-major, drawn samples_per_call at a time
     (0: all in one call; the study's K=96 rows per prompt need not share one KV cache).
+    ``sampling_options``: further SamplingConfig fields (dense RCRL's step conditioning).
 
     The sampled chunks of a loop (EI's solutions, the ORM's labelled samples)
     come from here: with the set's prompt_offset and shared prefix_length, a
@@ -127,7 +129,10 @@ def sample_k(
     for call in range(calls):
         count = min(per_call, num_samples - call * per_call)
         config = sampler.sampling_config(
-            max_new_tokens=max_new_tokens, temperature=temperature, num_samples=count
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            num_samples=count,
+            **(sampling_options or {}),
         )
         with shd.activation_sharding(sampler.mesh, sampler.rules):
             out = sampler.generate(
@@ -160,17 +165,22 @@ def heldout_metrics(
     rng: jax.Array,
     exemplars: Sequence[Mapping[str, str]] = (),
     condition_on: str = "",
+    condition_steps: bool = False,
 ) -> dict[str, float]:
     """maj@1 (greedy), maj@K, pass@K and diversity on held-out questions, in one
     sampler call (the greedy row continues the K samples' prefill).
 
     `condition_on`: a return token every prompt carries where its solution
     starts (an RCRL model asked for a high-return solution); "" for none.
+    With `condition_steps` the token also starts every later step (a dense
+    RCRL model).
     """
     prompts = [templates.format_prompt(q["question"], exemplars) for q in questions]
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=0.0)
     if condition_on:
         prompts = [rcrl.condition_prompt(p, condition_on) for p in prompts]
-    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=0.0)
+        if condition_steps:
+            options.update(rcrl.step_conditioning(sampler.tokenizer, condition_on))
     if num_samples > 0:
         options.update(temperature=temperature, num_samples=num_samples + 1, greedy_first=True)
     out = sampler.generate(params, prompts, rng, sampler.sampling_config(**options))

@@ -123,9 +123,11 @@ def sample_chunks(
     start: int,
     desc: str,
     show_progress: bool,
+    sampling_options: Mapping[str, Any] | None = None,
 ) -> Iterator[SampledChunk]:
     """The round's chunks from chunk `start` on, each sampled (c.num_samples per prompt
-    with `params`) and scored by `reward_fn` on every column of its examples.
+    with `params`, further SamplingConfig fields in `sampling_options`) and scored by
+    `reward_fn` on every column of its examples.
 
     A prompt's draws depend on its index in `prompts` (not on the chunking or
     on where a resumed run starts), and every chunk prefills the prefix all
@@ -149,6 +151,7 @@ def sample_chunks(
             samples_per_call=c.samples_per_call,
             prompt_offset=first,
             prefix_length=shared,
+            sampling_options=sampling_options,
         )
         k = c.num_samples
         columns = rollout.columns_k(part, k)
@@ -157,8 +160,11 @@ def sample_chunks(
         yield SampledChunk(index, qids, texts, columns, rewards)
 
 
-def greedy_accuracy(sampler: Sampler, params, questions, c, condition_on: str = "") -> float:
-    """Greedy maj@1 on `questions` (validation), prompts conditioned on `condition_on`."""
+def greedy_accuracy(
+    sampler: Sampler, params, questions, c, condition_on: str = "", condition_steps: bool = False
+) -> float:
+    """Greedy maj@1 on `questions` (validation), prompts (and with `condition_steps`
+    every step) conditioned on `condition_on`."""
     with shd.activation_sharding(sampler.mesh, sampler.rules):
         metrics = rollout.heldout_metrics(
             sampler,
@@ -169,6 +175,7 @@ def greedy_accuracy(sampler: Sampler, params, questions, c, condition_on: str = 
             max_new_tokens=c.max_new_tokens,
             rng=jax.random.PRNGKey(0),
             condition_on=condition_on,
+            condition_steps=condition_steps,
         )
     return metrics["maj@1"]
 

@@ -99,13 +99,15 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
     return LoadedModel(config, items[f"{name}.params"], tokenizer)
 
 
-def prompt_conditioning(path: str, name: str = "policy") -> str:
-    """The return token a run's model `name` answers best after ("" for none).
+def prompt_conditioning(path: str, name: str = "policy") -> tuple[str, bool]:
+    """The return token a run's model `name` answers best after ("" for none), and
+    whether it goes before every step of the solution too (dense RCRL).
 
-    A Return-Conditioned RL run records it in every checkpoint's progress
-    (`prompt_conditioning`): its model was trained on prompts that carry the
-    return of the solution, and is asked for a high-return one by the good
-    token. Other runs record nothing.
+    A Return-Conditioned RL run records both in every checkpoint's progress
+    (`prompt_conditioning`, `step_conditioning`): its model was trained on
+    prompts that carry the return of the solution (dense: on solutions whose
+    every step carries its own), and is asked for a high-return one by the
+    good token. Other runs record nothing.
     """
     checkpointer = checkpointing.Checkpointer(os.path.join(path, "checkpoints"))
     try:
@@ -113,7 +115,8 @@ def prompt_conditioning(path: str, name: str = "policy") -> str:
         progress = {} if step is None else checkpointer.read_progress(step)
     finally:
         checkpointer.close()
-    return progress.get("prompt_conditioning", {}).get(name, "")
+    token = progress.get("prompt_conditioning", {}).get(name, "")
+    return token, bool(token) and progress.get("step_conditioning", {}).get(name, False)
 
 
 @model_source("hf")

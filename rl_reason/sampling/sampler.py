@@ -57,6 +57,12 @@ class SamplingConfig:
     # it; keep min_rows a multiple of the mesh's batch shards), so that finished
     # rows stop costing compute while a few long samples finish. 0: never.
     min_rows: int = 8
+    # Step conditioning (dense Return-Conditioned RL): right after any token of
+    # step_starts (the tokens that end a line), the next token is step_token,
+    # given rather than chosen, so every step of a solution starts with it as
+    # in the model's training. -1: off.
+    step_token: int = -1
+    step_starts: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.num_samples < 1 or self.min_rows < 0:
@@ -70,6 +76,11 @@ class SamplingConfig:
             )
         if any(len(s) == 0 for s in self.stop_sequences):
             raise ValueError("Stop sequences must not be empty.")
+        if (self.step_token >= 0) != bool(self.step_starts) or self.step_token in self.step_starts:
+            raise ValueError(
+                "step_token and step_starts go together (step_token not among step_starts);"
+                f" got {self.step_token} and {self.step_starts}."
+            )
 
     @property
     def greedy(self) -> bool:
@@ -84,7 +95,8 @@ class Rollout:
     need); sampling_logprobs under the distribution actually sampled from
     (after temperature, top-k, top-p; 0 for greedy). Both are 0 where
     completion_mask is False. The mask covers the generated tokens up to and
-    including the EOS or stop sequence that ended the sample.
+    including the EOS or stop sequence that ended the sample. Tokens the
+    config's step conditioning gave (not chosen) score 0 in both.
     """
 
     prompt_tokens: jax.Array  # [N, P], left-padded
@@ -248,7 +260,8 @@ class _LoopState:
     positions: jax.Array  # [n] position of that token
     keys: jax.Array  # [n] each row's random key
     greedy: jax.Array  # [n] each prompt's first row: greedy under config.greedy_first
-    recent: jax.Array  # [n, M] last generated tokens, for stop sequences
+    recent: jax.Array  # [n, M] last chosen tokens (not given ones), for stop sequences
+    given: jax.Array  # [n] the next token is config.step_token, not chosen
     tokens: jax.Array  # [N, G]
     logprobs: jax.Array  # [N, G]
     sampling_logprobs: jax.Array  # [N, G]
@@ -334,6 +347,7 @@ def _shrink(state: _LoopState, size: int, batch: int) -> _LoopState:
         keys=take(state.keys),
         greedy=take(state.greedy),
         recent=take(state.recent),
+        given=take(state.given),
     )
 
 
@@ -382,6 +396,7 @@ def sample(
         keys=jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids),
         greedy=jnp.arange(rows) % k == 0,
         recent=jnp.full((rows, window), -1, jnp.int32),
+        given=jnp.zeros((rows,), bool),  # a conditioned prompt carries the first step's token
         tokens=jnp.full((rows, new), config.pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, new), jnp.float32),
         sampling_logprobs=jnp.zeros((rows, new), jnp.float32),
@@ -393,10 +408,17 @@ def sample(
         keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
         greedy_rows = s.greedy if config.greedy_first else None
         token, policy_lp, sampling_lp = choose_tokens(s.logits, keys, config, greedy_rows)
+        if config.step_token >= 0:
+            token = jnp.where(s.given, config.step_token, token)
+            policy_lp, sampling_lp = (jnp.where(s.given, 0.0, x) for x in (policy_lp, sampling_lp))
         token = jnp.where(s.live, token, config.pad_id)
-        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
+        # A given token is invisible to stop sequences: "\n<|good|>Question:" still stops.
+        recent = jnp.where(
+            s.given[:, None], s.recent, jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
+        )
         hit_eos = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) & s.live
-        hit_stop = _ends_with_stop(recent, config) & s.live & ~hit_eos
+        hit_stop = _ends_with_stop(recent, config) & s.live & ~hit_eos & ~s.given
+        starts_step = jnp.isin(token, jnp.asarray(config.step_starts, jnp.int32)) & ~s.given
         out = model.apply(
             params, token[:, None], s.positions[:, None], s.live[:, None], s.cache, shared
         )
@@ -411,6 +433,7 @@ def sample(
             logits=model.apply(params, out.hidden[:, -1], method=Transformer.logits),
             positions=s.positions + 1,
             recent=recent,
+            given=starts_step & s.live & ~hit_eos & ~hit_stop,
             tokens=write(s.tokens, token),
             logprobs=write(s.logprobs, jnp.where(s.live, policy_lp, 0.0)),
             sampling_logprobs=write(s.sampling_logprobs, jnp.where(s.live, sampling_lp, 0.0)),
