@@ -16,7 +16,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rl_reason.algorithms import optimizer, orm
+from rl_reason.algorithms import optimizer, orm, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import synthetic, templates
 from rl_reason.data import tokenizer as tokenizer_lib
@@ -130,20 +130,41 @@ def test_final_scores_read_the_last_completion_token():
     assert np.isnan(got[2])
 
 
+def test_lm_auxiliary_loss_is_the_sft_loss_of_the_correct_solutions(params):
+    """Cobbe et al.'s joint objective: BCE + w * (token-mean NLL of the positive rows'
+    completions), the NLL exactly `sft_loss` on those rows alone."""
+    batch = jax.tree.map(jnp.asarray, _marker_batch(6, seed=4))
+    normalizer, lm_count = orm.class_normalizer(batch), orm.lm_normalizer(batch)
+    loss_fn = jax.jit(orm.orm_loss, static_argnums=(2, 4, 5, 7))
+    plain, _ = loss_fn(params, batch, MODEL, normalizer, "orm", 0.0, lm_count, 8)
+    joint, aux = loss_fn(params, batch, MODEL, normalizer, "orm", 0.5, lm_count, 8)
+    positive = {key: value[batch["labels"] > 0.5] for key, value in batch.items()}
+    count = sft.target_weights(positive).sum()
+    assert lm_count == count > 0
+    nll, _ = jax.jit(sft.sft_loss, static_argnums=(2, 4))(params, positive, MODEL, count, 8)
+    chex.assert_trees_all_close(aux["bce"], plain, rtol=1e-6)
+    chex.assert_trees_all_close(joint, plain + 0.5 * nll, rtol=1e-5)
+    chex.assert_trees_all_close(aux["lm_nll_sum"] / lm_count, nll, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- step
 
 
-def test_sharded_accumulated_step_equals_single_device_full_batch_step(params):
-    """Mesh (2, 2, 2) with 2 micro-batches == one device, one batch; a NaN drops `finite`."""
+@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
+def test_sharded_accumulated_step_equals_single_device_full_batch_step(params, lm_weight):
+    """Mesh (2, 2, 2) with 2 micro-batches == one device, one batch (with and without the
+    language-modelling loss); a NaN drops `finite`."""
     batches = [_marker_batch(8, seed=s) for s in (2, 3)]
     batches[1]["labels"][:] = [1, 0, 0, 0, 0, 0, 1, 0]  # unbalanced, unevenly spread
     poisoned = {**batches[0], "labels": batches[0]["labels"].copy()}
     poisoned["labels"][0] = np.nan  # a broken label poisons the loss
     sgd = optax.sgd(0.5)  # parameters move by the gradient itself
-    one, m_one = _run(params, [*batches, poisoned], (1, 1, 1), sgd)
-    sharded, m_sharded = _run(params, batches, (2, 2, 2), sgd, num_microbatches=2)
+    options = dict(lm_weight=lm_weight, chunk_size=8)
+    one, m_one = _run(params, [*batches, poisoned], (1, 1, 1), sgd, **options)
+    sharded, m_sharded = _run(params, batches, (2, 2, 2), sgd, num_microbatches=2, **options)
     for a, b in zip(m_one, m_sharded):
-        for key in ("loss", "grad_norm", "final_accuracy", "mean_prediction", "positive_fraction"):
+        assert ("lm_loss" in a) == (lm_weight > 0)
+        for key in ("loss", "bce", "grad_norm", "final_accuracy", "mean_prediction", "positive_fraction"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
         assert a["finite"] == b["finite"] == 1.0
     chex.assert_trees_all_close(one[1], sharded[1], atol=2e-5)
@@ -172,6 +193,21 @@ def test_orm_learns_to_separate_two_kinds_of_sequences(params):
 
 
 # ----------------------------------------------------------------------------- AUC
+
+
+def test_balanced_within_questions_keeps_as_many_right_as_wrong_per_question():
+    # q0: 2 right, 1 wrong; q1: all right; q2: 1 right, 3 wrong; q3: all wrong.
+    question_ids = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
+    labels = [1, 0, 1, 1, 1, 0, 0, 1, 0, 0]
+    keep = orm.balanced_within_questions(question_ids, labels)
+    np.testing.assert_array_equal(keep, [0, 1, 5, 7])  # each question's first of each class
+    kept = np.asarray(labels)[keep]
+    for q in set(np.asarray(question_ids)[keep]):
+        in_q = np.asarray(question_ids)[keep] == q
+        assert kept[in_q].sum() * 2 == in_q.sum()
+    assert orm.balanced_within_questions([0, 0], [1, 1]).size == 0
+    with pytest.raises(ValueError, match="3 question ids for 2 labels"):
+        orm.balanced_within_questions([0, 0, 1], [1, 0])
 
 
 def _brute_force_auc(scores, labels):

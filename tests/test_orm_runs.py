@@ -16,6 +16,7 @@ import pytest
 from test_rl_runs import _interrupt_at, _params, _records, _run_until_done
 
 from rl_reason import checkpointing
+from rl_reason.algorithms import orm as orm_lib
 from rl_reason.data import templates
 from rl_reason.experiments import config as config_lib
 from rl_reason.experiments import evaluate, registry, runs, sources, tasks
@@ -214,3 +215,23 @@ def test_an_orm_run_resumes_mid_sampling_and_mid_training(orm_run, tmp_path, mon
     for split in orm_experiment.SPLITS:
         name = f"orm/{split}.jsonl"
         assert (straight / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_balanced_joint_objective_orm_run_trains_on_its_subset_and_resumes(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    """orm.balance_questions and orm.lm_loss_weight: the run trains on the questions with
+    both outcomes, as many of each, and a resumed run equals the uninterrupted one."""
+    config = _orm_config(tiny_sft_run)
+    config.orm.update(balance_questions=True, lm_loss_weight=0.5, num_samples=4)
+    straight = orm_experiment.train(config, str(tmp_path / "straight"))
+    samples = runs.read_solutions(str(tmp_path / "straight" / "orm" / "train.jsonl"))
+    labels = [float(s.reward >= config.orm.threshold) for s in samples]
+    keep = orm_lib.balanced_within_questions([s.question_id for s in samples], labels)
+    assert 0 < len(keep) < len(samples) and straight["train_samples"] == len(keep)
+    assert "lm_loss" in straight and np.isfinite(straight["lm_loss"])
+    _interrupt_at(monkeypatch, [5, 6])
+    _run_until_done(orm_experiment.train, config, tmp_path / "resumed")
+    assert _records(tmp_path / "straight") == _records(tmp_path / "resumed")
+

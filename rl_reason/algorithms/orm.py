@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rl_reason.algorithms.sft import split_microbatches
+from rl_reason.algorithms.logprobs import token_logprobs
+from rl_reason.algorithms.sft import split_microbatches, target_weights
 from rl_reason.algorithms.train_state import TrainState
 from rl_reason.data import sft as sft_data
 from rl_reason.models.config import ModelConfig
@@ -107,17 +108,50 @@ def orm_logits(
     return logits
 
 
+def lm_normalizer(batch: Batch) -> jax.Array:
+    """The count of completion tokens of correct solutions (at least 1): the divisor of the
+    auxiliary language-modelling loss, over the whole batch like :func:`class_normalizer`."""
+    weights = target_weights(batch) * is_positive(batch["labels"])[:, None]
+    return jnp.maximum(weights.sum(), 1.0)
+
+
 def orm_loss(
-    params: Any, batch: Batch, model: Transformer, normalizer: jax.Array, head: str = ORM_HEAD
+    params: Any,
+    batch: Batch,
+    model: Transformer,
+    normalizer: jax.Array,
+    head: str = ORM_HEAD,
+    lm_weight: float = 0.0,
+    lm_normalizer: jax.Array | float = 1.0,
+    chunk_size: int = 256,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Class-balanced per-token BCE (see :func:`class_normalizer`), float32.
+    """Class-balanced per-token BCE (see :func:`class_normalizer`), float32, plus
+    ``lm_weight`` times the language-modelling loss on the correct solutions.
 
     batch: tokens, input_mask, loss_mask [N, L]; labels [N] (1 = the final
     answer is correct). Every completion token t is trained towards the
     label: heads[t] is the score of the text up to and including token t.
-    The aux values are sums, so micro-batches add up.
+
+    The auxiliary loss is Cobbe et al.'s (2021): a verifier trained jointly
+    with the language-modelling objective judges better. To tell a right
+    solution from a wrong one *of the same question* the head has to see
+    where a written token departs from what the model would have written;
+    BCE alone erodes that next-token knowledge within a few hundred steps
+    and the head falls back on how hard the question looks. It is taken on
+    correct solutions only (the token mean over them, ``lm_normalizer``):
+    the incorrect ones would teach their errors. The aux values are sums,
+    so micro-batches add up.
     """
-    logits = orm_logits(model, params, batch["tokens"], batch["input_mask"], head)
+    if lm_weight:  # one forward pass gives the head and the next-token scores
+        scored = token_logprobs(
+            model, params, batch["tokens"], batch["input_mask"], chunk_size=chunk_size
+        )
+        logits = scored.heads[head].astype(jnp.float32)
+        lm_weights = target_weights(batch) * is_positive(batch["labels"])[:, None]
+        lm_nll = -(scored.logprobs * lm_weights).sum()
+    else:
+        logits = orm_logits(model, params, batch["tokens"], batch["input_mask"], head)
+        lm_nll = jnp.zeros((), jnp.float32)
     labels = batch["labels"].astype(jnp.float32)
     chex.assert_shape(labels, (logits.shape[0],))
     positive = is_positive(labels)
@@ -125,7 +159,8 @@ def orm_loss(
     weights = mask / normalizer[positive.astype(jnp.int32)][:, None]
     targets = jnp.broadcast_to(labels[:, None], logits.shape)
     bce = optax.sigmoid_binary_cross_entropy(logits, targets)
-    loss = (weights * bce).sum()
+    bce_loss = (weights * bce).sum()
+    loss = bce_loss + lm_weight * lm_nll / lm_normalizer
     final = final_scores(logits, batch["loss_mask"] & batch["input_mask"])
     has_completion = ~jnp.isnan(final)
     hits = jnp.where(has_completion, (final > 0) == positive, False)
@@ -134,6 +169,8 @@ def orm_loss(
         "final_count": has_completion.sum().astype(jnp.float32),
         "prediction_sum": (jax.nn.sigmoid(logits) * mask).sum(),
         "token_count": mask.sum(),
+        "bce": bce_loss,
+        "lm_nll_sum": lm_nll,
     }
     return loss, aux
 
@@ -179,17 +216,24 @@ def orm_step(
     num_microbatches: int = 1,
     lr_schedule: Optional[optax.Schedule] = None,
     head: str = ORM_HEAD,
+    lm_weight: float = 0.0,
+    chunk_size: int = 256,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update of the ORM from {tokens, input_mask, loss_mask, labels}.
 
-    Metrics: loss, final_accuracy (the sign of the final-token logit against
-    the label), mean_prediction (over completion tokens), positive_fraction,
+    ``lm_weight`` > 0 adds the language-modelling loss on the correct
+    solutions (:func:`orm_loss`; its logits are computed ``chunk_size``
+    positions at a time). Metrics: loss, bce, lm_loss (with ``lm_weight``:
+    the token-mean NLL of the correct solutions), final_accuracy (the sign
+    of the final-token logit against the label), mean_prediction (over completion tokens), positive_fraction,
     grad_norm, param_norm, finite (1.0 when the loss, the gradient norm and
     the new parameter norm are all finite, else 0.0: the loop's cue to stop
     before a bad state reaches a checkpoint), and lr with a schedule.
     """
-    normalizer = class_normalizer(batch)
-    loss_fn = lambda params, micro: orm_loss(params, micro, model, normalizer, head)
+    normalizer, lm_count = class_normalizer(batch), lm_normalizer(batch)
+    loss_fn = lambda params, micro: orm_loss(
+        params, micro, model, normalizer, head, lm_weight, lm_count, chunk_size
+    )
     loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -198,6 +242,7 @@ def orm_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     metrics = {
         "loss": loss,
+        "bce": aux["bce"],
         "final_accuracy": aux["final_hits"] / jnp.maximum(aux["final_count"], 1.0),
         "mean_prediction": aux["prediction_sum"] / jnp.maximum(aux["token_count"], 1.0),
         "positive_fraction": is_positive(batch["labels"]).mean(dtype=jnp.float32),
@@ -206,6 +251,8 @@ def orm_step(
         "finite": finite.astype(jnp.float32),
         "target_tokens": aux["token_count"],
     }
+    if lm_weight:
+        metrics["lm_loss"] = aux["lm_nll_sum"] / lm_count
     if lr_schedule is not None:
         metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
     rng, _ = jax.random.split(state.rng)
@@ -315,6 +362,33 @@ def orm_arrays(
     arrays, truncated = sft_data.pack_pairs(pairs, max_length, pad_id)
     arrays["labels"] = np.asarray(labels, np.float32)
     return arrays, truncated
+
+
+def balanced_within_questions(
+    question_ids: Sequence[int], labels: Sequence[float]
+) -> np.ndarray:
+    """Indices of a subset in which every question holds as many correct as incorrect
+    samples: of each question with both, its first min(#correct, #incorrect) of each
+    class, in the given order; questions all right or all wrong are left out.
+
+    An ORM used to rerank the K samples of one question must tell them apart;
+    trained on every sample, it learns first (and mostly) which questions are
+    hard -- the cheapest way down the loss, since many questions are all right
+    or all wrong -- and ranks the samples of one question barely above chance.
+    On this subset how hard a question looks predicts nothing; only what
+    differs between its solutions does.
+    """
+    positive = np.asarray(labels, np.float64) > 0.5
+    question_ids = np.asarray(question_ids)
+    if positive.shape != question_ids.shape:
+        raise ValueError(f"{question_ids.size} question ids for {positive.size} labels")
+    keep = []
+    for question in np.unique(question_ids):
+        rows = np.flatnonzero(question_ids == question)
+        right, wrong = rows[positive[rows]], rows[~positive[rows]]
+        n = min(len(right), len(wrong))
+        keep += [*right[:n], *wrong[:n]]
+    return np.sort(np.asarray(keep, np.int64))
 
 
 # ----------------------------------------------------------------------------- the scorer

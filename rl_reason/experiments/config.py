@@ -283,6 +283,13 @@ def orm_config() -> ml_collections.ConfigDict:
     c.orm.rewards = ml_collections.ConfigDict({"correctness": 1.0})
     c.orm.threshold = 1.0  # a sample is labelled correct when its reward reaches this
     c.orm.score_batch_size = 32  # rows per held-out scoring call
+    # Weight of the language-modelling loss on the correct samples beside the BCE
+    # (Cobbe et al.'s joint objective; 0 trains the head's BCE alone).
+    c.orm.lm_loss_weight = 0.0
+    # Train on questions with both right and wrong samples, as many of each
+    # (orm.balanced_within_questions): an ORM for rerank@K must rank one question's
+    # samples, not tell hard questions from easy ones.
+    c.orm.balance_questions = False
     c.train.num_steps = 200
     c.train.eval_every = 50  # held-out AUC every this many steps (and at the end)
     c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model

@@ -103,6 +103,10 @@ def validate_orm(config: ml_collections.ConfigDict) -> None:
         problems.append(
             "orm.sampling_chunk must be positive, orm.num_shots and train.eval_every not negative."
         )
+    if c.balance_questions and c.num_samples < 2:
+        problems.append("orm.balance_questions needs orm.num_samples >= 2 per question.")
+    if not c.lm_loss_weight >= 0:  # NaN too
+        problems.append(f"orm.lm_loss_weight={c.lm_loss_weight} must be a number >= 0.")
     problems += [
         f"orm.rewards names {name!r}; known rewards: {registry.names()}."
         for name in c.rewards
@@ -307,6 +311,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 runs.read_solutions(files.dataset(split), progress["datasets"][split]["digest"])
                 for split in SPLITS
             )
+            if c.balance_questions:  # the same subset on every resume: a pure function
+                keep = orm_lib.balanced_within_questions(
+                    [s.question_id for s in train_set],
+                    [float(s.reward >= c.threshold) for s in train_set],
+                )
+                _log.info(
+                    "ORM: training on %d of %d samples (balanced within questions).",
+                    len(keep),
+                    len(train_set),
+                )
+                train_set = [train_set[i] for i in keep]
+                if not train_set:
+                    raise ValueError(
+                        "orm.balance_questions: no train question has both a right and a wrong"
+                        f" sample among its {c.num_samples}; draw more (orm.num_samples) or"
+                        " train on every sample."
+                    )
             arrays, cut = orm_lib.orm_arrays(
                 tokenizer,
                 [s.prompt for s in train_set],
@@ -331,6 +352,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     tx,
                     num_microbatches=config.train.num_microbatches,
                     lr_schedule=schedule,
+                    lm_weight=c.lm_loss_weight,
+                    chunk_size=config.train.loss_chunk_size,
                 ),
                 mesh,
                 rules,
@@ -371,6 +394,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     held = measure(scorer, heldout_set, golds, c.threshold)
                     record.update({f"heldout/{key}": value for key, value in held.items()})
                     record["samples_drawn"] = progress["samples_drawn"]
+                    record["train_samples"] = len(train_set)
                 if done == num_steps:
                     progress["phase"] = DONE
                 if measured or done % config.train.log_every == 0:
