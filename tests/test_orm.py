@@ -206,6 +206,9 @@ def test_balanced_within_questions_keeps_as_many_right_as_wrong_per_question():
         in_q = np.asarray(question_ids)[keep] == q
         assert kept[in_q].sum() * 2 == in_q.sum()
     assert orm.balanced_within_questions([0, 0], [1, 1]).size == 0
+    # one_sided: the first samples of the questions all right (q1) or all wrong (q3) too.
+    with_one = orm.balanced_within_questions(question_ids, labels, one_sided=1)
+    np.testing.assert_array_equal(with_one, [0, 1, 3, 5, 7, 9])
     with pytest.raises(ValueError, match="3 question ids for 2 labels"):
         orm.balanced_within_questions([0, 0, 1], [1, 0])
 

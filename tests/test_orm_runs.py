@@ -51,7 +51,7 @@ if EVEN not in reward_registry.names():
 def _orm_config(start, num_steps=4):
     config = arith_orm.get_config()
     config.model_source.path = str(start)
-    config.data.update(num_train=12, num_eval=8)
+    config.data.update(num_train=12, num_validation=0, num_eval=8)
     config.orm.update(
         num_samples=2,
         max_new_tokens=12,
@@ -212,7 +212,7 @@ def test_an_orm_run_resumes_mid_sampling_and_mid_training(orm_run, tmp_path, mon
         jax.tree.leaves(_params(tmp_path / "resumed", "orm")),
     ):
         np.testing.assert_array_equal(a, b)
-    for split in orm_experiment.SPLITS:
+    for split in ("train", "heldout"):
         name = f"orm/{split}.jsonl"
         assert (straight / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
 
@@ -228,10 +228,49 @@ def test_a_balanced_joint_objective_orm_run_trains_on_its_subset_and_resumes(
     straight = orm_experiment.train(config, str(tmp_path / "straight"))
     samples = runs.read_solutions(str(tmp_path / "straight" / "orm" / "train.jsonl"))
     labels = [float(s.reward >= config.orm.threshold) for s in samples]
-    keep = orm_lib.balanced_within_questions([s.question_id for s in samples], labels)
+    keep = orm_lib.balanced_within_questions(
+        [s.question_id for s in samples], labels, one_sided=config.orm.one_sided_samples
+    )
     assert 0 < len(keep) < len(samples) and straight["train_samples"] == len(keep)
     assert "lm_loss" in straight and np.isfinite(straight["lm_loss"])
     _interrupt_at(monkeypatch, [5, 6])
     _run_until_done(orm_experiment.train, config, tmp_path / "resumed")
     assert _records(tmp_path / "straight") == _records(tmp_path / "resumed")
 
+
+@pytest.mark.slow
+def test_validation_selects_the_orm_and_a_resumed_run_selects_the_same(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    """data.num_validation: validation samples drawn like the held-out ones, measured at
+    every evaluation; the best within-question AUC's ORM is the run's, its held-out
+    figures logged again as selected/heldout/* (the same as at its step: the same
+    params), and a run interrupted mid-sampling and mid-training selects the same."""
+    config = _orm_config(tiny_sft_run)
+    config.data.num_validation = 4
+    config.train.eval_every = 1
+    straight = tmp_path / "straight"
+    last = orm_experiment.train(config, str(straight))
+    records = _records(straight)
+    measured = [r for r in records if "validation/auc" in r or "validation/accuracy" in r]
+    assert len(measured) == 4
+    chosen = last["selected_step"]
+    at_chosen = next(r for r in measured if r["orm_step"] == chosen)
+    scores = [orm_experiment.selection_score(_strip(r, "validation/")) for r in measured]
+    assert at_chosen is measured[scores.index(max(s for s in scores if s is not None))]
+    for key, value in _strip(at_chosen, "heldout/").items():
+        np.testing.assert_allclose(last[f"selected/heldout/{key}"], value, rtol=1e-6, err_msg=key)
+    assert len(runs.read_solutions(str(straight / "orm" / "validation.jsonl"))) == 4 * 2
+    # Global steps: 2 train chunks, 1 held-out, 1 validation, 1 assembly, 4 ORM steps.
+    _interrupt_at(monkeypatch, [3, 5, 7, 8])
+    _run_until_done(orm_experiment.train, config, tmp_path / "resumed")
+    assert _records(straight) == _records(tmp_path / "resumed")
+    for a, b in zip(
+        jax.tree.leaves(_params(straight, "orm")),
+        jax.tree.leaves(_params(tmp_path / "resumed", "orm")),
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def _strip(record, prefix):
+    return {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}

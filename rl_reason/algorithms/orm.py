@@ -365,29 +365,34 @@ def orm_arrays(
 
 
 def balanced_within_questions(
-    question_ids: Sequence[int], labels: Sequence[float]
+    question_ids: Sequence[int], labels: Sequence[float], one_sided: int = 0
 ) -> np.ndarray:
-    """Indices of a subset in which every question holds as many correct as incorrect
-    samples: of each question with both, its first min(#correct, #incorrect) of each
-    class, in the given order; questions all right or all wrong are left out.
+    """Indices of a subset in which every question with both outcomes holds as many
+    correct as incorrect samples: its first min(#correct, #incorrect) of each
+    class, in the given order; of a question whose samples are all right or all
+    wrong, its first ``one_sided`` samples.
 
     An ORM used to rerank the K samples of one question must tell them apart;
     trained on every sample, it learns first (and mostly) which questions are
     hard -- the cheapest way down the loss, since many questions are all right
     or all wrong -- and ranks the samples of one question barely above chance.
-    On this subset how hard a question looks predicts nothing; only what
-    differs between its solutions does.
+    On the balanced questions how hard a question looks predicts nothing; only
+    what differs between its solutions does. A few samples of the one-sided
+    questions (``one_sided``) keep some of the question-level signal an ORM
+    also needs as a reward or a score across questions.
     """
     positive = np.asarray(labels, np.float64) > 0.5
     question_ids = np.asarray(question_ids)
     if positive.shape != question_ids.shape:
         raise ValueError(f"{question_ids.size} question ids for {positive.size} labels")
+    if one_sided < 0:
+        raise ValueError(f"one_sided must not be negative, got {one_sided}")
     keep = []
     for question in np.unique(question_ids):
         rows = np.flatnonzero(question_ids == question)
         right, wrong = rows[positive[rows]], rows[~positive[rows]]
         n = min(len(right), len(wrong))
-        keep += [*right[:n], *wrong[:n]]
+        keep += [*right[:n], *wrong[:n]] if n else list(rows[:one_sided])
     return np.sort(np.asarray(keep, np.int64))
 
 

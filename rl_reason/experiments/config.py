@@ -290,6 +290,7 @@ def orm_config() -> ml_collections.ConfigDict:
     # (orm.balanced_within_questions): an ORM for rerank@K must rank one question's
     # samples, not tell hard questions from easy ones.
     c.orm.balance_questions = False
+    c.orm.one_sided_samples = 0  # ...plus this many of a question whose samples all agree
     c.train.num_steps = 200
     c.train.eval_every = 50  # held-out AUC every this many steps (and at the end)
     c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model

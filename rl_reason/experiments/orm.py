@@ -18,6 +18,14 @@ As the study does (after Cobbe et al., 2021):
      each held-out sample (its final token, read by the same batched scorer
      evaluation's rerank@K uses): AUC against the labels, accuracy at 0.5, and
      rerank@K beside maj@K and pass@K of the same K samples.
+  4. select -- with `data.num_validation` questions held back from the train
+     split, their samples (drawn like the held-out ones) are measured at the
+     same steps, and the ORM with the best validation within-question AUC
+     (what reranking needs) is the run's ORM: it replaces the last one at the
+     end, and its held-out figures are logged once more as `selected_*`.
+     An ORM's ranking of one question's samples peaks early and then decays
+     while its overall AUC still rises (README), so the last step is seldom
+     the best.
 
 The samples are drawn once, before any training, because they depend on the
 policy alone; held-out samples are never trained on. The checkpoint holds the
@@ -53,7 +61,7 @@ from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.evaluation.evaluate import evaluate as score_samples
-from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.experiments import rollout, rounds, runs, sources, tasks
 from rl_reason.experiments.config import InvalidConfigError, validate
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
@@ -64,7 +72,9 @@ from rl_reason.sampling.engine import Sampler, common_prefix_length
 _log = logging.getLogger(__name__)
 
 SAMPLE, TRAIN, DONE = "sample", "train", "done"
-SPLITS = ("train", "heldout")
+# "validation" (data.num_validation train questions held back) last, so that the
+# other splits' draws are the same with or without it.
+SPLITS = ("train", "heldout", "validation")
 NAME = orm_lib.ORM_HEAD  # the checkpoint's model name and the head's
 # What the sampled datasets depend on besides the seed, model and data (locked by
 # runs.start): a resume that changes them would mix samples of two settings.
@@ -103,8 +113,11 @@ def validate_orm(config: ml_collections.ConfigDict) -> None:
         problems.append(
             "orm.sampling_chunk must be positive, orm.num_shots and train.eval_every not negative."
         )
-    if c.balance_questions and c.num_samples < 2:
-        problems.append("orm.balance_questions needs orm.num_samples >= 2 per question.")
+    if c.balance_questions and (c.num_samples < 2 or c.one_sided_samples < 0):
+        problems.append(
+            "orm.balance_questions needs orm.num_samples >= 2 per question and"
+            " orm.one_sided_samples >= 0."
+        )
     if not c.lm_loss_weight >= 0:  # NaN too
         problems.append(f"orm.lm_loss_weight={c.lm_loss_weight} must be a number >= 0.")
     problems += [
@@ -183,6 +196,13 @@ def measure(
     return out
 
 
+def selection_score(figures: dict[str, float]) -> float | None:
+    """What picks the run's ORM on the validation samples: the within-question AUC
+    (the overall AUC when no validation question has both outcomes; None when
+    neither is defined)."""
+    return figures.get("within_question_auc", figures.get("auc"))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the ORM run to train.num_steps; returns the last logged metrics."""
     mesh, rules = runs.start(config, workdir, validate_orm)
@@ -190,6 +210,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     c = config.orm
     task = tasks.load(config)
     heldout = task.heldout[: config.eval.num_examples or None]
+    questions = {"train": task.train, "heldout": heldout, "validation": task.validation}
+    splits = tuple(split for split in SPLITS if questions[split])
+    selecting = "validation" in splits
     files = _Files(workdir)
 
     kind, path = init_source(config)
@@ -201,10 +224,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model = Transformer(orm_model.config)
     tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
     checkpointer = runs.make_checkpointer(config, workdir)
+    def items_of(state: Any, best_params: Any) -> dict[str, Any]:
+        """What a checkpoint holds: the ORM's train state, and the best one so far."""
+        items = checkpointing.train_state_items(NAME, state)
+        return {**items, "best.params": best_params} if selecting else items
+
     if checkpointer.latest_step() is not None:
         abstract = ts.abstract_train_state(model, tx, mesh, rules)
-        items, progress, _ = checkpointer.restore(checkpointing.train_state_items(NAME, abstract))
+        items, progress, _ = checkpointer.restore(items_of(abstract, abstract.params))
         state = checkpointing.merge_train_state(NAME, items)
+        best_params = items.get("best.params")
         if progress["init"] != start_id:
             raise runs.ResumeConfigError(
                 f"The ORM's start model from {path!r} changed since the run began"
@@ -220,6 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "models": {NAME: model.config.to_dict()},
         }
         state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=orm_model.params)
+        best_params = rounds.copy_tree(state.params) if selecting else None
     del orm_model
     if progress["phase"] == DONE:  # a finished run is left as it is, config.json included
         checkpointer.close()
@@ -244,10 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             def checkpoint_and_maybe_stop(force: bool = False) -> None:
                 stop = guard.should_stop(progress["global_step"])
                 checkpointer.save(
-                    progress["global_step"],
-                    checkpointing.train_state_items(NAME, state),
-                    progress,
-                    force=force or stop,
+                    progress["global_step"], items_of(state, best_params), progress, force=force or stop
                 )
                 if stop and progress["phase"] != DONE:  # a finished run has nothing to resume
                     raise checkpointing.Preempted(progress["global_step"], workdir)
@@ -261,8 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 del start  # training needs only the ORM's state
                 _sample(
                     config,
-                    task.train,
-                    heldout,
+                    {split: questions[split] for split in splits},
                     policy,
                     mesh,
                     rules,
@@ -274,8 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 )
                 del policy
                 datasets = {}
-                for split, questions in zip(SPLITS, (task.train, heldout)):
-                    chunks = range(0, len(questions), c.sampling_chunk)
+                for split in splits:
+                    chunks = range(0, len(questions[split]), c.sampling_chunk)
                     samples = [
                         s
                         for i in range(len(chunks))
@@ -292,6 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     phase=TRAIN,
                     datasets=datasets,
                     orm_step=0,
+                    best={"score": None, "step": 0},
                     global_step=progress["global_step"] + 1,
                 )
                 last = log(
@@ -307,14 +334,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 del start
 
             # The train phase.
-            train_set, heldout_set = (
+            progress.setdefault("best", {"score": None, "step": 0})  # runs begun before selection
+            train_set, heldout_set, validation_set = (
                 runs.read_solutions(files.dataset(split), progress["datasets"][split]["digest"])
+                if split in splits
+                else []
                 for split in SPLITS
             )
             if c.balance_questions:  # the same subset on every resume: a pure function
                 keep = orm_lib.balanced_within_questions(
                     [s.question_id for s in train_set],
                     [float(s.reward >= c.threshold) for s in train_set],
+                    one_sided=c.one_sided_samples,
                 )
                 _log.info(
                     "ORM: training on %d of %d samples (balanced within questions).",
@@ -369,6 +400,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 rules=rules,
             )
             golds = [q["final_answer"] for q in heldout]
+            validation_golds = [q["final_answer"] for q in task.validation]
             num_steps, eval_every = config.train.num_steps, config.train.eval_every
             for step in tqdm.trange(
                 progress["orm_step"],
@@ -395,10 +427,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     record.update({f"heldout/{key}": value for key, value in held.items()})
                     record["samples_drawn"] = progress["samples_drawn"]
                     record["train_samples"] = len(train_set)
-                if done == num_steps:
-                    progress["phase"] = DONE
+                    if selecting:
+                        valid = measure(scorer, validation_set, validation_golds, c.threshold)
+                        record.update({f"validation/{k}": v for k, v in valid.items()})
+                        score, best = selection_score(valid), progress["best"]["score"]
+                        if score is not None and (best is None or score > best):
+                            best_params = rounds.copy_tree(state.params)
+                            progress["best"] = {"score": score, "step": done}
                 if measured or done % config.train.log_every == 0:
                     last = log({"orm_step": done, **record})
+                if done == num_steps:
+                    if selecting and progress["best"]["score"] is not None:
+                        # The selected ORM becomes the run's, measured once more.
+                        state = state.replace(params=rounds.copy_tree(best_params))
+                        scorer = dataclasses.replace(scorer, params=state.params)
+                        held = measure(scorer, heldout_set, golds, c.threshold)
+                        progress["global_step"] += 1
+                        last = log(
+                            {
+                                "orm_step": done,
+                                "samples_drawn": progress["samples_drawn"],
+                                "train_samples": len(train_set),
+                                "selected_step": progress["best"]["step"],
+                                "selected_validation_score": progress["best"]["score"],
+                                **{f"selected/heldout/{k}": v for k, v in held.items()},
+                            }
+                        )
+                    progress["phase"] = DONE
                 checkpoint_and_maybe_stop(force=done == num_steps)
     finally:
         checkpointer.wait()
@@ -407,11 +462,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return last
 
 
-def _sample(
-    config, train_questions, heldout, policy, mesh, rules, files, progress, log, checkpoint, show
-) -> None:
-    """Every train question's K samples, then every held-out question's, chunk by chunk
-    from progress["chunk"] (an index into both splits' chunks, train first)."""
+def _sample(config, questions, policy, mesh, rules, files, progress, log, checkpoint, show) -> None:
+    """Every train question's K samples, then every held-out (and validation) question's,
+    chunk by chunk from progress["chunk"] (an index into all splits' chunks, in
+    `questions`' order: train first)."""
     c = config.orm
     sampler = Sampler(
         policy.config,
@@ -424,25 +478,23 @@ def _sample(
         progress=show,
     )
     reward_fn = compose.compose(c.rewards.to_dict())
-    exemplars = templates.select_exemplars(train_questions, c.num_shots, seed=config.seed)
+    exemplars = templates.select_exemplars(questions["train"], c.num_shots, seed=config.seed)
     base_rng = jax.random.PRNGKey(config.seed)
+    e = config.eval  # validation samples are drawn like the held-out ones they stand for
     settings = {  # split -> (questions, K, temperature, max_new_tokens)
-        "train": (train_questions, c.num_samples, c.temperature, c.max_new_tokens),
-        "heldout": (
-            heldout,
-            config.eval.num_samples,
-            config.eval.temperature,
-            config.eval.max_new_tokens,
-        ),
+        split: (questions[split], c.num_samples, c.temperature, c.max_new_tokens)
+        if split == "train"
+        else (questions[split], e.num_samples, e.temperature, e.max_new_tokens)
+        for split in questions
     }
     plan = [
         (split, index, first)
-        for split in SPLITS
+        for split in questions
         for index, first in enumerate(range(0, len(settings[split][0]), c.sampling_chunk))
     ]
     prompts = {
         split: [templates.format_prompt(q["question"], exemplars) for q in settings[split][0]]
-        for split in SPLITS
+        for split in questions
     }
     shared = {split: common_prefix_length(sampler.token_ids(p)) for split, p in prompts.items()}
     for n in tqdm.trange(
