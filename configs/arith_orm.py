@@ -10,9 +10,9 @@ K=8 samples per train question (4,096 of them) at temperature 1 from the SFT
 policy, labelled by final-answer correctness; the ORM (a scalar head on the
 SFT model) is trained with class-balanced per-token BCE on the questions
 whose samples disagree, as many right as wrong, plus one sample of each other
-question (`orm.balance_questions`); 256 questions held back from the train
+question (`orm.balance_questions`); 512 questions held back from the train
 split choose the ORM by the within-question AUC of their samples, and it is
-measured on K=4 samples of 256 held-out questions at temperature 0.7: AUC,
+measured on K=4 samples of 1,024 held-out questions at temperature 0.7: AUC,
 accuracy at 0.5, rerank@4 against maj@4. CPU-sized (the study: K=96 per GSM8K
 question, a 7B ORM). Why the balancing and the selection: README, "Results
 on the synthetic task".
@@ -24,7 +24,7 @@ from rl_reason.experiments.config import orm_config
 def get_config():
     config = orm_config()
     config.model_source.path = "runs/sft"
-    config.data.update(num_train=4096, num_validation=256, num_eval=256)
+    config.data.update(num_train=4096, num_validation=512, num_eval=1024)
     config.orm.update(
         num_samples=8,
         max_new_tokens=48,
@@ -35,7 +35,7 @@ def get_config():
         balance_questions=True,
         one_sided_samples=1,
     )
-    config.eval.update(num_examples=256, num_samples=4, max_new_tokens=48)
-    config.train.update(num_steps=400, batch_size=32, max_length=128, eval_every=50)
+    config.eval.update(num_examples=1024, num_samples=4, max_new_tokens=48)
+    config.train.update(num_steps=1000, batch_size=32, max_length=128, eval_every=100)
     config.optim.update(lr=3e-4, warmup_steps=20, schedule="cosine")
     return config
