@@ -274,7 +274,9 @@ def _step_conditioned(decoder, params, tokens, mask, vocab, **options):
     free = np.asarray(free.completion_tokens)
     starts = tuple(sorted({int(t) for t in free[:, 1:4].ravel()}))
     given = next(t for t in range(vocab - 1, 0, -1) if t not in starts)
-    options = dict(temperature=0.0, max_new_tokens=16, step_token=given, step_starts=starts, **options)
+    options = dict(
+        temperature=0.0, max_new_tokens=16, step_token=given, step_starts=starts, **options
+    )
     return _sample(decoder, params, tokens, mask, **options), starts, given
 
 

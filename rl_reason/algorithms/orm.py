@@ -132,15 +132,15 @@ def orm_loss(
     answer is correct). Every completion token t is trained towards the
     label: heads[t] is the score of the text up to and including token t.
 
-    The auxiliary loss is Cobbe et al.'s (2021): a verifier trained jointly
-    with the language-modelling objective judges better. To tell a right
-    solution from a wrong one *of the same question* the head has to see
-    where a written token departs from what the model would have written;
-    BCE alone erodes that next-token knowledge within a few hundred steps
-    and the head falls back on how hard the question looks. It is taken on
-    correct solutions only (the token mean over them, ``lm_normalizer``):
-    the incorrect ones would teach their errors. The aux values are sums,
-    so micro-batches add up.
+    The auxiliary loss is Cobbe et al.'s (2021), who found a verifier
+    trained jointly with the language-modelling objective judges better: to
+    tell a right solution from a wrong one of the same question the head
+    has to see where a written token departs from what the model would have
+    written, and the LM loss keeps that next-token knowledge in the trunk.
+    (On the synthetic task it did not help; README.) It is taken on correct
+    solutions only (the token mean over them, ``lm_normalizer``): the
+    incorrect ones would teach their errors. The aux values are sums, so
+    micro-batches add up.
     """
     if lm_weight:  # one forward pass gives the head and the next-token scores
         scored = token_logprobs(
@@ -225,10 +225,11 @@ def orm_step(
     solutions (:func:`orm_loss`; its logits are computed ``chunk_size``
     positions at a time). Metrics: loss, bce, lm_loss (with ``lm_weight``:
     the token-mean NLL of the correct solutions), final_accuracy (the sign
-    of the final-token logit against the label), mean_prediction (over completion tokens), positive_fraction,
-    grad_norm, param_norm, finite (1.0 when the loss, the gradient norm and
-    the new parameter norm are all finite, else 0.0: the loop's cue to stop
-    before a bad state reaches a checkpoint), and lr with a schedule.
+    of the final-token logit against the label), mean_prediction (over
+    completion tokens), positive_fraction, grad_norm, param_norm, finite
+    (1.0 when the loss, the gradient norm and the new parameter norm are all
+    finite, else 0.0: the loop's cue to stop before a bad state reaches a
+    checkpoint), and lr with a schedule.
     """
     normalizer, lm_count = class_normalizer(batch), lm_normalizer(batch)
     loss_fn = lambda params, micro: orm_loss(

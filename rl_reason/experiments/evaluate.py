@@ -295,7 +295,16 @@ class _Progress:
 
 
 def _write_outputs(
-    workdir, config, data, greedy, k_texts, golds, metrics, orm_scores, condition_on, condition_steps
+    workdir,
+    config,
+    data,
+    greedy,
+    k_texts,
+    golds,
+    metrics,
+    orm_scores,
+    condition_on,
+    condition_steps,
 ) -> None:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -22,10 +22,8 @@ As the study does (after Cobbe et al., 2021):
      split, their samples (drawn like the held-out ones) are measured at the
      same steps, and the ORM with the best validation within-question AUC
      (what reranking needs) is the run's ORM: it replaces the last one at the
-     end, and its held-out figures are logged once more as `selected_*`.
-     An ORM's ranking of one question's samples peaks early and then decays
-     while its overall AUC still rises (README), so the last step is seldom
-     the best.
+     end, and its held-out figures are logged once more as `selected/*`.
+     The held-out questions then only measure; they choose nothing.
 
 The samples are drawn once, before any training, because they depend on the
 policy alone; held-out samples are never trained on. The checkpoint holds the
@@ -224,6 +222,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model = Transformer(orm_model.config)
     tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
     checkpointer = runs.make_checkpointer(config, workdir)
+
     def items_of(state: Any, best_params: Any) -> dict[str, Any]:
         """What a checkpoint holds: the ORM's train state, and the best one so far."""
         items = checkpointing.train_state_items(NAME, state)
@@ -273,9 +272,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
             def checkpoint_and_maybe_stop(force: bool = False) -> None:
                 stop = guard.should_stop(progress["global_step"])
-                checkpointer.save(
-                    progress["global_step"], items_of(state, best_params), progress, force=force or stop
-                )
+                items = items_of(state, best_params)
+                checkpointer.save(progress["global_step"], items, progress, force=force or stop)
                 if stop and progress["phase"] != DONE:  # a finished run has nothing to resume
                     raise checkpointing.Preempted(progress["global_step"], workdir)
 

@@ -26,11 +26,11 @@ sampler gives the model the token (`rcrl.step_conditioning`), as in training.
 
 The token to condition on is recorded in every checkpoint's progress
 (`prompt_conditioning`; `step_conditioning` for dense runs), so that
-`launch/evaluate.py` on an RCRL run applies
-it by itself. The checkpoint step is a global counter that rises with every
-sampling chunk and every SFT step; a run killed at any point and restarted
-with the same command ends with the parameters and metrics of an
-uninterrupted run (the shared round machinery is `experiments/rounds.py`).
+`launch/evaluate.py` on an RCRL run applies it by itself. The checkpoint
+step is a global counter that rises with every sampling chunk and every SFT
+step; a run killed at any point and restarted with the same command ends
+with the parameters and metrics of an uninterrupted run (the shared round
+machinery is `experiments/rounds.py`).
 """
 
 from __future__ import annotations

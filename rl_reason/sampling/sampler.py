@@ -408,14 +408,14 @@ def sample(
         keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
         greedy_rows = s.greedy if config.greedy_first else None
         token, policy_lp, sampling_lp = choose_tokens(s.logits, keys, config, greedy_rows)
-        if config.step_token >= 0:
+        conditioned = config.step_token >= 0
+        if conditioned:
             token = jnp.where(s.given, config.step_token, token)
             policy_lp, sampling_lp = (jnp.where(s.given, 0.0, x) for x in (policy_lp, sampling_lp))
         token = jnp.where(s.live, token, config.pad_id)
-        # A given token is invisible to stop sequences: "\n<|good|>Question:" still stops.
-        recent = jnp.where(
-            s.given[:, None], s.recent, jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
-        )
+        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
+        if conditioned:  # a given token is invisible to stop sequences ("\n<|good|>Question:")
+            recent = jnp.where(s.given[:, None], s.recent, recent)
         hit_eos = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) & s.live
         hit_stop = _ends_with_stop(recent, config) & s.live & ~hit_eos & ~s.given
         starts_step = jnp.isin(token, jnp.asarray(config.step_starts, jnp.int32)) & ~s.given
