@@ -86,7 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     data = load_eval_set(config)
     prompts = [templates.format_prompt(q["question"], data.exemplars) for q in data.questions]
-    condition_on, condition_steps = conditioning(config, tokenizer)
+    conditioned = conditioning(config, tokenizer)
+    condition_on, condition_steps = conditioned
     if condition_on:
         prompts = [rcrl.condition_prompt(p, condition_on) for p in prompts]
     golds = [q["final_answer"] for q in data.questions]
@@ -162,18 +163,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         tokens_per_second=generated / max(seconds, 1e-9),
     )
     if jax.process_index() == 0:
-        _write_outputs(
-            workdir,
-            config,
-            data,
-            greedy,
-            k_texts,
-            golds,
-            metrics,
-            orm_scores,
-            condition_on,
-            condition_steps,
-        )
+        _write_outputs(workdir, config, data, greedy, k_texts, metrics, orm_scores, conditioned)
     return metrics
 
 
@@ -294,18 +284,11 @@ class _Progress:
         os.replace(path + ".tmp", path)
 
 
-def _write_outputs(
-    workdir,
-    config,
-    data,
-    greedy,
-    k_texts,
-    golds,
-    metrics,
-    orm_scores,
-    condition_on,
-    condition_steps,
-) -> None:
+def _write_outputs(workdir, config, data, greedy, k_texts, metrics, orm_scores, conditioned):
+    """eval_metrics.json, eval_samples.jsonl and report.md; `conditioned` is what
+    `conditioning` returned."""
+    golds = [q["final_answer"] for q in data.questions]
+    condition_on, condition_steps = conditioned
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(workdir, "eval_samples.jsonl"), "w") as f:
