@@ -204,14 +204,7 @@ def test_an_orm_run_resumes_mid_sampling_and_mid_training(orm_run, tmp_path, mon
     config, straight, _ = orm_run
     # Global steps: 2 train chunks, 1 held-out chunk, 1 assembly, 4 ORM steps.
     # Interrupt mid-sampling (1), at the assembly (4) and mid-training (5, 6: an evaluation).
-    _interrupt_at(monkeypatch, [1, 4, 5, 6])
-    _run_until_done(orm_experiment.train, config, tmp_path / "resumed")
-    assert _records(straight) == _records(tmp_path / "resumed")
-    for a, b in zip(
-        jax.tree.leaves(_params(straight, "orm")),
-        jax.tree.leaves(_params(tmp_path / "resumed", "orm")),
-    ):
-        np.testing.assert_array_equal(a, b)
+    _assert_resumes_like(straight, config, tmp_path / "resumed", monkeypatch, [1, 4, 5, 6])
     for split in ("train", "heldout"):
         name = f"orm/{split}.jsonl"
         assert (straight / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
@@ -233,9 +226,7 @@ def test_a_balanced_joint_objective_orm_run_trains_on_its_subset_and_resumes(
     )
     assert 0 < len(keep) < len(samples) and straight["train_samples"] == len(keep)
     assert "lm_loss" in straight and np.isfinite(straight["lm_loss"])
-    _interrupt_at(monkeypatch, [5, 6])
-    _run_until_done(orm_experiment.train, config, tmp_path / "resumed")
-    assert _records(tmp_path / "straight") == _records(tmp_path / "resumed")
+    _assert_resumes_like(tmp_path / "straight", config, tmp_path / "resumed", monkeypatch, [5, 6])
 
 
 @pytest.mark.slow
@@ -262,12 +253,17 @@ def test_validation_selects_the_orm_and_a_resumed_run_selects_the_same(
         np.testing.assert_allclose(last[f"selected/heldout/{key}"], value, rtol=1e-6, err_msg=key)
     assert len(runs.read_solutions(str(straight / "orm" / "validation.jsonl"))) == 4 * 2
     # Global steps: 2 train chunks, 1 held-out, 1 validation, 1 assembly, 4 ORM steps.
-    _interrupt_at(monkeypatch, [3, 5, 7, 8])
-    _run_until_done(orm_experiment.train, config, tmp_path / "resumed")
-    assert _records(straight) == _records(tmp_path / "resumed")
+    _assert_resumes_like(straight, config, tmp_path / "resumed", monkeypatch, [3, 5, 7, 8])
+
+
+def _assert_resumes_like(straight, config, resumed, monkeypatch, interrupt_steps):
+    """A run of `config` in `resumed`, preempted at each of `interrupt_steps` and
+    restarted, ends with the metrics and ORM parameters of the one in `straight`."""
+    _interrupt_at(monkeypatch, interrupt_steps)
+    _run_until_done(orm_experiment.train, config, resumed)
+    assert _records(straight) == _records(resumed)
     for a, b in zip(
-        jax.tree.leaves(_params(straight, "orm")),
-        jax.tree.leaves(_params(tmp_path / "resumed", "orm")),
+        jax.tree.leaves(_params(straight, "orm")), jax.tree.leaves(_params(resumed, "orm"))
     ):
         np.testing.assert_array_equal(a, b)
 
