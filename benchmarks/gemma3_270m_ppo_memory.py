@@ -27,7 +27,8 @@ import sys
 import time
 
 import jax
-from benchlib import OnPolicyIteration, load_average, peak_rss_bytes  # sets this checkout's path first
+# benchlib sets this checkout's path first.
+from benchlib import OnPolicyIteration, load_average, peak_rss_bytes
 
 from configs import gemma3_270m_svamp_ppo
 from rl_reason.data import templates
