@@ -109,26 +109,82 @@ def _pick_step(rng: random.Random, total: int, max_operand: int) -> tuple[str, i
             return op, rng.choice(divisors)
 
 
-def _problem(rng: random.Random, difficulty: Difficulty) -> dict[str, str]:
+def _story(rng: random.Random, difficulty: Difficulty) -> tuple[str, str, list, int]:
+    """A name, an item, the steps [(sentence, expression, result)] and the final total."""
     name = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
     total = rng.randint(1, difficulty.max_operand)
-    sentences = [f"{name} has {total} {item}."]
-    lines = []
+    steps = [(f"{name} has {total} {item}.", "", total)]
     for _ in range(rng.randint(difficulty.min_steps, difficulty.max_steps)):
         op, b = _pick_step(rng, total, difficulty.max_operand)
         result = _apply(op, total, b)
-        sentences.append(_STEP_TEXT[op].format(name=name, item=item, b=b))
-        expr = f"{total}{op}{b}"
-        lines.append(f"{name} has {expr}=<<{expr}={result}>>{result} {item}.")
+        steps.append((_STEP_TEXT[op].format(name=name, item=item, b=b), f"{total}{op}{b}", result))
         total = result
-    sentences.append(f"How many {item} does {name} have now?")
+    return name, item, steps, total
+
+
+def _note(expr: str, result: int) -> str:
+    return f"{expr}=<<{expr}={result}>>{result}"
+
+
+def _problem(rng: random.Random, difficulty: Difficulty) -> dict[str, str]:
+    name, item, steps, total = _story(rng, difficulty)
+    question = " ".join([s for s, _, _ in steps] + [f"How many {item} does {name} have now?"])
+    lines = [f"{name} has {_note(expr, result)} {item}." for _, expr, result in steps[1:]]
     lines.append(f"#### {total}")
-    return {
-        "question": " ".join(sentences),
-        "answer": "\n".join(lines),
-        "final_answer": str(total),
-    }
+    return {"question": question, "answer": "\n".join(lines), "final_answer": str(total)}
+
+
+# What a pretraining document is made of, and how often (see pretraining_corpus).
+PRETRAINING_MIX = (("story", 0.5), ("drill", 0.25), ("answer_key", 0.25))
+
+
+def _pretraining_document(rng: random.Random, difficulty: Difficulty) -> str:
+    kind = rng.choices([k for k, _ in PRETRAINING_MIX], [w for _, w in PRETRAINING_MIX])[0]
+    if kind == "drill":  # bare calculator notes
+        notes = []
+        for _ in range(rng.randint(3, 8)):
+            total = rng.randint(1, difficulty.max_operand)
+            op, b = _pick_step(rng, total, difficulty.max_operand)
+            notes.append(_note(f"{total}{op}{b}", _apply(op, total, b)))
+        return ", ".join(notes) + "."
+    name, item, steps, total = _story(rng, difficulty)
+    if kind == "story":  # the events, each followed by its calculation
+        text = [steps[0][0]]
+        for sentence, expr, result in steps[1:]:
+            text.append(f"{sentence} Now {name} has {_note(expr, result)} {item}.")
+        return " ".join(text)
+    # An answer key: the question with a bare answer, or a one-line working.
+    question = " ".join([s for s, _, _ in steps] + [f"How many {item} does {name} have now?"])
+    if rng.random() < 0.5:
+        return f"Question: {question}\nAnswer: #### {total}"
+    working = ", then ".join(_note(expr, result) for _, expr, result in steps[1:])
+    return f"Question: {question}\nAnswer: First {working}.\n#### {total}"
+
+
+def pretraining_corpus(
+    num_documents: int, *, seed: int = 0, difficulty: Difficulty = Difficulty()
+) -> list[str]:
+    """Arithmetic text that is not the task's solutions: what a "pretrained" model reads.
+
+    The study's second starting point is a pretrained model that has read
+    arithmetic on the web but was never fine-tuned on the task's reference
+    solutions. This corpus stands in for that web text: stories whose events
+    are each followed by their calculation (``Now Ann has 3+4=<<3+4=7>>7
+    apples.``), drills of bare calculator notes, and answer keys -- a
+    question with a bare ``#### n`` or a one-line working (``First 3+4=...,
+    then ...``), never the task's one-step-a-line solution. Every question in
+    it is a train-split question (test questions are never read), and
+    the same arguments give the same documents.
+    """
+    rng = random.Random(f"rl_reason.synthetic.pretraining:{seed}")
+    documents = []
+    while len(documents) < num_documents:
+        document = _pretraining_document(rng, difficulty)
+        if "Question:" in document and split_of(document.split("\n")[0][10:]) != "train":
+            continue
+        documents.append(document)
+    return documents
 
 
 def generate(

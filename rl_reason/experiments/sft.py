@@ -61,17 +61,14 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, tokenizer=None
         if os.path.isdir(tokenizer_dir):
             tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
         else:
-            texts = [ex["question"] + "\n" + ex["answer"] for ex in train_examples]
+            texts = [ex.get("text") or f"{ex['question']}\n{ex['answer']}" for ex in train_examples]
             tokenizer = tokenizer_lib.train_tokenizer(texts, config.data.tokenizer_vocab_size)
             if jax.process_index() == 0:
                 tokenizer_lib.save_tokenizer(tokenizer, tokenizer_dir)
 
     def pack(examples, split):
-        pairs = sft_data.encode_pairs(
-            tokenizer,
-            [templates.format_prompt(ex["question"]) for ex in examples],
-            [templates.format_completion(ex["answer"]) for ex in examples],
-        )
+        prompts, targets = zip(*map(_pair, examples)) if examples else ((), ())
+        pairs = sft_data.encode_pairs(tokenizer, prompts, targets)
         arrays, truncated = sft_data.pack_pairs(
             pairs, config.train.max_length, sft_data.pad_id(tokenizer)
         )
@@ -86,6 +83,17 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, tokenizer=None
         return arrays
 
     return SFTData(tokenizer, pack(train_examples, "train"), pack(eval_examples, "eval"))
+
+
+def _pair(example) -> tuple[str, str]:
+    """(prompt, target) of one example: a task question's zero-shot prompt and its
+    reference solution, or a pretraining document (`text`) that is all target."""
+    if "text" in example:
+        return "", example["text"]
+    return (
+        templates.format_prompt(example["question"]),
+        templates.format_completion(example["answer"]),
+    )
 
 
 def start_model(config: ml_collections.ConfigDict, mesh, rules) -> sources.LoadedModel | None:

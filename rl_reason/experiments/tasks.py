@@ -49,10 +49,17 @@ def load(config: ml_collections.ConfigDict) -> Task:
 
 def _load(config: ml_collections.ConfigDict) -> Task:
     task = config.data.task
-    if task == "synthetic":
+    if task in ("synthetic", "synthetic_text"):
         difficulty = synthetic.Difficulty(
             config.data.min_steps, config.data.max_steps, config.data.max_operand
         )
+    if task == "synthetic_text":
+        texts = synthetic.pretraining_corpus(
+            config.data.num_train + config.data.num_eval, seed=config.seed, difficulty=difficulty
+        )
+        documents = [{"text": text} for text in texts]
+        return Task(documents[: config.data.num_train], documents[config.data.num_train :])
+    if task == "synthetic":
         make = lambda split, n: synthetic.generate(
             split, n, seed=config.seed, difficulty=difficulty
         )
@@ -67,4 +74,6 @@ def _load(config: ml_collections.ConfigDict) -> Task:
             [r for i, r in enumerate(rows) if i % 10 < tenths],
             [r for i, r in enumerate(rows) if i % 10 >= tenths],
         )
-    raise ValueError(f"data.task={task!r}; known: 'synthetic', 'gsm8k', 'svamp'.")
+    raise ValueError(
+        f"data.task={task!r}; known: 'synthetic', 'synthetic_text', 'gsm8k', 'svamp'."
+    )
