@@ -153,7 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     orm_scores = None
     if config.eval.orm_source:  # rerank@k: the ORM's final-token score of every sample
         orm_scores = _orm_scores(config, mesh, prompts, k_texts)
-    metrics = score(k_texts, golds, greedy=greedy, scores=orm_scores)
+    ks = tuple(config.eval.get("ks", ())) or None
+    metrics = score(k_texts, golds, greedy=greedy, scores=orm_scores, ks=ks)
     generated = sum(c["generated_tokens"] for c in chunks)
     seconds = sum(c["seconds"] for c in chunks)  # sampling time, over every session of the run
     metrics.update(
