@@ -13,13 +13,14 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_rl_runs import _interrupt_at, _params, _records, _run_until_done
+from test_rl_runs import _interrupt_at, _on_policy_config, _params, _records, _run_until_done
 
 from rl_reason import checkpointing
 from rl_reason.algorithms import orm as orm_lib
 from rl_reason.data import templates
 from rl_reason.experiments import config as config_lib
 from rl_reason.experiments import evaluate, registry, runs, sources, tasks
+from rl_reason.experiments import on_policy
 from rl_reason.experiments import orm as orm_experiment
 from rl_reason.experiments.cli import ModelSourceNotFoundError
 from rl_reason.parallel import mesh as mesh_lib
@@ -28,7 +29,7 @@ from rl_reason.rewards import compose
 from rl_reason.rewards import registry as reward_registry
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import arith_orm
+from configs import arith_orm, arith_ppo
 
 EVEN = "test_even_length"
 
@@ -197,6 +198,22 @@ def test_evaluation_reranks_by_an_orm_run(orm_run, tiny_sft_run, tmp_path):
     prompt = templates.format_prompt(row["question"])
     direct = scorer(row["samples"], {"prompt": [prompt] * 3}, [[len(t)] for t in row["samples"]])
     chex.assert_trees_all_close(np.asarray(direct)[:, 0], np.asarray(scores[0]), atol=1e-5)
+
+
+def test_ppo_is_rewarded_by_the_orm_run_it_names(orm_run, tiny_sft_run, tmp_path):
+    """The study's ORM reward: PPO pays each sample the ORM's final-token score (a
+    probability); a config naming an ORM reward without an ORM is refused first."""
+    _, orm_dir, _ = orm_run
+    config = _on_policy_config(arith_ppo, tiny_sft_run)
+    config.rl.update(num_iterations=1, eval_every=0, rewards=ml_collections.ConfigDict(
+        {"orm_outcome": 1.0}))  # fmt: skip
+    config.eval.at_start = False
+    with pytest.raises(config_lib.InvalidConfigError, match="rl.orm_source"):
+        config_lib.validate_rl(config)
+    config.rl.update(orm_source=str(orm_dir), orm_length_buckets=(128,))
+    metrics = on_policy.train(config, str(tmp_path / "ppo"))
+    assert 0.0 < metrics["reward/orm_outcome"] < 1.0
+    assert metrics["reward_mean"] == pytest.approx(metrics["reward/orm_outcome"])
 
 
 @pytest.mark.slow

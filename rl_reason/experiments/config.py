@@ -116,6 +116,7 @@ def eval_config() -> ml_collections.ConfigDict:
     # (yes for a dense RCRL model), "every", or "first" (where the solution starts).
     c.eval.condition_steps = "auto"
     c.eval.num_samples = 4  # K for maj@K / pass@K; 0: greedy only
+    c.eval.ks = ()  # the k of maj@k, pass@k and rerank@k reported; empty: 1 and K
     c.eval.temperature = 0.7
     c.eval.top_p = 1.0
     c.eval.max_new_tokens = 128
@@ -199,6 +200,12 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rl.sampling_batch_size = 16  # prompts per sampler call
     c.rl.prompt_buckets = (64, 128, 256)
     c.rl.rewards = ml_collections.ConfigDict({"correctness": 1.0})
+    # An ORM run's workdir (configs/arith_orm.py) for the rewards orm_outcome (the
+    # study's ORM reward: its score of the whole sample) and orm_steps (dense: its
+    # score at the end of every step); scored in batches of rl.sampling_batch_size
+    # rows padded to the smallest of rl.orm_length_buckets that holds them.
+    c.rl.orm_source = ""
+    c.rl.orm_length_buckets = (128, 256, 512, 1024)
     # "gae" (PPO) or a group baseline: "grpo", "grpo_no_std", "rloo", "dr_grpo".
     c.rl.advantage = "gae"
     c.rl.gamma = 1.0
@@ -348,6 +355,8 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
     for name in rl.rewards:
         if name not in registry.names():
             problems.append(f"rl.rewards names {name!r}; known rewards: {registry.names()}.")
+        elif name.startswith("orm_") and not rl.get("orm_source"):
+            problems.append(f"rl.rewards names {name!r}: give the ORM run as rl.orm_source.")
     try:
         shape = mesh_lib.resolve_mesh_shape(config.mesh.shape, num_devices)
         shards = math.prod(
@@ -427,10 +436,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"model_source.path is empty: give the start model"
                 f" (kind={config.model_source.kind!r})."
             )
-    elif config.data.task != "synthetic":
+    elif config.data.task not in ("synthetic", "synthetic_text"):
         problems.append(
             f"data.task={config.data.task!r} needs a start model and its tokenizer: use"
-            " sft_config() (a model_source section) or data.task='synthetic'."
+            " sft_config() (a model_source section) or data.task='synthetic' or"
+            " 'synthetic_text'."
         )
     if config.optim.schedule not in SCHEDULES:
         problems.append(f"optim.schedule={config.optim.schedule!r} not in {SCHEDULES}.")
@@ -491,4 +501,41 @@ def rcrl_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 64
     c.eval.at_start = True  # the start model first: the x = 0 point of the study's curves
     c.checkpoint.save_interval_steps = 50
+    return c
+
+
+def study_config() -> ml_collections.ConfigDict:
+    """The study's grid (`experiments/study.py`): a template per kind of stage, and the runs.
+
+    Each template is a complete run config; the study fills in the model
+    paths that join the stages, the seed of each RL run and the reward
+    variant. `configs/study_mini.py` sizes them for a laptop CPU and
+    `configs/study.py` for the full grid.
+    """
+    c = ml_collections.ConfigDict()
+    c.algorithm = "study"
+
+    c.study = ml_collections.ConfigDict()
+    # "start:algorithm:reward": start in pretrained|sft, algorithm in ei|ppo|grpo|rcrl,
+    # reward sparse|dense|orm (EI: sparse only; RCRL: sparse or dense).
+    c.study.runs = ("sft:ei:sparse", "sft:ppo:sparse")
+    c.study.seeds = (0,)  # each RL run once per seed (the starts are shared)
+    # PPO/GRPO's dense variant: the study's step-match heuristic beside correctness.
+    c.study.dense_rewards = ml_collections.ConfigDict({"correctness": 1.0, "step_match": 0.5})
+    c.study.rerank = True  # train the ORM and report rerank@K (it is trained for an orm reward too)
+
+    c.stages = ml_collections.ConfigDict()
+    pretrain = base_config()
+    pretrain.data.task = "synthetic_text"
+    c.stages.pretrain = pretrain
+    c.stages.sft = sft_config("synthetic")
+    c.stages.orm = orm_config()
+    c.stages.ei = ei_config()
+    c.stages.ppo = rl_config("ppo")
+    c.stages.rcrl = rcrl_config()
+    c.stages.eval = eval_config()
+    c.stages.eval.eval.task = "synthetic"
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.progress_bar = True
     return c

@@ -148,6 +148,22 @@ def merge_state_items(models: ppo.ActorCritic, items: dict[str, Any]) -> Any:
     return items["policy.train"].replace(params=params)
 
 
+def orm_runtime(config: ml_collections.ConfigDict, mesh, rules) -> dict[str, Any]:
+    """The scorer the ORM rewards (`orm_outcome`, `orm_steps`) call: the ORM run at
+    rl.orm_source, batched like a rollout; nothing when the config names no ORM."""
+    rl = config.rl
+    if not rl.get("orm_source"):
+        return {}
+    scorer = sources.orm_scorer(
+        rl.orm_source,
+        mesh,
+        rules,
+        batch_size=rl.sampling_batch_size,
+        length_buckets=tuple(rl.orm_length_buckets),
+    )
+    return {"scorer": scorer}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) PPO/GRPO to rl.num_iterations; returns the last logged metrics.
 
@@ -224,7 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         top_p=rl.top_p,
         num_samples=rl.num_samples,
     )
-    reward_fn = compose.compose(rl.rewards.to_dict())
+    reward_fn = compose.compose(rl.rewards.to_dict(), **orm_runtime(config, mesh, rules))
     update = ts.jit_step(
         ppo.make_ppo_update(models, tx, pc, lr_schedule=schedule),
         mesh,
