@@ -1,7 +1,10 @@
 """SFT of a small Llama-style model on the built-in synthetic arithmetic task.
 
-The default job of `python launch/train.py`: it needs no download and shows
-learning on a laptop CPU in a few minutes.
+It needs no download and shows learning on a laptop CPU in a few minutes
+(the default job of `python launch/train.py` is the study in miniature,
+`configs/study_mini.py`, whose pretraining stage uses this model):
+
+    python launch/train.py --config=configs/sft_synthetic.py --workdir=runs/sft
 """
 
 from rl_reason.experiments.config import base_config

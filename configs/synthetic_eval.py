@@ -1,4 +1,4 @@
-"""Evaluates an SFT run of the synthetic task (default: the workdir of `python launch/train.py`)."""
+"""Evaluates a run of the synthetic task (default: the SFT model of `python launch/train.py`)."""
 
 from rl_reason.experiments.config import eval_config
 
@@ -6,7 +6,7 @@ from rl_reason.experiments.config import eval_config
 def get_config():
     config = eval_config()
     config.model_source.kind = "run"
-    config.model_source.path = "runs/default"
+    config.model_source.path = "runs/default/sft"
     config.eval.task = "synthetic"
     config.eval.num_examples = 256
     config.eval.num_samples = 4

@@ -24,7 +24,7 @@ sys.path.insert(0, _ROOT)
 
 from rl_reason.experiments import cli  # noqa: E402 (after the path is set)
 
-_DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "sft_synthetic.py")
+_DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "study_mini.py")
 
 cli.define_config_flag("config", _DEFAULT_CONFIG, "Experiment config file.")
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, logs, config.")

@@ -15,6 +15,9 @@ from rl_reason.experiments import cli
 from rl_reason.experiments.config import base_config
 
 
+SFT = "--config=configs/sft_synthetic.py"  # the default config is the study in miniature
+
+
 def _launch(repo_root, script, *args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(repo_root), "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
@@ -30,15 +33,15 @@ def _launch(repo_root, script, *args, cwd=None):
 @pytest.mark.parametrize(
     "script, args, key, suggestion",
     [
-        ("train.py", ["--config.optim.lrr=1"], "optim.lrr", "optim.lr"),
+        ("train.py", ["--config.study.seed=1"], "study.seed", "study.seeds"),  # the default
         (
             "train.py",  # an explicit config file is parsed later, inside app.run
             ["--config=configs/sft_synthetic.py", "--config.optim.lrr", "1"],
             "optim.lrr",
             "optim.lr",
         ),
-        ("train.py", ["--config.lr=1"], "lr", "optim.lr"),
-        ("train.py", ["--noconfig.data.shufle"], "data.shufle", "data.shuffle"),
+        ("train.py", [SFT, "--config.lr=1"], "lr", "optim.lr"),
+        ("train.py", [SFT, "--noconfig.data.shufle"], "data.shufle", "data.shuffle"),
         ("evaluate.py", ["--config.model_source.pth=x"], "model_source.pth", "model_source.path"),
     ],
 )
@@ -55,14 +58,21 @@ def test_unknown_config_key_is_a_short_error_with_a_suggestion(
 
 
 def test_several_unknown_keys_are_all_named(repo_root):
-    result = _launch(repo_root, "train.py", "--config.optim.lrr=1", "--config.model.num_layer=2")
+    result = _launch(
+        repo_root, "train.py", SFT, "--config.optim.lrr=1", "--config.model.num_layer=2"
+    )
     assert result.returncode == 2
     assert "optim.lrr" in result.stderr and "Did you mean model.num_layers?" in result.stderr
 
 
 def test_print_config_lists_every_key_with_overrides_applied(repo_root, tmp_path):
     result = _launch(
-        repo_root, "train.py", "--print_config", "--config.optim.lr=3e-4", f"--workdir={tmp_path}/r"
+        repo_root,
+        "train.py",
+        SFT,
+        "--print_config",
+        "--config.optim.lr=3e-4",
+        f"--workdir={tmp_path}/r",
     )
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in result.stdout.splitlines()[1:]}
@@ -70,6 +80,14 @@ def test_print_config_lists_every_key_with_overrides_applied(repo_root, tmp_path
     assert rows["train.num_steps"] == ["int", "300"] and rows["data.task"] == ["str", "'synthetic'"]
     assert set(rows) == set(cli.config_keys(base_config()))
     assert not (tmp_path / "r").exists()
+
+
+def test_the_default_config_is_the_study_in_miniature(repo_root):
+    result = _launch(repo_root, "train.py", "--print_config")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in result.stdout.splitlines()[1:]}
+    assert rows["algorithm"] == ["str", "'study'"] and "study.runs" in rows
+    assert rows["stages.eval.eval.num_samples"] == ["int", "16"]
 
 
 def test_print_config_of_evaluate(repo_root):

@@ -19,7 +19,9 @@ from rl_reason.parallel import sharding as shd
 
 # 64 examples in batches of 16: an epoch is 4 steps, so stopping after step 4
 # puts the checkpoint exactly on the epoch boundary.
+# configs/sft_synthetic.py: SFT alone (the default job is the study in miniature).
 TINY = [
+    f"--config={os.path.join(os.path.dirname(__file__), '..', 'configs', 'sft_synthetic.py')}",
     "--config.model.hidden_dim=32",
     "--config.model.num_layers=2",
     "--config.model.head_dim=8",

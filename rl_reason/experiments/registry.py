@@ -15,6 +15,7 @@ TRAINERS = {
     "ei": "rl_reason.experiments.expert_iteration",
     "orm": "rl_reason.experiments.orm",
     "rcrl": "rl_reason.experiments.rcrl",
+    "study": "rl_reason.experiments.study",
 }
 
 
