@@ -124,15 +124,18 @@ def test_the_pretraining_corpus_is_arithmetic_text_but_never_the_tasks_solutions
     assert corpus == synthetic.pretraining_corpus(600, seed=1)
     assert corpus != synthetic.pretraining_corpus(600, seed=2)
     solutions = {ex["answer"] for ex in synthetic.generate("train", 3000, seed=1)}
-    kinds = {"story": 0, "drill": 0, "answer_key": 0}
+    kinds = {"story": 0, "drill": 0, "answer_key": 0, "worked_key": 0}
     for document in corpus:
         assert document not in solutions and document.count("####") <= 1
         if document.startswith("Question: "):
-            kinds["answer_key"] += 1
             question, answer = document.split("\nAnswer: ")
             assert synthetic.split_of(question[len("Question: ") :]) == "train"
             # a bare answer, or a one-line working: never one step a line
-            assert answer.startswith("#### ") or answer.count("\n") == 1
+            if answer.startswith("#### "):
+                kinds["answer_key"] += 1
+            else:
+                kinds["worked_key"] += 1
+                assert answer.startswith("First ") and answer.count("\n") == 1
         elif " has " in document:
             kinds["story"] += 1
             assert "Now " in document and "####" not in document

@@ -136,11 +136,11 @@ def _problem(rng: random.Random, difficulty: Difficulty) -> dict[str, str]:
 
 
 # What a pretraining document is made of, and how often (see pretraining_corpus).
-PRETRAINING_MIX = (("story", 0.5), ("drill", 0.25), ("answer_key", 0.25))
+PRETRAINING_MIX = (("story", 0.5), ("drill", 0.25), ("answer_key", 0.125), ("worked_key", 0.125))
 
 
-def _pretraining_document(rng: random.Random, difficulty: Difficulty) -> str:
-    kind = rng.choices([k for k, _ in PRETRAINING_MIX], [w for _, w in PRETRAINING_MIX])[0]
+def _pretraining_document(rng: random.Random, difficulty: Difficulty, mix) -> str:
+    kind = rng.choices([k for k, _ in mix], [w for _, w in mix])[0]
     if kind == "drill":  # bare calculator notes
         notes = []
         for _ in range(rng.randint(3, 8)):
@@ -156,14 +156,18 @@ def _pretraining_document(rng: random.Random, difficulty: Difficulty) -> str:
         return " ".join(text)
     # An answer key: the question with a bare answer, or a one-line working.
     question = " ".join([s for s, _, _ in steps] + [f"How many {item} does {name} have now?"])
-    if rng.random() < 0.5:
+    if kind == "answer_key":
         return f"Question: {question}\nAnswer: #### {total}"
     working = ", then ".join(_note(expr, result) for _, expr, result in steps[1:])
     return f"Question: {question}\nAnswer: First {working}.\n#### {total}"
 
 
 def pretraining_corpus(
-    num_documents: int, *, seed: int = 0, difficulty: Difficulty = Difficulty()
+    num_documents: int,
+    *,
+    seed: int = 0,
+    difficulty: Difficulty = Difficulty(),
+    mix: tuple[tuple[str, float], ...] = PRETRAINING_MIX,
 ) -> list[str]:
     """Arithmetic text that is not the task's solutions: what a "pretrained" model reads.
 
@@ -172,15 +176,16 @@ def pretraining_corpus(
     solutions. This corpus stands in for that web text: stories whose events
     are each followed by their calculation (``Now Ann has 3+4=<<3+4=7>>7
     apples.``), drills of bare calculator notes, and answer keys -- a
-    question with a bare ``#### n`` or a one-line working (``First 3+4=...,
-    then ...``), never the task's one-step-a-line solution. Every question in
-    it is a train-split question (test questions are never read), and
-    the same arguments give the same documents.
+    question with a bare ``#### n`` (``answer_key``) or a one-line working
+    (``worked_key``: ``First 3+4=..., then ...``), never the task's
+    one-step-a-line solution -- in the proportions of ``mix``. Every
+    question in it is a train-split question (test questions are never
+    read), and the same arguments give the same documents.
     """
     rng = random.Random(f"rl_reason.synthetic.pretraining:{seed}")
     documents = []
     while len(documents) < num_documents:
-        document = _pretraining_document(rng, difficulty)
+        document = _pretraining_document(rng, difficulty, mix)
         if "Question:" in document and split_of(document.split("\n")[0][10:]) != "train":
             continue
         documents.append(document)

@@ -226,7 +226,7 @@ def _run_stage(stage: Stage, directory: str) -> dict[str, Any]:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) every stage not yet finished, then writes the report.
 
-    Returns the report's rows as {label: metrics}. A preemption signal inside
+    Returns {row label: held-out maj@1}. A preemption signal inside
     a stage saves that stage and exits with status 75, like any run.
     """
     from rl_reason.experiments import study_report
@@ -278,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"report: {os.path.join(workdir, 'report.md')} "
         f"(stages took {sum(timings.values()) / 60:.1f} min in all)"
     )
-    return {row.label: metrics for row, metrics in rows}
+    return {row.label: metrics["maj@1"] for row, metrics in rows}
 
 
 def _tick(bar: tqdm.tqdm, stop: threading.Event) -> None:

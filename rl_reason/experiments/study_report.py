@@ -290,9 +290,9 @@ def plot(rows, config, workdir: str, plan: Sequence[Stage]) -> list[str]:
                 label=name,
                 color=colors[row.algorithm],
             )
-    ax.set_xlabel("samples drawn")
-    ax.set_ylabel("held-out maj@1 (%)")
-    ax.set_title("Held-out maj@1 against samples drawn (solid: SFT start, dashed: pretrained)")
+    ax.set_xlabel("samples drawn (solid: from the SFT start, dashed: from the pretrained start)")
+    ax.set_ylabel("held-out maj@1 (%), the run's own evaluations")
+    ax.set_title("Held-out maj@1 against samples drawn")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -316,7 +316,7 @@ def plot(rows, config, workdir: str, plan: Sequence[Stage]) -> list[str]:
             linestyle="-" if start == "sft" else "--",
         )
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
+    ax.set_xlabel("k (solid: SFT start and its runs, dashed: pretrained)")
     ax.set_ylabel("held-out pass@k (%), unbiased")
     ax.set_title("pass@k before (thick) and after RL")
     ax.legend(fontsize=7)
