@@ -22,7 +22,7 @@ import subprocess_runs
 from configs import study as study_full
 from configs import study_mini
 from rl_reason.data import synthetic
-from rl_reason.experiments import runs, sft, study, study_report, tasks
+from rl_reason.experiments import runs, sft, study, study_plan, study_report, tasks
 
 
 # --- the plan -------------------------------------------------------------------
@@ -30,10 +30,10 @@ from rl_reason.experiments import runs, sft, study, study_report, tasks
 
 def test_the_default_plan_runs_the_starts_the_orm_and_each_rl_run_followed_by_its_evaluation():
     config = study_mini.get_config()
-    plan = study.stages(config, "/w")
+    plan = study_plan.stages(config, "/w")
     names = [s.name for s in plan]
     assert names[:5] == ["pretrain", "sft", "orm", "eval-pretrained", "eval-sft"]
-    runs_ = [study.parse_run(spec) for spec in config.study.runs]
+    runs_ = [study_plan.parse_run(spec) for spec in config.study.runs]
     assert names[5:] == [
         name for s, a, r in runs_ for name in (f"{s}-{a}-{r}", f"eval-{s}-{a}-{r}")
     ]
@@ -57,7 +57,7 @@ def test_reward_variants_and_seeds_change_only_what_they_name():
     config = study_mini.get_config()
     config.study.runs = ("sft:ppo:sparse", "sft:ppo:dense", "sft:rcrl:dense", "sft:grpo:sparse")
     config.study.seeds = (0, 3)
-    plan = {s.name: s for s in study.stages(config, "/w")}
+    plan = {s.name: s for s in study_plan.stages(config, "/w")}
     sparse, dense = plan["sft-ppo-sparse-seed0"].config, plan["sft-ppo-dense-seed0"].config
     assert dict(sparse.rl.rewards) == {"correctness": 1.0}
     assert dict(dense.rl.rewards) == dict(config.study.dense_rewards)
@@ -78,7 +78,7 @@ def test_reward_variants_and_seeds_change_only_what_they_name():
 
 def test_the_full_grid_runs_every_start_algorithm_and_reward_three_times_with_k_96():
     config = study_full.get_config()
-    plan = study.stages(config, "/w")
+    plan = study_plan.stages(config, "/w")
     trained = [s for s in plan if s.kind == "train" and s.name not in ("pretrain", "sft", "orm")]
     assert len(trained) == 2 * 6 * 3
     assert {(s.config.algorithm, s.config.seed) for s in trained} == {
@@ -102,11 +102,11 @@ def test_the_full_grid_runs_every_start_algorithm_and_reward_three_times_with_k_
 )
 def test_a_wrong_run_spec_is_named(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        study.parse_run(spec)
+        study_plan.parse_run(spec)
 
 
 def test_a_stage_is_skipped_only_when_it_finished_under_the_config_it_has_now(tmp_path):
-    stage = study.stages(study_mini.get_config(), str(tmp_path))[1]
+    stage = study_plan.stages(study_mini.get_config(), str(tmp_path))[1]
     assert study.stage_record(str(tmp_path), stage) is None
     (tmp_path / stage.name).mkdir()
     record = {"config": runs.config_dict(stage.config), "metrics": {"loss": 0.5}}
@@ -167,7 +167,7 @@ def _fake_runs(tmp_path: Path, config, maj1: dict[str, float], pass16: dict[str,
     """Constructed files for every stage of `config`'s plan: eval_metrics.json of the
     evaluations (maj@1 and pass@16 as given per evaluated stage, the rest derived)
     and metrics.jsonl of the RL runs (samples drawn, a held-out curve, reward/KL)."""
-    plan = study.stages(config, str(tmp_path))
+    plan = study_plan.stages(config, str(tmp_path))
     for index, stage in enumerate(plan):
         directory = tmp_path / stage.name
         directory.mkdir(parents=True, exist_ok=True)
@@ -327,7 +327,7 @@ def test_the_shrunken_default_job_end_to_end_and_killed_mid_stage_ends_with_the_
 
     done = subprocess_runs.run(command(straight), env)
     report = (straight / "report.md").read_text()
-    plan = study.stages(config, str(straight))
+    plan = study_plan.stages(config, str(straight))
     assert f"[{len(plan)}/{len(plan)}] eval-pretrained-ppo-sparse" in done.stdout
     # The table, in the terminal.
     lines = done.stdout.splitlines()
@@ -339,7 +339,7 @@ def test_the_shrunken_default_job_end_to_end_and_killed_mid_stage_ends_with_the_
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows)
     for line, row in zip(table[1:], rows):
-        stage = next(s for s in plan if s.kind == "evaluate" and s.row == study.Row(**{
+        stage = next(s for s in plan if s.kind == "evaluate" and s.row == study_plan.Row(**{
             k: row[k] for k in ("start", "algorithm", "reward", "seed")}))  # fmt: skip
         metrics = json.loads((straight / stage.name / "eval_metrics.json").read_text())
         timing = ("samples_drawn", *study_report.TIMING_KEYS)

@@ -23,7 +23,7 @@ import ml_collections
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
-from rl_reason.experiments.study import Row, Stage
+from rl_reason.experiments.study_plan import Row, Stage
 
 # Evaluation metrics that measure the machine, not the model: left out of study.json,
 # so that a resumed job's record equals an uninterrupted one's.
