@@ -46,7 +46,7 @@ def test_the_default_plan_runs_the_starts_the_orm_and_each_rl_run_followed_by_it
     assert by_name["pretrained-ei-sparse"].config.model_source.path == "/w/pretrain"
     for stage in plan:
         if stage.kind == "evaluate":
-            assert stage.config.model_source.path == f"/w/{stage.trains}"
+            assert stage.config.model_source.path == f"/w/{stage.model_stage}"
             assert stage.config.eval.orm_source == "/w/orm"
             assert tuple(stage.config.eval.ks) == (1, 2, 4, 8, 16)
     # Both stages' K: the table's column is the evaluation's.
@@ -94,7 +94,7 @@ def test_the_full_grid_runs_every_start_algorithm_and_reward_three_times_with_k_
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("sft:ei", "start:algorithm:reward"),
+        ("sft:ei", "is not 'start:algorithm:reward'"),
         ("base:ei:sparse", "start 'base'"),
         ("sft:dpo:sparse", "algorithm 'dpo'"),
         ("sft:ei:dense", "ei has the rewards"),
@@ -172,7 +172,7 @@ def _fake_runs(tmp_path: Path, config, maj1: dict[str, float], pass16: dict[str,
         directory = tmp_path / stage.name
         directory.mkdir(parents=True, exist_ok=True)
         if stage.kind == "evaluate":
-            m, p = maj1[stage.trains], pass16[stage.trains]
+            m, p = maj1[stage.model_stage], pass16[stage.model_stage]
             metrics = {"maj@1": m, "num_questions": 128, "distinct_answers": 2.0 + index / 100}
             for k in (1, 2, 4, 8, 16):
                 metrics[f"pass@{k}"] = metrics[f"pass@{k}_unbiased"] = m + (p - m) * k / 16
@@ -214,7 +214,7 @@ def test_the_report_prints_only_numbers_of_the_run_files_and_says_when_the_run_a
         metrics = json.loads((tmp_path / stage.name / "eval_metrics.json").read_text())
         drawn = 0
         if row.algorithm:
-            records = (tmp_path / stage.trains / "metrics.jsonl").read_text().splitlines()
+            records = (tmp_path / stage.model_stage / "metrics.jsonl").read_text().splitlines()
             drawn = json.loads(records[-1])["samples_drawn"]
         cells = [c.strip() for c in line.strip("| ").split("|")]
         expected = [f"{100 * metrics[k]:.1f}" for k in ("maj@1", "maj@16", "rerank@16", "pass@16")]
@@ -350,10 +350,8 @@ def test_the_shrunken_default_job_end_to_end_and_killed_mid_stage_ends_with_the_
         assert cells[3:7] == [
             f"{100 * metrics[k]:.1f}" for k in ("maj@1", "maj@4", "rerank@4", "pass@4")
         ]
-        drawn = max(
-            (r.get("samples_drawn", 0) for r in subprocess_runs.records(straight / stage.trains)),
-            default=0,
-        )
+        records = subprocess_runs.records(straight / stage.model_stage)
+        drawn = max((r.get("samples_drawn", 0) for r in records), default=0)
         assert cells[8] == f"{drawn if row['algorithm'] else 0:,}"
     for name in ("maj1_vs_samples.png", "pass_at_k.png", "ppo_reward_kl.png"):
         assert (straight / name).exists()

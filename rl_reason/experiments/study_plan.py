@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from rl_reason.experiments.config import InvalidConfigError
+
 STARTS = ("pretrained", "sft")
 ALGORITHMS = ("ei", "ppo", "grpo", "rcrl")
 REWARDS = ("sparse", "dense", "orm")
@@ -29,7 +31,7 @@ VARIANTS = {
     "grpo": REWARDS,
     "rcrl": ("sparse", "dense"),
 }
-# The template each algorithm's runs are made from, and the section its K lives in.
+# The template (a key of the config's `stages`) each algorithm's runs are made from.
 TEMPLATES = {"ei": "ei", "ppo": "ppo", "grpo": "ppo", "rcrl": "rcrl"}
 START_DIRS = {"pretrained": "pretrain", "sft": "sft"}
 
@@ -57,24 +59,25 @@ class Stage:
     config: ml_collections.ConfigDict
     description: str
     row: Row | None = None  # the table row an evaluation stage fills
-    trains: str = ""  # for an evaluation, the stage whose model it evaluates
+    model_stage: str = ""  # for an evaluation, the stage whose model it evaluates
 
 
 def parse_run(spec: str) -> tuple[str, str, str]:
-    """'sft:ppo:dense' -> ('sft', 'ppo', 'dense'); ValueError naming what is wrong."""
+    """'sft:ppo:dense' -> ('sft', 'ppo', 'dense'); InvalidConfigError naming what is wrong."""
     parts = spec.split(":")
     if len(parts) != 3:
-        raise ValueError(f"study.runs entry {spec!r} is not 'start:algorithm:reward'.")
-    start, algorithm, reward = parts
-    if start not in STARTS:
-        raise ValueError(f"study.runs entry {spec!r}: start {start!r} not in {STARTS}.")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"study.runs entry {spec!r}: algorithm {algorithm!r} not in {ALGORITHMS}.")
-    if reward not in VARIANTS[algorithm]:
-        raise ValueError(
-            f"study.runs entry {spec!r}: {algorithm} has the rewards {VARIANTS[algorithm]}."
-        )
-    return start, algorithm, reward
+        problem = "is not 'start:algorithm:reward'"
+    else:
+        start, algorithm, reward = parts
+        if start not in STARTS:
+            problem = f"start {start!r} not in {STARTS}"
+        elif algorithm not in ALGORITHMS:
+            problem = f"algorithm {algorithm!r} not in {ALGORITHMS}"
+        elif reward not in VARIANTS[algorithm]:
+            problem = f"{algorithm} has the rewards {VARIANTS[algorithm]}"
+        else:
+            return start, algorithm, reward
+    raise InvalidConfigError([f"study.runs entry {spec!r}: {problem}."])
 
 
 def run_name(row: Row, seeds: Sequence[int]) -> str:
@@ -123,7 +126,7 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
     """Every stage of the study, in the order they run, with its complete config."""
     seeds = tuple(config.study.seeds)
     if not seeds:
-        raise ValueError("study.seeds is empty: give at least one seed.")
+        raise InvalidConfigError(["study.seeds is empty: give at least one seed."])
     specs = [parse_run(spec) for spec in config.study.runs]
     path = lambda name: os.path.join(workdir, name)  # noqa: E731
     pretrain = _copy(config.stages.pretrain)
@@ -144,7 +147,7 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
                 _eval_config(config, path(START_DIRS[start]), path("orm")),
                 f"evaluation of the {start} start",
                 row=Row(start),
-                trains=START_DIRS[start],
+                model_stage=START_DIRS[start],
             )
         )
     for start, algorithm, reward in specs:
@@ -164,7 +167,7 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
                     _eval_config(config, path(name), path("orm")),
                     f"evaluation of {name}",
                     row=row,
-                    trains=name,
+                    model_stage=name,
                 )
             )
     return out

@@ -78,7 +78,9 @@ def collect(workdir: str, plan: Sequence[Stage]) -> list[tuple[Row, dict[str, fl
             continue
         with open(os.path.join(workdir, stage.name, "eval_metrics.json")) as f:
             metrics = json.load(f)
-        drawn = _samples_drawn(os.path.join(workdir, stage.trains)) if stage.row.algorithm else 0
+        drawn = 0
+        if stage.row.algorithm:
+            drawn = _samples_drawn(os.path.join(workdir, stage.model_stage))
         metrics = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
         rows.append((stage.row, {**metrics, "samples_drawn": drawn}))
     return rows
@@ -258,13 +260,13 @@ def _curves(workdir: str, plan: Sequence[Stage]):
     for stage in plan:
         if stage.kind != "evaluate" or not stage.row.algorithm:
             continue
-        records = run_logging.read_metrics(os.path.join(workdir, stage.trains))
+        records = run_logging.read_metrics(os.path.join(workdir, stage.model_stage))
         points = [
             (r["samples_drawn"], r["heldout/maj@1"])
             for r in records
             if "heldout/maj@1" in r and "samples_drawn" in r
         ]
-        curves[stage.trains] = (stage.row, points)
+        curves[stage.model_stage] = (stage.row, points)
     return curves
 
 
