@@ -51,13 +51,18 @@ from rl_reason.experiments.study_plan import Stage, stages
 
 STAGE_RECORD = "stage.json"  # a finished stage's config and final metrics
 
+
 def stage_record(workdir: str, stage: Stage) -> dict[str, Any] | None:
-    """What a finished stage recorded, when it finished under the config it has now."""
+    """What a finished stage recorded, when it finished under the config it has now
+    (None otherwise: the stage runs, and its own checkpoints say what is left)."""
     path = os.path.join(workdir, stage.name, STAGE_RECORD)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        record = json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except ValueError:  # unreadable: running the stage again rewrites it
+        return None
     return record if record.get("config") == runs.config_dict(stage.config) else None
 
 
