@@ -200,6 +200,7 @@ def test_evaluation_reranks_by_an_orm_run(orm_run, tiny_sft_run, tmp_path):
     chex.assert_trees_all_close(np.asarray(direct)[:, 0], np.asarray(scores[0]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_is_rewarded_by_the_orm_run_it_names(orm_run, tiny_sft_run, tmp_path):
     """The study's ORM reward: PPO pays each sample the ORM's final-token score (a
     probability); a config naming an ORM reward without an ORM is refused first."""
