@@ -270,6 +270,20 @@ def _curves(workdir: str, plan: Sequence[Stage]):
     return curves
 
 
+def _save(fig, axes, title: str, path: str) -> str:
+    """Title on the first axes, its legend, a light grid on all; the PNG at `path`."""
+    from matplotlib import pyplot as plt
+
+    axes[0].set_title(title)
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
 def plot(rows, config, workdir: str, plan: Sequence[Stage]) -> list[str]:
     """The report's PNG plots; returns the file names written."""
     import matplotlib
@@ -294,13 +308,8 @@ def plot(rows, config, workdir: str, plan: Sequence[Stage]) -> list[str]:
             )
     ax.set_xlabel("samples drawn (solid: from the SFT start, dashed: from the pretrained start)")
     ax.set_ylabel("held-out maj@1 (%), the run's own evaluations")
-    ax.set_title("Held-out maj@1 against samples drawn")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, PLOTS["maj1_vs_samples"]), dpi=100)
-    plt.close(fig)
-    written.append(PLOTS["maj1_vs_samples"])
+    title = "Held-out maj@1 against samples drawn"
+    written.append(_save(fig, [ax], title, os.path.join(workdir, PLOTS["maj1_vs_samples"])))
 
     k = num_samples(config)
     ks = [j for j in range(1, k + 1) if f"pass@{j}_unbiased" in rows[0][1]]
@@ -320,13 +329,8 @@ def plot(rows, config, workdir: str, plan: Sequence[Stage]) -> list[str]:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (solid: SFT start and its runs, dashed: pretrained)")
     ax.set_ylabel("held-out pass@k (%), unbiased")
-    ax.set_title("pass@k before (thick) and after RL")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, PLOTS["pass_at_k"]), dpi=100)
-    plt.close(fig)
-    written.append(PLOTS["pass_at_k"])
+    title = "pass@k before (thick) and after RL"
+    written.append(_save(fig, [ax], title, os.path.join(workdir, PLOTS["pass_at_k"])))
 
     ppo_runs = [
         s for s in plan if s.kind == "train" and s.config.get("algorithm") in ("ppo", "grpo")
@@ -342,14 +346,9 @@ def plot(rows, config, workdir: str, plan: Sequence[Stage]) -> list[str]:
         top.set_ylabel("mean reward")
         bottom.set_ylabel("KL to the start (k1)")
         bottom.set_xlabel("iteration")
-        top.set_title("PPO / GRPO: reward and KL per iteration")
-        top.legend(fontsize=7)
-        top.grid(alpha=0.3)
-        bottom.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(workdir, PLOTS["ppo_curves"]), dpi=100)
-        plt.close(fig)
-        written.append(PLOTS["ppo_curves"])
+        title = "PPO / GRPO: reward and KL per iteration"
+        path = os.path.join(workdir, PLOTS["ppo_curves"])
+        written.append(_save(fig, [top, bottom], title, path))
     return written
 
 
@@ -391,11 +390,16 @@ def write_report(config, workdir: str, plan: Sequence[Stage]):
     return rows
 
 
-# What the one-line status of a finished training stage shows (RL runs: held-out maj@1).
-SUMMARY_KEYS = {
-    "sft": ("eval_loss", "eval_token_accuracy"),
-    "orm": ("heldout/auc", "heldout/within_question_auc", "heldout/rerank@4", "heldout/maj@4"),
-}
+def _summary_keys(stage: Stage) -> tuple[str, ...]:
+    """What the one-line status of a finished training stage shows."""
+    algorithm = stage.config.get("algorithm", "sft")
+    if algorithm == "sft":
+        return ("eval_loss", "eval_token_accuracy")
+    if algorithm == "orm":
+        k = stage.config.eval.num_samples
+        return ("heldout/auc", "heldout/within_question_auc", f"heldout/rerank@{k}",
+                f"heldout/maj@{k}")  # fmt: skip
+    return ("heldout/maj@1", "samples_drawn")  # the RL runs
 
 
 def summary(stage: Stage, record: dict[str, Any]) -> str:
@@ -408,7 +412,5 @@ def summary(stage: Stage, record: dict[str, Any]) -> str:
             if key in metrics:
                 parts.append(f"{key} {_pct(metrics[key])}")
         return ", ".join(parts)
-    algorithm = stage.config.get("algorithm", "sft")
-    keys = SUMMARY_KEYS.get(algorithm, ("heldout/maj@1", "samples_drawn"))
-    shown = {key: metrics[key] for key in keys if key in metrics}
+    shown = {key: metrics[key] for key in _summary_keys(stage) if key in metrics}
     return ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "finished"
