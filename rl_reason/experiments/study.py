@@ -107,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             began = time.perf_counter()
             metrics = _run_stage(stage, os.path.join(workdir, stage.name))
             seconds = time.perf_counter() - began
-            record = {"config": runs.config_dict(stage.config), "metrics": _plain(metrics)}
+            record = {"config": runs.config_dict(stage.config), "metrics": metrics}
             timings[stage.name] = timings.get(stage.name, 0.0) + seconds
             if lead:
                 path = os.path.join(workdir, stage.name, STAGE_RECORD)
@@ -133,17 +133,3 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _tick(bar: tqdm.tqdm, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         bar.refresh()
-
-
-def _plain(metrics: Any) -> Any:
-    """Metrics as JSON can hold them (numpy scalars to floats)."""
-    if isinstance(metrics, dict):
-        return {str(k): _plain(v) for k, v in metrics.items()}
-    if isinstance(metrics, (list, tuple)):
-        return [_plain(v) for v in metrics]
-    if isinstance(metrics, (str, bool, int, float)) or metrics is None:
-        return metrics
-    try:
-        return float(metrics)
-    except (TypeError, ValueError):
-        return str(metrics)
