@@ -347,8 +347,14 @@ def _drop_echoes_of_a_failed_read() -> None:
     garbage collected; Python reports every one as an unraisable exception with a
     traceback (dozens of lines after the one-line warning, at random moments).
     Those, and only those, are dropped; every other unraisable exception still
-    reaches the previous hook.
+    reaches the previous hook. An abandoned read that had failed too is reported
+    differently, through asyncio's logger ("Task exception was never retrieved",
+    with its traceback): a filter drops that report when the failure was raised in
+    Orbax's code, and lets every other one through.
     """
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrbaxUnretrievedTasks) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropOrbaxUnretrievedTasks())
     previous = sys.unraisablehook
     if getattr(previous, "_drops_echoes_of_a_failed_read", False):
         return
@@ -370,6 +376,21 @@ def _drop_echoes_of_a_failed_read() -> None:
 
     hook._drops_echoes_of_a_failed_read = True
     sys.unraisablehook = hook
+
+
+class _DropOrbaxUnretrievedTasks(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" report of a task whose
+    error was raised in Orbax's code (see `_drop_echoes_of_a_failed_read`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+            return True
+        tb = record.exc_info[2]
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
