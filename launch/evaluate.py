@@ -33,6 +33,10 @@ def main(argv):
     from rl_reason.experiments import evaluate
 
     cli.run_reporting_errors(evaluate.run, flags.FLAGS.config, flags.FLAGS.workdir)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 wrote the report; the others only helped
+        return
     with open(os.path.join(flags.FLAGS.workdir, "report.md")) as f:
         print(f.read())
 

@@ -57,9 +57,3 @@ def test_indivisible_batch_is_a_clear_error():
     mesh = mesh_lib.make_mesh((4, 2, 1))
     with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
         shd.shard_batch({"tokens": np.zeros((6, 4), np.int32)}, mesh)
-
-
-def test_distributed_init_is_skipped_without_a_request(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "RL_REASON_DISTRIBUTED"):
-        monkeypatch.delenv(var, raising=False)
-    assert mesh_lib.maybe_initialize_distributed() is False

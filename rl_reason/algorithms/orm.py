@@ -501,7 +501,7 @@ class BatchedOrmScorer:
             if self.mesh is not None:
                 tokens, mask = shd.shard_batch((tokens, mask), self.mesh)
             scores = orm_scores_jit(self.model, self.params, tokens, mask, self.head)
-        return np.asarray(jax.device_get(scores))
+        return shd.to_host(scores)
 
 
 # ----------------------------------------------------------------------------- params

@@ -5,7 +5,9 @@ whole state is two integers (epoch, index) that go into the checkpoint's
 progress; restoring them continues with exactly the batch that would have
 come next, across epoch boundaries too (a batch that straddles the boundary
 takes the end of one epoch and the start of the next, neither skipping nor
-repeating an example).
+repeating an example). Every process walks the same order and gets the whole
+global batch of indices; which of its rows a process reads is the mesh's
+business (`sharding.process_rows`), not the iterator's.
 """
 
 from __future__ import annotations
@@ -25,21 +27,13 @@ class IndexIterator:
         *,
         seed: int = 0,
         shuffle: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
     ):
         if num_examples <= 0:
             raise ValueError("The data set is empty.")
-        if batch_size % process_count:
-            raise ValueError(
-                f"Global batch {batch_size} is not divisible by {process_count} processes."
-            )
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.process_index = process_index
-        self.process_count = process_count
         self.epoch = 0
         self.index = 0
 
@@ -48,7 +42,7 @@ class IndexIterator:
             return np.arange(self.num_examples)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
-    def next_global(self) -> np.ndarray:
+    def __next__(self) -> np.ndarray:
         """The next global batch of indices (all processes' rows)."""
         taken = []
         needed = self.batch_size
@@ -61,12 +55,6 @@ class IndexIterator:
             if self.index == self.num_examples:
                 self.epoch, self.index = self.epoch + 1, 0
         return np.concatenate(taken)
-
-    def __next__(self) -> np.ndarray:
-        """This process's slice of the next global batch."""
-        per_process = self.batch_size // self.process_count
-        start = self.process_index * per_process
-        return self.next_global()[start : start + per_process]
 
     def __iter__(self):
         return self

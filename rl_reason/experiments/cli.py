@@ -274,15 +274,16 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args), with the errors a user can act on printed as one paragraph.
 
     A run stopped by a preemption signal after saving exits with status 75
-    (rerun to resume); a config, model source, checkpoint or non-finite step
-    problem exits with status 1 and its message, no traceback. Anything else
-    is a bug and keeps its traceback.
+    (rerun to resume); a config, model source, checkpoint, non-finite step or
+    multi-host start-up problem exits with status 1 and its message, no
+    traceback. Anything else is a bug and keeps its traceback.
     """
     from rl_reason import checkpointing
     from rl_reason.data.tokenizer import IncompleteTokenizerError
     from rl_reason.experiments import runs
     from rl_reason.experiments.config import InvalidConfigError
     from rl_reason.models.safetensors_io import CheckpointFormatError
+    from rl_reason.parallel.distributed import DistributedStartupError
 
     try:
         return fn(*args)
@@ -297,6 +298,7 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
         ModelSourceNotFoundError,
         CheckpointFormatError,
         IncompleteTokenizerError,
+        DistributedStartupError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

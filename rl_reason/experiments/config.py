@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
-    c.distributed.timeout_seconds = 300
+    c.distributed.timeout_seconds = 300  # for every process to arrive, else an error naming it
+    c.distributed.heartbeat_timeout_seconds = 100  # a process silent this long ends the run
+    c.distributed.port = 8476  # the coordinator's port when SLURM gives only its host
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3

@@ -32,6 +32,7 @@ from rl_reason.algorithms import rcrl
 from rl_reason.data import builders, synthetic, templates
 from rl_reason.evaluation.evaluate import evaluate as score
 from rl_reason.experiments import sources
+from rl_reason.parallel import distributed
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 from rl_reason.sampling.engine import Sampler, common_prefix_length
@@ -75,7 +76,7 @@ def load_eval_set(config: ml_collections.ConfigDict) -> EvalSet:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    mesh_lib.maybe_initialize_distributed(**config.distributed)
+    distributed.initialize(**config.distributed)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
     model_config, params, tokenizer = sources.load_model(

@@ -333,7 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 metrics = jax.device_get(metrics)
                 update_seconds = time.perf_counter() - clock
                 # The scalars only: advantages and returns stay on the devices.
-                diagnostics = jax.device_get(
+                diagnostics = shd.to_host(
                     {k: v for k, v in estimates.items() if k not in ("advantages", "returns")}
                 )
                 if metrics["finite"] != 1.0:

@@ -17,12 +17,14 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
 from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.parallel import distributed
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
@@ -116,7 +118,7 @@ def start(
 ) -> tuple[Mesh, tuple]:
     """What every run does first: join the other hosts, check the config (`validate`)
     and that it may resume the workdir's run, then build the mesh and its rules."""
-    mesh_lib.maybe_initialize_distributed(**config.distributed)
+    distributed.initialize(**config.distributed)
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     check_resume_config(config, workdir)
@@ -152,10 +154,13 @@ def make_checkpointer(
 def write_solutions(path: str, solutions, record_type: type = ei.Solution) -> None:
     """Scored samples (EI's kept solutions, the ORM's labelled samples, RCRL's labelled
     ones: records of `record_type`) as checksummed JSON lines (``ei.to_jsonl``),
-    written atomically by the lead process."""
+    written atomically by the lead process. Every process calls it, and none returns
+    before the file is there: the others may read it next (a round's chunks)."""
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         checkpointing.write_bytes_atomic(path, ei.to_jsonl(solutions, record_type))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"wrote {path}")
 
 
 def read_solutions(

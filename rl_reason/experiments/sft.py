@@ -136,7 +136,7 @@ def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int, me
         rows = {k: v[start : start + batch_size] for k, v in arrays.items()}
         pad = batch_size - len(rows["tokens"])
         rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
-        totals += np.asarray(jax.device_get(eval_fn(params, shd.shard_batch(rows, mesh))))
+        totals += shd.to_host(eval_fn(params, shd.shard_batch(rows, mesh)))
     nll, hits, count = totals
     return {"eval_loss": nll / max(count, 1), "eval_token_accuracy": hits / max(count, 1)}
 
@@ -172,8 +172,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         config.train.batch_size,
         seed=config.seed,
         shuffle=config.data.shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
     if checkpointer.latest_step() is not None:
         abstract = ts.abstract_train_state(model, tx, mesh, rules)
@@ -211,6 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.train.stop_after:
         end = min(end, first + config.train.stop_after)
     last: dict[str, Any] = {}
+    own_rows = shd.process_rows(mesh, config.train.batch_size)
     bar = tqdm.trange(
         first,
         end,
@@ -223,9 +222,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with checkpointing.PreemptionGuard() as guard:
         try:
             for step in bar:
-                rows = next(iterator)
+                rows = next(iterator)[own_rows]  # this process reads only its rows
                 batch = {k: v[rows] for k, v in data.train.items()}
-                state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
+                batch = shd.shard_process_rows(batch, mesh, config.train.batch_size)
+                state, metrics = step_fn(state, batch)
                 done = step + 1
                 metrics = jax.device_get(metrics)  # one sync a step: the finite gate
                 if metrics["finite"] != 1.0:

@@ -15,18 +15,12 @@ from typing import Any
 import flax.traverse_util
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rl_reason.models import hf_weights
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.hf_config import hf_config_dict
 from rl_reason.models.safetensors_io import write_checkpoint
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+from rl_reason.parallel import sharding as shd
 
 
 def hf_state_dict(
@@ -41,13 +35,13 @@ def hf_state_dict(
     out = {}
     for spec in hf_weights.tensor_specs(config):
         if not spec.per_layer:
-            arrays = {spec.hf_name: _to_host(flat[spec.path])}
+            arrays = {spec.hf_name: shd.to_host(flat[spec.path])}
         elif ("layers", *spec.path) in flat:
-            stacked = _to_host(flat[("layers", *spec.path)])
+            stacked = shd.to_host(flat[("layers", *spec.path)])
             arrays = {spec.hf_name.format(i): x for i, x in enumerate(stacked)}
         else:
             arrays = {
-                spec.hf_name.format(i): _to_host(flat[(f"layers_{i}", *spec.path)])
+                spec.hf_name.format(i): shd.to_host(flat[(f"layers_{i}", *spec.path)])
                 for i in range(config.num_layers)
             }
         for name, array in arrays.items():

@@ -1,10 +1,8 @@
-"""Device mesh construction and multi-host start-up."""
+"""Device mesh construction (multi-host start-up is `distributed`)."""
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -51,37 +49,3 @@ def make_mesh(
         tuple(axis_names),
         axis_types=(AxisType.Auto,) * len(shape),
     )
-
-
-def maybe_initialize_distributed(
-    coordinator_address: str = "",
-    num_processes: int = 0,
-    process_id: int = -1,
-    timeout_seconds: int = 300,
-) -> bool:
-    """Calls jax.distributed.initialize when the config or environment asks for it.
-
-    Multi-host runs are requested by a coordinator address in the config or by
-    the environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID (set by the launchers); TPU pods are detected by JAX itself
-    when RL_REASON_DISTRIBUTED=1. Returns whether initialisation happened. A
-    bounded timeout means a missing peer is an error, not a silent hang.
-    """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
-    num_processes = num_processes or int(env.get("JAX_NUM_PROCESSES", "0"))
-    if process_id < 0:
-        process_id = int(env.get("JAX_PROCESS_ID", "-1"))
-    auto = env.get("RL_REASON_DISTRIBUTED", "") == "1"
-    if not (coordinator_address or auto):
-        return False
-    kwargs = {"initialization_timeout": timeout_seconds}
-    if coordinator_address:
-        kwargs.update(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes or None,
-            process_id=process_id if process_id >= 0 else None,
-        )
-    logging.info("jax.distributed.initialize(%s)", kwargs)
-    jax.distributed.initialize(**kwargs)
-    return True

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
@@ -119,22 +120,65 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Places a host batch on the mesh, split over the batch axes.
+def process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """The rows of a global batch that this process feeds, in the order
+    `jax.make_array_from_process_local_data` expects them.
 
-    Each process passes its own slice of the global batch (on one host: the
-    whole batch), as `jax.make_array_from_process_local_data` expects.
+    They are the rows its own devices hold under the batch sharding, found from
+    the sharding rather than assumed from the process index: on a mesh whose
+    devices are not laid out host by host, a process's rows need not be the
+    p-th contiguous slice. On one process: every row, in order.
     """
+    check_batch_divides(global_batch, mesh)
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
+    ranges = {(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()}
+    return np.concatenate([np.arange(a, b) for a, b in sorted(ranges)])
+
+
+def shard_process_rows(local: Any, mesh: Mesh, global_batch: int) -> Any:
+    """Builds global arrays from this process's rows (`process_rows`) of a global
+    batch: each process reads and tokenizes only its own examples."""
 
     def put(x):
         x = np.asarray(x)
-        global_batch = x.shape[0] * jax.process_count()
-        check_batch_divides(global_batch, mesh)
-        return jax.make_array_from_process_local_data(
-            batch_sharding(mesh, x.ndim), x, (global_batch,) + x.shape[1:]
-        )
+        shape = (global_batch,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
 
-    return jax.tree.map(put, batch)
+    return jax.tree.map(put, local)
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Places a global host batch on the mesh, split over the batch axes.
+
+    Every process holds the same global batch (rollouts, scores and labels are
+    computed identically on each, or gathered with `to_host`) and contributes
+    the rows its devices hold. A loader that reads only its own rows uses
+    `process_rows` and `shard_process_rows` instead.
+    """
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"The arrays of a batch disagree on its size: {sorted(sizes)}.")
+    (global_batch,) = sizes
+    rows = process_rows(mesh, global_batch)
+    every = jax.process_count() == 1
+    local = jax.tree.map(lambda x: np.asarray(x) if every else np.asarray(x)[rows], batch)
+    return shard_process_rows(local, mesh, global_batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of arrays, on every process.
+
+    `jax.device_get` reads only arrays whose shards are all on this process (or
+    replicated); a batch-sharded array on a mesh spanning several processes is
+    gathered from them first, so every process sees the whole result.
+    """
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
 
 
 @contextlib.contextmanager

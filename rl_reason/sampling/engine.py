@@ -190,7 +190,7 @@ class Sampler:
                 m = np.concatenate([m, np.zeros((fill, m.shape[1]), bool)])
             rollout = self._run(params, t, m, rng, config, prompt_offset + start, prefix)
             keep = (b - fill) * config.num_samples
-            parts.append(jax.tree.map(lambda x, keep=keep: x[:keep], jax.device_get(rollout)))
+            parts.append(jax.tree.map(lambda x, keep=keep: x[:keep], shd.to_host(rollout)))
         rollout = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
         return Samples(rollout, self.decode(rollout), config.num_samples)
 
