@@ -169,6 +169,30 @@ def test_one_process_feeds_every_row_in_order(shape):
     np.testing.assert_array_equal(shd.to_host(placed)["x"], np.arange(batch * 3).reshape(batch, 3))
 
 
+@pytest.mark.parametrize("num_items", [0, 1, 7, 8, 9])
+def test_process_shares_cover_every_item_once_in_order(monkeypatch, num_items):
+    shares = []
+    for index in range(4):
+        monkeypatch.setattr(jax, "process_count", lambda: 4)
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        shares.append(distributed.process_share(num_items))
+    items = [i for share in shares for i in range(num_items)[share]]
+    assert items == list(range(num_items))
+    sizes = [len(range(num_items)[share]) for share in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_shared_host_work_on_one_process_is_the_plain_map():
+    seen = []
+
+    def work(share):
+        seen.append(share)
+        return [[i, i / 3] for i in range(10)[share]]
+
+    assert distributed.map_shared(work, 10) == [[i, i / 3] for i in range(10)]
+    assert seen == [slice(0, 10)]
+
+
 def test_the_iterator_gives_every_process_the_same_global_batches():
     a, b = IndexIterator(10, 4, seed=3), IndexIterator(10, 4, seed=3)
     assert all(np.array_equal(next(a), next(b)) for _ in range(7))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rl_reason.evaluation import metrics
+from rl_reason.parallel import distributed
 from rl_reason.rewards.equivalence import DEFAULT_REL_TOL, canonical_answer, is_equivalent
 from rl_reason.rewards.extraction import Mode, extract_answer
 from rl_reason.rewards.latex import LatexChecker
@@ -51,24 +52,34 @@ def evaluate(
     if not 1 <= ks[0] <= ks[-1] <= num_samples:
         raise ValueError(f"every k must be in [1, {num_samples}], got {ks}")
 
-    totals: dict[str, float] = {}
-
-    def add(name: str, value: float) -> None:
-        totals[name] = totals.get(name, 0.0) + float(value)
-
-    for q, (texts, gold) in enumerate(zip(samples, golds)):
+    def question_metrics(q: int) -> dict[str, float]:
+        texts, gold = samples[q], golds[q]
+        out: dict[str, float] = {}
         keys, correct = _judge(texts, gold, mode, rel_tol, latex)
         if greedy is not None:
-            add("maj@1", _judge([greedy[q]], gold, mode, rel_tol, latex)[1][0])
+            out["maj@1"] = float(_judge([greedy[q]], gold, mode, rel_tol, latex)[1][0])
         for k in ks:
             if k > 1 or greedy is None:
-                add(f"maj@{k}", metrics.maj_at_k(keys[:k], correct[:k]))
-            add(f"pass@{k}", metrics.pass_at_k(correct[:k]))
-            add(f"pass@{k}_unbiased", metrics.pass_at_k_unbiased(num_samples, sum(correct), k))
+                out[f"maj@{k}"] = float(metrics.maj_at_k(keys[:k], correct[:k]))
+            out[f"pass@{k}"] = float(metrics.pass_at_k(correct[:k]))
+            out[f"pass@{k}_unbiased"] = metrics.pass_at_k_unbiased(num_samples, sum(correct), k)
             if scores is not None:
-                add(f"rerank@{k}", metrics.rerank_at_k(scores[q][:k], correct[:k]))
-        add("sample_accuracy", sum(correct) / num_samples)
-        add("no_answer", keys.count(None) / num_samples)
-        add("distinct_answers", metrics.distinct(keys))
-        add("distinct_solutions", metrics.distinct([" ".join(text.split()) for text in texts]))
+                out[f"rerank@{k}"] = float(metrics.rerank_at_k(scores[q][:k], correct[:k]))
+        out["sample_accuracy"] = sum(correct) / num_samples
+        out["no_answer"] = keys.count(None) / num_samples
+        out["distinct_answers"] = float(metrics.distinct(keys))
+        out["distinct_solutions"] = float(
+            metrics.distinct([" ".join(text.split()) for text in texts])
+        )
+        return out
+
+    # Judging is host work: in a multi-host run each process judges its share of
+    # the questions, and the sums below run over all of them in question order.
+    per_question = distributed.map_shared(
+        lambda share: [question_metrics(q) for q in range(len(samples))[share]], len(samples)
+    )
+    totals: dict[str, float] = {}
+    for values in per_question:
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
     return {name: total / len(samples) for name, total in sorted(totals.items())}

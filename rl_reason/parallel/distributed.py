@@ -30,10 +30,11 @@ import os
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 import jax
+import numpy as np
 
 _log = logging.getLogger(__name__)
 
@@ -231,3 +232,42 @@ def initialize(
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
     return True
+
+
+# --- host work shared across processes ----------------------------------------------
+# Work that runs on the host (judging answers, rule-based rewards) is the same on
+# every process unless it is split: each process takes an even, contiguous share
+# of the items, and the results travel back as JSON so that every process ends
+# with all of them, in order (floats survive JSON exactly).
+
+
+def process_share(num_items: int) -> slice:
+    """This process's contiguous share of `num_items` (the first processes take one
+    more when they do not divide evenly); on one process, all of them."""
+    count, index = jax.process_count(), jax.process_index()
+    base, extra = divmod(num_items, count)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (index < extra))
+
+
+def gather_lists(local: list) -> list:
+    """Every process's `local` list (JSON-serializable items), concatenated in
+    process order, on every process."""
+    if jax.process_count() == 1:
+        return list(local)
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    every = multihost_utils.process_allgather(padded)
+    return [item for p, size in enumerate(sizes) for item in json.loads(every[p, :size].tobytes())]
+
+
+def map_shared(fn: Callable[[slice], list], num_items: int) -> list:
+    """`fn(share)` computes the results for the items of `share`; each process runs
+    it on its own share and every process gets the results of all, in item order.
+    Only for host work: a jitted program on a mesh spanning processes needs every
+    process to call it on the same inputs."""
+    return gather_lists(list(fn(process_share(num_items))))

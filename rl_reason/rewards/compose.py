@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
+from rl_reason.parallel import distributed
 from rl_reason.rewards import registry
 from rl_reason.rewards.functions import Batch, Dense
 
@@ -41,7 +42,7 @@ class Composite:
         dense: Dense = [[] for _ in completions]
         components = {}
         for name, weight, reward in self.terms:
-            values = reward(completions, batch)
+            values = _call(reward, completions, batch)
             if not reward.dense:
                 values = [[(len(text), value)] for text, value in zip(completions, values)]
             components[name] = [sum((r for _, r in pairs), 0.0) for pairs in values]
@@ -51,6 +52,18 @@ class Composite:
             row.sort(key=lambda pair: pair[0])
         totals = [sum((r for _, r in row), 0.0) for row in dense]
         return Rewards(totals=totals, dense=dense, components=components)
+
+
+def _call(reward: Callable[..., Any], completions: Sequence[str], batch: Batch) -> list:
+    """One reward's values for every completion. A rule-based reward is host work, split
+    across the processes of a multi-host run; one that runs a program on the mesh
+    (``collective = True``: the ORM) is called by every process with every row."""
+    if getattr(reward, "collective", False):
+        return reward(completions, batch)
+    return distributed.map_shared(
+        lambda share: reward(completions[share], {k: v[share] for k, v in batch.items()}),
+        len(completions),
+    )
 
 
 def compose(spec: Mapping[str, Any], **runtime: Any) -> Composite:

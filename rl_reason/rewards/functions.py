@@ -6,7 +6,10 @@ decoded text sampled for the example whose columns are ``batch[col][i]``
 (``question``, ``answer`` -- the reference solution -- ``final_answer``, ...).
 A sparse reward (``dense = False``) returns one float per completion; a
 dense one returns, per completion, a list of ``(character offset, reward)``
-pairs, the offset being the end of the text the reward is for.
+pairs, the offset being the end of the text the reward is for. A reward that
+runs a program on the device mesh says ``collective = True``: in a multi-host
+run every process then calls it with every row, where rule-based rewards are
+split across the processes (``compose``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ class OrmOutcome:
     """Sparse: ``scale`` times the ORM's score of the whole completion (its final token)."""
 
     dense: ClassVar[bool] = False
+    collective: ClassVar[bool] = True  # the scorer runs on the mesh: every process, every row
     scorer: Scorer
     scale: float = 1.0
 
@@ -37,6 +38,7 @@ class OrmSteps:
     """Dense: ``scale`` times the ORM's score at the end of every step (the last included)."""
 
     dense: ClassVar[bool] = True
+    collective: ClassVar[bool] = True
     scorer: Scorer
     scale: float = 1.0
 
