@@ -1,18 +1,43 @@
-"""SFT step throughput against a PyTorch training step, on the same model and batch.
+"""SFT step time against a PyTorch training step, on the same model and batch, interleaved.
 
-    python benchmarks/train_step.py                      # 56M Llama, 8 x 256 tokens
-    python benchmarks/train_step.py --preset=llama_50m --batch=8 --length=256 --steps=5
+    python benchmarks/train_step.py                          # llama_50m, batch 8 x 256, 7 steps each
+    python benchmarks/train_step.py --shape=study_mini       # the default job's model, 32 x 128
+    python benchmarks/train_step.py --shape=gemma3_270m      # Gemma 3 270M shape (262k vocab), 2 x 256
+    python benchmarks/train_step.py --shape=llama_50m --steps=11 --loss-chunk=128
+    python benchmarks/train_step.py --preset=llama_125m --batch=4 --length=256   # any model preset
+    python benchmarks/train_step.py --skip-torch             # ours alone
+    python benchmarks/train_step.py --torch-threads=1        # PyTorch on one intra-op thread
 
-Reports tokens/s of our jitted step and of transformers' LlamaForCausalLM with
-torch.optim.AdamW (same config, batch, sequence length), their ratio, and
-each one's model FLOPs utilisation against the machine's matmul peak, which
-it measures in the same run.
+Both steps are built first, then warmed up (two steps each: compilation and
+the allocator's first pass), then timed interleaved in this process, one
+step of ours, one of PyTorch's, ..., `--steps` times each, so that load from
+other work on the machine falls on both alike. Each step is timed to its
+completion (JAX: until the new state and metrics are ready).
+
+- ours: `ts.jit_step(sft.make_sft_step(...))`: the jitted, donated SFT step
+  (chunked, rematerialised loss), AdamW (lr 1e-4 constant, betas 0.9/0.95,
+  weight decay 0.01 on matrices, global-norm clipping at 1.0), one device.
+- PyTorch: transformers' LlamaForCausalLM (Gemma3ForCausalLM for Gemma 3
+  shapes) built from the same config via `hf_config_dict`, in train mode,
+  `model(input_ids, labels).loss`, backward, `clip_grad_norm_(1.0)`,
+  `torch.optim.AdamW` (same lr, betas, weight decay 0.01), `zero_grad`.
+
+Reported: the median step time of each, tokens/s, the ratio, model FLOPs
+utilisation (PaLM's count) against the float32 matmul peak measured before
+and after the timed steps (the better reading), and the load average before
+and after. Absolute figures move with the machine's load; read the ratio.
+On a loaded machine (load average above the core count) PyTorch's OpenMP
+thread team can stall at its barriers on every small op: its step time then
+jumps by an order of magnitude on small models, and the ratio reflects the
+load, not the steps; compare with --torch-threads=1 before reading it.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -22,25 +47,49 @@ from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.experiments.config import base_config
 from rl_reason.models.config import PRESETS, ModelConfig
-from rl_reason.models.hf_config import hf_config_dict
+from rl_reason.models.hf_config import hf_config_dict, model_family
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
 
-def _batch(config, batch, length, seed=0):
+def study_mini() -> ModelConfig:
+    """The default job's model (configs/sft_synthetic.py), with its task's 384-token vocabulary."""
+    return ModelConfig(
+        vocab_size=384,
+        hidden_dim=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        mlp_dim=384,
+    )
+
+
+# name -> (model config, batch, length): the shapes the training-step issue names.
+SHAPES: dict[str, tuple[Callable[[], ModelConfig], int, int]] = {
+    "llama_50m": (PRESETS["llama_50m"], 8, 256),
+    "study_mini": (study_mini, 32, 128),
+    "gemma3_270m": (PRESETS["gemma3_270m"], 2, 256),
+}
+
+Step = Callable[[], None]  # runs one training step to completion
+
+
+def make_batch(config: ModelConfig, batch: int, length: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
     ones = np.ones_like(tokens, bool)
     return {"tokens": tokens, "input_mask": ones, "loss_mask": ones}
 
 
-def time_jax(config: ModelConfig, batch: int, length: int, steps: int, chunk: int) -> float:
+def build_jax(config: ModelConfig, batch: int, length: int, chunk: int) -> Step:
+    """Our jitted SFT step on one device; the returned callable advances its own state."""
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     model = Transformer(config)
     optim = base_config().optim  # AdamW as the PyTorch step: lr 1e-4, constant
     optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
-    tx, _ = optimizer.make_optimizer(optim, steps)
+    tx, _ = optimizer.make_optimizer(optim, 1000)
     state = ts.create_train_state(model, tx, mesh, shd.DEFAULT_RULES, seed=0)
     step = ts.jit_step(
         sft.make_sft_step(model, tx, chunk_size=chunk),
@@ -48,28 +97,33 @@ def time_jax(config: ModelConfig, batch: int, length: int, steps: int, chunk: in
         shd.DEFAULT_RULES,
         ts.state_shardings(model, tx, mesh, shd.DEFAULT_RULES),
     )
-    data = shd.shard_batch(_batch(config, batch, length), mesh)
-    state, metrics = step(state, data)  # compile
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    return batch * length * steps / (time.perf_counter() - start)
+    data = shd.shard_batch(make_batch(config, batch, length), mesh)
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], data)
+        jax.block_until_ready((holder["state"], metrics))
+
+    return one_step
 
 
-def time_torch(config: ModelConfig, batch: int, length: int, steps: int) -> float:
+def build_torch(config: ModelConfig, batch: int, length: int) -> Step:
+    """transformers' model of `config`'s family with torch.optim.AdamW."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
-        **hf_config_dict(config, {"max_position_embeddings": max(length, 2048)})
-    )
-    model = transformers.LlamaForCausalLM(hf_config)
+    family = model_family(config)
+    hf = hf_config_dict(config, {"max_position_embeddings": max(length, 2048)})
+    if family == "gemma3":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**hf))
+    elif family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    else:
+        raise ValueError(f"No PyTorch step for the {family} family here.")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    tokens = torch.from_numpy(_batch(config, batch, length)["tokens"]).long()
+    tokens = torch.from_numpy(make_batch(config, batch, length)["tokens"]).long()
 
     def one_step():
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -78,50 +132,87 @@ def time_torch(config: ModelConfig, batch: int, length: int, steps: int) -> floa
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    one_step()  # warm-up
+    return one_step
+
+
+def timed(step: Step) -> float:
     start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    return batch * length * steps / (time.perf_counter() - start)
+    step()
+    return time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="llama_50m", choices=sorted(PRESETS))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--shape", default="llama_50m", choices=sorted(SHAPES))
+    parser.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="a model preset instead of --shape's"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="default: the shape's")
+    parser.add_argument("--length", type=int, default=None, help="default: the shape's")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps of each system")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
     parser.add_argument("--loss-chunk", type=int, default=256)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)"
+    )
     args = parser.parse_args()
 
-    config = PRESETS[args.preset]()
-    peak = matmul_peak_flops()
-    flops = train_flops_per_token(config, args.length)
-    rows = [
-        (
-            "rl_reason sft_step (JAX)",
-            time_jax(config, args.batch, args.length, args.steps, args.loss_chunk),
-        )
-    ]
-    if not args.skip_torch:
-        rows.append(
-            (
-                "PyTorch LlamaForCausalLM + AdamW",
-                time_torch(config, args.batch, args.length, args.steps),
-            )
-        )
+    make_config, batch, length = SHAPES[args.shape]
+    if args.preset:
+        make_config = PRESETS[args.preset]
+    config = make_config()
+    batch, length = args.batch or batch, args.length or length
+    name = args.preset or args.shape
 
+    loads = [load_average()]
+    systems = {"rl_reason sft_step (JAX)": build_jax(config, batch, length, args.loss_chunk)}
+    if not args.skip_torch:
+        import torch
+
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        torch_name = "PyTorch " + (
+            "Gemma3ForCausalLM" if model_family(config) == "gemma3" else "LlamaForCausalLM"
+        )
+        systems[torch_name + " + AdamW"] = build_torch(config, batch, length)
+    for step in systems.values():
+        for _ in range(args.warmup):
+            step()
+
+    peaks = [matmul_peak_flops()]
+    times: dict[str, list[float]] = {k: [] for k in systems}
+    for _ in range(args.steps):
+        for k, step in systems.items():
+            times[k].append(timed(step))
+    peaks.append(matmul_peak_flops())
+    loads.append(load_average())
+
+    peak = max(peaks)
+    tokens = batch * length
+    flops = train_flops_per_token(config, length)
+    threads = "" if args.skip_torch else f"; torch threads {torch.get_num_threads()}"
     print(
-        f"model {args.preset}: {config.num_params() / 1e6:.1f}M params, batch {args.batch} x {args.length}"
-        f" tokens, {args.steps} timed steps; matmul peak {peak / 1e9:.0f} GFLOP/s (f32);"
-        f" load average {load_average():.1f}"
+        f"model {name}: {config.num_params() / 1e6:.1f}M params, vocab {config.vocab_size},"
+        f" batch {batch} x {length} tokens, loss chunk {args.loss_chunk}; {args.steps} timed steps"
+        f" each, interleaved, after {args.warmup} warm-up steps{threads}"
     )
-    print(f"| step | tokens/s | MFU |\n|---|---|---|")
-    for name, tps in rows:
-        print(f"| {name} | {tps:.0f} | {100 * tps * flops / peak:.1f}% |")
-    if len(rows) == 2:
-        print(f"speed-up over PyTorch: {rows[0][1] / rows[1][1]:.2f}x")
+    print(
+        f"f32 matmul peak {', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s (before, after;"
+        f" MFU uses {peak / 1e9:.0f}); load average {loads[0]:.2f} before, {loads[1]:.2f} after;"
+        f" {flops / 1e6:.0f} MFLOP per token"
+    )
+    print("| step | median step (s) | min / max (s) | tokens/s | MFU |\n|---|---|---|---|---|")
+    medians = {}
+    for k, ts_ in times.items():
+        medians[k] = m = statistics.median(ts_)
+        print(
+            f"| {k} | {m:.3f} | {min(ts_):.3f} / {max(ts_):.3f} | {tokens / m:.0f} |"
+            f" {100 * tokens * flops / m / peak:.1f}% |"
+        )
+    if len(medians) == 2:
+        ours, theirs = medians.values()
+        print(f"speed-up over PyTorch (median step time ratio): {theirs / ours:.2f}x")
 
 
 if __name__ == "__main__":
