@@ -5,16 +5,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from rl_reason.algorithms import rcrl
+from rl_reason.algorithms import rcrl, sft
+from rl_reason.algorithms import train_state as ts
 from rl_reason.data import sft as sft_data
 from rl_reason.data import synthetic, templates
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.models.config import tiny_llama
 from rl_reason.models.transformer import Transformer, default_positions, unstack_layers
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
 from rl_reason.rewards.functions import StepMatch
 from rl_reason.rewards.steps import split_steps
+from rl_reason.sampling.engine import Sampler
 
 PROMPT = templates.format_prompt("Ann has 2 apples. Then Ann gets 3 more apples. How many?")
 REFERENCE = "Ann has 2+3=<<2+3=5>>5 apples.\nAnn has 5*2=<<5*2=10>>10 apples.\n#### 10"
@@ -292,3 +297,49 @@ def test_heldout_metrics_condition_every_prompt_on_the_token():
     assert out["maj@1"] == 0.5
     rollout.heldout_metrics(sampler, None, questions, **kwargs)
     assert sampler.prompts == [templates.format_prompt(q) for q in ("q1", "q2")]
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_labelled_samples_follows_the_return_token(tokenizer):
+    """The RCRL path end to end at toy scale: return tokens added to a fresh model,
+    each question's good sample (the reference) and bad one (a bare wrong guess, a
+    different style) labelled by reward and trained on with `sft_step`; then greedy
+    completions conditioned on <|good|> are the worked solutions and on <|bad|> the
+    bare guesses. What the token does is learned from the labels alone."""
+    examples = synthetic.generate("train", 8)
+    samples = []
+    for ex in examples:
+        prompt = templates.format_prompt(ex["question"])
+        guess = f" #### {int(ex['final_answer']) + 1}"
+        samples += [
+            rcrl.RcrlSample(prompt, " " + ex["answer"], 1.0, ()),
+            rcrl.RcrlSample(prompt, guess, 0.0, ()),
+        ]
+    config = tiny_llama(vocab_size=len(tokenizer), hidden_dim=64, mlp_dim=128)
+    tok, params, config = rcrl.add_return_tokens(tokenizer, _init(config), config)
+    arrays, truncated = rcrl.rcrl_arrays(tok, samples, 256, "sparse", threshold=1.0)
+    assert truncated == 0
+    model = Transformer(config)
+    tx = optax.adam(3e-3)
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    state = ts.create_train_state(model, tx, mesh, shd.DEFAULT_RULES, 0, params=params)
+    step = ts.jit_step(
+        sft.make_sft_step(model, tx), mesh, shd.DEFAULT_RULES,
+        ts.state_shardings(model, tx, mesh, shd.DEFAULT_RULES),
+    )  # fmt: skip
+    batch = shd.shard_batch(arrays, mesh)
+    for _ in range(200):
+        state, metrics = step(state, batch)
+    assert float(metrics["loss"]) < 0.05, metrics
+
+    sampler = Sampler(config, tok, batch_size=8, prompt_buckets=(256,))
+    greedy = sampler.sampling_config(max_new_tokens=160, temperature=0.0)
+    prompts = [templates.format_prompt(ex["question"]) for ex in examples]
+    for token, want in ((rcrl.GOOD, [" " + ex["answer"] for ex in examples]),
+                        (rcrl.BAD, [s.completion for s in samples[1::2]])):  # fmt: skip
+        conditioned = [rcrl.condition_prompt(p, token) for p in prompts]
+        got = sampler.generate(state.params, conditioned, jax.random.PRNGKey(0), greedy).texts
+        assert [g.strip() for g in got] == [w.strip() for w in want], token
