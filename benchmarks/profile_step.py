@@ -32,7 +32,10 @@ from the HLO text:
 Times are the events' durations summed over the pool's threads (CPU time of
 the ops), per step; the wall time of a step is reported beside it. A dot's
 FLOPs come from its shapes (2 x output size x contracted size), so each
-matmul row shows its achieved GFLOP/s.
+matmul row shows its achieved GFLOP/s. An event's time is its own: events
+nested in it on the same thread (a while loop's body; work the pool ran on
+a thread waiting inside a plain `dot`) are subtracted, so a plain `dot`'s
+GFLOP/s can read high; the ynn_fusion dots' do not nest.
 
 PyTorch: the step of benchmarks/train_step.py (transformers' model, AdamW),
 one warm-up, then `--steps` steps under torch.profiler (record_shapes), its
@@ -57,7 +60,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from benchlib import load_average  # sets the path first
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -118,7 +120,11 @@ def parse_hlo(text: str) -> dict:
                 functions[int(key)] = value.strip('"')
             elif section == "FileLocations":
                 f = dict(re.findall(r"(\w+)=(\d+)", value))
-                locations[int(key)] = (int(f["file_name_id"]), int(f["function_name_id"]), int(f["line"]))
+                locations[int(key)] = (
+                    int(f["file_name_id"]),
+                    int(f["function_name_id"]),
+                    int(f["line"]),
+                )
             else:
                 f = dict(re.findall(r"(\w+)=(\d+)", value))
                 frames[int(key)] = int(f["file_location_id"])
@@ -343,7 +349,9 @@ def profile_torch(config, batch: int, length: int, steps: int) -> dict:
 
     step = build_torch(config, batch, length)  # builds model + AdamW; we re-run its parts below
     model_holder = step.__closure__
-    cells = {name: cell.cell_contents for name, cell in zip(step.__code__.co_freevars, model_holder)}
+    cells = {
+        name: cell.cell_contents for name, cell in zip(step.__code__.co_freevars, model_holder)
+    }
     model, opt, tokens = cells["model"], cells["opt"], cells["tokens"]
 
     def phased_step():
@@ -461,7 +469,9 @@ def report_torch(result: dict, top: int) -> None:
             groups = dict(sorted(groups.items(), key=lambda kv: -kv[1][0])[:top])
         _table(title, {k: tuple(v) for k, v in groups.items()}, total)
     print(f"\npytorch: the {top} costliest (op, phase, input shapes)")
-    print("| op | phase | kind | input shapes | calls | ms/step | GFLOP/s |\n|---|---|---|---|---|---|---|")
+    print(
+        "| op | phase | kind | input shapes | calls | ms/step | GFLOP/s |\n|---|---|---|---|---|---|---|"
+    )
     for (phase, kind, name, shapes), r in sorted(rows.items(), key=lambda kv: -kv[1]["time"])[:top]:
         rate = f"{r['flops'] / r['time'] / 1e9:.0f}" if r["flops"] and r["time"] > 0 else ""
         print(

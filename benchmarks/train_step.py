@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -145,7 +145,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="llama_50m", choices=sorted(SHAPES))
     parser.add_argument(
-        "--preset", default=None, choices=sorted(PRESETS), help="a model preset instead of --shape's"
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="a model preset instead of --shape's",
     )
     parser.add_argument("--batch", type=int, default=None, help="default: the shape's")
     parser.add_argument("--length", type=int, default=None, help="default: the shape's")
