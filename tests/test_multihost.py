@@ -511,3 +511,36 @@ def test_a_process_that_dies_mid_run_ends_the_other_with_its_name(tmp_path):
     assert procs[0].returncode != 0
     assert time.monotonic() - clock < 5 + 60
     assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*1\b", err), err[-3000:]
+
+
+def test_the_rendezvous_ignores_a_stray_connection_and_refuses_a_duplicate_id():
+    port = _free_port()
+    coordinator_error = []
+
+    def coordinate():
+        try:
+            distributed.rendezvous(_cluster(port, 3, 0), timeout_seconds=10)
+        except distributed.DistributedStartupError as e:
+            coordinator_error.append(e)
+
+    thread = threading.Thread(target=coordinate, daemon=True)
+    thread.start()
+    address = ("127.0.0.1", port + 1)
+    for stray in (b"GET / HTTP/1.0\r\n\r\n", b""):  # not a process: ignored
+        for _ in range(50):
+            try:
+                with socket.create_connection(address, timeout=5) as s:
+                    s.sendall(stray)
+                break
+            except OSError:
+                time.sleep(0.1)
+    hello = lambda pid, host: json.dumps({"process_id": pid, "host": host}).encode() + b"\n"
+    first = socket.create_connection(address, timeout=5)
+    first.sendall(hello(1, "hostA"))
+    with socket.create_connection(address, timeout=5) as second:
+        second.sendall(hello(1, "hostB"))
+        thread.join(10)
+    first.close()
+    assert "Two processes of the rendezvous say they are process 1 (hostA and hostB)" in str(
+        coordinator_error[0]
+    )

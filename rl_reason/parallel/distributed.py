@@ -167,14 +167,17 @@ def _gather(port: int, num_processes: int, deadline: float, timeout: float) -> N
                     conn, _ = server.accept()
                 except socket.timeout:
                     continue
-                conn.settimeout(max(deadline - time.monotonic(), 0.1))
-                hello = json.loads(conn.makefile().readline() or "{}")
+                hello = _read_hello(conn, deadline)
                 pid = hello.get("process_id")
-                if not isinstance(pid, int) or not 0 < pid < num_processes or pid in arrived:
+                if not isinstance(pid, int) or not 0 < pid < num_processes:
+                    _log.warning("The rendezvous ignored a connection that said %r.", hello)
+                    conn.close()
+                    continue
+                if pid in arrived:
                     conn.close()
                     raise DistributedStartupError(
-                        f"The rendezvous got {hello!r}: not a process id in [1, {num_processes})"
-                        " or one that had already arrived (two processes with one id?)."
+                        f"Two processes of the rendezvous say they are process {pid}"
+                        f" ({hosts[pid]} and {hello.get('host', '?')}): give each its own id."
                     )
                 arrived[pid], hosts[pid] = conn, hello.get("host", "?")
             for conn in arrived.values():
@@ -182,6 +185,17 @@ def _gather(port: int, num_processes: int, deadline: float, timeout: float) -> N
         finally:
             for conn in arrived.values():
                 conn.close()
+
+
+def _read_hello(conn: socket.socket, deadline: float) -> dict:
+    """A process's one-line JSON hello, or {} for anything else (a stray connection
+    that says nothing or something else is not one of the run's processes)."""
+    try:
+        conn.settimeout(max(deadline - time.monotonic(), 0.1))
+        hello = json.loads(conn.makefile().readline(4096) or "{}")
+    except (OSError, ValueError):
+        return {}
+    return hello if isinstance(hello, dict) else {}
 
 
 def _check_in(host: str, port: int, process_id: int, deadline: float, timeout: float) -> None:
