@@ -549,3 +549,11 @@ def test_the_rendezvous_ignores_a_stray_connection_and_refuses_a_duplicate_id():
     assert "Two processes of the rendezvous say they are process 1 (hostA and hostB)" in str(
         coordinator_error[0]
     )
+
+
+def test_numpy_values_travel_between_processes_as_plain_json():
+    values = [np.float32(0.5), np.int64(3), np.arange(2), [(1, np.float64(0.25))]]
+    text = json.dumps(values, default=distributed._plain)
+    assert json.loads(text) == [0.5, 3, [0, 1], [[1, 0.25]]]
+    with pytest.raises(TypeError, match="object cannot travel"):
+        json.dumps([object()], default=distributed._plain)

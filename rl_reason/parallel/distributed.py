@@ -271,12 +271,19 @@ def gather_lists(local: list) -> list:
         return list(local)
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    data = np.frombuffer(json.dumps(local, default=_plain).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([data.size], np.int64)).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: data.size] = data
     every = multihost_utils.process_allgather(padded)
     return [item for p, size in enumerate(sizes) for item in json.loads(every[p, :size].tobytes())]
+
+
+def _plain(value):
+    """numpy scalars and arrays as the Python values JSON holds (a reward may return them)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} cannot travel between processes as JSON")
 
 
 def map_shared(fn: Callable[[slice], list], num_items: int) -> list:
