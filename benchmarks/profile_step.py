@@ -7,7 +7,7 @@
     python benchmarks/profile_step.py --skip-jax --torch-threads=1 --shape=llama_50m
 
 Ours: the jitted, donated `sft_step` built exactly as benchmarks/train_step.py
-builds it (the same `jax.jit` arguments as `ts.jit_step`), compiled once
+builds it (`ts.jit_step`, lowered through its `lower`), compiled once
 here so that its optimized HLO can be read, warmed up, then run `--steps`
 times under `jax.profiler.trace`. XLA:CPU's thunk executor records one
 event per executed HLO instruction (thread pool lines of the host plane,
@@ -61,15 +61,8 @@ import time
 
 import jax
 from benchlib import load_average  # sets the path first
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-from train_step import SHAPES, build_torch, make_batch
+from train_step import SHAPES, build_torch, jax_step, make_batch
 
-from rl_reason.algorithms import optimizer, sft
-from rl_reason.algorithms import train_state as ts
-from rl_reason.experiments.config import base_config
-from rl_reason.models.transformer import Transformer
-from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
 KINDS = ("matmul", "reduction", "elementwise", "layout", "stacking", "control", "other")
@@ -228,23 +221,9 @@ def phase_of(op_name: str) -> str:
 
 
 def profile_jax(config, batch: int, length: int, chunk: int, steps: int) -> dict:
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = Transformer(config)
-    optim = base_config().optim
-    optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
-    tx, _ = optimizer.make_optimizer(optim, 1000)
-    state = ts.create_train_state(model, tx, mesh, shd.DEFAULT_RULES, seed=0)
-    shardings = ts.state_shardings(model, tx, mesh, shd.DEFAULT_RULES)
-    batch_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
-    jitted = jax.jit(  # as ts.jit_step compiles it
-        sft.make_sft_step(model, tx, chunk_size=chunk),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, NamedSharding(mesh, P())),
-        donate_argnums=0,
-    )
-    data = jax.device_put(make_batch(config, batch, length), batch_sharding)
-    with shd.activation_sharding(mesh, shd.DEFAULT_RULES):
-        compiled = jitted.lower(state, data).compile()
+    state, step, mesh = jax_step(config, chunk)
+    data = shd.shard_batch(make_batch(config, batch, length), mesh)
+    compiled = step.lower(state, data).compile()
     info = classify_hlo(parse_hlo(compiled.as_text()))
     module = compiled.as_text().split("\n", 1)[0].split()[1].rstrip(",")
 

@@ -38,6 +38,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,15 +56,9 @@ from rl_reason.parallel import sharding as shd
 
 def study_mini() -> ModelConfig:
     """The default job's model (configs/sft_synthetic.py), with its task's 384-token vocabulary."""
-    return ModelConfig(
-        vocab_size=384,
-        hidden_dim=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-        mlp_dim=384,
-    )
+    from configs import sft_synthetic
+
+    return ModelConfig.from_dict({**sft_synthetic.get_config().model.to_dict(), "vocab_size": 384})
 
 
 # name -> (model config, batch, length): the shapes the training-step issue names.
@@ -83,11 +78,12 @@ def make_batch(config: ModelConfig, batch: int, length: int, seed: int = 0) -> d
     return {"tokens": tokens, "input_mask": ones, "loss_mask": ones}
 
 
-def build_jax(config: ModelConfig, batch: int, length: int, chunk: int) -> Step:
-    """Our jitted SFT step on one device; the returned callable advances its own state."""
+def jax_step(config: ModelConfig, chunk: int) -> tuple[Any, Callable, Any]:
+    """(train state, jitted SFT step, mesh) on one device, AdamW as the PyTorch step's:
+    lr 1e-4 constant, betas 0.9/0.95, weight decay 0.01, clipping at 1.0."""
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     model = Transformer(config)
-    optim = base_config().optim  # AdamW as the PyTorch step: lr 1e-4, constant
+    optim = base_config().optim
     optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
     tx, _ = optimizer.make_optimizer(optim, 1000)
     state = ts.create_train_state(model, tx, mesh, shd.DEFAULT_RULES, seed=0)
@@ -97,6 +93,12 @@ def build_jax(config: ModelConfig, batch: int, length: int, chunk: int) -> Step:
         shd.DEFAULT_RULES,
         ts.state_shardings(model, tx, mesh, shd.DEFAULT_RULES),
     )
+    return state, step, mesh
+
+
+def build_jax(config: ModelConfig, batch: int, length: int, chunk: int) -> Step:
+    """Our jitted SFT step on one device; the returned callable advances its own state."""
+    state, step, mesh = jax_step(config, chunk)
     data = shd.shard_batch(make_batch(config, batch, length), mesh)
     holder = {"state": state}
 

@@ -111,36 +111,35 @@ def _cluster(port: int, n: int, pid: int) -> distributed.Cluster:
     return distributed.Cluster(f"127.0.0.1:{port}", n, pid, "test")
 
 
-def test_the_rendezvous_lets_everyone_through_once_all_have_arrived():
-    port, errors = _free_port(), []
+def _joining(port: int, n: int, pid: int, timeout: float) -> tuple[threading.Thread, list]:
+    """Process `pid` of `n` joining the rendezvous on a thread, started: the thread and
+    the list that collects whatever it raised."""
+    errors: list = []
 
-    def join(pid):
+    def join():
         try:
-            distributed.rendezvous(_cluster(port, 3, pid), timeout_seconds=20)
-        except Exception as e:  # noqa: BLE001 (reported below)
+            distributed.rendezvous(_cluster(port, n, pid), timeout_seconds=timeout)
+        except Exception as e:  # noqa: BLE001 (the tests read them)
             errors.append(e)
 
-    threads = [threading.Thread(target=join, args=(pid,)) for pid in (2, 1, 0)]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=join, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_the_rendezvous_lets_everyone_through_once_all_have_arrived():
+    port, joined = _free_port(), []
+    for pid in (2, 1, 0):
+        joined.append(_joining(port, 3, pid, timeout=20))
         time.sleep(0.3)  # the others knock before the coordinator listens: they retry
-    for t in threads:
-        t.join(30)
-    assert errors == [] and not any(t.is_alive() for t in threads)
+    for thread, _ in joined:
+        thread.join(30)
+    assert all(errors == [] and not thread.is_alive() for thread, errors in joined)
 
 
 def test_a_process_that_never_arrives_is_named_within_the_timeout():
     port = _free_port()
-    errors = []
-
-    def arrive():
-        try:
-            distributed.rendezvous(_cluster(port, 3, 1), timeout_seconds=3)
-        except distributed.DistributedStartupError as e:
-            errors.append(e)
-
-    late = threading.Thread(target=arrive, daemon=True)
-    late.start()  # process 1 comes; process 2 never does
+    late, errors = _joining(port, 3, 1, timeout=3)  # process 1 comes; process 2 never does
     clock = time.monotonic()
     with pytest.raises(distributed.DistributedStartupError, match=r"Processes \[2\] of 3 did not"):
         distributed.rendezvous(_cluster(port, 3, 0), timeout_seconds=3)
@@ -520,16 +519,7 @@ def test_a_process_that_dies_mid_run_ends_the_other_with_its_name(tmp_path):
 
 def test_the_rendezvous_ignores_a_stray_connection_and_refuses_a_duplicate_id():
     port = _free_port()
-    coordinator_error = []
-
-    def coordinate():
-        try:
-            distributed.rendezvous(_cluster(port, 3, 0), timeout_seconds=10)
-        except distributed.DistributedStartupError as e:
-            coordinator_error.append(e)
-
-    thread = threading.Thread(target=coordinate, daemon=True)
-    thread.start()
+    thread, coordinator_error = _joining(port, 3, 0, timeout=10)
     address = ("127.0.0.1", port + 1)
     for stray in (b"GET / HTTP/1.0\r\n\r\n", b""):  # not a process: ignored
         for _ in range(50):

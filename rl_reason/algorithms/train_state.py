@@ -135,6 +135,13 @@ def jit_step(
         with shd.activation_sharding(mesh, rules):
             return jitted(state, batch, *extra)
 
+    def lower(state, batch, *extra):
+        """The step lowered for these arguments (`.compile()` gives its HLO text and
+        memory analysis), under the mesh's rules as a call runs it."""
+        with shd.activation_sharding(mesh, rules):
+            return jitted.lower(state, jax.device_put(batch, batch_sharding), *extra)
+
+    call.lower = lower
     return call
 
 
