@@ -8,6 +8,7 @@
     python benchmarks/train_step.py --skip-torch             # ours alone
     python benchmarks/train_step.py --torch-threads=1        # PyTorch on one intra-op thread
     python benchmarks/train_step.py --shape=study_mini --also-unrolled   # and ours with unrolled layers
+    python benchmarks/train_step.py --shape=study_mini --remat=dots      # another remat policy
 
 Both steps are built first, then warmed up (two steps each: compilation and
 the allocator's first pass), then timed interleaved in this process, one
@@ -48,7 +49,7 @@ from benchlib import load_average, matmul_peak_flops, train_flops_per_token  # s
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.experiments.config import base_config
-from rl_reason.models.config import PRESETS, ModelConfig
+from rl_reason.models.config import PRESETS, REMAT_POLICIES, ModelConfig
 from rl_reason.models.hf_config import hf_config_dict, model_family
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
@@ -168,12 +169,17 @@ def main():
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)"
     )
+    parser.add_argument(
+        "--remat", default=None, choices=REMAT_POLICIES, help="default: the shape's model config"
+    )
     args = parser.parse_args()
 
     make_config, batch, length = SHAPES[args.shape]
     if args.preset:
         make_config = PRESETS[args.preset]
     config = make_config()
+    if args.remat:
+        config = config.replace(remat=args.remat)
     batch, length = args.batch or batch, args.length or length
     name = args.preset or args.shape
 
@@ -213,6 +219,7 @@ def main():
     threads = "" if args.skip_torch else f"; torch threads {torch.get_num_threads()}"
     print(
         f"model {name}: {config.num_params() / 1e6:.1f}M params, vocab {config.vocab_size},"
+        f" remat {config.remat},"
         f" batch {batch} x {length} tokens, loss chunk {args.loss_chunk}; {args.steps} timed steps"
         f" each, interleaved, after {args.warmup} warm-up steps{threads}"
     )

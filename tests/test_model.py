@@ -1,5 +1,6 @@
 """The transformer: sharded == unsharded, cached decode == full forward, config checks."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from rl_reason.algorithms import train_state as ts
+from rl_reason.models import layers
 from rl_reason.models.config import ModelConfig, tiny_gemma3, tiny_llama
 from rl_reason.models.transformer import (
     KVCache,
@@ -192,3 +194,46 @@ def test_unrolled_layers_equal_scanned_layers(name):
     restacked = stack_layers(flat)
     for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(24, 8, 16), (24, 16, 8)], ids=["x_narrower", "dy_narrower"])
+def test_cpu_matmul_gradients_are_the_products(shape):
+    """`cpu_matmul`'s backward (the narrower operand transposed on its own) gives
+    the plain product's gradients, whichever operand it transposes."""
+    n, i, o = shape
+    rng = np.random.default_rng(0)
+    x, w, r = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((n, i), (i, o), (n, o)))
+    ours = jax.grad(lambda x, w: jnp.sum(layers.cpu_matmul(x, w) * r), argnums=(0, 1))(x, w)
+    plain = jax.grad(lambda x, w: jnp.sum((x @ w) * r), argnums=(0, 1))(x, w)
+    chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_equal_shapes(ours, (x, w))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradients_agree_across_remat_policies_and_projection_paths(name, monkeypatch):
+    """The training gradient on a (2, 2, 2) mesh is the same with every remat policy
+    and with the einsum projections other backends use as with CPU's `cpu_matmul`."""
+    mesh = mesh_lib.make_mesh((2, 2, 2))
+    tokens, mask = _inputs(CONFIGS[name], batch=8, length=12)
+    shardings = ts.param_shardings(Transformer(CONFIGS[name]), mesh, shd.DEFAULT_RULES)
+    params = jax.device_put(_params(Transformer(CONFIGS[name])), shardings)
+
+    def gradient(config):
+        model = Transformer(config)
+
+        def loss(params):
+            logits, out = _full_logits(model, params, tokens, mask)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask) + jnp.mean(
+                out.heads.get("value", 0.0)
+            )
+
+        with shd.activation_sharding(mesh, shd.DEFAULT_RULES):
+            return jax.jit(jax.grad(loss), in_shardings=(shardings,))(params)
+
+    expected = gradient(CONFIGS[name])
+    for remat in ("full", "dots"):
+        chex.assert_trees_all_close(
+            gradient(CONFIGS[name].replace(remat=remat)), expected, rtol=1e-5, atol=1e-6
+        )
+    monkeypatch.setattr(layers, "cpu_layout", lambda: False)
+    chex.assert_trees_all_close(gradient(CONFIGS[name]), expected, rtol=1e-5, atol=1e-6)
