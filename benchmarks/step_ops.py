@@ -133,9 +133,7 @@ def _cases(rng: np.random.Generator):
         ),
         "masked softmax [32,2,2,128,128]": (
             ours(masked_softmax, logits, causal),
-            theirs(
-                lambda z, m: torch.softmax(z.masked_fill(~m, -1e30), dim=-1), logits, causal
-            ),
+            theirs(lambda z, m: torch.softmax(z.masked_fill(~m, -1e30), dim=-1), logits, causal),
             2 * 4 * bhts,
             "GB/s",
         ),
