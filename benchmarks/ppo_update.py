@@ -33,15 +33,20 @@ import statistics
 import jax
 import numpy as np
 from benchlib import load_average, matmul_peak_flops  # sets the path first
-from train_step import SHAPES, make_batch, timed
+from train_step import (
+    SHAPES,
+    jax_adamw,
+    make_batch,
+    one_device_mesh,
+    timed,
+    torch_adamw,
+    torch_model,
+)
 
-from rl_reason.algorithms import optimizer, ppo
+from rl_reason.algorithms import ppo
 from rl_reason.algorithms import train_state as ts
-from rl_reason.experiments.config import base_config
 from rl_reason.models.config import ModelConfig
-from rl_reason.models.hf_config import hf_config_dict
 from rl_reason.models.transformer import Transformer
-from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
 CLIP, VALUE_CLIP, VF_COEF = 0.2, 0.2, 0.5
@@ -59,11 +64,9 @@ def rollout(config: ModelConfig, batch: int, length: int) -> dict[str, np.ndarra
 
 
 def build_jax(config: ModelConfig, data: dict, epochs: int, minibatches: int, chunk: int):
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     models = ppo.ActorCritic(Transformer(config.replace(heads=("value",))))
-    optim = base_config().optim
-    optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
-    tx, _ = optimizer.make_optimizer(optim, 1000)
+    tx = jax_adamw()
     pc = ppo.PPOConfig(
         clip_eps=CLIP,
         value_clip=VALUE_CLIP,
@@ -95,15 +98,11 @@ def build_jax(config: ModelConfig, data: dict, epochs: int, minibatches: int, ch
 
 def build_torch(config: ModelConfig, data: dict, epochs: int, minibatches: int):
     import torch
-    import transformers
 
-    torch.manual_seed(0)
-    hf = hf_config_dict(config, {"max_position_embeddings": max(data["tokens"].shape[1], 2048)})
-    policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    policy = torch_model(config, data["tokens"].shape[1])
     value_head = torch.nn.Linear(config.hidden_dim, 1)
     params = [*policy.parameters(), *value_head.parameters()]
-    policy.train()
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch_adamw(params)
     tokens = torch.from_numpy(data["tokens"]).long()
     valid = torch.from_numpy(data["loss_mask"])[:, 1:]  # targets: tokens 1..L-1
     advantages = torch.from_numpy(data["advantages"])[:, 1:]

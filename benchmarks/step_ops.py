@@ -68,13 +68,14 @@ def _cases(rng: np.random.Generator):
     logits = f32(BATCH, KV_HEADS, HEADS // KV_HEADS, LENGTH, LENGTH)
     causal = np.tril(np.ones((LENGTH, LENGTH), bool))
 
-    def ours(fn, *args):
-        jitted, args = jax.jit(fn), [jnp.asarray(a) for a in args]
-        return lambda: jax.block_until_ready(jitted(*args))
-
-    def theirs(fn, *args):
-        args = [torch.from_numpy(a) for a in args]
-        return lambda: fn(*args)
+    def pair(ours_fn, theirs_fn, *args):
+        """(ours, theirs): each op jitted / eager on its own copies of `args`, run to completion."""
+        jitted, jax_args = jax.jit(ours_fn), [jnp.asarray(a) for a in args]
+        torch_args = [torch.from_numpy(a) for a in args]
+        return (
+            lambda: jax.block_until_ready(jitted(*jax_args)),
+            lambda: theirs_fn(*torch_args),
+        )
 
     def swiglu_grad(gate, up, dy):  # d(down's input)/d(gate) * dy, as the MLP's backward
         s = 1 / (1 + jnp.exp(-gate))
@@ -86,55 +87,68 @@ def _cases(rng: np.random.Generator):
 
     q_first = lambda a: jnp.transpose(a, (0, 2, 3, 1, 4))  # [B, T, K, G, D] -> [B, K, G, T, D]
     q_first_inverse = lambda a: jnp.transpose(a, (0, 3, 1, 2, 4))
+    torch_qk = lambda a, b: torch.einsum("btkgd,bksd->bkgts", a, b)
+    torch_pv = lambda p, b: torch.einsum("bkgts,bkds->btkgd", p, b)
     masked_softmax = lambda z, m: jax.nn.softmax(jnp.where(m, z, -1e30), axis=-1)
+    matmul_flops = 2 * TOKENS * HIDDEN * MLP
     bhts = BATCH * HEADS * LENGTH * LENGTH
+    attention_flops = 2 * bhts * HEAD_DIM
     return {
         "forward product x @ W [4096,128]x[128,384]": (
-            ours(jnp.matmul, x, w),
-            theirs(torch.mm, x, w),
-            2 * TOKENS * HIDDEN * MLP,
+            *pair(jnp.matmul, torch.mm, x, w),
+            matmul_flops,
             "GFLOP/s",
         ),
         "weight gradient x^T @ dy [4096,128]^T x [4096,384]": (
-            ours(lambda a, b: a.T @ b, x, dy),
-            theirs(lambda a, b: a.t() @ b, x, dy),
-            2 * TOKENS * HIDDEN * MLP,
+            *pair(lambda a, b: a.T @ b, lambda a, b: a.t() @ b, x, dy),
+            matmul_flops,
             "GFLOP/s",
         ),
         "weight gradient fed by SwiGLU's backward": (
-            ours(lambda a, g, u, d: a.T @ swiglu_grad(g, u, d), x, gate, up, dy),
-            theirs(lambda a, g, u, d: a.t() @ swiglu_grad_torch(g, u, d), x, gate, up, dy),
-            2 * TOKENS * HIDDEN * MLP,
+            *pair(
+                lambda a, g, u, d: a.T @ swiglu_grad(g, u, d),
+                lambda a, g, u, d: a.t() @ swiglu_grad_torch(g, u, d),
+                x,
+                gate,
+                up,
+                dy,
+            ),
+            matmul_flops,
             "GFLOP/s",
         ),
         "attention q.k [32,128,2,2,32] x [32,2,128,32]": (
-            ours(lambda a, b: jnp.einsum("btkgd,bksd->bkgts", a, b), q, k),
-            theirs(lambda a, b: torch.einsum("btkgd,bksd->bkgts", a, b), q, k),
-            2 * bhts * HEAD_DIM,
+            *pair(lambda a, b: jnp.einsum("btkgd,bksd->bkgts", a, b), torch_qk, q, k),
+            attention_flops,
             "GFLOP/s",
         ),
         "attention q.k, q laid out [B,K,G,T,D] first (the model's way)": (
-            ours(lambda a, b: jnp.einsum("bkgtd,bksd->bkgts", q_first(a), b), q, k),
-            theirs(lambda a, b: torch.einsum("btkgd,bksd->bkgts", a, b), q, k),
-            2 * bhts * HEAD_DIM,
+            *pair(lambda a, b: jnp.einsum("bkgtd,bksd->bkgts", q_first(a), b), torch_qk, q, k),
+            attention_flops,
             "GFLOP/s",
         ),
         "attention p.v [32,2,2,128,128] x [32,2,32,128]": (
-            ours(lambda p, b: jnp.einsum("bkgts,bkds->btkgd", p, b), logits, v),
-            theirs(lambda p, b: torch.einsum("bkgts,bkds->btkgd", p, b), logits, v),
-            2 * bhts * HEAD_DIM,
+            *pair(lambda p, b: jnp.einsum("bkgts,bkds->btkgd", p, b), torch_pv, logits, v),
+            attention_flops,
             "GFLOP/s",
         ),
         "attention p.v, then [B,K,G,T,D] -> [B,T,K,G,D] (the model's way)": (
-            ours(lambda p, b: q_first_inverse(jnp.einsum("bkgts,bkds->bkgtd", p, b)), logits, v),
-            theirs(lambda p, b: torch.einsum("bkgts,bkds->btkgd", p, b), logits, v),
-            2 * bhts * HEAD_DIM,
+            *pair(
+                lambda p, b: q_first_inverse(jnp.einsum("bkgts,bkds->bkgtd", p, b)),
+                torch_pv,
+                logits,
+                v,
+            ),
+            attention_flops,
             "GFLOP/s",
         ),
         "masked softmax [32,2,2,128,128]": (
-            ours(masked_softmax, logits, causal),
-            theirs(lambda z, m: torch.softmax(z.masked_fill(~m, -1e30), dim=-1), logits, causal),
-            2 * 4 * bhts,
+            *pair(
+                masked_softmax,
+                lambda z, m: torch.softmax(z.masked_fill(~m, -1e30), dim=-1),
+                logits,
+                causal,
+            ),
+            2 * 4 * bhts,  # float32 logits read, probabilities written
             "GB/s",
         ),
     }

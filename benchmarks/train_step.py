@@ -9,6 +9,7 @@
     python benchmarks/train_step.py --torch-threads=1        # PyTorch on one intra-op thread
     python benchmarks/train_step.py --shape=study_mini --also-unrolled   # and ours with unrolled layers
     python benchmarks/train_step.py --shape=study_mini --remat=dots      # another remat policy
+    python benchmarks/train_step.py --shape=study_mini --also-remat=none --also-remat=dots
 
 Both steps are built first, then warmed up (two steps each: compilation and
 the allocator's first pass), then timed interleaved in this process, one
@@ -80,14 +81,47 @@ def make_batch(config: ModelConfig, batch: int, length: int, seed: int = 0) -> d
     return {"tokens": tokens, "input_mask": ones, "loss_mask": ones}
 
 
-def jax_step(config: ModelConfig, chunk: int) -> tuple[Any, Callable, Any]:
-    """(train state, jitted SFT step, mesh) on one device, AdamW as the PyTorch step's:
-    lr 1e-4 constant, betas 0.9/0.95, weight decay 0.01, clipping at 1.0."""
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = Transformer(config)
+def one_device_mesh():
+    return mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def jax_adamw():
+    """Our optimizer as the PyTorch steps' AdamW: lr 1e-4 constant, betas 0.9/0.95,
+    weight decay 0.01, clipping at 1.0."""
     optim = base_config().optim
     optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
-    tx, _ = optimizer.make_optimizer(optim, 1000)
+    return optimizer.make_optimizer(optim, 1000)[0]
+
+
+def torch_adamw(params):
+    import torch
+
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+
+
+def torch_model(config: ModelConfig, length: int):
+    """transformers' model of `config`'s family, in train mode, seeded."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    family = model_family(config)
+    hf = hf_config_dict(config, {"max_position_embeddings": max(length, 2048)})
+    if family == "gemma3":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**hf))
+    elif family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    else:
+        raise ValueError(f"No PyTorch step for the {family} family here.")
+    model.train()
+    return model
+
+
+def jax_step(config: ModelConfig, chunk: int) -> tuple[Any, Callable, Any]:
+    """(train state, jitted SFT step, mesh) on one device, with `jax_adamw`."""
+    mesh = one_device_mesh()
+    model = Transformer(config)
+    tx = jax_adamw()
     state = ts.create_train_state(model, tx, mesh, shd.DEFAULT_RULES, seed=0)
     step = ts.jit_step(
         sft.make_sft_step(model, tx, chunk_size=chunk),
@@ -114,19 +148,9 @@ def build_jax(config: ModelConfig, batch: int, length: int, chunk: int) -> Step:
 def build_torch(config: ModelConfig, batch: int, length: int) -> Step:
     """transformers' model of `config`'s family with torch.optim.AdamW."""
     import torch
-    import transformers
 
-    torch.manual_seed(0)
-    family = model_family(config)
-    hf = hf_config_dict(config, {"max_position_embeddings": max(length, 2048)})
-    if family == "gemma3":
-        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**hf))
-    elif family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
-    else:
-        raise ValueError(f"No PyTorch step for the {family} family here.")
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    model = torch_model(config, length)
+    opt = torch_adamw(model.parameters())
     tokens = torch.from_numpy(make_batch(config, batch, length)["tokens"]).long()
 
     def one_step():
@@ -158,13 +182,23 @@ def main():
     parser.add_argument("--length", type=int, default=None, help="default: the shape's")
     parser.add_argument("--steps", type=int, default=7, help="timed steps of each system")
     parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed steps of each first (>= 1; the first is"
-        " reported as the first call: compilation and allocation)"
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps of each first (>= 1; the first is"
+        " reported as the first call: compilation and allocation)",
     )
     parser.add_argument("--loss-chunk", type=int, default=256)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument(
         "--also-unrolled", action="store_true", help="also ours with model.scan_layers=False"
+    )
+    parser.add_argument(
+        "--also-remat",
+        action="append",
+        default=[],
+        choices=REMAT_POLICIES,
+        help="also ours with this remat policy (repeatable)",
     )
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)"
@@ -189,6 +223,9 @@ def main():
     if args.also_unrolled:
         unrolled = config.replace(scan_layers=False)
         systems[ours + ", unrolled layers"] = build_jax(unrolled, batch, length, args.loss_chunk)
+    for remat in args.also_remat:
+        other = config.replace(remat=remat)
+        systems[ours + f", remat {remat}"] = build_jax(other, batch, length, args.loss_chunk)
     if not args.skip_torch:
         import torch
 
@@ -246,6 +283,7 @@ def main():
         if k.startswith(ours) and not args.skip_torch:
             ratio = medians[theirs] / medians[k]
             print(f"{k}: speed-up over PyTorch (median step time ratio) {ratio:.2f}x")
+
 
 if __name__ == "__main__":
     main()
