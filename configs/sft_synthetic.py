@@ -23,8 +23,8 @@ def get_config():
             num_kv_heads=2,
             head_dim=32,
             mlp_dim=384,
-            # Measured fastest for this small model's step on a 2-core CPU (1.27x
-            # PyTorch's against 1.18x with "dots"; BENCHMARKS.md, "Training step").
+            # Measured fastest for this small model's step on a 2-core CPU (1.13x
+            # PyTorch's against 0.99x with "dots"; BENCHMARKS.md, "Training step").
             remat="full",
         ).to_dict()
     )
