@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+
 import pytest
 
 from rl_reason.data import synthetic
@@ -58,3 +60,37 @@ def test_rejects_bad_arguments():
         synthetic.Difficulty(min_steps=3, max_steps=2)
     with pytest.raises(ValueError, match="distinct"):
         synthetic.generate("test", 10**6, difficulty=synthetic.Difficulty(1, 1, 2))
+
+
+def test_bare_answers_replace_a_stable_fraction_of_solutions_with_their_final_line():
+    examples = synthetic.generate("train", 400)
+    mixed = synthetic.with_bare_answers(examples, 0.5)
+    bare = [m["answer"] == f"#### {e['final_answer']}" for e, m in zip(examples, mixed)]
+    assert 0.4 < np.mean(bare) < 0.6
+    for e, m, is_bare in zip(examples, mixed, bare):
+        assert m["question"] == e["question"] and m["final_answer"] == e["final_answer"]
+        assert is_bare or m == e
+    # The style follows the question, not its position or the list it came in.
+    again = synthetic.with_bare_answers(examples[::-1], 0.5)[::-1]
+    assert again == mixed
+    assert synthetic.with_bare_answers(examples, 0.0) == examples
+    assert all(m["answer"].startswith("####") for m in synthetic.with_bare_answers(examples, 1.0))
+    with pytest.raises(ValueError, match="fraction"):
+        synthetic.with_bare_answers(examples, 1.5)
+
+
+def test_a_task_with_bare_answers_changes_its_train_solutions_only():
+    from rl_reason.experiments import tasks
+    from rl_reason.experiments.config import base_config
+
+    config = base_config()
+    config.data.update(num_train=200, num_eval=50)
+    plain = tasks.load(config)
+    config.data.bare_answer_fraction = 0.5
+    mixed = tasks.load(config)
+    assert mixed.heldout == plain.heldout
+    assert [e["question"] for e in mixed.train] == [e["question"] for e in plain.train]
+    assert mixed.train == synthetic.with_bare_answers(plain.train, 0.5) != plain.train
+    config.data.task = "synthetic_text"
+    with pytest.raises(ValueError, match="bare_answer_fraction"):
+        tasks.load(config)

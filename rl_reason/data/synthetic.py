@@ -192,6 +192,31 @@ def pretraining_corpus(
     return documents
 
 
+def with_bare_answers(examples: list[dict[str, str]], fraction: float) -> list[dict[str, str]]:
+    """``examples`` with the worked solution of about ``fraction`` of them replaced by
+    its bare final line (``#### n``): SFT data that teaches two ways to answer.
+
+    A model fine-tuned on it sometimes works a problem out step by step and
+    sometimes writes the answer at once; a small model's bare answers to
+    two-step problems are mostly wrong. Its samples then differ by which way
+    was taken -- the kind of difference a return token or a filter on
+    correctness can select -- and not only by arithmetic slips. Which
+    solutions are replaced depends on a hash of the question alone, so the
+    same question always gets the same style.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the bare answer fraction must be in [0, 1], got {fraction}")
+
+    def bare(question: str) -> bool:
+        digest = hashlib.sha256(f"bare:{question}".encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+    return [
+        {**ex, "answer": f"#### {ex['final_answer']}"} if bare(ex["question"]) else ex
+        for ex in examples
+    ]
+
+
 def generate(
     split: str,
     num_examples: int,

@@ -49,6 +49,10 @@ def load(config: ml_collections.ConfigDict) -> Task:
 
 def _load(config: ml_collections.ConfigDict) -> Task:
     task = config.data.task
+    if config.data.get("bare_answer_fraction", 0.0) and task != "synthetic":
+        raise ValueError(
+            f"data.bare_answer_fraction rewrites synthetic solutions only; data.task={task!r}."
+        )
     if task in ("synthetic", "synthetic_text"):
         difficulty = synthetic.Difficulty(
             config.data.min_steps, config.data.max_steps, config.data.max_operand
@@ -64,6 +68,8 @@ def _load(config: ml_collections.ConfigDict) -> Task:
             split, n, seed=config.seed, difficulty=difficulty
         )
         train = make("train", config.data.num_train + config.data.get("num_validation", 0))
+        if config.data.get("bare_answer_fraction", 0.0):
+            train = synthetic.with_bare_answers(train, config.data.bare_answer_fraction)
         return Task(train, make("test", config.data.num_eval))
     if task == "gsm8k":
         return Task(_read(config, "gsm8k", "train"), _read(config, "gsm8k", "test"))
@@ -74,6 +80,4 @@ def _load(config: ml_collections.ConfigDict) -> Task:
             [r for i, r in enumerate(rows) if i % 10 < tenths],
             [r for i, r in enumerate(rows) if i % 10 >= tenths],
         )
-    raise ValueError(
-        f"data.task={task!r}; known: 'synthetic', 'synthetic_text', 'gsm8k', 'svamp'."
-    )
+    raise ValueError(f"data.task={task!r}; known: 'synthetic', 'synthetic_text', 'gsm8k', 'svamp'.")
