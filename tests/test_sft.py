@@ -1,5 +1,6 @@
 """The SFT step: chunked loss == plain loss, accumulation, sharding, learning."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -138,3 +139,28 @@ def test_decay_mask_spares_norms_and_embeddings():
     mask = optimizer.decay_mask(params)["params"]
     assert mask["layers"]["attn"]["q_proj"]["kernel"] and mask["lm_head"]
     assert not mask["embedder"]["embedding"] and not mask["final_norm"]["scale"]
+
+
+def test_scaled_embedding_rows_move_by_their_factor_and_nothing_else_changes():
+    """`embedding_row_scales` multiplies the named rows' AdamW updates; every other
+    parameter's update is the plain optimizer's, bit for bit."""
+    model = Transformer(tiny_llama())
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    plain_tx, _ = optimizer.make_optimizer(_optim_config(), 10)
+    scaled_tx, _ = optimizer.make_optimizer(
+        _optim_config(), 10, embedding_row_scales={3: 30.0, 5: 2.0}
+    )
+    plain, _ = plain_tx.update(grads, plain_tx.init(params), params)
+    scaled, _ = scaled_tx.update(grads, scaled_tx.init(params), params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(plain, scaled)
+    rows = lambda u: np.asarray(u["params"]["embedder"]["embedding"])
+    factors = np.ones(rows(plain).shape[0], np.float32)
+    factors[[3, 5]] = [30.0, 2.0]
+    np.testing.assert_allclose(rows(scaled), rows(plain) * factors[:, None], rtol=1e-6)
+    assert np.abs(rows(plain)[3]).min() > 0  # the row had an update to scale
+    strip = lambda u: {k: v for k, v in u["params"].items() if k != "embedder"}
+    chex.assert_trees_all_equal(strip(plain), strip(scaled))
+    unscaled, _ = optimizer.make_optimizer(_optim_config(), 10, embedding_row_scales={3: 1.0})
+    assert len(unscaled.init(params)) == len(plain_tx.init(params))  # no transform at 1x

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -44,8 +47,44 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; `config` is the `optim` section."""
+def scale_embedding_rows(row_scales: Mapping[int, float]) -> optax.GradientTransformation:
+    """Multiplies the updates of the token embedding's rows ``row_scales`` names by their
+    factors; every other update passes unchanged.
+
+    Tokens added to a trained model (RCRL's return tokens) start as one
+    average row and must move far -- to where a real token that changes the
+    next prediction sits -- from a gradient that only a few positions of a
+    sample give and that is mostly noise. Under Adam every coordinate moves
+    at most about the learning rate a step, so at the rate the rest of the
+    model is fine-tuned the rows barely separate; a larger rate for the new
+    rows alone is what prompt tuning does for its soft tokens (Lester et al.
+    2021). The embedding is the leaf at ``.../embedder/embedding`` [V, E].
+    """
+
+    def update(updates, state, params=None):
+        del params
+
+        def scale(path, leaf):
+            names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+            if names[-2:] != ["embedder", "embedding"]:
+                return leaf
+            factors = np.ones(leaf.shape[0], np.float32)
+            for row, factor in row_scales.items():
+                factors[row] = factor
+            return leaf * jnp.asarray(factors, leaf.dtype)[:, None]
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(
+    config, total_steps: int, embedding_row_scales: Mapping[int, float] | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping; `config` is the `optim` section.
+
+    `embedding_row_scales` ({token id: factor}) scales those embedding rows'
+    updates after AdamW (see `scale_embedding_rows`)."""
     schedule = learning_rate_schedule(
         config.lr, total_steps, config.warmup_steps, config.schedule, config.final_lr_fraction
     )
@@ -62,4 +101,6 @@ def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformati
             mask=decay_mask,
         )
     )
+    if embedding_row_scales and any(f != 1.0 for f in embedding_row_scales.values()):
+        parts.append(scale_embedding_rows(embedding_row_scales))
     return optax.chain(*parts), schedule

@@ -73,6 +73,8 @@ def validate_rcrl(config: ml_collections.ConfigDict) -> None:
         )
     if c.eval_every < 1:
         problems.append("rcrl.eval_every must be positive: validation picks each round's model.")
+    if not c.return_token_lr_scale > 0:
+        problems.append("rcrl.return_token_lr_scale must be positive.")
     if c.mode not in rcrl.MODES:
         problems.append(f"rcrl.mode={c.mode!r} not in {rcrl.MODES}.")
     if config.data.get("num_validation", 0) < 1:
@@ -111,7 +113,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     token_ids = dict(zip((GOOD, BAD), rcrl.return_token_ids(tokenizer)))
     del start, params
 
-    tx, schedule = optimizer.make_optimizer(config.optim, c.steps_per_round)
+    tx, schedule = optimizer.make_optimizer(
+        config.optim,
+        c.steps_per_round,
+        embedding_row_scales={i: c.return_token_lr_scale for i in token_ids.values()},
+    )
     checkpointer = runs.make_checkpointer(config, workdir)
     abstract_state = ts.abstract_train_state(model, tx, mesh, rules)
     if checkpointer.latest_step() is not None:
