@@ -101,9 +101,11 @@ def test_rcrl_is_a_registered_algorithm():
     bad = arith_rcrl.get_config()
     bad.rcrl.mode = "medium"
     bad.rcrl.step_rewards = {"nope": 1.0}
+    bad.rcrl.return_token_lr_scale = 0.0
     with pytest.raises(config_lib.InvalidConfigError) as error:
         rcrl_experiment.validate_rcrl(bad)
     assert "rcrl.mode='medium'" in str(error.value) and "'nope'" in str(error.value)
+    assert "return_token_lr_scale" in str(error.value)
 
 
 @pytest.mark.slow
