@@ -37,12 +37,16 @@ def learning_rate_schedule(
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def _names(path) -> list[str]:
+    """The names along a pytree path (dict keys, attribute names)."""
+    return [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+
+
 def decay_mask(params: Any) -> Any:
     """Weight decay on matrices only: not on norms, biases or embeddings."""
 
     def decays(path, _):
-        name = getattr(path[-1], "key", str(path[-1]))
-        return name in ("kernel", "lm_head")
+        return _names(path)[-1] in ("kernel", "lm_head")
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -65,8 +69,7 @@ def scale_embedding_rows(row_scales: Mapping[int, float]) -> optax.GradientTrans
         del params
 
         def scale(path, leaf):
-            names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-            if names[-2:] != ["embedder", "embedding"]:
+            if _names(path)[-2:] != ["embedder", "embedding"]:
                 return leaf
             factors = np.ones(leaf.shape[0], np.float32)
             for row, factor in row_scales.items():
