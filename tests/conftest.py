@@ -14,6 +14,24 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after every test module.
+
+    Each XLA:CPU executable holds about three memory mappings of JIT code for as
+    long as JAX's caches keep it; a whole suite in one process reached Linux's
+    limit of 65,530 mappings (`vm.max_map_count`) and LLVM crashed mid-compile
+    with a segmentation fault. A module's programs are rarely reused by the next.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
