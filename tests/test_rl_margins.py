@@ -12,6 +12,11 @@ start, `configs/arith_two_styles_start.py` (samples that differ in the way
 they answer, not only by slips), and must answer better under its
 good-return token than under its bad one. The figures are in the
 README's "Results on the synthetic task"; these tests keep them true.
+
+They are the `results` tier: seven runs of the shipped configs, about 45
+minutes on a 2-core CPU, longer than the rest of the suite together, so
+`python -m pytest` leaves them out (pyproject's addopts) and
+`python -m pytest -m results` runs them.
 """
 
 import json
@@ -21,6 +26,8 @@ import sys
 import pytest
 
 from rl_reason.experiments import registry, sft
+
+pytestmark = pytest.mark.results
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import (  # noqa: E402
