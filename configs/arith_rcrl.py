@@ -20,8 +20,9 @@ Its start is `configs/arith_two_styles_start.py`, whose good and bad samples
 differ in the way they answer (worked out or bare); from `arith_start.py`,
 whose samples differ by arithmetic slips only, no RCRL setting tried moved
 maj@1 or separated the two tokens. From this start the two tokens separate
-(7.8-18.0 points of maj@1); the gain over the start was +9.8 points on one
-device and +1.2 on eight (README, "Results on the synthetic task").
+(2.7-18.0 points of maj@1); the gain over the start, after round 3, was
++9.0 to +11.3 points over three seeds on one device, +8.6 and +1.2 over two
+on eight (README, "Results on the synthetic task").
 The return tokens' rows learn 100x faster than the rest
 (`rcrl.return_token_lr_scale`); at 1x the model ignores the token.
 """
