@@ -14,7 +14,7 @@ good-return token than under its bad one. The figures are in the
 README's "Results on the synthetic task"; these tests keep them true.
 
 They are the `results` tier: seven runs of the shipped configs, about 45
-minutes on a 2-core CPU, longer than the rest of the suite together, so
+minutes on a 2-core CPU, about as long as the rest of the suite together, so
 `python -m pytest` leaves them out (pyproject's addopts) and
 `python -m pytest -m results` runs them.
 """
