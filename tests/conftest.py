@@ -8,10 +8,29 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# One persistent JAX compilation cache for the whole session, this process and every
+# process a test starts (they inherit the environment): a program compiles once,
+# however many tests, modules (whose in-memory caches are dropped below) or killed
+# and restarted runs use it. It starts empty each session and is removed after, so a
+# run of the suite never depends on an earlier one. The key is the whole program with
+# its options and devices: a program that differs in anything compiles anew.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="rl_reason_tests_jax_cache_")
+os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

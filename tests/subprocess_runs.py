@@ -2,16 +2,16 @@
 
 What the end-to-end kill tests share: the `launch/train.py` command of a config
 file with overrides (`config_overrides` writes them from an in-process config),
-an environment whose JAX compilation cache lets only a test's first process
-compile, a run to completion, and a run started and SIGKILLed (no handler, no
-save) as soon as a condition on its files holds. Kill points are conditions on
+a run to completion, and a run started and SIGKILLed (no handler, no save) as
+soon as a condition on its files holds. They inherit this process's environment:
+8 CPU devices and the session's JAX compilation cache (conftest.py), so only the
+first process to run a program compiles it. Kill points are conditions on
 what the run has written (records, chunk files, checkpoints), never step
 numbers or times, so they hold whatever a loop's phases number their steps.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -26,17 +26,6 @@ from rl_reason import logging as run_logging
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 900  # seconds: only a guard against a hang; nothing asserts how long anything takes
-
-
-def compilation_cache_env(cache_dir: Path) -> dict[str, str]:
-    """This process's environment (8 CPU devices) plus a persistent JAX compilation
-    cache: the same program compiles once across a test's processes."""
-    return dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
 
 
 def train_command(workdir: Path, config_file: str | None = None, overrides=()) -> list[str]:
@@ -66,9 +55,9 @@ def config_overrides(config, base) -> list[str]:
     return [f"--config.{key}={value}" for key, value in want.items() if value != have[key]]
 
 
-def run(command: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess:
+def run(command: list[str]) -> subprocess.CompletedProcess:
     """Runs `command` to its end; fails the test unless it exits 0."""
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=DEADLINE)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -90,13 +79,11 @@ def wait_for(proc: subprocess.Popen, condition: Callable[[], bool], what: str, l
         time.sleep(0.02)
 
 
-def kill_when(
-    command: list[str], env: Mapping[str, str], condition: Callable[[], bool], what: str, log: Path
-) -> None:
+def kill_when(command: list[str], condition: Callable[[], bool], what: str, log: Path) -> None:
     """Starts `command` and SIGKILLs it as soon as `condition()` holds (it must come
     before the process ends). Its output goes to `log` (appended)."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(proc, condition, what, log=log)
         proc.send_signal(signal.SIGKILL)

@@ -53,22 +53,6 @@ TINY = [
 
 # --------------------------------------------------------------------------- helpers
 
-# The subprocesses' environment: this one's (8 CPU devices) plus a JAX compilation
-# cache shared by this module's runs, so that only the first compiles (a run then
-# takes a third of the time). The cache key is the whole program and its options,
-# so a run that compiled something different would not hit it.
-_ENV = dict(os.environ)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    _ENV.update(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-
-
 def _command(repo_root, workdir, *extra):
     script = str(repo_root / "launch" / "train.py")
     return [sys.executable, script, f"--workdir={workdir}", *TINY, *extra]
@@ -80,7 +64,6 @@ def _train(repo_root, workdir, *extra):
         capture_output=True,
         text=True,
         timeout=900,
-        env=_ENV,
     )
 
 
@@ -90,7 +73,6 @@ def _start(repo_root, workdir, *extra):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_ENV,
     )
 
 

@@ -31,7 +31,7 @@ from rl_reason.data.iterator import IndexIterator
 from rl_reason.parallel import distributed
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
-from subprocess_runs import REPO_ROOT, compilation_cache_env
+from subprocess_runs import REPO_ROOT
 
 LAUNCH = REPO_ROOT / "launch"
 TIMEOUT = 900  # a guard against a hang only
@@ -331,26 +331,28 @@ def _evaluation(start: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _env(cache: Path) -> dict:
-    env = compilation_cache_env(cache)
+def _env() -> dict:
+    """This process's environment (the session's compilation cache among it) without
+    its device count: each command sets its own."""
+    env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = flags.strip()
     return env
 
 
-def _one_process(cache, args, script="train.py", **popen):
-    env = _env(cache)
+def _one_process(args, script="train.py"):
+    env = _env()
     env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=8".strip()
     command = [sys.executable, str(LAUNCH / script), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def _two_processes(cache, tmp, args, script="train.py"):
+def _two_processes(tmp, args, script="train.py"):
     command = [
         "bash", str(LAUNCH / "local.sh"), "-n", "2", "-d", "4", "-p", str(_free_port()),
         "--log-dir", str(tmp / "logs"), "--script", str(LAUNCH / script), "--", *args,
     ]  # fmt: skip
-    env = {**_env(cache), "PYTHON": sys.executable}
+    env = {**_env(), "PYTHON": sys.executable}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -400,14 +402,13 @@ def _assert_params_close(a: Path, b: Path):
 def runs(tmp_path_factory):
     """Each job once in 1 x 8 and once in 2 x 4; the SFT run is the others' start."""
     root = tmp_path_factory.mktemp("multihost")
-    cache = root / "cache"
     out = {}
     for name in ("one", "two"):
         out[name] = root / name
         out[name].mkdir()
     run = {
-        "one": lambda args, script="train.py": _one_process(cache, args, script),
-        "two": lambda args, script="train.py": _two_processes(cache, root, args, script),
+        "one": lambda args, script="train.py": _one_process(args, script),
+        "two": lambda args, script="train.py": _two_processes(root, args, script),
     }
     for name in ("one", "two"):
         _ok(run[name]([*SFT, f"--workdir={out[name] / 'sft'}"]))
@@ -416,7 +417,7 @@ def runs(tmp_path_factory):
         _ok(run[name]([*_ppo(start), f"--workdir={out[name] / 'ppo'}"]))
         _ok(run[name]([*_expert_iteration(start), f"--workdir={out[name] / 'ei'}"]))
         _ok(run[name]([*_evaluation(start), f"--workdir={out[name] / 'eval'}"], "evaluate.py"))
-    out["root"], out["cache"] = root, cache
+    out["root"] = root
     return out
 
 
@@ -465,8 +466,8 @@ def test_expert_iteration_rounds_across_two_processes_equal_one_process(runs):
 def test_a_checkpoint_saved_by_one_process_count_continues_under_the_other(runs, first, then):
     workdir = runs["root"] / f"{first}_then_{then}"
     go = {
-        "one": lambda args: _one_process(runs["cache"], args),
-        "two": lambda args: _two_processes(runs["cache"], runs["root"], args),
+        "one": lambda args: _one_process(args),
+        "two": lambda args: _two_processes(runs["root"], args),
     }
     _ok(go[first]([*SFT, f"--workdir={workdir}", "--config.train.stop_after=3"]))
     _ok(go[then]([*SFT, f"--workdir={workdir}"]))
@@ -476,7 +477,7 @@ def test_a_checkpoint_saved_by_one_process_count_continues_under_the_other(runs,
 
 @pytest.mark.slow
 def test_a_process_that_never_arrives_ends_the_others_with_its_name(tmp_path):
-    env = {**_env(tmp_path / "cache"), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
+    env = {**_env(), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
     env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
     clock = time.monotonic()
     r = subprocess.run(
@@ -493,7 +494,7 @@ def test_a_process_that_never_arrives_ends_the_others_with_its_name(tmp_path):
 @pytest.mark.slow
 def test_a_process_that_dies_mid_run_ends_the_other_with_its_name(tmp_path):
     workdir = tmp_path / "run"
-    env = {**_env(tmp_path / "cache"), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
     args = [*SFT, f"--workdir={workdir}", "--config.train.num_steps=100000",
             "--config.distributed.heartbeat_timeout_seconds=5"]  # fmt: skip

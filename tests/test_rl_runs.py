@@ -206,7 +206,6 @@ def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_ru
     tiny_sft_run, tmp_path
 ):
     """A real process death (SIGKILL: no handler, no save) mid-iteration, three times."""
-    env = subprocess_runs.compilation_cache_env(tmp_path / "jax_cache")
     overrides = [
         f"--config.model_source.path={tiny_sft_run}",
         "--config.data.num_train=64",
@@ -226,16 +225,15 @@ def test_ppo_killed_with_sigkill_at_several_points_ends_like_an_uninterrupted_ru
     ]
     command = lambda workdir: subprocess_runs.train_command(workdir, "arith_ppo.py", overrides)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess_runs.run(command(straight), env)
+    subprocess_runs.run(command(straight))
     for kill_after in (1, 2, 4):  # records on disk when the kill comes
         subprocess_runs.kill_when(
             command(killed),
-            env,
             lambda: len(subprocess_runs.records(killed)) >= kill_after,
             f"{kill_after} records",
             log=tmp_path / "killed.log",
         )
-    subprocess_runs.run(command(killed), env)
+    subprocess_runs.run(command(killed))
     _assert_same_run(straight, killed)
 
 
@@ -256,9 +254,8 @@ def test_ei_killed_with_sigkill_mid_sampling_and_mid_training_ends_like_an_unint
     config.checkpoint.async_save = False
     overrides = subprocess_runs.config_overrides(config, arith_ei.get_config())
     command = lambda workdir: subprocess_runs.train_command(workdir, "arith_ei.py", overrides)
-    env = subprocess_runs.compilation_cache_env(tmp_path / "jax_cache")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess_runs.run(command(straight), env)
+    subprocess_runs.run(command(straight))
     chunks_per_round = -(-config.data.num_train // config.ei.sampling_chunk)
     assert chunks_per_round >= 2
 
@@ -279,7 +276,7 @@ def test_ei_killed_with_sigkill_mid_sampling_and_mid_training_ends_like_an_unint
         )
 
     kill = lambda condition, what: subprocess_runs.kill_when(
-        command(killed), env, condition, what, log=tmp_path / "killed.log"
+        command(killed), condition, what, log=tmp_path / "killed.log"
     )
     # 1. Mid-sampling, between chunks: round 0's first chunk file is written (its
     # checkpoint may or may not be).
@@ -302,7 +299,7 @@ def test_ei_killed_with_sigkill_mid_sampling_and_mid_training_ends_like_an_unint
         progress,
     )
 
-    subprocess_runs.run(command(killed), env)
+    subprocess_runs.run(command(killed))
     _assert_same_run(straight, killed)
     assert sources.checksum(_params(killed)) == sources.checksum(_params(straight))
     for r in range(config.ei.num_rounds):

@@ -381,9 +381,8 @@ def test_killed_with_sigkill_and_rerun_ends_bitwise_equal(starts, tfds_dir, tmp_
     command = lambda workdir: subprocess_runs.train_command(
         workdir, "gemma3_270m_gsm8k_sft.py", overrides
     )
-    env = subprocess_runs.compilation_cache_env(tmp_path / "jax_cache")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess_runs.run(command(straight), env)
+    subprocess_runs.run(command(straight))
     # Before checkpoint 3; then once it is in place (an asynchronous save can finish
     # after later steps' records), before checkpoint 6.
     kill_points = {
@@ -395,9 +394,9 @@ def test_killed_with_sigkill_and_rerun_ends_bitwise_equal(starts, tfds_dir, tmp_
     }
     for what, condition in kill_points.items():
         log = tmp_path / "killed.log"
-        subprocess_runs.kill_when(command(killed), env, condition, what, log=log)
+        subprocess_runs.kill_when(command(killed), condition, what, log=log)
     assert 3 in subprocess_runs.checkpoint_steps(killed)
-    subprocess_runs.run(command(killed), env)
+    subprocess_runs.run(command(killed))
     assert _records(killed) == _records(straight)
     params_a, progress_a, _ = _final(straight)
     params_b, progress_b, _ = _final(killed)

@@ -322,10 +322,9 @@ def test_the_shrunken_default_job_end_to_end_and_killed_mid_stage_ends_with_the_
     config = tiny_study_config()
     overrides = subprocess_runs.config_overrides(config, study_mini.get_config())
     command = lambda workdir: subprocess_runs.train_command(workdir, None, overrides)  # noqa: E731
-    env = subprocess_runs.compilation_cache_env(tmp_path / "jax_cache")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
-    done = subprocess_runs.run(command(straight), env)
+    done = subprocess_runs.run(command(straight))
     report = (straight / "report.md").read_text()
     plan = study_plan.stages(config, str(straight))
     assert f"[{len(plan)}/{len(plan)}] eval-pretrained-ppo-sparse" in done.stdout
@@ -359,7 +358,6 @@ def test_the_shrunken_default_job_end_to_end_and_killed_mid_stage_ends_with_the_
     # Killed inside EI's training from the SFT start and inside an evaluation, then rerun.
     subprocess_runs.kill_when(
         command(killed),
-        env,
         lambda: bool(subprocess_runs.checkpoint_steps(killed / "sft-ei-sparse")),
         "an EI checkpoint",
         log=tmp_path / "killed.log",
@@ -367,12 +365,11 @@ def test_the_shrunken_default_job_end_to_end_and_killed_mid_stage_ends_with_the_
     assert not (killed / "sft-ei-sparse" / study.STAGE_RECORD).exists()
     subprocess_runs.kill_when(
         command(killed),
-        env,
         lambda: (killed / "eval-sft-ppo-sparse" / "eval_progress").is_dir(),
         "an evaluation chunk",
         log=tmp_path / "killed.log",
     )
-    again = subprocess_runs.run(command(killed), env)
+    again = subprocess_runs.run(command(killed))
     assert "pretrain: pretraining on arithmetic text: done before" in again.stdout
     assert (killed / "report.md").read_text() == report.replace(str(straight), str(killed))
     assert _numbers(report) and (killed / "study.json").read_text() == (
