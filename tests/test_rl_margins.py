@@ -113,8 +113,9 @@ def test_rcrl_answers_better_under_its_good_token_than_under_its_bad_one(
     """The shipped RCRL config from the two-styles start: after every round, held-out
     greedy maj@1 under <|good|> is above maj@1 under <|bad|> on the same questions, by
     a clear margin on average. The gain over the start is printed, not asserted: it
-    was +9.0 to +11.3 points over three seeds on one device, but +1.2 for this
-    run on this suite's eight (+8.6 for seed 1; README)."""
+    was +9.0 to +11.3 points over three seeds from the start trained on one device,
+    but +1.2 for this run from the one trained on this suite's eight (+8.6 for seed
+    1): the start, not the mesh, makes the difference (README)."""
     config = _quiet(arith_rcrl.get_config())
     config.model_source.path = str(two_styles_start)
     assert config.eval.num_examples == HELDOUT
