@@ -407,7 +407,7 @@ def runs(tmp_path_factory):
         out[name] = root / name
         out[name].mkdir()
     run = {
-        "one": lambda args, script="train.py": _one_process(args, script),
+        "one": _one_process,
         "two": lambda args, script="train.py": _two_processes(root, args, script),
     }
     for name in ("one", "two"):
@@ -466,7 +466,7 @@ def test_expert_iteration_rounds_across_two_processes_equal_one_process(runs):
 def test_a_checkpoint_saved_by_one_process_count_continues_under_the_other(runs, first, then):
     workdir = runs["root"] / f"{first}_then_{then}"
     go = {
-        "one": lambda args: _one_process(args),
+        "one": _one_process,
         "two": lambda args: _two_processes(runs["root"], args),
     }
     _ok(go[first]([*SFT, f"--workdir={workdir}", "--config.train.stop_after=3"]))
