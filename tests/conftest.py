@@ -9,11 +9,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The shipped configs are modules of the checkout (`from configs import arith_ei`), not
+# of the installed package: the tests import them from here, however pytest was started.
+sys.path.insert(0, str(REPO_ROOT))
 
 # One persistent JAX compilation cache for the whole session, this process and every
 # process a test starts (they inherit the environment): a program compiles once,
@@ -21,16 +25,25 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # and restarted runs use it. It starts empty each session and is removed after, so a
 # run of the suite never depends on an earlier one. The key is the whole program with
 # its options and devices: a program that differs in anything compiles anew.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="rl_reason_tests_jax_cache_")
-os.environ.update(
-    JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-)
+# Under pytest-xdist the controller makes it and its workers (which inherit the
+# environment) share it; a size bound turns on JAX's file lock around every read and
+# write, so one worker never reads an entry the other is still writing.
+_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if _XDIST_WORKER and "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    _COMPILATION_CACHE = None  # the controller's, removed by the controller
+else:
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="rl_reason_tests_jax_cache_")
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(64 << 30),
+    )
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
+    if _COMPILATION_CACHE is not None:
+        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,8 +4,6 @@ right and wrong samples of an imperfect SFT policy on the synthetic task."""
 
 import dataclasses
 import json
-import os
-import sys
 from typing import ClassVar
 
 import chex
@@ -28,7 +26,6 @@ from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.rewards import registry as reward_registry
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import arith_orm, arith_ppo
 
 EVEN = "test_even_length"

@@ -5,7 +5,6 @@ uninterrupted result."""
 
 import json
 import os
-import sys
 
 import chex
 import jax
@@ -23,8 +22,7 @@ from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 from rl_reason.sampling.engine import Sampler
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import arith_rcrl  # noqa: E402 (after the path is set)
+from configs import arith_rcrl
 
 K = 2
 

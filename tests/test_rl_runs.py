@@ -3,7 +3,6 @@ an interrupted run resumes to exactly the uninterrupted result."""
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -15,8 +14,7 @@ from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 import subprocess_runs
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import arith_ei, arith_grpo, arith_ppo  # noqa: E402
+from configs import arith_ei, arith_grpo, arith_ppo
 
 # Wall times differ between runs; everything else must not.
 TIMING = (

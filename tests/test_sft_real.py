@@ -12,9 +12,7 @@ equal to an uninterrupted one.
 
 import copy
 import json
-import os
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -33,8 +31,7 @@ from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 import subprocess_runs
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import gemma3_270m_gsm8k_sft  # noqa: E402 (after the path is set)
+from configs import gemma3_270m_gsm8k_sft
 
 DATA_DIR = data_sources.locate_data_dir()
 pytestmark = pytest.mark.skipif(DATA_DIR is None, reason="real GSM8K/SVAMP files not found")

@@ -2,8 +2,6 @@
 machines, planned without allocating."""
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +14,7 @@ from rl_reason.experiments import on_policy, plan
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import (  # noqa: E402
+from configs import (
     gemma3_270m_svamp_ppo,
     study_gsm8k_ei,
     study_gsm8k_ppo,
