@@ -14,15 +14,16 @@ labelled <|good|> or <|bad|> by the correctness of its answer (dense: one
 label per step from the step-match reward, the answer line by correctness),
 fine-tune on all of them, choose the round's checkpoint by validation maj@1
 conditioned on <|good|>; held-out maj@1 under <|good|> and under <|bad|> on
-256 test questions after every round. CPU-sized (about 5 minutes here).
+256 test questions after every round. CPU-sized (about 7 minutes here on
+eight virtual devices).
 
 Its start is `configs/arith_two_styles_start.py`, whose good and bad samples
 differ in the way they answer (worked out or bare); from `arith_start.py`,
 whose samples differ by arithmetic slips only, no RCRL setting tried moved
-maj@1 or separated the two tokens. From this start the two tokens separate
-(2.7-18.0 points of maj@1); the gain over the start, after round 3, was
-+9.0 to +11.3 points over three seeds on one device, +8.6 and +1.2 over two
-on eight (README, "Results on the synthetic task").
+maj@1 or separated the two tokens. From this start (2026-12-02) maj@1 under
+<|good|> ends 9.4, 12.9 and 10.2 points above the start over three seeds on
+eight devices, 5.9 for seed 0 on one, and stays above maj@1 under <|bad|>
+after every round (README, "Results on the synthetic task").
 The return tokens' rows learn 100x faster than the rest
 (`rcrl.return_token_lr_scale`); at 1x the model ignores the token.
 """
