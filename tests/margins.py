@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from rl_reason.experiments import sft
+
 HELDOUT = 256
 # One question is 0.4 points; the runs measured gain 8-17 points (README), and a
 # start-to-end difference of 5 points on 256 questions is about 2.5 standard errors.
@@ -25,3 +27,10 @@ def heldout_records(workdir):
     """The run's held-out evaluations in order, the start model's first."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if "heldout/maj@1" in r]
+
+
+def train_start(tmp_path_factory, config, name):
+    """A shipped SFT start trained into a fresh directory: the workdir its RL runs start from."""
+    workdir = tmp_path_factory.mktemp(name)
+    sft.train(quiet(config), str(workdir))
+    return workdir

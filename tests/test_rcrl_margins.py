@@ -13,19 +13,17 @@ The `results` tier (with `test_rl_margins.py`): `python -m pytest -m results`.
 """
 
 import pytest
-from margins import HELDOUT, MARGIN, heldout_records, quiet
+from margins import HELDOUT, MARGIN, heldout_records, quiet, train_start
 
 from configs import arith_rcrl, arith_two_styles_start
-from rl_reason.experiments import registry, sft
+from rl_reason.experiments import registry
 
 pytestmark = pytest.mark.results
 
 
 @pytest.fixture(scope="module")
 def two_styles_start(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("sft_two_styles")
-    sft.train(quiet(arith_two_styles_start.get_config()), str(workdir))
-    return workdir
+    return train_start(tmp_path_factory, arith_two_styles_start.get_config(), "sft_two_styles")
 
 
 @pytest.mark.slow

@@ -20,19 +20,17 @@ import json
 import os
 
 import pytest
-from margins import HELDOUT, MARGIN, heldout_records, quiet
+from margins import HELDOUT, MARGIN, heldout_records, quiet, train_start
 
 from configs import arith_ei, arith_grpo, arith_orm, arith_ppo, arith_start
-from rl_reason.experiments import registry, sft
+from rl_reason.experiments import registry
 
 pytestmark = pytest.mark.results
 
 
 @pytest.fixture(scope="module")
 def imperfect_start(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("sft_start")
-    sft.train(quiet(arith_start.get_config()), str(workdir))
-    return workdir
+    return train_start(tmp_path_factory, arith_start.get_config(), "sft_start")
 
 
 def _heldout_curve(workdir):
