@@ -8,7 +8,6 @@ rl_reason, not another one.
 
 from __future__ import annotations
 
-import functools
 import os
 import resource
 import sys
@@ -174,12 +173,12 @@ def tunix_llama3(config: ModelConfig, params: dict, *, sampling: bool = False):
 
 
 class OnPolicyIteration:
-    """One iteration of `experiments/on_policy.py`'s loop, its pieces built from an RL
-    config as `on_policy.train` builds them, without logging or checkpoints.
+    """The on-policy loop's own iteration (`on_policy.OnPolicyLearner.iteration`, the
+    code `launch/train.py` runs), with its state, without logging or checkpoints.
 
     `start` is the loaded start model (as `sources.load_model` returns it): its
     params become the frozen reference, a copy (with a value head when PPO
-    has one, and `rl.remat` if set) the trained state. `full_length=True`
+    has one, and `train.remat` if set) the trained state. `full_length=True`
     samples with no EOS and no stop strings, so that every row runs
     rl.max_new_tokens tokens: the shapes, and the work, are the budget's.
     Phases are timed apart (with a wait for the devices in between):
@@ -188,128 +187,33 @@ class OnPolicyIteration:
     """
 
     def __init__(self, config, start, mesh, rules, reward_fn, *, full_length: bool = False):
-        from rl_reason.algorithms import optimizer, ppo
-        from rl_reason.algorithms import train_state as ts
-        from rl_reason.data import templates
-        from rl_reason.experiments import on_policy, sources
-        from rl_reason.sampling.engine import Sampler
+        from rl_reason.experiments import on_policy
 
-        rl = config.rl
-        self.pc = pc = on_policy.ppo_config(config)
-        self.mesh, self.rules, self.reward_fn = mesh, rules, reward_fn
-        changes = {"remat": rl.remat} if rl.get("remat") else {}
-        heads = ("value",) if pc.use_value else ()
-        policy = sources.with_heads(start, heads, mesh, rules, seed=config.seed, **changes)
-        self.models = ppo.ActorCritic(Transformer(policy.config))
-        needs_reference = rl.kl_coef > 0 or pc.kl_loss_coef > 0
-        self.ref_params = start.params if needs_reference else None
-        steps = rl.num_iterations * pc.num_epochs * pc.num_minibatches
-        tx, schedule = optimizer.make_optimizer(config.optim, steps)
-        self.state = ppo.create_ppo_state(
-            self.models, tx, mesh, rules, config.seed, params=policy.params
+        self.learner = on_policy.OnPolicyLearner(
+            config, start, mesh, rules, reward_fn=reward_fn, full_length=full_length
         )
-        del policy
-        self.sampler = Sampler(
-            self.models.policy.config,
-            start.tokenizer,
-            batch_size=rl.sampling_batch_size,
-            prompt_buckets=tuple(rl.prompt_buckets),
-            mesh=mesh,
-            rules=rules,
-            stop_strings=() if full_length else templates.STOP_SEQUENCES,
-        )
-        self.sampling = self.sampler.sampling_config(
-            max_new_tokens=rl.max_new_tokens,
-            temperature=rl.temperature,
-            top_p=rl.top_p,
-            num_samples=rl.num_samples,
-            **({"eos_ids": ()} if full_length else {}),
-        )
-        self.update = ts.jit_step(
-            ppo.make_ppo_update(self.models, tx, pc, lr_schedule=schedule),
-            mesh,
-            rules,
-            ppo.ppo_state_shardings(self.models, tx, mesh, rules),
-        )
-        with_policy = rl.advantage == "gae" or not ppo.single_step(pc)
-        self.score = jax.jit(
-            functools.partial(
-                ppo.score, self.models, chunk_size=pc.chunk_size, with_policy=with_policy
-            )
-        )
-        self.estimate = jax.jit(
-            functools.partial(
-                on_policy.advantages_and_rewards,
-                estimator=rl.advantage,
-                num_samples=rl.num_samples,
-                gamma=rl.gamma,
-                lam=rl.lam,
-                kl_estimator=rl.kl_estimator,
-                std_floor=rl.std_floor,
-            )
-        )
-        self.kl_coef = float(rl.kl_coef)
+        self.pc, self.models = self.learner.pc, self.learner.models
+        self.state = self.learner.initial_state()
+        self.learner.start_params = None
+        self.kl_coef = float(config.rl.kl_coef)
         self.base_rng = jax.random.PRNGKey(config.seed)
         self.last: dict = {}
 
     def __call__(self, examples, prompts, index: int, on_phase=None) -> dict[str, float]:
-        """Runs the loop body on `prompts` (texts; `examples` their rows, for the rewards).
+        """One iteration on `prompts` (texts; `examples` their rows, for the rewards).
 
         Returns each phase's seconds; `on_phase(name)` is called after each phase.
         """
-        from rl_reason.experiments import rollout
-        from rl_reason.parallel import sharding as shd
-
-        mesh, rules = self.mesh, self.rules
         sample_rng, _ = jax.random.split(jax.random.fold_in(self.base_rng, index))
-        times = {}
-
-        clock = time.perf_counter()
-        with shd.activation_sharding(mesh, rules):
-            batch = rollout.collect(
-                self.sampler,
-                self.state.params,
-                examples,
-                prompts,
-                sample_rng,
-                self.sampling,
-                self.reward_fn,
-            )
-        times["generate"] = time.perf_counter() - clock
-        if on_phase:
-            on_phase("generate")
-
-        clock = time.perf_counter()
-        sequences = shd.shard_batch(batch.sequences, mesh)
-        token_scores, rewards = shd.shard_batch((batch.token_scores, batch.totals()), mesh)
-        with shd.activation_sharding(mesh, rules):
-            scored = self.score(self.state.params, self.ref_params, sequences)
-            estimates = self.estimate(
-                scored, token_scores, rewards, sequences["loss_mask"], jnp.float32(self.kl_coef)
-            )
-        jax.block_until_ready((scored, estimates))
-        times["reference"] = time.perf_counter() - clock
-        if on_phase:
-            on_phase("reference")
-
-        clock = time.perf_counter()
-        train_batch = {**sequences, **scored, "advantages": estimates["advantages"]}
-        if "returns" in estimates:
-            train_batch["returns"] = estimates["returns"]
-        if not self.pc.kl_loss_coef and "old_logprobs" in train_batch:
-            train_batch.pop("ref_logprobs", None)
-        del scored, estimates
-        self.state, metrics = self.update(self.state, train_batch)
-        metrics = jax.device_get(metrics)
-        times["update"] = time.perf_counter() - clock
-        if on_phase:
-            on_phase("update")
+        self.state, out = self.learner.iteration(
+            self.state, examples, prompts, sample_rng, self.kl_coef, on_phase
+        )
         self.last = {
-            "loss": float(metrics["loss"]),
-            "reward": float(batch.totals().mean()),
-            "rows": len(batch.texts),
-            "sequence_length": int(batch.sequences["tokens"].shape[1]),
-            "generated_tokens": int(batch.samples.rollout.lengths.sum()),
-            "finite": float(metrics["finite"]),
+            "loss": float(out.metrics["loss"]),
+            "reward": float(out.batch.totals().mean()),
+            "rows": len(out.batch.texts),
+            "sequence_length": int(out.batch.sequences["tokens"].shape[1]),
+            "generated_tokens": int(out.batch.samples.rollout.lengths.sum()),
+            "finite": float(out.metrics["finite"]),
         }
-        return times
+        return out.seconds

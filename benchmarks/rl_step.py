@@ -118,9 +118,8 @@ def grpo_config(*, prompts, samples, prompt_len, new_tokens, temperature, lr, ch
         num_samples=samples,
         max_new_tokens=new_tokens,
         temperature=temperature,
-        sampling_batch_size=prompts,
-        prompt_buckets=(prompt_len,),
     )
+    config.sampling.update(batch_size=prompts, prompt_buckets=(prompt_len,))
     config.ppo.update(
         dataclasses.asdict(grpo_ppo_config(kl_loss_coef=BETA, clip_eps=CLIP_EPS, chunk_size=chunk))
     )
@@ -162,7 +161,7 @@ class Tunix:
         reference = tunix_llama3(config, params)
         rl, optim = run_config.rl, run_config.optim  # the same AdamW as ours
         prompts, samples = rl.prompts_per_iteration, rl.num_samples
-        prompt_len, new_tokens = max(rl.prompt_buckets), rl.max_new_tokens
+        prompt_len, new_tokens = max(run_config.sampling.prompt_buckets), rl.max_new_tokens
         tx = optax.chain(
             optax.clip_by_global_norm(optim.grad_clip),
             optax.adamw(

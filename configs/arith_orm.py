@@ -28,13 +28,11 @@ def get_config():
     config.orm.update(
         num_samples=8,
         max_new_tokens=48,
-        sampling_batch_size=32,
-        sampling_chunk=1024,
-        prompt_buckets=(64, 128),
         score_batch_size=32,
         balance_questions=True,
         one_sided_samples=1,
     )
+    config.sampling.update(batch_size=32, chunk=1024, prompt_buckets=(64, 128))
     config.eval.update(num_examples=1024, num_samples=4, max_new_tokens=48)
     config.train.update(num_steps=1000, batch_size=32, max_length=128, eval_every=100)
     config.optim.update(lr=3e-4, warmup_steps=20, schedule="cosine")

@@ -25,10 +25,9 @@ def get_config():
         num_samples=8,
         max_new_tokens=48,
         temperature=1.0,
-        sampling_batch_size=32,
-        prompt_buckets=(128,),
         eval_every=10,
     )
+    config.sampling.update(batch_size=32, prompt_buckets=(128,))
     config.ppo.update(num_epochs=1, num_minibatches=2, vf_coef=0.5, entropy_coef=0.0)
     config.eval.num_examples = 256
     config.optim.lr = 1e-4

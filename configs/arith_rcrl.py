@@ -39,13 +39,11 @@ def get_config():
         num_rounds=3,
         num_samples=8,
         max_new_tokens=48,
-        sampling_batch_size=32,
-        sampling_chunk=128,
-        prompt_buckets=(64, 128),
         steps_per_round=300,
         eval_every=100,
         return_token_lr_scale=100.0,
     )
+    config.sampling.update(batch_size=32, chunk=128, prompt_buckets=(64, 128))
     config.train.update(batch_size=32, max_length=128)
     config.optim.update(lr=3e-4, warmup_steps=10)
     config.eval.num_examples = 256

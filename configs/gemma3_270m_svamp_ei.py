@@ -33,12 +33,10 @@ def get_config():
         temperature=0.7,
         max_new_tokens=128,
         first_round_shots=4,
-        sampling_batch_size=16,
-        sampling_chunk=64,
-        prompt_buckets=(128, 256, 512),
         steps_per_round=60,
         eval_every=20,
     )
+    config.sampling.update(batch_size=16, chunk=64, prompt_buckets=(128, 256, 512))
     config.train.update(batch_size=8, max_length=256, loss_chunk_size=16, remat="full", log_every=5)
     config.optim.update(lr=1e-5, warmup_steps=5, schedule="constant", weight_decay=0.0)
     config.eval.update(num_examples=0, num_samples=4, temperature=0.7, max_new_tokens=128)

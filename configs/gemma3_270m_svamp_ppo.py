@@ -10,7 +10,7 @@ out), 4 samples each at temperature 0.7, 128 new tokens after a zero-shot
 prompt bucketed to 128 tokens: sequences of 256 tokens. The 262k vocabulary
 never yields [rows, length, vocab] logits: log-probs, entropies and the
 loss unembed `ppo.chunk_size` positions at a time, and every layer is
-recomputed in the backward pass (`rl.remat`). One iteration of this config
+recomputed in the backward pass (`train.remat`). One iteration of this config
 peaks at the RSS recorded in BENCHMARKS.md (`benchmarks/gemma3_270m_ppo_memory.py`,
 goal: under 12 GB). Rerun the same command to resume.
 """
@@ -21,7 +21,7 @@ from rl_reason.models.config import gemma3_270m
 
 def get_config():
     config = rl_config("ppo")
-    # The shape the GGUF start has (with rl.remat), so tests plan the run without the weights.
+    # The shape the GGUF start has (with train.remat), so tests plan the run without the weights.
     config.model.update(gemma3_270m(remat="full").to_dict())
     config.mesh.shape = (1, 1, 1)  # the 262k vocabulary: one device
     config.model_source.kind = "gguf"
@@ -35,13 +35,12 @@ def get_config():
         num_samples=4,
         temperature=0.7,
         max_new_tokens=128,
-        sampling_batch_size=8,
-        prompt_buckets=(128,),
         kl_coef=0.05,
         kl_estimator="k1",
-        remat="full",
         eval_every=20,
     )
+    config.sampling.update(batch_size=8, prompt_buckets=(128,))
+    config.train.remat = "full"
     config.ppo.update(
         num_epochs=2, num_minibatches=2, num_microbatches=1, vf_coef=0.5, chunk_size=16
     )

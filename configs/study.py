@@ -32,12 +32,14 @@ def get_config():
     )
     config.study.seeds = (0, 1, 2)
     stages = config.stages
-    stages.ei.ei.update(num_rounds=3, num_samples=96, samples_per_call=32, steps_per_round=200)
+    stages.ei.ei.update(num_rounds=3, num_samples=96, steps_per_round=200)
+    stages.ei.sampling.samples_per_call = 32
     stages.rcrl.rcrl.update(num_rounds=3, num_samples=8, steps_per_round=200)
     stages.ppo.rl.update(num_iterations=48, eval_every=8)
     for name in ("ei", "ppo", "rcrl"):
         stages[name].eval.num_examples = 256
     stages.eval.eval.update(
-        num_examples=512, num_samples=96, ks=(1, 2, 4, 8, 16, 32, 64, 96), chunk_size=64
+        num_examples=512, num_samples=96, ks=(1, 2, 4, 8, 16, 32, 64, 96)
     )
+    stages.eval.sampling.chunk = 64
     return config

@@ -25,13 +25,10 @@ def get_config():
         num_samples=96,
         temperature=1.0,
         max_new_tokens=256,
-        samples_per_call=8,
-        sampling_batch_size=32,
-        sampling_chunk=512,
-        prompt_buckets=(256, 512),
         steps_per_round=2000,
         eval_every=250,
     )
+    config.sampling.update(samples_per_call=8, batch_size=32, chunk=512, prompt_buckets=(256, 512))
     config.train.update(batch_size=128, max_length=768, remat="full")
     config.optim.update(lr=1e-5, warmup_steps=50)
     config.eval.update(num_examples=0, num_samples=96, temperature=0.7, max_new_tokens=256)

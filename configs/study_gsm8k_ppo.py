@@ -27,12 +27,11 @@ def get_config():
         num_samples=4,
         temperature=1.0,
         max_new_tokens=256,
-        sampling_batch_size=128,
-        prompt_buckets=(256, 512),
         eval_every=20,
         kl_coef=0.05,
         kl_estimator="k1",
     )
+    config.sampling.update(batch_size=128, prompt_buckets=(256, 512))
     config.ppo.update(num_epochs=4, num_minibatches=8, num_microbatches=2, vf_coef=0.5)
     config.eval.update(num_examples=0, num_samples=96, temperature=0.7, max_new_tokens=256)
     config.optim.update(lr=1e-6)

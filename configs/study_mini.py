@@ -44,46 +44,49 @@ def get_config():
     stages.sft.optim.update(lr=1e-3, final_lr_fraction=0.775)
 
     rl_data = dict(num_train=512, num_validation=64, num_eval=128)
-    sampling = dict(max_new_tokens=48, sampling_batch_size=32, prompt_buckets=(64, 128))
+    sampling = dict(batch_size=32, prompt_buckets=(64, 128), chunk=512)
 
     stages.orm.data.update(num_train=512, num_validation=0, num_eval=128)
     stages.orm.orm.update(
-        num_samples=4, sampling_chunk=512, balance_questions=True, one_sided_samples=1,
-        **sampling,
+        num_samples=4, max_new_tokens=48, balance_questions=True, one_sided_samples=1
     )
+    stages.orm.sampling.update(**sampling)
     stages.orm.train.update(num_steps=200, batch_size=32, eval_every=200)
     stages.orm.eval.update(num_examples=128, num_samples=4, max_new_tokens=48)
     stages.orm.optim.update(lr=3e-4, schedule="cosine", warmup_steps=20)
 
     stages.ei.data.update(**rl_data)
     stages.ei.ei.update(
-        num_rounds=2, num_samples=4, sampling_chunk=512, steps_per_round=80, eval_every=40,
-        **sampling,
+        num_rounds=2, num_samples=4, steps_per_round=80, eval_every=40, max_new_tokens=48
     )
+    stages.ei.sampling.update(**sampling)
     stages.ei.optim.update(lr=3e-4, warmup_steps=10)
     stages.ei.eval.update(num_examples=128, max_new_tokens=48)
 
     stages.ppo.data.update(num_train=512, num_eval=128)
     stages.ppo.rl.update(
         num_iterations=12, prompts_per_iteration=32, num_samples=8, temperature=1.0,
-        eval_every=6, max_new_tokens=48, sampling_batch_size=32, prompt_buckets=(128,),
+        eval_every=6, max_new_tokens=48,
     )
+    stages.ppo.sampling.update(batch_size=32, prompt_buckets=(128,))
     stages.ppo.ppo.update(num_epochs=1, num_minibatches=2, vf_coef=0.5, entropy_coef=0.0)
     stages.ppo.optim.lr = 1e-4
     stages.ppo.eval.update(num_examples=128, max_new_tokens=48)
 
     stages.rcrl.data.update(**rl_data)
     stages.rcrl.rcrl.update(
-        num_rounds=1, num_samples=4, sampling_chunk=512, steps_per_round=100, eval_every=50,
-        eval_bad_token=False, **sampling,
+        num_rounds=1, num_samples=4, steps_per_round=100, eval_every=50, max_new_tokens=48,
+        eval_bad_token=False,
     )
+    stages.rcrl.sampling.update(**sampling)
     stages.rcrl.optim.update(lr=3e-4, warmup_steps=10)
     stages.rcrl.eval.update(num_examples=128, max_new_tokens=48)
 
     stages.eval.eval.update(
         num_examples=128, num_samples=16, ks=(1, 2, 4, 8, 16), temperature=0.7,
-        max_new_tokens=48, prompt_buckets=(64, 128),
+        max_new_tokens=48,
     )
+    stages.eval.sampling.prompt_buckets = (64, 128)
     for stage in stages.values():
         stage.logging.progress_bar = False
     return config

@@ -11,5 +11,5 @@ def get_config():
     config.eval.num_examples = 256
     config.eval.num_samples = 4
     config.eval.max_new_tokens = 64
-    config.eval.prompt_buckets = (64, 128)
+    config.sampling.prompt_buckets = (64, 128)
     return config

@@ -17,7 +17,7 @@ from rl_reason import checkpointing
 from rl_reason.algorithms import orm as orm_lib
 from rl_reason.data import templates
 from rl_reason.experiments import config as config_lib
-from rl_reason.experiments import evaluate, registry, runs, sources, tasks
+from rl_reason.experiments import evaluate, registry, rollout, sources, tasks
 from rl_reason.experiments import on_policy
 from rl_reason.experiments import orm as orm_experiment
 from rl_reason.experiments.cli import ModelSourceNotFoundError
@@ -123,7 +123,7 @@ def test_an_orm_run_labels_its_samples_trains_and_saves_a_loadable_orm(orm_run, 
     task_questions = {"train": task.train, "heldout": task.heldout}
     reward_fn = compose.compose(config.orm.rewards.to_dict())
     for split, questions in task_questions.items():
-        samples = runs.read_solutions(
+        samples = rollout.read_records(
             str(workdir / "orm" / f"{split}.jsonl"), progress["datasets"][split]["digest"]
         )
         assert len(samples) == len(questions) * 2 == progress["datasets"][split]["count"]
@@ -234,7 +234,7 @@ def test_a_balanced_joint_objective_orm_run_trains_on_its_subset_and_resumes(
     config = _orm_config(tiny_sft_run)
     config.orm.update(balance_questions=True, lm_loss_weight=0.5, num_samples=4)
     straight = orm_experiment.train(config, str(tmp_path / "straight"))
-    samples = runs.read_solutions(str(tmp_path / "straight" / "orm" / "train.jsonl"))
+    samples = rollout.read_records(str(tmp_path / "straight" / "orm" / "train.jsonl"))
     labels = [float(s.reward >= config.orm.threshold) for s in samples]
     keep = orm_lib.balanced_within_questions(
         [s.question_id for s in samples], labels, one_sided=config.orm.one_sided_samples
@@ -266,7 +266,7 @@ def test_validation_selects_the_orm_and_a_resumed_run_selects_the_same(
     assert at_chosen is measured[scores.index(max(s for s in scores if s is not None))]
     for key, value in _strip(at_chosen, "heldout/").items():
         np.testing.assert_allclose(last[f"selected/heldout/{key}"], value, rtol=1e-6, err_msg=key)
-    assert len(runs.read_solutions(str(straight / "orm" / "validation.jsonl"))) == 4 * 2
+    assert len(rollout.read_records(str(straight / "orm" / "validation.jsonl"))) == 4 * 2
     # Global steps: 2 train chunks, 1 held-out, 1 validation, 1 assembly, 4 ORM steps.
     _assert_resumes_like(straight, config, tmp_path / "resumed", monkeypatch, [3, 5, 7, 8])
 

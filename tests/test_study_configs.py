@@ -65,13 +65,14 @@ def test_gemma3_270m_svamp_ppo_config_is_valid_and_its_iteration_traces():
     assert tuple(config.mesh.shape) == (1, 1, 1)
     assert (config.model_source.kind, config.data.task) == ("gguf", "svamp")
     rl, pc = config.rl, on_policy.ppo_config(config)
-    assert pc.use_value and rl.kl_coef > 0 and rl.remat == "full" and pc.chunk_size <= 32
+    remat = config.train.remat  # rl.remat before the sampling/train sections took it
+    assert pc.use_value and rl.kl_coef > 0 and remat == "full" and pc.chunk_size <= 32
     budget = plan.plan_for_config(config, plan.abstract_mesh((1, 1, 1)))
     assert 1.0e9 < budget["params"] < 1.2e9 and "reference" in budget
     assert budget["total"] < 6e9, {k: v / GIB for k, v in budget.items()}
 
     model_config = ModelConfig.from_dict(config.model).replace(heads=("value",))
-    assert model_config.remat == rl.remat and model_config.vocab_size == 262_144
+    assert model_config.remat == remat and model_config.vocab_size == 262_144
     models = ppo.ActorCritic(Transformer(model_config))
     tx, schedule = optimizer.make_optimizer(config.optim, rl.num_iterations)
     state = jax.eval_shape(

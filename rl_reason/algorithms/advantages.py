@@ -9,14 +9,22 @@ Group baselines (GRPO, RLOO, Dr. GRPO) work on one scalar reward per sampled
 completion with rows prompt-major (row = prompt * K + k), the sampler's order.
 They are registered by name, as tunix's `rl/function_registry.py` registers
 its advantage estimators, so a config can name one.
+
+`rollout_advantages` is what an on-policy iteration calls: a rollout batch's
+token advantages under the estimator `rl.advantage` names, GAE (the study's
+PPO, with the KL penalty in the reward) and every group baseline alike, from
+one registry of rollout estimators (`register_rollout_estimator`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from rl_reason.algorithms import kl
 
 
 def gae(
@@ -82,9 +90,7 @@ def masked_variance(x: jax.Array, mask: jax.Array) -> jax.Array:
     return masked_mean(jnp.square(x.astype(jnp.float32) - mean), mask)
 
 
-def whiten(
-    x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8
-) -> jax.Array:
+def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
     """x scaled to unit variance (and zero mean if shift_mean) over the valid entries.
 
     The statistics are reductions over the whole array, so under jit on a
@@ -198,3 +204,99 @@ def zero_variance_fraction(rewards: jax.Array, num_samples: int) -> jax.Array:
     """Fraction of groups whose rewards are all equal: they carry no learning signal."""
     groups = _groups(rewards, num_samples)
     return (groups.max(axis=1) == groups.min(axis=1)).astype(jnp.float32).mean()
+
+
+# --- one rollout batch's advantages, by name: GAE or a group baseline --------
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorSettings:
+    """The static settings of `rollout_advantages` (the `rl` section's)."""
+
+    num_samples: int = 1  # K completions per prompt, rows prompt-major
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_estimator: str = "k1"  # the KL paid in GAE's reward
+    std_floor: float = 1e-6
+
+
+RolloutEstimator = Callable[..., dict[str, jax.Array]]
+"""(scored, token_scores, sequence_rewards, valid, kl_coef, settings) -> advantages [N, L]
+and what else the estimator reports (returns, diagnostics)."""
+
+ROLLOUT_ESTIMATORS: dict[str, RolloutEstimator] = {}
+
+
+def register_rollout_estimator(name: str) -> Callable[[RolloutEstimator], RolloutEstimator]:
+    """Registers how a rollout batch becomes token advantages under `rl.advantage=name`."""
+
+    def register(fn: RolloutEstimator) -> RolloutEstimator:
+        if name in ROLLOUT_ESTIMATORS:
+            raise ValueError(f"Rollout estimator {name!r} is already registered.")
+        ROLLOUT_ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+def estimator_names() -> list[str]:
+    """What `rl.advantage` may name: GAE and every group baseline."""
+    return sorted({*ROLLOUT_ESTIMATORS, *ADVANTAGE_ESTIMATORS})
+
+
+def rollout_advantages(
+    estimator: str,
+    scored: dict[str, jax.Array],
+    token_scores: jax.Array,
+    sequence_rewards: jax.Array,
+    loss_mask: jax.Array,
+    kl_coef: jax.Array,
+    settings: EstimatorSettings,
+) -> dict[str, jax.Array]:
+    """Advantages (and returns) for one rollout batch, with the KL diagnostics.
+
+    `scored` is `ppo.score`'s output (old_logprobs, ref_logprobs, old_values as
+    the run has them); token_scores [N, L] the rewards paid at sampled tokens,
+    sequence_rewards [N] each completion's total. "gae" is the study's PPO
+    (`_gae_with_kl`); any group estimator's name gives each completion its
+    group advantage (the KL, if any, is then a loss term).
+    """
+    valid = loss_mask.at[:, 0].set(False)
+    out: dict[str, jax.Array] = {}
+    if "ref_logprobs" in scored and "old_logprobs" in scored:  # else the update logs them
+        out.update(kl.all_kl_estimates(scored["old_logprobs"], scored["ref_logprobs"], valid))
+    fn = ROLLOUT_ESTIMATORS.get(estimator, _group_baseline)
+    out.update(fn(scored, token_scores, sequence_rewards, valid, kl_coef, settings, estimator))
+    return out
+
+
+@register_rollout_estimator("gae")
+def _gae_with_kl(scored, token_scores, sequence_rewards, valid, kl_coef, settings, name):
+    """The study's PPO: per-token rewards are the task rewards minus kl_coef * KL(policy ||
+    reference) on every completion token, then GAE on the value head's values."""
+    del sequence_rewards, name
+    rewards = token_scores
+    if "ref_logprobs" in scored:
+        rewards = kl.token_rewards_with_kl(
+            token_scores,
+            scored["old_logprobs"],
+            scored["ref_logprobs"],
+            valid,
+            kl_coef,
+            settings.kl_estimator,
+        )
+    advantages, returns = gae(rewards, scored["old_values"], valid, settings.gamma, settings.lam)
+    rows = jnp.maximum(valid.any(axis=1).sum(), 1)
+    penalty = ((token_scores - rewards) * valid).sum() / rows
+    return {"advantages": advantages, "returns": returns, "kl_penalty_mean": penalty}
+
+
+def _group_baseline(scored, token_scores, sequence_rewards, valid, kl_coef, settings, name):
+    """Each completion's total reward against its K-1 siblings', on its tokens."""
+    del scored, token_scores, kl_coef
+    k = settings.num_samples
+    advantages = group_advantages(sequence_rewards, k, name, settings.std_floor)
+    return {
+        "advantages": broadcast_to_tokens(advantages, valid),
+        "zero_variance_groups": zero_variance_fraction(sequence_rewards, k),
+    }

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import chex
@@ -30,9 +30,11 @@ import optax
 from jax.sharding import Mesh
 
 from rl_reason.algorithms.logprobs import token_logprobs
-from rl_reason.algorithms.sft import split_microbatches, target_weights
+from rl_reason.algorithms.microbatch import accumulate_gradients
+from rl_reason.algorithms.sft import target_weights
 from rl_reason.algorithms.train_state import TrainState
 from rl_reason.data import sft as sft_data
+from rl_reason.evaluation.evaluate import evaluate as score_samples
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer, default_positions
 from rl_reason.parallel import sharding as shd
@@ -175,38 +177,6 @@ def orm_loss(
     return loss, aux
 
 
-def accumulate_gradients(
-    loss_fn: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]],
-    params: Any,
-    batch: Batch,
-    num_microbatches: int,
-) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-    """(loss, aux, grads) of a loss that is a sum over rows, summed over micro-batches.
-
-    ``loss_fn(params, micro) -> (loss, aux of scalars)`` must already be
-    normalised by whole-batch counts, so the sums are the full-batch values.
-    Gradients are float32 while accumulating and cast to the params' dtypes.
-    (The same accumulation as inside ``sft.sft_step``, for any loss.)
-    """
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    if num_microbatches == 1:  # no accumulator: one gradient tree less in memory
-        (loss, aux), grads = value_and_grad(params, batch)
-    else:
-
-        def add(carry, micro):
-            loss, aux, grads = carry
-            (l, a), g = value_and_grad(params, micro)
-            return (loss + l, jax.tree.map(jnp.add, aux, a), jax.tree.map(jnp.add, grads, g)), None
-
-        first = jax.tree.map(lambda x: x[0], split_microbatches(batch, num_microbatches))
-        _, aux_shape = jax.eval_shape(loss_fn, params, first)
-        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-        init = (jnp.zeros((), jnp.float32), zeros(aux_shape), zeros(params))
-        (loss, aux, grads), _ = jax.lax.scan(add, init, split_microbatches(batch, num_microbatches))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return loss, aux, grads
-
-
 def orm_step(
     state: TrainState,
     batch: Batch,
@@ -235,7 +205,14 @@ def orm_step(
     loss_fn = lambda params, micro: orm_loss(
         params, micro, model, normalizer, head, lm_weight, lm_count, chunk_size
     )
-    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grad_fn(params, micro):
+        (loss, aux), grads = value_and_grad(params, micro)
+        return grads, {**aux, "loss": loss}
+
+    grads, aux = accumulate_gradients(grad_fn, state.params, batch, num_microbatches)
+    loss = aux["loss"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -542,3 +519,51 @@ def add_head(
     }
     chex.assert_trees_all_equal_shapes_and_dtypes(head, abstract)
     return {**params, "params": {**params["params"], key: head}}, config
+
+
+# --- measuring an ORM on K samples per question ------------------------------
+
+
+def measure(
+    scorer: BatchedOrmScorer,
+    samples: Sequence[Any],
+    golds: Sequence[str],
+    threshold: float,
+) -> dict[str, float]:
+    """The ORM's held-out figures on K samples per question (question-major, K equal).
+
+    auc over all samples and within_question_auc over pairs of one question's
+    samples (each omitted when undefined: a class missing), accuracy of the
+    score at 0.5 against the labels, the labels' positive fraction, the mean
+    score, and evaluation's metrics of the same samples with the scores:
+    rerank@K beside maj@K and pass@K (maj@1 and pass@1 read each question's
+    first sample). The overall AUC also rewards knowing which questions are
+    hard; rerank@K gains only from the within-question one.
+    """
+    texts = [s.completion for s in samples]
+    rows = scorer(texts, {"prompt": [s.prompt for s in samples]}, [[len(t)] for t in texts])
+    scores = np.asarray([row[0] for row in rows], np.float64)
+    labels = np.asarray([s.reward >= threshold for s in samples])
+    out = {
+        "accuracy": float(np.mean((scores > 0.5) == labels)),
+        "positive_fraction": float(labels.mean()),
+        "mean_score": float(scores.mean()),
+    }
+    k = len(samples) // len(golds)
+    if k * len(golds) != len(samples):
+        raise ValueError(f"{len(samples)} samples for {len(golds)} questions: K is not whole")
+    if 0 < labels.sum() < labels.size:
+        out["auc"] = roc_auc(scores, labels)
+        if any(0 < row.sum() < k for row in labels.reshape(-1, k)):
+            out["within_question_auc"] = within_group_auc(scores, labels, k)
+    grouped = [texts[i : i + k] for i in range(0, len(texts), k)]
+    grouped_scores = [scores[i : i + k].tolist() for i in range(0, len(texts), k)]
+    out.update(score_samples(grouped, golds, scores=grouped_scores))
+    return out
+
+
+def selection_score(figures: dict[str, float]) -> float | None:
+    """What picks the run's ORM on the validation samples: the within-question AUC
+    (the overall AUC when no validation question has both outcomes; None when
+    neither is defined)."""
+    return figures.get("within_question_auc", figures.get("auc"))

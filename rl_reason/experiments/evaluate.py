@@ -5,7 +5,7 @@ rl_reason/evaluation/evaluate.py). The run writes `eval_metrics.json`,
 `eval_samples.jsonl` (every question's completions and judgements) and a
 `report.md` with the figures, wall time and tokens/s.
 
-Questions are sampled in chunks of `eval.chunk_size`, each saved atomically
+Questions are sampled in chunks of `sampling.chunk`, each saved atomically
 under `eval_progress/` as it finishes: a killed evaluation (hours for a real
 model on CPU) rerun with the same config and workdir resumes after its last
 saved chunk and ends with the results an uninterrupted run gives. A chunk is
@@ -31,13 +31,12 @@ import ml_collections
 from rl_reason.algorithms import rcrl
 from rl_reason.data import builders, synthetic, templates
 from rl_reason.evaluation.evaluate import evaluate as score
-from rl_reason.experiments import sources
-from rl_reason.parallel import distributed
-from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.experiments import rollout, runs, sources
 from rl_reason.parallel import sharding as shd
 from rl_reason.sampling.engine import Sampler, common_prefix_length
 
 _log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class EvalSet:
@@ -76,14 +75,10 @@ def load_eval_set(config: ml_collections.ConfigDict) -> EvalSet:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    distributed.initialize(**config.distributed)
-    os.makedirs(workdir, exist_ok=True)
-    mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    # No checkpoints: the chunks saved under eval_progress/ are what a rerun resumes.
+    mesh, rules = runs.start(config, workdir, validate=lambda config: None, resumes=False)
     model_config, params, tokenizer = sources.load_model(
-        config.model_source.kind,
-        config.model_source.path,
-        mesh,
-        shd.rules_from_config(config.mesh.rules),
+        config.model_source.kind, config.model_source.path, mesh, rules
     )
     data = load_eval_set(config)
     prompts = [templates.format_prompt(q["question"], data.exemplars) for q in data.questions]
@@ -95,56 +90,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     sampler = Sampler(
         model_config,
         tokenizer,
-        batch_size=config.eval.batch_size,
-        prompt_buckets=tuple(config.eval.prompt_buckets),
+        batch_size=config.sampling.batch_size,
+        prompt_buckets=tuple(config.sampling.prompt_buckets),
         mesh=mesh if jax.device_count() > 1 else None,
-        rules=shd.rules_from_config(config.mesh.rules),
+        rules=rules,
         stop_strings=templates.STOP_SEQUENCES,
         progress=config.logging.progress_bar and jax.process_index() == 0,
         compiler_options=config.eval.compiler_options.to_dict(),
     )
-    k = config.eval.num_samples
-    # Each prompt's first row is the greedy answer, the other K sample, all
-    # continuing one prefill.
-    options = dict(max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
-    if k > 0:
-        options.update(
-            temperature=config.eval.temperature,
-            top_p=config.eval.top_p,
-            num_samples=k + 1,
-            greedy_first=True,
-        )
-    if condition_steps:
-        options.update(rcrl.step_conditioning(tokenizer, condition_on))
-    sampling = sampler.sampling_config(**options)
-    rng = jax.random.PRNGKey(config.seed)
+    e = config.eval
+    options = rcrl.step_conditioning(tokenizer, condition_on) if condition_steps else None
     progress = _Progress(
         os.path.join(workdir, "eval_progress"), _fingerprint(config, model_config, params)
     )
-    # Whole batches per chunk, and one shared prefix for all, so that chunking
-    # changes neither a batch nor a prompt's computation.
-    batch = config.eval.batch_size
-    chunk_size = -(-(config.eval.chunk_size or len(prompts)) // batch) * batch
-    shared = common_prefix_length(sampler.token_ids(prompts))
-    chunks = []
-    for first in range(0, len(prompts), chunk_size):
-        part = prompts[first : first + chunk_size]
-        chunk = progress.load(first, part)
-        if chunk is None:
-            start = time.perf_counter()
-            out = sampler.generate(
-                params, part, rng, sampling, prompt_offset=first, prefix_length=shared
-            )
-            groups = out.texts_per_prompt()
-            chunk = {
-                "greedy": [g[0] for g in groups],
-                "samples": [g[1:] if k > 0 else [g[0]] for g in groups],
-                "generated_tokens": int(out.rollout.lengths.sum()),
-                "seconds": time.perf_counter() - start,
-            }
-            if jax.process_index() == 0:
-                progress.save(first, part, chunk)
-        chunks.append(chunk)
+    chunks = _sample(sampler, params, prompts, config, progress, options)
     if progress.resumed:
         _log.info(
             "Reused %d of %d questions from %s.", progress.resumed, len(prompts), progress.directory
@@ -152,9 +111,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     greedy = [text for c in chunks for text in c["greedy"]]
     k_texts = [texts for c in chunks for texts in c["samples"]]
     orm_scores = None
-    if config.eval.orm_source:  # rerank@k: the ORM's final-token score of every sample
+    if e.orm_source:  # rerank@k: the ORM's final-token score of every sample
         orm_scores = _orm_scores(config, mesh, prompts, k_texts)
-    ks = tuple(config.eval.get("ks", ())) or None
+    ks = tuple(e.get("ks", ())) or None
     metrics = score(k_texts, golds, greedy=greedy, scores=orm_scores, ks=ks)
     generated = sum(c["generated_tokens"] for c in chunks)
     seconds = sum(c["seconds"] for c in chunks)  # sampling time, over every session of the run
@@ -169,6 +128,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return metrics
 
 
+def _sample(sampler, params, prompts, config, progress, options) -> list[dict[str, Any]]:
+    """Every question's greedy answer and K samples, chunk by chunk: a chunk this
+    evaluation saved before is read back, a new one sampled and saved."""
+    e, rng = config.eval, jax.random.PRNGKey(config.seed)
+    # Whole batches per chunk, and one shared prefix for all, so that chunking
+    # changes neither a batch nor a prompt's computation.
+    batch = config.sampling.batch_size
+    chunk_size = -(-(config.sampling.chunk or len(prompts)) // batch) * batch
+    shared = common_prefix_length(sampler.token_ids(prompts))
+    chunks = []
+    for first in range(0, len(prompts), chunk_size):
+        part = prompts[first : first + chunk_size]
+        chunk = progress.load(first, part)
+        if chunk is None:
+            start = time.perf_counter()
+            greedy, samples, out = rollout.greedy_first(
+                sampler,
+                params,
+                part,
+                rng,
+                num_samples=e.num_samples,
+                temperature=e.temperature,
+                top_p=e.top_p,
+                max_new_tokens=e.max_new_tokens,
+                sampling_options=options,
+                prompt_offset=first,
+                prefix_length=shared,
+            )
+            chunk = {
+                "greedy": greedy,
+                "samples": samples,
+                "generated_tokens": int(out.rollout.lengths.sum()),
+                "seconds": time.perf_counter() - start,
+            }
+            if jax.process_index() == 0:
+                progress.save(first, part, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
 def _orm_scores(config, mesh, prompts, k_texts) -> list[list[float]]:
     """Each sample's score by the ORM run at eval.orm_source, grouped like k_texts.
 
@@ -179,7 +178,7 @@ def _orm_scores(config, mesh, prompts, k_texts) -> list[list[float]]:
         config.eval.orm_source,
         mesh,
         shd.rules_from_config(config.mesh.rules),
-        batch_size=config.eval.batch_size,
+        batch_size=config.sampling.batch_size,
         length_buckets=tuple(config.eval.orm_length_buckets),
     )
     texts = [text for group in k_texts for text in group]
@@ -234,8 +233,13 @@ def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dic
             {
                 "seed": config.seed,
                 # The ORM scores samples after they are drawn: not a sampling setting.
+                # The sampling section under the eval keys it had before it moved
+                # (config.MOVED_KEYS), so that evaluations begun then still resume.
                 "eval": {
-                    k: v for k, v in config.eval.to_dict().items() if not k.startswith("orm_")
+                    **{k: v for k, v in config.eval.to_dict().items() if not k.startswith("orm_")},
+                    "batch_size": config.sampling.batch_size,
+                    "prompt_buckets": config.sampling.prompt_buckets,
+                    "chunk_size": config.sampling.chunk,
                 },
                 "model": dataclasses.asdict(model_config),
                 "weights_abs_sum": f"{float(checksum):.6e}",

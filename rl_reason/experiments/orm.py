@@ -41,8 +41,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -51,21 +49,20 @@ import numpy as np
 import tqdm
 
 from rl_reason import checkpointing
-from rl_reason import logging as run_logging
-from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.algorithms import optimizer
 from rl_reason.algorithms import orm as orm_lib
+from rl_reason.algorithms.orm import measure, selection_score  # noqa: F401 (re-exported)
 from rl_reason.algorithms import train_state as ts
-from rl_reason.data import templates
+from rl_reason.data import records, templates
 from rl_reason.data.iterator import IndexIterator
-from rl_reason.evaluation.evaluate import evaluate as score_samples
 from rl_reason.experiments import rollout, rounds, runs, sources, tasks
+from rl_reason.experiments import config as config_lib
 from rl_reason.experiments.config import InvalidConfigError, validate
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
-from rl_reason.sampling.engine import Sampler, common_prefix_length
+from rl_reason.sampling.engine import Sampler
 
 _log = logging.getLogger(__name__)
 
@@ -77,19 +74,6 @@ NAME = orm_lib.ORM_HEAD  # the checkpoint's model name and the head's
 # What the sampled datasets depend on besides the seed, model and data (locked by
 # runs.start): a resume that changes them would mix samples of two settings.
 LOCKED_SECTIONS = ("orm", "eval")
-
-
-class _Files:
-    """The run's labelled samples: per-chunk files and each split's assembled dataset."""
-
-    def __init__(self, workdir: str):
-        self.root = os.path.join(workdir, "orm")
-
-    def chunk(self, split: str, index: int) -> str:
-        return os.path.join(self.root, split, f"chunk_{index:05d}.jsonl")
-
-    def dataset(self, split: str) -> str:
-        return os.path.join(self.root, f"{split}.jsonl")
 
 
 def validate_orm(config: ml_collections.ConfigDict) -> None:
@@ -107,9 +91,10 @@ def validate_orm(config: ml_collections.ConfigDict) -> None:
             "orm.num_samples and eval.num_samples must be positive: the ORM learns from"
             " samples and is measured on them."
         )
-    if c.sampling_chunk < 1 or c.num_shots < 0 or config.train.eval_every < 0:
+    chunk_key, chunk = config_lib.setting(config, "sampling.chunk")
+    if chunk < 1 or c.num_shots < 0 or config.train.eval_every < 0:
         problems.append(
-            "orm.sampling_chunk must be positive, orm.num_shots and train.eval_every not negative."
+            f"{chunk_key} must be positive, orm.num_shots and train.eval_every not negative."
         )
     if c.balance_questions and (c.num_samples < 2 or c.one_sided_samples < 0):
         problems.append(
@@ -139,9 +124,12 @@ def validate_orm(config: ml_collections.ConfigDict) -> None:
     except ValueError:
         shards = 1  # validate() named the mesh's problem
     problems += [
-        f"orm.{key}={c[key]} is not divisible by the mesh's {shards} batch shards."
-        for key in ("sampling_batch_size", "score_batch_size")
-        if c[key] < 1 or c[key] % shards
+        f"{key}={value} is not divisible by the mesh's {shards} batch shards."
+        for key, value in (
+            config_lib.setting(config, "sampling.batch_size"),
+            ("orm.score_batch_size", c.score_batch_size),
+        )
+        if value < 1 or value % shards
     ]
     if problems:
         raise InvalidConfigError(problems)
@@ -156,394 +144,332 @@ def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
     return config.model_source.kind, config.model_source.path
 
 
-def measure(
-    scorer: orm_lib.BatchedOrmScorer,
-    samples: Sequence[ei.Solution],
-    golds: Sequence[str],
-    threshold: float,
-) -> dict[str, float]:
-    """The ORM's held-out figures on K samples per question (question-major, K equal).
-
-    auc over all samples and within_question_auc over pairs of one question's
-    samples (each omitted when undefined: a class missing), accuracy of the
-    score at 0.5 against the labels, the labels' positive fraction, the mean
-    score, and evaluation's metrics of the same samples with the scores:
-    rerank@K beside maj@K and pass@K (maj@1 and pass@1 read each question's
-    first sample). The overall AUC also rewards knowing which questions are
-    hard; rerank@K gains only from the within-question one.
-    """
-    texts = [s.completion for s in samples]
-    rows = scorer(texts, {"prompt": [s.prompt for s in samples]}, [[len(t)] for t in texts])
-    scores = np.asarray([row[0] for row in rows], np.float64)
-    labels = np.asarray([s.reward >= threshold for s in samples])
-    out = {
-        "accuracy": float(np.mean((scores > 0.5) == labels)),
-        "positive_fraction": float(labels.mean()),
-        "mean_score": float(scores.mean()),
-    }
-    k = len(samples) // len(golds)
-    if k * len(golds) != len(samples):
-        raise ValueError(f"{len(samples)} samples for {len(golds)} questions: K is not whole")
-    if 0 < labels.sum() < labels.size:
-        out["auc"] = orm_lib.roc_auc(scores, labels)
-        if any(0 < row.sum() < k for row in labels.reshape(-1, k)):
-            out["within_question_auc"] = orm_lib.within_group_auc(scores, labels, k)
-    grouped = [texts[i : i + k] for i in range(0, len(texts), k)]
-    grouped_scores = [scores[i : i + k].tolist() for i in range(0, len(texts), k)]
-    out.update(score_samples(grouped, golds, scores=grouped_scores))
-    return out
-
-
-def selection_score(figures: dict[str, float]) -> float | None:
-    """What picks the run's ORM on the validation samples: the within-question AUC
-    (the overall AUC when no validation question has both outcomes; None when
-    neither is defined)."""
-    return figures.get("within_question_auc", figures.get("auc"))
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the ORM run to train.num_steps; returns the last logged metrics."""
-    mesh, rules = runs.start(config, workdir, validate_orm)
-    runs.check_resume_config(config, workdir, LOCKED_SECTIONS)
-    c = config.orm
-    task = tasks.load(config)
-    heldout = task.heldout[: config.eval.num_examples or None]
-    questions = {"train": task.train, "heldout": heldout, "validation": task.validation}
-    splits = tuple(split for split in SPLITS if questions[split])
-    selecting = "validation" in splits
-    files = _Files(workdir)
+    with runs.Run(config, workdir, validate_orm, locked=LOCKED_SECTIONS) as run:
+        loop = _OrmRun(run)
+        if loop.progress["phase"] == DONE:
+            return run.finished(f"finished its {config.train.num_steps} ORM steps")
+        run.begin(loop.tokenizer, loop.progress["global_step"])
+        if loop.progress["phase"] == SAMPLE:
+            loop.sample()
+            loop.assemble()
+        loop.start = None  # training needs only the ORM's state
+        loop.train()
+        return loop.last
 
-    kind, path = init_source(config)
-    start = sources.load_model(kind, path, mesh, rules)
-    start_id = sources.checksum(start.params)
-    changes = {"remat": config.train.remat} if config.train.remat else {}
-    orm_model = sources.with_heads(start, (NAME,), mesh, rules, seed=config.seed, **changes)
-    tokenizer = orm_model.tokenizer
-    model = Transformer(orm_model.config)
-    tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
-    checkpointer = runs.make_checkpointer(config, workdir)
 
-    def items_of(state: Any, best_params: Any) -> dict[str, Any]:
+class _OrmRun:
+    """One ORM run's state between checkpoints, and its phases."""
+
+    def __init__(self, run: runs.Run):
+        config, mesh, rules = run.config, run.mesh, run.rules
+        self.run, self.config, self.c = run, config, config.orm
+        task = tasks.load(config)
+        self.validation_questions = task.validation
+        self.questions = {
+            "train": task.train,
+            "heldout": task.heldout[: config.eval.num_examples or None],
+            "validation": task.validation,
+        }
+        self.splits = tuple(split for split in SPLITS if self.questions[split])
+        self.selecting = "validation" in self.splits
+        self.store = rollout.RecordStore(run.workdir, "orm")
+        self.kind, self.path = init_source(config)
+        self.start = sources.load_model(self.kind, self.path, mesh, rules)
+        start_id = sources.checksum(self.start.params)
+        changes = {"remat": config.train.remat} if config.train.remat else {}
+        orm_model = sources.with_heads(
+            self.start, (NAME,), mesh, rules, seed=config.seed, **changes
+        )
+        self.tokenizer = orm_model.tokenizer
+        self.model = model = Transformer(orm_model.config)
+        self.tx, self.schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
+        abstract = ts.abstract_train_state(model, self.tx, mesh, rules)
+        restored = run.restore(self.items(abstract, abstract.params))
+        if restored is not None:
+            items, self.progress = restored
+            self.state = checkpointing.merge_train_state(NAME, items)
+            self.best_params = items.get("best.params")
+            if self.progress["init"] != start_id:
+                raise runs.ResumeConfigError(
+                    f"The ORM's start model from {self.path!r} changed since the run began"
+                    f" (checksum {start_id}, recorded {self.progress['init']})."
+                )
+        else:
+            self.progress = {
+                "phase": SAMPLE,
+                "chunk": 0,
+                "global_step": 0,
+                "samples_drawn": 0,
+                "init": start_id,
+                "models": {NAME: model.config.to_dict()},
+            }
+            self.state = ts.create_train_state(
+                model, self.tx, mesh, rules, config.seed, params=orm_model.params
+            )
+            self.best_params = rounds.copy_tree(self.state.params) if self.selecting else None
+        self.last: dict[str, Any] = {}
+        self._datasets: dict[str, tuple[records.Solution, ...]] = {}
+
+    def items(self, state: Any, best_params: Any) -> dict[str, Any]:
         """What a checkpoint holds: the ORM's train state, and the best one so far."""
         items = checkpointing.train_state_items(NAME, state)
-        return {**items, "best.params": best_params} if selecting else items
+        return {**items, "best.params": best_params} if self.selecting else items
 
-    if checkpointer.latest_step() is not None:
-        abstract = ts.abstract_train_state(model, tx, mesh, rules)
-        items, progress, _ = checkpointer.restore(items_of(abstract, abstract.params))
-        state = checkpointing.merge_train_state(NAME, items)
-        best_params = items.get("best.params")
-        if progress["init"] != start_id:
-            raise runs.ResumeConfigError(
-                f"The ORM's start model from {path!r} changed since the run began"
-                f" (checksum {start_id}, recorded {progress['init']})."
-            )
-    else:
-        progress = {
-            "phase": SAMPLE,
-            "chunk": 0,
-            "global_step": 0,
-            "samples_drawn": 0,
-            "init": start_id,
-            "models": {NAME: model.config.to_dict()},
-        }
-        state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=orm_model.params)
-        best_params = rounds.copy_tree(state.params) if selecting else None
-    del orm_model
-    if progress["phase"] == DONE:  # a finished run is left as it is, config.json included
-        checkpointer.close()
-        print(
-            f"The ORM run in {workdir} finished its {config.train.num_steps} steps; nothing to do."
+    def log(self, record: dict[str, Any]) -> dict[str, Any]:
+        return self.run.log(self.progress["global_step"], record)
+
+    def advance(self, **changes: Any) -> None:
+        self.progress.update(changes, global_step=self.progress["global_step"] + 1)
+
+    def checkpoint(self, force: bool = False) -> None:
+        self.run.checkpoint(
+            self.progress["global_step"],
+            self.items(self.state, self.best_params),
+            self.progress,
+            force=force,
+            finished=self.progress["phase"] == DONE,
         )
-        return runs.finished_record(workdir)
-    runs.write_run_record(config, workdir, tokenizer)
 
-    writer = run_logging.MetricWriter(
-        workdir, tensorboard=config.logging.tensorboard, resume_step=progress["global_step"]
-    )
-    show = config.logging.progress_bar and jax.process_index() == 0
-    last: dict[str, Any] = {}
-
-    def log(record: dict[str, Any]) -> dict[str, Any]:
-        return writer.write(progress["global_step"], record)
-
-    try:
-        with checkpointing.PreemptionGuard() as guard:
-
-            def checkpoint_and_maybe_stop(force: bool = False) -> None:
-                stop = guard.should_stop(progress["global_step"])
-                items = items_of(state, best_params)
-                checkpointer.save(progress["global_step"], items, progress, force=force or stop)
-                if stop and progress["phase"] != DONE:  # a finished run has nothing to resume
-                    raise checkpointing.Preempted(progress["global_step"], workdir)
-
-            if progress["phase"] == SAMPLE:
-                policy = start
-                if (config.model_source.kind, config.model_source.path) != (kind, path):
-                    policy = sources.load_model(
-                        config.model_source.kind, config.model_source.path, mesh, rules
-                    )
-                del start  # training needs only the ORM's state
-                _sample(
-                    config,
-                    {split: questions[split] for split in splits},
-                    policy,
-                    mesh,
-                    rules,
-                    files,
-                    progress,
-                    log,
-                    checkpoint_and_maybe_stop,
-                    show,
-                )
-                del policy
-                datasets = {}
-                for split in splits:
-                    chunks = range(0, len(questions[split]), c.sampling_chunk)
-                    samples = [
-                        s
-                        for i in range(len(chunks))
-                        for s in runs.read_solutions(files.chunk(split, i))
-                    ]
-                    runs.write_solutions(files.dataset(split), samples)
-                    positive = [s.reward >= c.threshold for s in samples]
-                    datasets[split] = {
-                        "digest": ei.dataset_digest(samples),
-                        "count": len(samples),
-                        "positive_fraction": float(np.mean(positive)),
-                    }
-                progress.update(
-                    phase=TRAIN,
-                    datasets=datasets,
-                    orm_step=0,
-                    best={"score": None, "step": 0},
-                    global_step=progress["global_step"] + 1,
-                )
-                last = log(
-                    {
-                        f"dataset/{split}_{key}": value
-                        for split, record in datasets.items()
-                        for key, value in record.items()
-                        if key != "digest"
-                    }
-                )
-                checkpoint_and_maybe_stop(force=True)
-            else:
-                del start
-
-            # The train phase.
-            progress.setdefault("best", {"score": None, "step": 0})  # runs begun before selection
-            train_set, heldout_set, validation_set = (
-                runs.read_solutions(files.dataset(split), progress["datasets"][split]["digest"])
-                if split in splits
-                else []
-                for split in SPLITS
+    def sample(self) -> None:
+        """Every train question's K samples, then every held-out (and validation) question's,
+        chunk by chunk from progress["chunk"] (an index into all splits' chunks, in
+        SPLITS' order), each saved, logged and checkpointed."""
+        config, c, e = self.config, self.c, self.config.eval
+        policy = self.start
+        if (config.model_source.kind, config.model_source.path) != (self.kind, self.path):
+            policy = sources.load_model(
+                config.model_source.kind, config.model_source.path, self.run.mesh, self.run.rules
             )
-            if c.balance_questions:  # the same subset on every resume: a pure function
-                keep = orm_lib.balanced_within_questions(
-                    [s.question_id for s in train_set],
-                    [float(s.reward >= c.threshold) for s in train_set],
-                    one_sided=c.one_sided_samples,
-                )
-                _log.info(
-                    "ORM: training on %d of %d samples (balanced within questions).",
-                    len(keep),
-                    len(train_set),
-                )
-                train_set = [train_set[i] for i in keep]
-                if not train_set:
-                    raise ValueError(
-                        "orm.balance_questions: no train question has both a right and a wrong"
-                        f" sample among its {c.num_samples}; draw more (orm.num_samples) or"
-                        " train on every sample."
-                    )
-            arrays, cut = orm_lib.orm_arrays(
-                tokenizer,
-                [s.prompt for s in train_set],
-                [s.completion for s in train_set],
-                [float(s.reward >= c.threshold) for s in train_set],
-                config.train.max_length,
+        sampler = Sampler(
+            policy.config,
+            policy.tokenizer,
+            batch_size=config.sampling.batch_size,
+            prompt_buckets=tuple(config.sampling.prompt_buckets),
+            mesh=self.run.mesh,
+            rules=self.run.rules,
+            stop_strings=templates.STOP_SEQUENCES,
+            progress=self.run.show_progress,
+        )
+        reward_fn = compose.compose(c.rewards.to_dict())
+        exemplars = templates.select_exemplars(
+            self.questions["train"], c.num_shots, seed=config.seed
+        )
+        base_rng = jax.random.PRNGKey(config.seed)
+        offset = 0  # the split's first chunk in the progress' count
+        for split in self.splits:
+            questions = self.questions[split]
+            # Validation samples are drawn like the held-out ones they stand for.
+            k, temperature, tokens = (
+                (c.num_samples, c.temperature, c.max_new_tokens)
+                if split == "train"
+                else (e.num_samples, e.temperature, e.max_new_tokens)
             )
-            if cut:
-                _log.warning(
-                    "%d of %d ORM train samples are longer than train.max_length=%d; their ends"
-                    " are cut.",
-                    cut,
-                    len(train_set),
-                    config.train.max_length,
-                )
-            iterator = IndexIterator(len(train_set), config.train.batch_size, seed=config.seed)
-            if "data" in progress:
-                iterator.restore(progress["data"])
-            step_fn = ts.jit_step(
-                orm_lib.make_orm_step(
-                    model,
-                    tx,
-                    num_microbatches=config.train.num_microbatches,
-                    lr_schedule=schedule,
-                    lm_weight=c.lm_loss_weight,
-                    chunk_size=config.train.loss_chunk_size,
+            count = rollout.num_chunks(len(questions), config.sampling.chunk)
+            start = self.progress["chunk"] - offset
+            offset += count
+            if start >= count:
+                continue
+            chunks = rollout.sample_chunks(
+                sampler,
+                policy.params,
+                questions,
+                [templates.format_prompt(q["question"], exemplars) for q in questions],
+                jax.random.fold_in(base_rng, SPLITS.index(split)),
+                rollout.ChunkSampling(
+                    k, temperature, tokens, config.sampling.chunk, config.sampling.samples_per_call
                 ),
-                mesh,
-                rules,
-                ts.state_shardings(model, tx, mesh, rules),
+                reward_fn,
+                start=max(start, 0),
+                desc=f"ORM: sampling {split}",
+                show_progress=self.run.show_progress,
             )
-            scorer = orm_lib.BatchedOrmScorer(
-                model,
-                None,
-                tokenizer,
-                batch_size=c.score_batch_size,
-                length_buckets=(config.train.max_length,),
-                mesh=mesh,
-                rules=rules,
-            )
-            golds = [q["final_answer"] for q in heldout]
-            validation_golds = [q["final_answer"] for q in task.validation]
-            num_steps, eval_every = config.train.num_steps, config.train.eval_every
-            for step in tqdm.trange(
-                progress["orm_step"],
-                num_steps,
-                initial=progress["orm_step"],
-                total=num_steps,
-                desc=f"ORM: training on {len(train_set)} samples",
-                disable=not show,
-            ):
-                rows = next(iterator)
-                batch = {key: value[rows] for key, value in arrays.items()}
-                state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
-                metrics = jax.device_get(metrics)
-                runs.check_finite(metrics, f"ORM step {step + 1}", checkpointer.latest_step())
-                done = step + 1
-                progress.update(
-                    orm_step=done, data=iterator.state(), global_step=progress["global_step"] + 1
+            for chunk in chunks:
+                samples = [
+                    records.Solution(qid, chunk.prompts[i // k], text, float(reward), 0)
+                    for i, (qid, text, reward) in enumerate(
+                        zip(chunk.question_ids, chunk.texts, chunk.rewards.totals)
+                    )
+                ]
+                self.store.write(self.store.chunk(split, chunk.index), samples)
+                drawn = self.progress["samples_drawn"] + len(chunk.texts)
+                self.advance(chunk=self.progress["chunk"] + 1, samples_drawn=drawn)
+                positive = float(np.mean(np.asarray(chunk.rewards.totals) >= c.threshold))
+                self.log(
+                    {"split": split, "sample_positive_fraction": positive, "samples_drawn": drawn}
                 )
-                record = dict(metrics)
-                measured = done == num_steps or (eval_every and done % eval_every == 0)
-                if measured:
-                    scorer = dataclasses.replace(scorer, params=state.params)
-                    held = measure(scorer, heldout_set, golds, c.threshold)
-                    record.update({f"heldout/{key}": value for key, value in held.items()})
-                    record["samples_drawn"] = progress["samples_drawn"]
-                    record["train_samples"] = len(train_set)
-                    if selecting:
-                        valid = measure(scorer, validation_set, validation_golds, c.threshold)
-                        record.update({f"validation/{k}": v for k, v in valid.items()})
-                        score, best = selection_score(valid), progress["best"]["score"]
-                        if score is not None and (best is None or score > best):
-                            best_params = rounds.copy_tree(state.params)
-                            progress["best"] = {"score": score, "step": done}
-                if measured or done % config.train.log_every == 0:
-                    last = log({"orm_step": done, **record})
-                if done == num_steps:
-                    if selecting and progress["best"]["score"] is not None:
-                        # The selected ORM becomes the run's, measured once more.
-                        state = state.replace(params=rounds.copy_tree(best_params))
-                        scorer = dataclasses.replace(scorer, params=state.params)
-                        held = measure(scorer, heldout_set, golds, c.threshold)
-                        progress["global_step"] += 1
-                        last = log(
-                            {
-                                "orm_step": done,
-                                "samples_drawn": progress["samples_drawn"],
-                                "train_samples": len(train_set),
-                                "selected_step": progress["best"]["step"],
-                                "selected_validation_score": progress["best"]["score"],
-                                **{f"selected/heldout/{k}": v for k, v in held.items()},
-                            }
-                        )
-                    progress["phase"] = DONE
-                checkpoint_and_maybe_stop(force=done == num_steps)
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
-    return last
+                # Every chunk: sampling costs far more than a save, whatever the interval.
+                self.checkpoint(force=True)
 
-
-def _sample(config, questions, policy, mesh, rules, files, progress, log, checkpoint, show) -> None:
-    """Every train question's K samples, then every held-out (and validation) question's,
-    chunk by chunk from progress["chunk"] (an index into all splits' chunks, in
-    `questions`' order: train first)."""
-    c = config.orm
-    sampler = Sampler(
-        policy.config,
-        policy.tokenizer,
-        batch_size=c.sampling_batch_size,
-        prompt_buckets=tuple(c.prompt_buckets),
-        mesh=mesh,
-        rules=rules,
-        stop_strings=templates.STOP_SEQUENCES,
-        progress=show,
-    )
-    reward_fn = compose.compose(c.rewards.to_dict())
-    exemplars = templates.select_exemplars(questions["train"], c.num_shots, seed=config.seed)
-    base_rng = jax.random.PRNGKey(config.seed)
-    e = config.eval  # validation samples are drawn like the held-out ones they stand for
-    settings = {  # split -> (questions, K, temperature, max_new_tokens)
-        split: (questions[split], c.num_samples, c.temperature, c.max_new_tokens)
-        if split == "train"
-        else (questions[split], e.num_samples, e.temperature, e.max_new_tokens)
-        for split in questions
-    }
-    plan = [
-        (split, index, first)
-        for split in questions
-        for index, first in enumerate(range(0, len(settings[split][0]), c.sampling_chunk))
-    ]
-    prompts = {
-        split: [templates.format_prompt(q["question"], exemplars) for q in settings[split][0]]
-        for split in questions
-    }
-    shared = {split: common_prefix_length(sampler.token_ids(p)) for split, p in prompts.items()}
-    for n in tqdm.trange(
-        progress["chunk"],
-        len(plan),
-        initial=progress["chunk"],
-        total=len(plan),
-        desc="ORM: sampling",
-        disable=not show,
-    ):
-        split, index, first = plan[n]
-        all_questions, k, temperature, max_new_tokens = settings[split]
-        questions = all_questions[first : first + c.sampling_chunk]
-        chunk_prompts = prompts[split][first : first + c.sampling_chunk]
-        texts = rollout.sample_k(
-            sampler,
-            policy.params,
-            chunk_prompts,
-            jax.random.fold_in(base_rng, SPLITS.index(split)),
-            num_samples=k,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            samples_per_call=c.samples_per_call,
-            prompt_offset=first,
-            prefix_length=shared[split],
-        )
-        rewards = reward_fn(texts, rollout.columns_k(questions, k))
-        samples = [
-            ei.Solution(
-                question_id=first + i // k,
-                prompt=chunk_prompts[i // k],
-                completion=text,
-                reward=float(reward),
-                round=0,
-            )
-            for i, (text, reward) in enumerate(zip(texts, rewards.totals))
-        ]
-        runs.write_solutions(files.chunk(split, index), samples)
-        progress.update(
-            chunk=n + 1,
-            global_step=progress["global_step"] + 1,
-            samples_drawn=progress["samples_drawn"] + len(texts),
-        )
-        log(
+    def assemble(self) -> None:
+        """Each split's chunks as one dataset file, its digest in the progress; training begins."""
+        datasets = {}
+        for split in self.splits:
+            count = rollout.num_chunks(len(self.questions[split]), self.config.sampling.chunk)
+            samples = self.store.read_chunks(split, count)
+            self.store.write(self.store.dataset(split), samples)
+            positive = [s.reward >= self.c.threshold for s in samples]
+            datasets[split] = {
+                "digest": records.dataset_digest(samples),
+                "count": len(samples),
+                "positive_fraction": float(np.mean(positive)),
+            }
+        self.advance(phase=TRAIN, datasets=datasets, orm_step=0, best={"score": None, "step": 0})
+        self.last = self.log(
             {
-                "split": split,
-                "sample_positive_fraction": float(
-                    np.mean(np.asarray(rewards.totals) >= c.threshold)
-                ),
-                "samples_drawn": progress["samples_drawn"],
+                f"dataset/{split}_{key}": value
+                for split, record in datasets.items()
+                for key, value in record.items()
+                if key != "digest"
             }
         )
-        # Every chunk: sampling costs far more than a save, whatever the interval.
-        checkpoint(force=True)
+        self.checkpoint(force=True)
+
+    def train_set(self) -> list[records.Solution]:
+        """The train samples the ORM learns from (balanced within questions if asked)."""
+        c = self.c
+        train_set = list(self.dataset("train"))
+        if not c.balance_questions:
+            return train_set
+        keep = orm_lib.balanced_within_questions(  # the same subset on every resume
+            [s.question_id for s in train_set],
+            [float(s.reward >= c.threshold) for s in train_set],
+            one_sided=c.one_sided_samples,
+        )
+        _log.info(
+            "ORM: training on %d of %d samples (balanced within questions).",
+            len(keep),
+            len(train_set),
+        )
+        if len(keep) == 0:
+            raise ValueError(
+                "orm.balance_questions: no train question has both a right and a wrong"
+                f" sample among its {c.num_samples}; draw more (orm.num_samples) or"
+                " train on every sample."
+            )
+        return [train_set[i] for i in keep]
+
+    def dataset(self, split: str) -> tuple[records.Solution, ...]:
+        """A split's assembled samples, checked against the digest the checkpoint records."""
+        if split not in self._datasets:
+            digest = self.progress["datasets"][split]["digest"]
+            self._datasets[split] = self.store.read(self.store.dataset(split), digest)
+        return self._datasets[split]
+
+    def train(self) -> None:
+        """The ORM's steps from the checkpoint's on, measured every eval_every steps."""
+        config, c, progress, mesh, rules = (
+            self.config,
+            self.c,
+            self.progress,
+            self.run.mesh,
+            self.run.rules,
+        )
+        progress.setdefault("best", {"score": None, "step": 0})  # runs begun before selection
+        train_set = self.train_set()
+        arrays, cut = orm_lib.orm_arrays(
+            self.tokenizer,
+            [s.prompt for s in train_set],
+            [s.completion for s in train_set],
+            [float(s.reward >= c.threshold) for s in train_set],
+            config.train.max_length,
+        )
+        if cut:
+            _log.warning(
+                "%d of %d ORM train samples are longer than train.max_length=%d; their ends"
+                " are cut.",
+                cut,
+                len(train_set),
+                config.train.max_length,
+            )
+        iterator = IndexIterator(len(train_set), config.train.batch_size, seed=config.seed)
+        if "data" in progress:
+            iterator.restore(progress["data"])
+        step_fn = ts.jit_step(
+            orm_lib.make_orm_step(
+                self.model,
+                self.tx,
+                num_microbatches=config.train.num_microbatches,
+                lr_schedule=self.schedule,
+                lm_weight=c.lm_loss_weight,
+                chunk_size=config.train.loss_chunk_size,
+            ),
+            mesh,
+            rules,
+            ts.state_shardings(self.model, self.tx, mesh, rules),
+        )
+        self.scorer = orm_lib.BatchedOrmScorer(
+            self.model,
+            None,
+            self.tokenizer,
+            batch_size=c.score_batch_size,
+            length_buckets=(config.train.max_length,),
+            mesh=mesh,
+            rules=rules,
+        )
+        num_steps, eval_every = config.train.num_steps, config.train.eval_every
+        for step in tqdm.trange(
+            progress["orm_step"],
+            num_steps,
+            initial=progress["orm_step"],
+            total=num_steps,
+            desc=f"ORM: training on {len(train_set)} samples",
+            disable=not self.run.show_progress,
+        ):
+            rows = next(iterator)
+            batch = {key: value[rows] for key, value in arrays.items()}
+            self.state, metrics = step_fn(self.state, shd.shard_batch(batch, mesh))
+            metrics = jax.device_get(metrics)
+            self.run.check_finite(metrics, f"ORM step {step + 1}")
+            done = step + 1
+            self.advance(orm_step=done, data=iterator.state())
+            record = dict(metrics)
+            measured = done == num_steps or (eval_every and done % eval_every == 0)
+            if measured:
+                record.update(self.measure(done, len(train_set)))
+            if measured or done % config.train.log_every == 0:
+                self.last = self.log({"orm_step": done, **record})
+            if done == num_steps:
+                self.select(done, len(train_set))
+                progress["phase"] = DONE
+            self.checkpoint(force=done == num_steps)
+
+    def heldout_figures(self, split: str, params: Any) -> dict[str, float]:
+        golds = [q["final_answer"] for q in self.questions[split]]
+        scorer = dataclasses.replace(self.scorer, params=params)
+        return measure(scorer, self.dataset(split), golds, self.c.threshold)
+
+    def measure(self, done: int, train_samples: int) -> dict[str, Any]:
+        """The held-out (and validation) figures at step `done`; the best ORM so far kept."""
+        out = {
+            f"heldout/{k}": v for k, v in self.heldout_figures("heldout", self.state.params).items()
+        }
+        out.update(samples_drawn=self.progress["samples_drawn"], train_samples=train_samples)
+        if self.selecting:
+            valid = self.heldout_figures("validation", self.state.params)
+            out.update({f"validation/{k}": v for k, v in valid.items()})
+            score, best = selection_score(valid), self.progress["best"]["score"]
+            if score is not None and (best is None or score > best):
+                self.best_params = rounds.copy_tree(self.state.params)
+                self.progress["best"] = {"score": score, "step": done}
+        return out
+
+    def select(self, done: int, train_samples: int) -> None:
+        """The ORM with the best validation score becomes the run's, measured once more."""
+        best = self.progress["best"]
+        if not self.selecting or best["score"] is None:
+            return
+        self.state = self.state.replace(params=rounds.copy_tree(self.best_params))
+        held = self.heldout_figures("heldout", self.state.params)
+        self.progress["global_step"] += 1
+        self.last = self.log(
+            {
+                "orm_step": done,
+                "samples_drawn": self.progress["samples_drawn"],
+                "train_samples": train_samples,
+                "selected_step": best["step"],
+                "selected_validation_score": best["score"],
+                **{f"selected/heldout/{k}": v for k, v in held.items()},
+            }
+        )

@@ -21,6 +21,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from rl_reason.algorithms import optimizer
 from rl_reason.algorithms import train_state as ts
+from rl_reason.experiments import config as config_lib
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import KEY_CACHE_AXES, VALUE_CACHE_AXES, KVCache, Transformer
 from rl_reason.parallel import mesh as mesh_lib
@@ -89,6 +90,7 @@ def plan_for_config(config: ml_collections.ConfigDict, mesh: AbstractMesh) -> di
     """memory_plan of an RL (`rl` section), EI (`ei` section) or SFT (neither) config,
     for the model its `model` section describes (the shape of what model_source
     will load)."""
+    config_lib.resolve_moved_keys(config)
     section = config.rl if "rl" in config else config.get("ei")
     if section is None:  # SFT: the trained model alone
         return memory_plan(
@@ -109,7 +111,7 @@ def plan_for_config(config: ml_collections.ConfigDict, mesh: AbstractMesh) -> di
         mesh,
         shd.rules_from_config(config.mesh.rules),
         reference=reference,
-        sampling_rows=section.sampling_batch_size
-        * (section.get("samples_per_call", 0) or section.num_samples),
-        sampling_length=max(section.prompt_buckets) + section.max_new_tokens,
+        sampling_rows=config.sampling.batch_size
+        * (config.sampling.samples_per_call or section.num_samples),
+        sampling_length=max(config.sampling.prompt_buckets) + section.max_new_tokens,
     )

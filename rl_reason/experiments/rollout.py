@@ -1,29 +1,36 @@
 """The rollout stage every RL algorithm shares: prompts -> samples -> rewards.
 
-PPO and GRPO turn the result into advantages, Expert Iteration keeps the
-correct samples, RCRL labels them with return tokens, the ORM learns from
-them: all of them start here. The sampler reads the learner's parameters as
-they are, on the same mesh (no copy into another engine). Held-out
-evaluation during training (maj@1, maj@K, pass@K) lives here too, so that
-every algorithm reports the study's metrics against samples drawn.
+PPO and GRPO turn the result into advantages (`collect`: one batch of
+training arrays), Expert Iteration keeps the correct samples, RCRL labels
+them with return tokens, the ORM learns from them (`sample_chunks`: a
+question set in resumable chunks, each chunk's records saved in the run's
+`RecordStore` before the next is drawn). The sampler reads the learner's
+parameters as they are, on the same mesh (no copy into another engine).
+Held-out evaluation during training (greedy maj@1, maj@K, pass@K) lives here
+too, so that every algorithm reports the study's metrics against samples
+drawn.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
 
+from rl_reason import checkpointing
 from rl_reason.algorithms import rcrl
-from rl_reason.data import templates
+from rl_reason.data import records, templates
 from rl_reason.evaluation.evaluate import evaluate as score_samples
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.rewards.token_positions import sampled_token_rewards
-from rl_reason.sampling.engine import Sampler, Samples
+from rl_reason.sampling.engine import Sampler, Samples, common_prefix_length
 from rl_reason.sampling.sampler import LENGTH, SamplingConfig
 
 
@@ -87,8 +94,7 @@ def collect(
     samples = sampler.generate(params, prompts, rng, config, prompt_offset=prompt_offset)
     k = config.num_samples
     rows = [ex for ex in examples for _ in range(k)]
-    columns = {key: [ex[key] for ex in rows] for key in rows[0]} if rows else {}
-    columns["prompt"] = [p for p in prompts for _ in range(k)]
+    columns = {**columns_k(examples, k), "prompt": [p for p in prompts for _ in range(k)]}
     rewards = reward_fn(samples.texts, columns)
     rollout = samples.rollout
     completion_scores = sampled_token_rewards(
@@ -151,6 +157,8 @@ def sample_k(
 def columns_k(examples: Sequence[Mapping[str, Any]], k: int) -> dict[str, list[Any]]:
     """Every column of `examples`, each row repeated k times (prompt-major): what
     rewards see beside k samples per example."""
+    if not examples:
+        return {}
     return {key: [ex[key] for ex in examples for _ in range(k)] for key in examples[0]}
 
 
@@ -176,18 +184,58 @@ def heldout_metrics(
     RCRL model).
     """
     prompts = [templates.format_prompt(q["question"], exemplars) for q in questions]
-    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=0.0)
+    options = None
     if condition_on:
         prompts = [rcrl.condition_prompt(p, condition_on) for p in prompts]
         if condition_steps:
-            options.update(rcrl.step_conditioning(sampler.tokenizer, condition_on))
+            options = rcrl.step_conditioning(sampler.tokenizer, condition_on)
+    greedy, k_texts, _ = greedy_first(
+        sampler,
+        params,
+        prompts,
+        rng,
+        num_samples=num_samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        sampling_options=options,
+    )
+    return score_samples(k_texts, [q["final_answer"] for q in questions], greedy=greedy)
+
+
+def greedy_first(
+    sampler: Sampler,
+    params: Any,
+    prompts: Sequence[str],
+    rng: jax.Array,
+    *,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    top_p: float = 1.0,
+    sampling_options: Mapping[str, Any] | None = None,
+    prompt_offset: int = 0,
+    prefix_length: int | None = None,
+) -> tuple[list[str], list[list[str]], Samples]:
+    """Each prompt's greedy completion and its K samples (the greedy one when K = 0), in
+    one sampler call: the greedy row continues the K samples' prefill. What every
+    evaluation reads (maj@1 from the greedy answers; maj@K, pass@K from the samples)."""
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=0.0)
     if num_samples > 0:
-        options.update(temperature=temperature, num_samples=num_samples + 1, greedy_first=True)
-    out = sampler.generate(params, prompts, rng, sampler.sampling_config(**options))
+        options.update(
+            temperature=temperature, top_p=top_p, num_samples=num_samples + 1, greedy_first=True
+        )
+    options.update(sampling_options or {})
+    out = sampler.generate(
+        params,
+        prompts,
+        rng,
+        sampler.sampling_config(**options),
+        prompt_offset=prompt_offset,
+        prefix_length=prefix_length,
+    )
     groups = out.texts_per_prompt()
     greedy = [g[0] for g in groups]
-    k_texts = [g[1:] if num_samples > 0 else [g[0]] for g in groups]
-    return score_samples(k_texts, [q["final_answer"] for q in questions], greedy=greedy)
+    return greedy, [g[1:] if num_samples > 0 else [g[0]] for g in groups], out
 
 
 def evaluate_heldout(
@@ -210,4 +258,164 @@ def evaluate_heldout(
             max_new_tokens=eval_config.max_new_tokens,
             rng=rng,
             exemplars=exemplars,
+        )
+
+
+def greedy_accuracy(
+    sampler: Sampler,
+    params: Any,
+    questions: Sequence[Mapping[str, Any]],
+    max_new_tokens: int,
+    condition_on: str = "",
+    condition_steps: bool = False,
+) -> float:
+    """Greedy maj@1 on `questions` (validation: what picks a round's model), prompts
+    (and with `condition_steps` every step) conditioned on `condition_on`."""
+    with shd.activation_sharding(sampler.mesh, sampler.rules):
+        metrics = heldout_metrics(
+            sampler,
+            params,
+            questions,
+            num_samples=0,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            rng=jax.random.PRNGKey(0),
+            condition_on=condition_on,
+            condition_steps=condition_steps,
+        )
+    return metrics["maj@1"]
+
+
+class RecordStore:
+    """A run's scored samples under `<workdir>/<directory>/`: each chunk's records
+    (`<group>/chunk_<c>.jsonl`, a group being a round or a split) and assembled
+    datasets (`<name>.jsonl`), as `records.to_jsonl` writes records of `record_type`.
+
+    Writes are atomic, by the lead process, and no process returns before the
+    file is there (the others may read it next); a damaged file, or one whose
+    digest is not the one the checkpoint recorded, is a CorruptCheckpointError
+    naming it.
+    """
+
+    def __init__(self, workdir: str, directory: str, record_type: type = records.Solution):
+        self.root = os.path.join(workdir, directory)
+        self.record_type = record_type
+
+    def chunk(self, group: str, index: int) -> str:
+        return os.path.join(self.root, group, f"chunk_{index:05d}.jsonl")
+
+    def dataset(self, name: str) -> str:
+        return os.path.join(self.root, f"{name}.jsonl")
+
+    def write(self, path: str, items: Sequence[Any]) -> None:
+        write_records(path, items, self.record_type)
+
+    def read(self, path: str, digest: str | None = None) -> tuple[Any, ...]:
+        return read_records(path, digest, self.record_type)
+
+    def read_chunks(self, group: str, count: int) -> list[Any]:
+        """Every record of `group`'s first `count` chunks, in chunk order."""
+        return [s for i in range(count) for s in self.read(self.chunk(group, i))]
+
+
+def write_records(path: str, items: Sequence[Any], record_type: type = records.Solution) -> None:
+    """`items` (records of `record_type`) as checksummed JSON lines, atomically (see
+    `RecordStore`)."""
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        checkpointing.write_bytes_atomic(path, records.to_jsonl(items, record_type))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"wrote {path}")
+
+
+def read_records(
+    path: str, digest: str | None = None, record_type: type = records.Solution
+) -> records.Dataset:
+    """What `write_records` wrote, checked against `digest` when given."""
+    with open(path, "rb") as f:
+        try:
+            dataset = records.from_jsonl(f.read(), record_type)
+        except ValueError as e:
+            raise checkpointing.CorruptCheckpointError(f"{path}: {e}") from None
+    if digest is not None and records.dataset_digest(dataset) != digest:
+        raise checkpointing.CorruptCheckpointError(
+            f"{path} is not the dataset the checkpoint recorded (digest differs)."
+        )
+    return dataset
+
+
+def num_chunks(num_questions: int, chunk_size: int) -> int:
+    return len(range(0, num_questions, chunk_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSampling:
+    """How a question set is sampled: K per question, chunk by chunk."""
+
+    num_samples: int
+    temperature: float
+    max_new_tokens: int
+    chunk_size: int  # questions per chunk (a kill loses one chunk at most)
+    samples_per_call: int = 0  # draw K in calls of this many (0: all K in one call)
+
+
+@dataclasses.dataclass
+class SampledChunk:
+    """K samples for each question of one chunk, scored; rows are prompt-major."""
+
+    index: int  # the chunk's number in its set
+    first: int  # its first question's index in the set
+    prompts: list[str]  # per question of the chunk: the prompt sampled
+    question_ids: list[int]  # per row: the question's index in the set
+    texts: list[str]
+    columns: dict[str, list[Any]]  # per row: every column of its question's example
+    rewards: compose.Rewards
+
+
+def sample_chunks(
+    sampler: Sampler,
+    params: Any,
+    questions: Sequence[Mapping[str, Any]],
+    prompts: Sequence[str],
+    rng: jax.Array,
+    how: ChunkSampling,
+    reward_fn: compose.Composite,
+    *,
+    start: int = 0,
+    desc: str = "sampling",
+    show_progress: bool = False,
+    sampling_options: Mapping[str, Any] | None = None,
+) -> Iterator[SampledChunk]:
+    """The set's chunks from chunk `start` on, each sampled with `params` (further
+    SamplingConfig fields in `sampling_options`) and scored by `reward_fn` on every
+    column of its examples.
+
+    A prompt's draws depend on its index in `prompts` (not on the chunking or
+    on where a resumed run starts), and every chunk prefills the prefix all
+    prompts share. A generator: the caller saves each chunk before the next.
+    """
+    shared = common_prefix_length(sampler.token_ids(prompts))
+    size, k = how.chunk_size, how.num_samples
+    for index in tqdm.tqdm(
+        range(start, num_chunks(len(prompts), size)), desc=desc, disable=not show_progress
+    ):
+        first = index * size
+        part, chunk_prompts = questions[first : first + size], list(prompts[first : first + size])
+        texts = sample_k(
+            sampler,
+            params,
+            chunk_prompts,
+            rng,
+            num_samples=k,
+            temperature=how.temperature,
+            max_new_tokens=how.max_new_tokens,
+            samples_per_call=how.samples_per_call,
+            prompt_offset=first,
+            prefix_length=shared,
+            sampling_options=sampling_options,
+        )
+        columns = columns_k(part, k)
+        qids = [first + i for i in range(len(part)) for _ in range(k)]
+        yield SampledChunk(
+            index, first, chunk_prompts, qids, texts, columns, reward_fn(texts, columns)
         )

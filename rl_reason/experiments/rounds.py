@@ -1,68 +1,62 @@
-"""What the round loops share: Expert Iteration and Return-Conditioned RL.
+"""The rounds loop: Expert Iteration and Return-Conditioned RL are one loop.
 
-A round samples K completions for every train question from the current
-policy in chunks of `sampling_chunk` questions, each chunk's records written
-to a file of its own (a kill loses one chunk at most), merges them with the
-earlier rounds' into the round's dataset file (checksummed; its digest goes
-into the checkpoint), fine-tunes with `sft_step` and picks the round's
-checkpoint by validation maj@1. What a round keeps from its samples and how
-a record becomes a training row is the algorithm's: EI keeps the correct
-samples (`expert_iteration.select_correct`), RCRL labels every sample with
-its return (`rcrl.label_samples`).
+Round r:
+  1. sample -- K completions for every train question from the policy chosen
+     at the end of round r-1 (the start model in round 0), in chunks of
+     `sampling_chunk` questions (`rollout.sample_chunks`); the algorithm turns
+     each chunk into records (EI keeps the correct samples, RCRL labels every
+     sample with its return), saved to `<dir>/round_<r>/chunk_<c>.jsonl`
+     before a checkpoint records the chunk.
+  2. accumulate -- D_r = D_{r-1} ∪ (round r's records), deduplicated per
+     question, to `<dir>/dataset_round_<r>.jsonl` (checksummed; its digest is
+     in the checkpoint).
+  3. train -- `sft_step` on the algorithm's arrays of D_r for
+     `steps_per_round` steps, from the start model (`restart_from_initial`) or
+     the last round's, with a fresh optimizer; validation maj@1 every
+     `eval_every` steps picks the round's model (early stopping).
+  4. the chosen model is measured on the held-out questions beside the count
+     of samples drawn so far (the study's x-axis), and becomes the policy.
 
-The loops own their state and their checkpoints. `sample_chunks` and
-`train_steps` are generators that sample one chunk or take one step, then
-hand control back, so that the loop writes, logs and saves what it holds
-after each; everything random comes from (seed, round, question index) or
-from the TrainState, so a resumed loop repeats the interrupted one exactly.
+What differs between the algorithms is a `RoundsAlgorithm` (the config
+section, the record type, prompts, labels, arrays, evaluation); the loop,
+its files and its checkpoints are here. The checkpoint step is a global
+counter that rises with every sampling chunk and every SFT step; everything
+random comes from (seed, round, question index) or from the checkpointed
+TrainState, so a run killed at any point and restarted with the same command
+ends with the parameters and metrics of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tqdm
 
+from rl_reason import checkpointing
 from rl_reason.algorithms import expert_iteration as ei
+from rl_reason.algorithms import optimizer
+from rl_reason.algorithms import train_state as ts
+from rl_reason.data import records, templates
 from rl_reason.data.iterator import IndexIterator
-from rl_reason.experiments import rollout, runs
+from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.experiments import sft as sft_experiment
+from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
-from rl_reason.sampling.engine import Sampler, common_prefix_length
+from rl_reason.sampling.engine import Sampler
 
+_log = logging.getLogger(__name__)
 
-class RoundFiles:
-    """A run's round files under `<workdir>/<directory>/`: each round's per-chunk
-    records (`round_<r>/chunk_<c>.jsonl`) and its accumulated dataset
-    (`dataset_round_<r>.jsonl`), as `expert_iteration.to_jsonl` writes records
-    of `record_type`."""
-
-    def __init__(self, workdir: str, directory: str = "ei", record_type: type = ei.Solution):
-        self.root = os.path.join(workdir, directory)
-        self.record_type = record_type
-
-    def chunk(self, round_: int, chunk: int) -> str:
-        return os.path.join(self.root, f"round_{round_}", f"chunk_{chunk:05d}.jsonl")
-
-    def dataset(self, round_: int) -> str:
-        return os.path.join(self.root, f"dataset_round_{round_}.jsonl")
-
-    def write(self, path: str, records: Sequence[Any]) -> None:
-        runs.write_solutions(path, records, self.record_type)
-
-    def read(self, path: str, digest: str | None = None) -> tuple[Any, ...]:
-        return runs.read_solutions(path, digest, self.record_type)
-
-    def read_round(self, round_: int, num_chunks: int) -> list[Any]:
-        """Every record round `round_` sampled, in chunk order."""
-        return [s for i in range(num_chunks) for s in self.read(self.chunk(round_, i))]
+SAMPLE, TRAIN = "sample", "train"
 
 
 def copy_tree(tree: Any) -> Any:
@@ -70,166 +64,369 @@ def copy_tree(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
-def num_chunks(num_questions: int, chunk_size: int) -> int:
-    return len(range(0, num_questions, chunk_size))
-
-
-def previous_dataset(files: RoundFiles, progress: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The dataset the checkpoint's progress records (empty before the first round's)."""
-    recorded = progress["dataset"]
-    if recorded["round"] < 0:
-        return ()
-    return files.read(files.dataset(recorded["round"]), recorded["digest"])
-
-
-def accumulate_round(
-    files: RoundFiles,
-    progress: Mapping[str, Any],
-    round_: int,
-    chunks: int,
-    max_per_question: int = 0,
-) -> tuple[tuple[Any, ...], ei.RoundSummary]:
-    """D_r = D_{r-1} ∪ (round r's records), deduplicated per question, written to the
-    round's dataset file; returns it and what changed."""
-    dataset, summary = ei.accumulate(
-        previous_dataset(files, progress),
-        files.read_round(round_, chunks),
-        max_per_question=max_per_question or None,
-    )
-    files.write(files.dataset(round_), dataset)
-    return dataset, summary
-
-
 @dataclasses.dataclass
-class SampledChunk:
-    """K samples for each question of one chunk, scored; rows are prompt-major."""
+class Start:
+    """The model a rounds run starts from, as its algorithm prepares it."""
 
-    index: int  # the chunk's number in the round
-    question_ids: list[int]  # per row: the question's index in the train set
-    texts: list[str]
-    columns: dict[str, list[Any]]  # per row: every column of its question's example
-    rewards: compose.Rewards
+    tokenizer: Any
+    model_config: ModelConfig
+    params: Any  # sharded like the trained state's
+    progress: dict[str, Any]  # what a fresh run's progress records besides the loop's
+    optimizer_options: dict[str, Any]  # further `optimizer.make_optimizer` arguments
 
 
-def sample_chunks(
-    sampler: Sampler,
-    params: Any,
-    questions: Sequence[Mapping[str, Any]],
-    prompts: Sequence[str],
-    rng: jax.Array,
-    c: ml_collections.ConfigDict,
-    reward_fn: compose.Composite,
-    *,
-    start: int,
-    desc: str,
-    show_progress: bool,
-    sampling_options: Mapping[str, Any] | None = None,
-) -> Iterator[SampledChunk]:
-    """The round's chunks from chunk `start` on, each sampled (c.num_samples per prompt
-    with `params`, further SamplingConfig fields in `sampling_options`) and scored by
-    `reward_fn` on every column of its examples.
+class RoundsAlgorithm:
+    """What an algorithm of the rounds loop supplies; Expert Iteration's by default.
 
-    A prompt's draws depend on its index in `prompts` (not on the chunking or
-    on where a resumed run starts), and every chunk prefills the prefix all
-    prompts share.
+    RCRL (`experiments/rcrl.py`) overrides what it does differently.
     """
-    shared = common_prefix_length(sampler.token_ids(prompts))
-    chunks = range(0, len(prompts), c.sampling_chunk)
-    for index in tqdm.tqdm(
-        range(start, len(chunks)), desc=desc, disable=not show_progress or jax.process_index() != 0
-    ):
-        first = chunks[index]
-        part = questions[first : first + c.sampling_chunk]
-        texts = rollout.sample_k(
-            sampler,
-            params,
-            prompts[first : first + c.sampling_chunk],
+
+    name = "EI"  # in logs and errors
+    section = "ei"  # its config section, and its directory under the workdir
+    record_type: type = records.Solution
+    start_eval_rng = 9_999  # the start model's held-out evaluation key (fold_in(seed, .))
+    start_record_at_next_step = False  # the start's record: at its step, or after it
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config, self.c = config, config[self.section]
+
+    def validate(self, config: ml_collections.ConfigDict) -> None:
+        raise NotImplementedError
+
+    def prepare(self, loaded: sources.LoadedModel, mesh, rules) -> Start:
+        return Start(loaded.tokenizer, loaded.config, loaded.params, {}, {})
+
+    def check_resume(self, progress: Mapping[str, Any], start: Start) -> None:
+        """Raises ResumeConfigError when the checkpoint's progress contradicts `start`."""
+
+    def prompts(self, round_: int, prompts: list[str]) -> list[str]:
+        """The prompts round `round_` samples (given the zero- or few-shot ones)."""
+        return prompts
+
+    def sampling_options(self, round_: int) -> dict[str, Any] | None:
+        return None
+
+    def label(
+        self, chunk: rollout.SampledChunk, prompts: Sequence[str], round_: int
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The chunk's records (stored with `prompts`, one per row) and what to log of them."""
+        kept = ei.select_correct(
+            chunk.question_ids,
+            prompts,
+            chunk.texts,
+            chunk.rewards.totals,
+            round=round_,
+            threshold=self.c.threshold,
+        )
+        return kept, {
+            "sample_accuracy": sample_accuracy(chunk, self.c.threshold),
+            "kept": len(kept),
+        }
+
+    def dataset_metrics(self, dataset: Sequence[Any]) -> dict[str, Any]:
+        return {}
+
+    def arrays(self, tokenizer, dataset: Sequence[Any]) -> tuple[dict[str, Any], int]:
+        return ei.sft_arrays(tokenizer, dataset, self.config.train.max_length)
+
+    def validation(self, sampler: Sampler, params: Any, questions) -> float:
+        return rollout.greedy_accuracy(sampler, params, questions, self.c.max_new_tokens)
+
+    def heldout(self, sampler, params, questions, rng, *, start: bool, exemplars=()) -> dict:
+        """The held-out record of the start model (`start`) or of a round's."""
+        figures = rollout.evaluate_heldout(
+            sampler, params, questions, self.config.eval, rng, exemplars=exemplars
+        )
+        return {f"heldout/{k}": v for k, v in figures.items()}
+
+    def end_of_round(self, progress: dict[str, Any]) -> None:
+        """Further progress after a round (what evaluation of the run should know)."""
+
+
+def sample_accuracy(chunk: rollout.SampledChunk, threshold: float) -> float:
+    """The fraction of the chunk's samples whose reward reaches `threshold`."""
+    return float(np.mean(np.asarray(chunk.rewards.totals) >= threshold))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, algorithm: RoundsAlgorithm) -> dict:
+    """Runs (or resumes) `algorithm` to its num_rounds; returns the last logged metrics."""
+    with runs.Run(config, workdir, algorithm.validate) as run:
+        loop = _Rounds(run, algorithm)
+        if loop.progress["round"] >= loop.c.num_rounds:
+            return run.finished(f"finished its {loop.c.num_rounds} rounds")
+        return loop.run_rounds()
+
+
+class _Rounds:
+    """One rounds run's state between checkpoints, and its phases."""
+
+    def __init__(self, run: runs.Run, algorithm: RoundsAlgorithm):
+        config, mesh, rules = run.config, run.mesh, run.rules
+        self.run, self.algorithm, self.config = run, algorithm, config
+        self.c = c = algorithm.c
+        self.task = tasks.load(config)
+        self.store = rollout.RecordStore(run.workdir, algorithm.section, algorithm.record_type)
+        source = config.model_source
+        loaded = sources.load_model(source.kind, source.path, mesh, rules)
+        if config.train.remat:  # recomputation changes no parameter, only what the step keeps
+            loaded = loaded._replace(config=loaded.config.replace(remat=config.train.remat))
+        initial_id = sources.checksum(loaded.params)
+        start = algorithm.prepare(loaded, mesh, rules)
+        del loaded
+        self.model = model = Transformer(start.model_config)
+        self.tokenizer, self.initial_params = start.tokenizer, start.params
+        self.tx, schedule = optimizer.make_optimizer(
+            config.optim, c.steps_per_round, **start.optimizer_options
+        )
+        abstract = ts.abstract_train_state(model, self.tx, mesh, rules)
+        restored = run.restore(
+            {**checkpointing.train_state_items("policy", abstract), "best.params": abstract.params}
+        )
+        if restored is not None:
+            items, self.progress = restored
+            self.state = checkpointing.merge_train_state("policy", items)
+            self.best_params = items["best.params"]
+            if self.progress["initial"] != initial_id:
+                raise runs.ResumeConfigError(
+                    f"The start model from {source.path!r} changed since the run began"
+                    f" (checksum {initial_id}, recorded {self.progress['initial']})."
+                )
+            algorithm.check_resume(self.progress, start)
+        else:
+            self.progress = {
+                "round": 0,
+                "phase": SAMPLE,
+                "chunk": 0,
+                "global_step": 0,
+                "samples_drawn": 0,
+                "start_evaluated": not config.eval.at_start,
+                "initial": initial_id,
+                "dataset": {"round": -1, "digest": records.dataset_digest(()), "count": 0},
+                "models": {"policy": model.config.to_dict()},
+                **start.progress,
+            }
+            self.state = self._fresh_state(config.seed, start.params)
+            self.best_params = copy_tree(start.params)
+        self.sampler = Sampler(
+            model.config,
+            self.tokenizer,
+            batch_size=config.sampling.batch_size,
+            prompt_buckets=tuple(config.sampling.prompt_buckets),
+            mesh=mesh,
+            rules=rules,
+            stop_strings=templates.STOP_SEQUENCES,
+            progress=run.show_progress,
+        )
+        self.reward_fn = compose.compose(c.rewards.to_dict())
+        self.step_fn = sft_experiment.jit_sft_step(config, model, self.tx, schedule, mesh, rules)
+        self.exemplars = templates.select_exemplars(
+            self.task.train, c.first_round_shots, seed=config.seed
+        )
+        self.base_rng = jax.random.PRNGKey(config.seed)
+        self.last: dict[str, Any] = {}
+
+    def _fresh_state(self, seed: int, params: Any):
+        return ts.create_train_state(
+            self.model, self.tx, self.run.mesh, self.run.rules, seed, params=copy_tree(params)
+        )
+
+    def log(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return self.run.log(
+            self.progress["global_step"], {"round": self.progress["round"], **record}
+        )
+
+    def advance(self, **changes: Any) -> None:
+        """Progress moves on by one global step (with `changes`)."""
+        self.progress.update(changes, global_step=self.progress["global_step"] + 1)
+
+    def checkpoint(self, force: bool = False) -> None:
+        items = {
+            **checkpointing.train_state_items("policy", self.state),
+            "best.params": self.best_params,
+        }
+        finished = self.progress["round"] >= self.c.num_rounds
+        self.run.checkpoint(
+            self.progress["global_step"], items, self.progress, force=force, finished=finished
+        )
+
+    def run_rounds(self) -> dict[str, Any]:
+        self.run.begin(self.tokenizer, self.progress["global_step"])
+        if not self.progress.get("start_evaluated", not self.config.eval.at_start):
+            self.evaluate_start()
+        while self.progress["round"] < self.c.num_rounds:
+            r = self.progress["round"]
+            if self.progress["phase"] == SAMPLE:
+                self.sample(r)
+                self.accumulate(r)
+            self.train(r)
+            self.end_round(r)
+        return self.last
+
+    def evaluate_start(self) -> None:
+        """The start model as round 0 samples it: the x = 0 point of the study's curves."""
+        rng = jax.random.fold_in(self.base_rng, self.algorithm.start_eval_rng)
+        record = self.algorithm.heldout(
+            self.sampler,
+            self.best_params,
+            self.task.heldout,
             rng,
-            num_samples=c.num_samples,
-            temperature=c.temperature,
-            max_new_tokens=c.max_new_tokens,
-            samples_per_call=c.samples_per_call,
-            prompt_offset=first,
-            prefix_length=shared,
-            sampling_options=sampling_options,
+            start=True,
+            exemplars=self.exemplars,
         )
-        k = c.num_samples
-        columns = rollout.columns_k(part, k)
-        rewards = reward_fn(texts, columns)
-        qids = [first + i for i in range(len(part)) for _ in range(k)]
-        yield SampledChunk(index, qids, texts, columns, rewards)
+        record["samples_drawn"] = 0
+        if self.algorithm.start_record_at_next_step:
+            self.advance(start_evaluated=True)
+            self.last = self.log(record)
+        else:
+            self.last = self.log(record)
+            self.advance(start_evaluated=True)
+        self.checkpoint(force=True)
 
-
-def greedy_accuracy(
-    sampler: Sampler, params, questions, c, condition_on: str = "", condition_steps: bool = False
-) -> float:
-    """Greedy maj@1 on `questions` (validation), prompts (and with `condition_steps`
-    every step) conditioned on `condition_on`."""
-    with shd.activation_sharding(sampler.mesh, sampler.rules):
-        metrics = rollout.heldout_metrics(
-            sampler,
-            params,
-            questions,
-            num_samples=0,
-            temperature=0.0,
-            max_new_tokens=c.max_new_tokens,
-            rng=jax.random.PRNGKey(0),
-            condition_on=condition_on,
-            condition_steps=condition_steps,
+    def sample(self, r: int) -> None:
+        """Round r's chunks from the checkpoint's on, each saved, logged and checkpointed."""
+        shots = self.exemplars if r == 0 else ()
+        train = self.task.train
+        prompts = self.algorithm.prompts(
+            r, [templates.format_prompt(q["question"], shots) for q in train]
         )
-    return metrics["maj@1"]
-
-
-def train_steps(
-    step_fn: Callable,
-    state: Any,
-    best_params: Any,
-    arrays: Mapping[str, Any],
-    progress: dict[str, Any],
-    config: ml_collections.ConfigDict,
-    c: ml_collections.ConfigDict,
-    *,
-    round_: int,
-    validate: Callable[[Any], float],
-    mesh,
-    last_checkpoint: Callable[[], int | None],
-    name: str,
-) -> Iterator[tuple[Any, Any, dict[str, Any] | None]]:
-    """The round's SFT steps on `arrays` from `progress["sft_step"]` to c.steps_per_round.
-
-    Each step updates `progress` (sft_step, data position, global step) and
-    yields (state, best_params, record): the record to log (None between
-    log_every steps). Validation maj@1 (`validate(params)`) every c.eval_every
-    steps and at the end; the best so far is `progress["best"]` and its
-    params `best_params` (early stopping, as the study chooses a round's
-    checkpoint). A non-finite step stops the run (`runs.check_finite`).
-    """
-    chex.assert_equal_shape_prefix(list(arrays.values()), 1)  # one row per record, every array
-    size = len(next(iter(arrays.values())))
-    iterator = IndexIterator(size, config.train.batch_size, seed=config.seed * 1000 + round_)
-    if "data" in progress:
-        iterator.restore(progress["data"])
-    for step in tqdm.trange(
-        progress["sft_step"],
-        c.steps_per_round,
-        desc=f"{name} round {round_}: training on {size}",
-        disable=not config.logging.progress_bar or jax.process_index() != 0,
-    ):
-        rows = next(iterator)
-        batch = {key: value[rows] for key, value in arrays.items()}
-        state, metrics = step_fn(state, shd.shard_batch(batch, mesh))
-        metrics = jax.device_get(metrics)
-        runs.check_finite(metrics, f"{name} round {round_} step {step + 1}", last_checkpoint())
-        done = step + 1
-        progress.update(
-            sft_step=done, data=iterator.state(), global_step=progress["global_step"] + 1
+        stored = [templates.format_prompt(q["question"]) for q in train]
+        c, s = self.c, self.config.sampling
+        chunks = rollout.sample_chunks(
+            self.sampler,
+            self.best_params,
+            train,
+            prompts,
+            jax.random.fold_in(self.base_rng, r),
+            rollout.ChunkSampling(
+                c.num_samples, c.temperature, c.max_new_tokens, s.chunk, s.samples_per_call
+            ),
+            self.reward_fn,
+            start=self.progress["chunk"],
+            desc=f"{self.algorithm.name} round {r}: sampling",
+            show_progress=self.run.show_progress,
+            sampling_options=self.algorithm.sampling_options(r),
         )
-        record = dict(metrics)
-        if done % c.eval_every == 0 or done == c.steps_per_round:
-            validation = validate(state.params)
-            record["validation/maj@1"] = validation
-            if validation > progress["best"]["maj@1"]:
-                progress["best"] = {"maj@1": validation, "step": done}
-                best_params = copy_tree(state.params)
-        logged = done % config.train.log_every == 0 or "validation/maj@1" in record
-        yield state, best_params, record if logged else None
+        for chunk in chunks:
+            kept, record = self.algorithm.label(chunk, [stored[i] for i in chunk.question_ids], r)
+            self.store.write(self.store.chunk(f"round_{r}", chunk.index), kept)
+            drawn = self.progress["samples_drawn"] + len(chunk.texts)
+            self.advance(chunk=chunk.index + 1, samples_drawn=drawn)
+            self.log({**record, "samples_drawn": drawn})
+            # Every chunk: sampling costs far more than a save, whatever the interval.
+            self.checkpoint(force=True)
+
+    def accumulate(self, r: int) -> None:
+        """D_r = D_{r-1} ∪ (round r's records), written; the train phase begins."""
+        recorded = self.progress["dataset"]
+        previous = (
+            self.store.read(
+                self.store.dataset(f"dataset_round_{recorded['round']}"), recorded["digest"]
+            )
+            if recorded["round"] >= 0
+            else ()
+        )
+        chunks = rollout.num_chunks(len(self.task.train), self.config.sampling.chunk)
+        dataset, summary = ei.accumulate(
+            previous,
+            self.store.read_chunks(f"round_{r}", chunks),
+            max_per_question=self.c.max_per_question or None,
+        )
+        self.store.write(self.store.dataset(f"dataset_round_{r}"), dataset)
+        digest = records.dataset_digest(dataset)
+        self.advance(
+            phase=TRAIN,
+            sft_step=0,
+            best={"maj@1": -1.0, "step": 0},
+            dataset={"round": r, "digest": digest, "count": len(dataset)},
+        )
+        self.progress.pop("data", None)
+        source = self.initial_params if self.c.restart_from_initial else self.best_params
+        self.state = self._fresh_state(self.config.seed + r, source)
+        self.last = self.log(
+            {
+                **{f"dataset/{k}": v for k, v in summary.as_dict().items()},
+                **{f"dataset/{k}": v for k, v in self.algorithm.dataset_metrics(dataset).items()},
+            }
+        )
+        self.checkpoint(force=True)
+
+    def train(self, r: int) -> None:
+        """Round r's SFT steps from the checkpoint's on, on the round's dataset."""
+        dataset = self.store.read(
+            self.store.dataset(f"dataset_round_{r}"), self.progress["dataset"]["digest"]
+        )
+        if not dataset:  # nothing kept: the round's model stays the one it sampled with
+            _log.warning("%s round %d kept no sample; it trains nothing.", self.algorithm.name, r)
+            return
+        arrays, cut = self.algorithm.arrays(self.tokenizer, dataset)
+        if cut:
+            _log.warning(
+                "%d of %d %s samples are longer than train.max_length.",
+                cut,
+                len(dataset),
+                self.algorithm.name,
+            )
+        for record in self.sft_steps(arrays, r):
+            if record is not None:
+                self.last = self.log(record)
+            self.checkpoint(force=self.progress["sft_step"] == self.c.steps_per_round)
+
+    def sft_steps(self, arrays: Mapping[str, Any], r: int) -> Iterator[dict[str, Any] | None]:
+        """One SFT step at a time, yielding the record to log (None between log_every steps).
+
+        Validation maj@1 every eval_every steps and at the end; the best so far
+        is `progress["best"]` and its params `best_params` (early stopping, as
+        the study chooses a round's checkpoint).
+        """
+        config, c, progress = self.config, self.c, self.progress
+        chex.assert_equal_shape_prefix(list(arrays.values()), 1)  # a row per record
+        size = len(next(iter(arrays.values())))
+        iterator = IndexIterator(size, config.train.batch_size, seed=config.seed * 1000 + r)
+        if "data" in progress:
+            iterator.restore(progress["data"])
+        for step in tqdm.trange(
+            progress["sft_step"],
+            c.steps_per_round,
+            desc=f"{self.algorithm.name} round {r}: training on {size}",
+            disable=not self.run.show_progress,
+        ):
+            rows = next(iterator)
+            batch = {key: value[rows] for key, value in arrays.items()}
+            self.state, metrics = self.step_fn(self.state, shd.shard_batch(batch, self.run.mesh))
+            metrics = jax.device_get(metrics)
+            self.run.check_finite(metrics, f"{self.algorithm.name} round {r} step {step + 1}")
+            done = step + 1
+            self.advance(sft_step=done, data=iterator.state())
+            record = dict(metrics)
+            if done % c.eval_every == 0 or done == c.steps_per_round:
+                validation = self.algorithm.validation(
+                    self.sampler, self.state.params, self.task.validation
+                )
+                record["validation/maj@1"] = validation
+                if validation > progress["best"]["maj@1"]:
+                    progress["best"] = {"maj@1": validation, "step": done}
+                    self.best_params = copy_tree(self.state.params)
+            logged = done % config.train.log_every == 0 or "validation/maj@1" in record
+            yield record if logged else None
+
+    def end_round(self, r: int) -> None:
+        """The round's chosen model measured, then made the policy."""
+        rng = jax.random.fold_in(self.base_rng, 10_000 + r)
+        figures = self.algorithm.heldout(
+            self.sampler, self.best_params, self.task.heldout, rng, start=False
+        )
+        self.advance(round=r + 1, phase=SAMPLE, chunk=0)
+        self.algorithm.end_of_round(self.progress)
+        best = self.progress["best"]
+        self.last = self.log(
+            {
+                **figures,
+                "samples_drawn": self.progress["samples_drawn"],
+                "selected_step": best["step"],
+                "selected_validation_maj@1": best["maj@1"],
+                "dataset_size": self.progress["dataset"]["count"],
+            }
+        )
+        # The selected model becomes the policy: what sampling and evaluation read.
+        self.state = self.state.replace(params=copy_tree(self.best_params))
+        self.checkpoint(force=True)

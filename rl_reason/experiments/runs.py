@@ -1,10 +1,20 @@
-"""What every training run shares: its workdir's record, resume checks, the finite gate.
+"""One run's life in its workdir, the same for every learner: `Run`.
+
+    with runs.Run(config, workdir, validate_ei) as run:
+        restored = run.restore(targets)          # None: a fresh run
+        if finished: return run.finished("...")
+        run.begin(tokenizer, resume_step)        # config.json, metrics, signals
+        ...                                      # the learner's loop
+        run.log(step, record)
+        run.checkpoint(step, items, progress, force=..., finished=...)
 
 A run's `config.json` describes its checkpoints, so it is written only once
 the run has restored (or created) its state under this config, atomically,
 and a resume whose config changes what the checkpoints mean (the model, the
 data, the seed, the algorithm's shapes) stops first with the keys that differ
-instead of failing in a restore (or, worse, silently continuing).
+instead of failing in a restore (or, worse, silently continuing). SIGTERM or
+SIGINT saves at the next `checkpoint` and raises `checkpointing.Preempted`;
+leaving the `with` block waits for the last save, inside the signal guard.
 """
 
 from __future__ import annotations
@@ -17,13 +27,12 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
-from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.experiments import config as config_lib
 from rl_reason.parallel import distributed
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
@@ -114,14 +123,21 @@ def check_finite(metrics: Mapping[str, Any], where: str, last_checkpoint: Option
 
 
 def start(
-    config: ml_collections.ConfigDict, workdir: str, validate: Callable[[Any], None]
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    validate: Callable[[Any], None],
+    *,
+    resumes: bool = True,
 ) -> tuple[Mesh, tuple]:
     """What every run does first: join the other hosts, check the config (`validate`)
-    and that it may resume the workdir's run, then build the mesh and its rules."""
+    and, for a run that `resumes` from checkpoints, that it may resume the workdir's
+    run, then build the mesh and its rules."""
     distributed.initialize(**config.distributed)
-    validate(config)
+    validate(config)  # naming moved keys as the config sets them (config.MOVED_KEYS)
+    config_lib.resolve_moved_keys(config)
     os.makedirs(workdir, exist_ok=True)
-    check_resume_config(config, workdir)
+    if resumes:
+        check_resume_config(config, workdir)
     mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
     return mesh, shd.rules_from_config(config.mesh.rules)
 
@@ -151,33 +167,95 @@ def make_checkpointer(
     return checkpointer
 
 
-def write_solutions(path: str, solutions, record_type: type = ei.Solution) -> None:
-    """Scored samples (EI's kept solutions, the ORM's labelled samples, RCRL's labelled
-    ones: records of `record_type`) as checksummed JSON lines (``ei.to_jsonl``),
-    written atomically by the lead process. Every process calls it, and none returns
-    before the file is there: the others may read it next (a round's chunks)."""
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        checkpointing.write_bytes_atomic(path, ei.to_jsonl(solutions, record_type))
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"wrote {path}")
+class Run:
+    """The lifecycle every training loop shares (see the module docstring).
 
+    Entering starts the processes and the mesh (`start`), checks the resume
+    (`locked`: further config sections the run may not change) and opens the
+    checkpointer; `begin` writes the run record, opens the metric writer
+    (truncated to `resume_step`: records past the checkpoint are redone) and
+    installs the preemption guard; leaving waits for pending saves and closes.
+    """
 
-def read_solutions(
-    path: str, digest: str | None = None, record_type: type = ei.Solution
-) -> ei.Dataset:
-    """What `write_solutions` wrote; a damaged file, or one whose digest is not the
-    one the checkpoint recorded, is a CorruptCheckpointError naming it."""
-    with open(path, "rb") as f:
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+        validate: Callable[[Any], None],
+        *,
+        locked: Iterable[str] = (),
+    ):
+        self.config, self.workdir = config, workdir
+        self.mesh, self.rules = start(config, workdir, validate)
+        if locked:
+            check_resume_config(config, workdir, locked)
+        self.checkpointer = make_checkpointer(config, workdir)
+        self.writer: Optional[run_logging.MetricWriter] = None
+        self._guard: Optional[checkpointing.PreemptionGuard] = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
         try:
-            dataset = ei.from_jsonl(f.read(), record_type)
-        except ValueError as e:
-            raise checkpointing.CorruptCheckpointError(f"{path}: {e}") from None
-    if digest is not None and ei.dataset_digest(dataset) != digest:
-        raise checkpointing.CorruptCheckpointError(
-            f"{path} is not the dataset the checkpoint recorded (digest differs)."
+            self.checkpointer.wait()
+        finally:
+            self.checkpointer.close()
+            if self.writer is not None:
+                self.writer.close()
+            if self._guard is not None:
+                self._guard.__exit__(*exc)
+
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars: the lead process's, when the config asks for them."""
+        return bool(self.config.logging.progress_bar) and jax.process_index() == 0
+
+    def restore(self, targets: Mapping[str, Any]) -> Optional[tuple[dict[str, Any], dict]]:
+        """(items, progress) of the newest intact checkpoint, restored into `targets`
+        (abstract items); None for a run with no checkpoint yet."""
+        if self.checkpointer.latest_step() is None:
+            return None
+        items, progress, _ = self.checkpointer.restore(targets)
+        return items, progress
+
+    def finished(self, message: str) -> dict[str, Any]:
+        """What a rerun of a finished run returns: it changes nothing, config.json included."""
+        print(f"The run in {self.workdir} {message}; nothing to do.")
+        return finished_record(self.workdir)
+
+    def begin(self, tokenizer: Any, resume_step: Optional[int]) -> None:
+        """The run record (tokenizer, config.json), the metric writer and the signal guard."""
+        write_run_record(self.config, self.workdir, tokenizer)
+        self.writer = run_logging.MetricWriter(
+            self.workdir,
+            tensorboard=self.config.logging.tensorboard,
+            resume_step=resume_step or None,  # None: a fresh run keeps no stale record
         )
-    return dataset
+        self._guard = checkpointing.PreemptionGuard().__enter__()
+
+    def log(self, step: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        return self.writer.write(step, record)
+
+    def check_finite(self, metrics: Mapping[str, Any], where: str) -> None:
+        """`check_finite` against this run's last checkpoint."""
+        check_finite(metrics, where, self.checkpointer.latest_step())
+
+    def checkpoint(
+        self,
+        step: int,
+        items: Mapping[str, Any],
+        progress: Mapping[str, Any],
+        *,
+        force: bool = False,
+        finished: bool = False,
+    ) -> None:
+        """Saves on the interval (always when `force`, or when a signal came), then stops
+        with `Preempted` if a signal came and the run is not `finished`."""
+        stop = self._guard.should_stop(step)
+        self.checkpointer.save(step, items, progress, force=force or stop)
+        if stop and not finished:  # a finished run has nothing to resume
+            raise checkpointing.Preempted(step, self.workdir)
 
 
 def finished_record(workdir: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import numpy as np
 import tqdm
 
 from rl_reason import checkpointing
-from rl_reason import logging as run_logging
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import sft as sft_data
@@ -158,99 +157,78 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     Raises checkpointing.Preempted after saving when SIGTERM/SIGINT arrives.
     """
-    mesh, rules = runs.start(config, workdir, validate)
-    start = start_model(config, mesh, rules)
-    data = prepare_data(config, workdir, start.tokenizer if start else None)
-    model = Transformer(start.config if start else model_config(config, data.tokenizer))
-    tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
-    # The start model's fingerprint: a resume from another start is an error, not a mix.
-    initial = {"initial": sources.checksum(start.params)} if start else {}
-
-    checkpointer = runs.make_checkpointer(config, workdir)
-    iterator = IndexIterator(
-        len(data.train["tokens"]),
-        config.train.batch_size,
-        seed=config.seed,
-        shuffle=config.data.shuffle,
-    )
-    if checkpointer.latest_step() is not None:
-        abstract = ts.abstract_train_state(model, tx, mesh, rules)
-        items, progress, _ = checkpointer.restore(
-            checkpointing.train_state_items("policy", abstract)
+    with runs.Run(config, workdir, validate) as run:
+        mesh, rules = run.mesh, run.rules
+        start = start_model(config, mesh, rules)
+        data = prepare_data(config, workdir, start.tokenizer if start else None)
+        model = Transformer(start.config if start else model_config(config, data.tokenizer))
+        tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
+        # The start model's fingerprint: a resume from another start is an error, not a mix.
+        initial = {"initial": sources.checksum(start.params)} if start else {}
+        iterator = IndexIterator(
+            len(data.train["tokens"]),
+            config.train.batch_size,
+            seed=config.seed,
+            shuffle=config.data.shuffle,
         )
-        state = checkpointing.merge_train_state("policy", items)
-        iterator.restore(progress["data"])
-        if progress.get("initial") != initial.get("initial"):
-            checkpointer.close()
-            source = config.get("model_source")
-            raise runs.ResumeConfigError(
-                f"The run in {workdir} started from another model than the config's"
-                f" ({f'{source.kind}: {source.path!r}' if source else 'trained from scratch'};"
-                f" checksum {initial.get('initial')}, recorded {progress.get('initial')})."
-            )
-    else:
-        params = start.params if start else None
-        state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=params)
-    del start  # its parameters are the state's now, or were only needed for the checksum
-    first = int(state.step)
-    if first >= config.train.num_steps:  # nothing to run, so nothing (config.json too) changes
-        checkpointer.close()
-        print(f"The run in {workdir} finished at step {first}; nothing to do.")
-        return runs.finished_record(workdir)
-    runs.write_run_record(config, workdir, data.tokenizer)
+        abstract = ts.abstract_train_state(model, tx, mesh, rules)
+        restored = run.restore(checkpointing.train_state_items("policy", abstract))
+        if restored is not None:
+            items, progress = restored
+            state = checkpointing.merge_train_state("policy", items)
+            iterator.restore(progress["data"])
+            _check_same_start(config, workdir, progress, initial)
+        else:
+            params = start.params if start else None
+            state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=params)
+        del start  # its parameters are the state's now, or were only needed for the checksum
+        first = int(state.step)
+        if first >= config.train.num_steps:
+            return run.finished(f"finished at step {first}")
+        run.begin(data.tokenizer, first)
 
-    step_fn = jit_sft_step(config, model, tx, schedule, mesh, rules)
-    eval_fn = _eval_fn(model, config.train.loss_chunk_size)
-    eval_batch = config.train.batch_size // config.train.num_microbatches
-    writer = run_logging.MetricWriter(
-        workdir, tensorboard=config.logging.tensorboard, resume_step=first or None
-    )
-    end = config.train.num_steps
-    if config.train.stop_after:
-        end = min(end, first + config.train.stop_after)
-    last: dict[str, Any] = {}
-    own_rows = shd.process_rows(mesh, config.train.batch_size)
-    bar = tqdm.trange(
-        first,
-        end,
-        initial=first,
-        total=config.train.num_steps,
-        desc="sft",
-        disable=not config.logging.progress_bar or jax.process_index() != 0,
-    )
-    # The guard also covers the final wait: a signal then lets the last save finish.
-    with checkpointing.PreemptionGuard() as guard:
-        try:
-            for step in bar:
-                rows = next(iterator)[own_rows]  # this process reads only its rows
-                batch = {k: v[rows] for k, v in data.train.items()}
-                batch = shd.shard_process_rows(batch, mesh, config.train.batch_size)
-                state, metrics = step_fn(state, batch)
-                done = step + 1
-                metrics = jax.device_get(metrics)  # one sync a step: the finite gate
-                if metrics["finite"] != 1.0:
-                    writer.write(done, metrics)  # the failing step's record, for the post-mortem
-                runs.check_finite(metrics, f"SFT step {done}", checkpointer.latest_step())
-                if done % config.train.log_every == 0 or done == config.train.num_steps:
-                    if done % config.train.eval_every == 0 or done == config.train.num_steps:
-                        metrics.update(evaluate(eval_fn, state.params, data.eval, eval_batch, mesh))
-                    last = writer.write(done, metrics)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}")
-                stop = guard.should_stop(done)
-                checkpointer.save(
-                    done,
-                    checkpointing.train_state_items("policy", state),
-                    {
-                        "data": iterator.state(),
-                        "models": {"policy": model.config.to_dict()},
-                        **initial,
-                    },
-                    force=done == end or stop,
-                )
-                if stop and done < end:  # at `end` the run is done: nothing to resume
-                    raise checkpointing.Preempted(done, workdir)
-        finally:
-            checkpointer.wait()
-            checkpointer.close()
-            writer.close()
-    return last
+        step_fn = jit_sft_step(config, model, tx, schedule, mesh, rules)
+        eval_fn = _eval_fn(model, config.train.loss_chunk_size)
+        eval_batch = config.train.batch_size // config.train.num_microbatches
+        end = config.train.num_steps
+        if config.train.stop_after:
+            end = min(end, first + config.train.stop_after)
+        last: dict[str, Any] = {}
+        own_rows = shd.process_rows(mesh, config.train.batch_size)
+        recorded = {"models": {"policy": model.config.to_dict()}, **initial}
+        for step in tqdm.trange(
+            first,
+            end,
+            initial=first,
+            total=config.train.num_steps,
+            desc="sft",
+            disable=not run.show_progress,
+        ):
+            rows = next(iterator)[own_rows]  # this process reads only its rows
+            batch = {k: v[rows] for k, v in data.train.items()}
+            batch = shd.shard_process_rows(batch, mesh, config.train.batch_size)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            metrics = jax.device_get(metrics)  # one sync a step: the finite gate
+            if metrics["finite"] != 1.0:
+                run.log(done, metrics)  # the failing step's record, for the post-mortem
+            run.check_finite(metrics, f"SFT step {done}")
+            if done % config.train.log_every == 0 or done == config.train.num_steps:
+                if done % config.train.eval_every == 0 or done == config.train.num_steps:
+                    metrics.update(evaluate(eval_fn, state.params, data.eval, eval_batch, mesh))
+                last = run.log(done, metrics)
+            items = checkpointing.train_state_items("policy", state)
+            progress = {"data": iterator.state(), **recorded}
+            run.checkpoint(done, items, progress, force=done == end, finished=done == end)
+        return last
+
+
+def _check_same_start(config, workdir: str, progress, initial) -> None:
+    """A resume from another start model than the run's is an error, not a mix."""
+    if progress.get("initial") != initial.get("initial"):
+        source = config.get("model_source")
+        raise runs.ResumeConfigError(
+            f"The run in {workdir} started from another model than the config's"
+            f" ({f'{source.kind}: {source.path!r}' if source else 'trained from scratch'};"
+            f" checksum {initial.get('initial')}, recorded {progress.get('initial')})."
+        )

