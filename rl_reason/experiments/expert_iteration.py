@@ -15,15 +15,31 @@ from typing import Any
 
 import ml_collections
 
+from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.experiments import rounds
 from rl_reason.experiments.config import InvalidConfigError
 
 
 class ExpertIteration(rounds.RoundsAlgorithm):
-    """The rounds loop's defaults are Expert Iteration's."""
+    """Keep the correct, answer-cut samples; fine-tune on them as SFT does."""
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
         validate_ei(config)
+
+    def label(self, chunk, prompts, round_):
+        kept = ei.select_correct(
+            chunk.question_ids,
+            prompts,
+            chunk.texts,
+            chunk.rewards.totals,
+            round=round_,
+            threshold=self.c.threshold,
+        )
+        accuracy = rounds.sample_accuracy(chunk, self.c.threshold)
+        return kept, {"sample_accuracy": accuracy, "kept": len(kept)}
+
+    def arrays(self, tokenizer, dataset):
+        return ei.sft_arrays(tokenizer, dataset, self.config.train.max_length)
 
 
 def validate_ei(config: ml_collections.ConfigDict) -> None:

@@ -76,9 +76,12 @@ class Start:
 
 
 class RoundsAlgorithm:
-    """What an algorithm of the rounds loop supplies; Expert Iteration's by default.
+    """What an algorithm of the rounds loop supplies: its config section and records,
+    how a sampled chunk becomes records (`label`) and records training rows
+    (`arrays`); the rest has defaults an algorithm may override.
 
-    RCRL (`experiments/rcrl.py`) overrides what it does differently.
+    Expert Iteration (`experiments/expert_iteration.py`) keeps the correct samples;
+    RCRL (`experiments/rcrl.py`) labels every sample with its return.
     """
 
     name = "EI"  # in logs and errors
@@ -91,6 +94,17 @@ class RoundsAlgorithm:
         self.config, self.c = config, config[self.section]
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
+        """Raises InvalidConfigError naming every problem of the config."""
+        raise NotImplementedError
+
+    def label(
+        self, chunk: rollout.SampledChunk, prompts: Sequence[str], round_: int
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The chunk's records (stored with `prompts`, one per row) and what to log of them."""
+        raise NotImplementedError
+
+    def arrays(self, tokenizer, dataset: Sequence[Any]) -> tuple[dict[str, Any], int]:
+        """{tokens, input_mask, loss_mask} of the dataset's records, and how many were cut."""
         raise NotImplementedError
 
     def prepare(self, loaded: sources.LoadedModel, mesh, rules) -> Start:
@@ -106,28 +120,8 @@ class RoundsAlgorithm:
     def sampling_options(self, round_: int) -> dict[str, Any] | None:
         return None
 
-    def label(
-        self, chunk: rollout.SampledChunk, prompts: Sequence[str], round_: int
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """The chunk's records (stored with `prompts`, one per row) and what to log of them."""
-        kept = ei.select_correct(
-            chunk.question_ids,
-            prompts,
-            chunk.texts,
-            chunk.rewards.totals,
-            round=round_,
-            threshold=self.c.threshold,
-        )
-        return kept, {
-            "sample_accuracy": sample_accuracy(chunk, self.c.threshold),
-            "kept": len(kept),
-        }
-
     def dataset_metrics(self, dataset: Sequence[Any]) -> dict[str, Any]:
         return {}
-
-    def arrays(self, tokenizer, dataset: Sequence[Any]) -> tuple[dict[str, Any], int]:
-        return ei.sft_arrays(tokenizer, dataset, self.config.train.max_length)
 
     def validation(self, sampler: Sampler, params: Any, questions) -> float:
         return rollout.greedy_accuracy(sampler, params, questions, self.c.max_new_tokens)
