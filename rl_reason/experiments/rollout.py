@@ -213,7 +213,7 @@ def greedy_first(
     max_new_tokens: int,
     top_p: float = 1.0,
     sampling_options: Mapping[str, Any] | None = None,
-    prompt_offset: int = 0,
+    prompt_offset: int | None = None,
     prefix_length: int | None = None,
 ) -> tuple[list[str], list[list[str]], Samples]:
     """Each prompt's greedy completion and its K samples (the greedy one when K = 0), in
@@ -225,14 +225,10 @@ def greedy_first(
             temperature=temperature, top_p=top_p, num_samples=num_samples + 1, greedy_first=True
         )
     options.update(sampling_options or {})
-    out = sampler.generate(
-        params,
-        prompts,
-        rng,
-        sampler.sampling_config(**options),
-        prompt_offset=prompt_offset,
-        prefix_length=prefix_length,
-    )
+    # Where the prompts stand in a larger set (chunked evaluation), when they do.
+    placement = {"prompt_offset": prompt_offset, "prefix_length": prefix_length}
+    placement = {k: v for k, v in placement.items() if v is not None}
+    out = sampler.generate(params, prompts, rng, sampler.sampling_config(**options), **placement)
     groups = out.texts_per_prompt()
     greedy = [g[0] for g in groups]
     return greedy, [g[1:] if num_samples > 0 else [g[0]] for g in groups], out
