@@ -95,7 +95,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True
     c.logging.progress_bar = True
+    _logging_backends(c.logging)
     return c
+
+
+def _logging_backends(logging_section: ml_collections.ConfigDict) -> None:
+    """Further mirrors of metrics.jsonl beside TensorBoard (`rl_reason.logging.BACKENDS`):
+    ("wandb",) adds a Weights & Biases run (the wandb package, installed apart), with
+    the settings of `logging.wandb` (`logging.WandbMirror`; WANDB_MODE=offline works)."""
+    logging_section.backends = ()
+    w = logging_section.wandb = ml_collections.ConfigDict()
+    w.project = "rl_reason"
+    w.entity = ""  # "": W&B's default entity
+    w.name = ""  # "": the workdir's name
+    w.group = ""  # "": the name
+    w.tags = ()
+    w.mode = ""  # "online", "offline", "disabled"; "": WANDB_MODE, else online
 
 
 def _sampling(
@@ -537,8 +552,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         shd.rules_from_config(config.mesh.rules)
     except ValueError as e:
         problems.append(str(e))
+    problems.extend(_logging_problems(config))
     if problems:
         raise InvalidConfigError(problems)
+
+
+def _logging_problems(config: ml_collections.ConfigDict) -> list[str]:
+    from rl_reason import logging as run_logging
+
+    try:
+        run_logging.check_backends(tuple(config.get("logging", {}).get("backends", ())))
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def rcrl_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,119 @@
+"""The optional Weights & Biases backend: metrics.jsonl mirrored into an offline W&B
+run, rebuilt on resume as TensorBoard's events are (no JAX training here)."""
+
+import glob
+import json
+import struct
+import sys
+
+import pytest
+
+from rl_reason import logging as run_logging
+
+wandb = pytest.importorskip("wandb")
+
+
+def _wandb_records(path):
+    """The protobuf records of a .wandb file (W&B's LevelDB-style log: a 7-byte header,
+    then 32 KiB blocks of chunks, each with a 7-byte header: crc, length, type)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, payload = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:  # the block's zero padding
+            pos += left
+            continue
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(payload)
+            yield record
+            payload = b""
+
+
+def _wandb_history(workdir):
+    """{step: {key: value}} of the workdir's one offline W&B run."""
+    (run_file,) = glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history = {}
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        items = {
+            item.key or ".".join(item.nested_key): json.loads(item.value_json)
+            for item in record.history.item
+        }
+        step = items.pop("_step")
+        history.setdefault(step, {}).update(
+            {k: v for k, v in items.items() if not k.startswith("_")}
+        )
+    return history
+
+
+def _jsonl_points(workdir):
+    return {
+        record["step"]: run_logging.scalar_points(record)
+        for record in run_logging.read_metrics(str(workdir))
+    }
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def _writer(workdir, **kwargs):
+    return run_logging.MetricWriter(
+        str(workdir), tensorboard=True, backends=("wandb",), wandb={"project": "t"}, **kwargs
+    )
+
+
+def test_wandb_run_holds_metrics_jsonl_and_a_resume_rebuilds_it(tmp_path, offline):
+    writer = _writer(tmp_path)
+    for step in range(1, 6):
+        writer.write(
+            step, {"loss": 1.0 / step, "heldout/maj1": 0.5, "bad": float("nan"), "ok": True}
+        )
+    writer.close()
+    first = json.loads((tmp_path / "wandb_run.json").read_text())
+    history = _wandb_history(tmp_path)
+    assert history == _jsonl_points(tmp_path)
+    assert sorted(history) == [1, 2, 3, 4, 5] and history[2] == {"loss": 0.5, "heldout/maj1": 0.5}
+
+    # Resumed from a checkpoint at step 3: records 4 and 5 are redone, with new values.
+    writer = _writer(tmp_path, resume_step=3)
+    writer.write(4, {"loss": 0.3})
+    writer.close()
+    assert [r["step"] for r in run_logging.read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+    history = _wandb_history(tmp_path)  # one offline run in the workdir: the rebuilt one
+    assert history == _jsonl_points(tmp_path)
+    assert history[4] == {"loss": 0.3} and 5 not in history
+    attempts = json.loads((tmp_path / "wandb_run.json").read_text())
+    assert attempts["superseded"] == [first["current"]] != [attempts["current"]]
+
+
+def test_wandb_backend_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(ImportError, match="pip install wandb"):
+        _writer(tmp_path)
+
+
+def test_unknown_backend_fails_before_the_run_starts(tmp_path):
+    from rl_reason.experiments import config as config_lib
+
+    with pytest.raises(ValueError, match="known backends"):
+        run_logging.MetricWriter(str(tmp_path), backends=("mlflow",))
+    config = config_lib.base_config()
+    config.logging.backends = ("wandb", "mlflow")
+    with pytest.raises(ValueError, match="mlflow"):
+        config_lib.validate(config, num_devices=1)
+    config.logging.backends = ("wandb",)
+    config_lib.validate(config, num_devices=1)
