@@ -599,7 +599,7 @@ def rcrl_config() -> ml_collections.ConfigDict:
     # The return tokens' embedding rows learn this many times faster than the rest
     # (`optimizer.scale_embedding_rows`): at 1x they barely separate and the model
     # ignores the token; 100x at lr 3e-4 made it follow the token on the synthetic
-    # task (README, "Results on the synthetic task").
+    # task (docs/results-synthetic.md, "Return-Conditioned RL").
     c.rcrl.return_token_lr_scale = 100.0
     c.rcrl.max_per_question = 0  # 0: no cap on a question's samples in the dataset
     c.rcrl.restart_from_initial = False  # True: each round fine-tunes the start model (EI's way)
