@@ -187,55 +187,10 @@ class WandbMirror:
     """
 
     def __init__(self, workdir: str, settings: Mapping[str, Any], records: Sequence[Mapping]):
-        try:
-            import wandb
-        except ImportError as e:
-            raise ImportError(
-                "logging.backends names 'wandb' but the wandb package is not installed:"
-                " `pip install wandb`, or drop 'wandb' from logging.backends."
-            ) from e
-        local = os.path.join(workdir, "wandb")
-        if os.path.isdir(local):
-            shutil.rmtree(local)
-        os.makedirs(local)
-        config_path = os.path.join(workdir, "config.json")
-        config = None
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
-        name = settings.get("name") or os.path.basename(os.path.abspath(workdir))
-        self._run = wandb.init(
-            dir=workdir,
-            project=settings.get("project") or "rl_reason",
-            entity=settings.get("entity") or None,
-            name=name,
-            group=settings.get("group") or name,
-            tags=list(settings.get("tags") or ()) or None,
-            mode=settings.get("mode") or None,
-            config=config,
-            reinit="create_new",
-            settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False),
-        )
-        self._record_attempt(workdir, self._run.id)
+        self._run = start_wandb_run(_import_wandb(), workdir, settings)
         self._step = -1
         for record in records:
             self.write(record)
-
-    @staticmethod
-    def _record_attempt(workdir: str, run_id: str) -> None:
-        path = os.path.join(workdir, "wandb_run.json")
-        superseded: list[str] = []
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    previous = json.load(f)
-                superseded = [*previous.get("superseded", []), previous["current"]]
-            except (OSError, ValueError, KeyError, TypeError):
-                superseded = []
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"current": run_id, "superseded": superseded}, f)
-        os.replace(tmp, path)
 
     def write(self, record: Mapping[str, Any]) -> None:
         points = scalar_points(record)
@@ -255,3 +210,87 @@ class WandbMirror:
 
     def close(self) -> None:
         self._run.finish()
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            "logging.backends names 'wandb' but the wandb package is not installed:"
+            " `pip install wandb`, or drop 'wandb' from logging.backends."
+        ) from e
+    return wandb
+
+
+def start_wandb_run(wandb: Any, workdir: str, settings: Mapping[str, Any]) -> Any:
+    """A new W&B run for `workdir` (see `WandbMirror`): its local `wandb/` directory
+    rebuilt, config.json as the run's config, the attempt recorded in wandb_run.json."""
+    local = os.path.join(workdir, "wandb")
+    if os.path.isdir(local):
+        shutil.rmtree(local)
+    os.makedirs(local)
+    config_path = os.path.join(workdir, "config.json")
+    config = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    name = settings.get("name") or os.path.basename(os.path.abspath(workdir))
+    run = wandb.init(
+        dir=workdir,
+        project=settings.get("project") or "rl_reason",
+        entity=settings.get("entity") or None,
+        name=name,
+        group=settings.get("group") or name,
+        tags=list(settings.get("tags") or ()) or None,
+        mode=settings.get("mode") or None,
+        config=config,
+        reinit="create_new",
+        settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False),
+    )
+    _record_wandb_attempt(workdir, run.id)
+    return run
+
+
+def _record_wandb_attempt(workdir: str, run_id: str) -> None:
+    """wandb_run.json: the current W&B run of the workdir and those it superseded."""
+    path = os.path.join(workdir, "wandb_run.json")
+    superseded: list[str] = []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+            superseded = [*previous.get("superseded", []), previous["current"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            superseded = []
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"current": run_id, "superseded": superseded}, f)
+    os.replace(tmp, path)
+
+
+def wandb_report(
+    workdir: str,
+    settings: Mapping[str, Any],
+    *,
+    table: tuple[Sequence[str], Sequence[Sequence[Any]]],
+    images: Sequence[str] = (),
+    files: Sequence[str] = (),
+) -> str:
+    """A report (the study's) as a W&B run of its own: `table` (columns, rows) as a
+    W&B table "results", every image file (`images`, paths) as an image under its
+    file name, and `files` (report.md) saved with the run. Like the mirrors, it is
+    rebuilt from the workdir's files each time it is written. Returns the run id."""
+    wandb = _import_wandb()
+    run = start_wandb_run(wandb, workdir, settings)
+    try:
+        columns, rows = table
+        values = {"results": wandb.Table(columns=list(columns), data=[list(r) for r in rows])}
+        for path in images:
+            values[os.path.splitext(os.path.basename(path))[0]] = wandb.Image(path)
+        run.log(values)
+        for path in files:  # what is in the run's directory is uploaded with it
+            shutil.copy(path, os.path.join(run.dir, os.path.basename(path)))
+        return run.id
+    finally:
+        run.finish()

@@ -3,8 +3,10 @@ run, rebuilt on resume as TensorBoard's events are (no JAX training here)."""
 
 import glob
 import json
+import pathlib
 import struct
 import sys
+import time
 
 import pytest
 
@@ -18,7 +20,10 @@ def _wandb_records(path):
     then 32 KiB blocks of chunks, each with a 7-byte header: crc, length, type)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 7:  # not yet written
+        return
     assert data[:4] == b":W&B"
     pos, block, payload = 7, 32768, b""
     while pos + 7 <= len(data):
@@ -39,11 +44,23 @@ def _wandb_records(path):
             payload = b""
 
 
+def _finished_records(run_file, timeout=60.0):
+    """The run's records once its file holds the exit record: W&B's service process
+    writes the file and may still be at it when `finish` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_wandb_records(run_file))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{run_file} has no exit record"
+        time.sleep(0.2)
+
+
 def _wandb_history(workdir):
     """{step: {key: value}} of the workdir's one offline W&B run."""
     (run_file,) = glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb"))
     history = {}
-    for record in _wandb_records(run_file):
+    for record in _finished_records(run_file):
         if record.WhichOneof("record_type") != "history":
             continue
         items = {
@@ -117,3 +134,35 @@ def test_unknown_backend_fails_before_the_run_starts(tmp_path):
         config_lib.validate(config, num_devices=1)
     config.logging.backends = ("wandb",)
     config_lib.validate(config, num_devices=1)
+
+
+def test_a_report_goes_to_wandb_with_its_table_plots_and_text(tmp_path, offline):
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(tmp_path / "pass_at_k.png", dpi=20)
+    plt.close(fig)
+    (tmp_path / "report.md").write_text("# The study in miniature\n")
+    run_id = run_logging.wandb_report(
+        str(tmp_path),
+        {"project": "t"},
+        table=(["start", "maj@1"], [["sft", "68.0"], ["pretrained", "15.6"]]),
+        images=[str(tmp_path / "pass_at_k.png")],
+        files=[str(tmp_path / "report.md")],
+    )
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
+    (run_file,) = glob.glob(f"{run_dir}/run-*.wandb")
+    logged = {}  # {key: value}, a media value as {field: value} (W&B's nested keys)
+    for record in _finished_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                key, *field = [item.key] if item.key else list(item.nested_key)
+                value = json.loads(item.value_json)
+                if field:
+                    logged.setdefault(key, {})[field[0]] = value
+                else:
+                    logged[key] = value
+    assert logged["results"]["_type"] == "table-file" and logged["results"]["nrows"] == 2
+    assert logged["pass_at_k"]["_type"] == "image-file"
+    assert (pathlib.Path(run_dir) / "files" / "report.md").read_text() == "# The study in miniature\n"

@@ -654,4 +654,7 @@ def study_config() -> ml_collections.ConfigDict:
 
     c.logging = ml_collections.ConfigDict()
     c.logging.progress_bar = True
+    # ("wandb",): the report's table, plots and report.md in a W&B run of the study's
+    # workdir; each stage's metrics go to W&B by its own stages.<kind>.logging.backends.
+    _logging_backends(c.logging)
     return c
