@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from rl_reason.algorithms import grpo, optimizer, ppo, sft
 from rl_reason.algorithms import train_state as ts
-from rl_reason.data import synthetic, templates
 from rl_reason.data import sft as sft_data
+from rl_reason.data import synthetic, templates
 from rl_reason.data.tokenizer import train_tokenizer
 from rl_reason.experiments.config import base_config
 from rl_reason.models.config import tiny_llama
@@ -65,7 +65,9 @@ def main(sft_steps: int = 40, num_prompts: int = 8, k: int = 4, seed: int = 0) -
     ref_params = state.params
     models = ppo.ActorCritic(model)  # no value head: GRPO needs no critic
     config = grpo.grpo_ppo_config()  # k3 KL loss (beta 0.04), one epoch, one minibatch
-    rl_tx, rl_schedule = optimizer.make_optimizer(base_config().optim, total_steps=1)
+    rl_optim = base_config().optim
+    rl_optim.lr, rl_optim.warmup_steps = 1e-4, 0  # no warm-up: it would start at rate 0
+    rl_tx, rl_schedule = optimizer.make_optimizer(rl_optim, total_steps=1)
     policy = jax.tree.map(jnp.copy, ref_params)  # the update donates the policy's buffers
     rl_state = ppo.create_ppo_state(models, rl_tx, mesh, rules, seed, params=policy)
     update = ts.jit_step(
@@ -86,15 +88,14 @@ def main(sft_steps: int = 40, num_prompts: int = 8, k: int = 4, seed: int = 0) -
 
     # Rewards see every column of the example, each row repeated K times (prompt-major).
     reward_fn = compose.compose({"correctness": 1.0, "format": 0.1})  # names and weights
-    columns = {key: [ex[key] for ex in examples[:num_prompts] for _ in range(k)] for key in examples[0]}
+    rows = [ex for ex in examples[:num_prompts] for _ in range(k)]
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
     rewards = jnp.asarray(reward_fn(samples.texts, columns).totals, jnp.float32)
 
     sequences = shd.shard_batch(samples.rollout.sequences(), mesh)  # tokens, input_mask, loss_mask
     advantages = grpo.group_token_advantages(rewards, sequences["loss_mask"], k, "grpo")
     score = jax.jit(
-        functools.partial(
-            ppo.score, models, with_policy=ppo.needs_rollout_logprobs(config, "grpo")
-        )
+        functools.partial(ppo.score, models, with_policy=ppo.needs_rollout_logprobs(config, "grpo"))
     )
     with shd.activation_sharding(mesh, rules):
         scored = score(rl_state.params, ref_params, sequences)  # reference log-probs (and old)
@@ -106,7 +107,7 @@ def main(sft_steps: int = 40, num_prompts: int = 8, k: int = 4, seed: int = 0) -
         f" ratio {float(rl_metrics['ratio_mean']):.3f} (1 before the update),"
         f" KL loss {float(rl_metrics['kl_loss']):.5f}"
     )
-    print(f"a sample: {samples.texts[0]!r}")
+    print(f"a sample: {samples.texts[0]!r}; learning rate {float(rl_metrics['lr']):.0e}")
     return {"sft": jax.device_get(sft_metrics), "grpo": rl_metrics, "texts": samples.texts}
 
 

@@ -29,7 +29,9 @@ def _is_relative(target):
 
 
 def test_the_link_finder_finds_links_and_skips_code():
-    text = "see [a](docs/a.md#x) and ![b](b.png)\n`[no](x.md)`\n```\n[no](y.md)\n```\n[r]: ../r.md\n"
+    text = (
+        "see [a](docs/a.md#x) and ![b](b.png)\n`[no](x.md)`\n```\n[no](y.md)\n```\n[r]: ../r.md\n"
+    )
     assert links(text) == ["docs/a.md#x", "b.png", "../r.md"]
 
 

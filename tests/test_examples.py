@@ -21,4 +21,5 @@ def test_research_loop_runs_an_sft_step_and_a_grpo_iteration():
     assert grpo["finite"] == 1.0
     # A single-step update takes its ratio against its own forward: exactly 1.
     assert abs(float(grpo["ratio_mean"]) - 1.0) < 1e-6
+    assert float(grpo["lr"]) > 0 and float(grpo["grad_norm"]) >= 0
     assert len(out["texts"]) == 8 * 4

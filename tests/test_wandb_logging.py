@@ -165,4 +165,6 @@ def test_a_report_goes_to_wandb_with_its_table_plots_and_text(tmp_path, offline)
                     logged[key] = value
     assert logged["results"]["_type"] == "table-file" and logged["results"]["nrows"] == 2
     assert logged["pass_at_k"]["_type"] == "image-file"
-    assert (pathlib.Path(run_dir) / "files" / "report.md").read_text() == "# The study in miniature\n"
+    assert (
+        pathlib.Path(run_dir) / "files" / "report.md"
+    ).read_text() == "# The study in miniature\n"
