@@ -10,7 +10,7 @@ validation maj@1 (64 questions); held-out maj@1 on 256 test questions at the
 start and after every round. CPU-sized (the study: K=96, 5 rounds). From a
 mid-schedule start like `configs/arith_start.py`'s, lr 1e-3 with K=4 gave only
 +3-5 points (the fine-tuning re-heats a start whose learning rate had come
-down to about 7.75e-4); 3e-4 with K=8 gave +8.6 after the first round (README).
+down to about 7.75e-4); 3e-4 with K=8 gave +8.6 after the first round (docs/results-synthetic.md).
 """
 
 from rl_reason.experiments.config import ei_config

@@ -14,8 +14,8 @@ question (`orm.balance_questions`); 512 questions held back from the train
 split choose the ORM by the within-question AUC of their samples, and it is
 measured on K=4 samples of 1,024 held-out questions at temperature 0.7: AUC,
 accuracy at 0.5, rerank@4 against maj@4. CPU-sized (the study: K=96 per GSM8K
-question, a 7B ORM). Why the balancing and the selection: README, "Results
-on the synthetic task".
+question, a 7B ORM). Why the balancing and the selection: docs/results-synthetic.md,
+"The outcome reward model".
 """
 
 from rl_reason.experiments.config import orm_config

@@ -10,7 +10,7 @@ prompts x 8 samples at temperature 1, one epoch of two minibatches at lr
 1e-4; held-out maj@1 on 256 test questions at the start and every 10
 iterations. The start is `configs/arith_start.py` (a mid-schedule SFT
 checkpoint); what these settings do from a fully annealed SFT model is in
-the README's "Results on the synthetic task".
+docs/results-synthetic.md.
 """
 
 from rl_reason.experiments.config import rl_config

@@ -23,7 +23,7 @@ whose samples differ by arithmetic slips only, no RCRL setting tried moved
 maj@1 or separated the two tokens. From this start (2026-12-02) maj@1 under
 <|good|> ends 9.4, 12.9 and 10.2 points above the start over three seeds on
 eight devices, 5.9 for seed 0 on one, and stays above maj@1 under <|bad|>
-after every round (README, "Results on the synthetic task").
+after every round (docs/results-synthetic.md, "Return-Conditioned RL").
 The return tokens' rows learn 100x faster than the rest
 (`rcrl.return_token_lr_scale`); at 1x the model ignores the token.
 """

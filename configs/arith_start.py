@@ -9,7 +9,7 @@ It answers about 65% of the held-out questions greedily and 78% with one
 of 8 samples, and few of its right answers come through a wrong calculator
 note, so the sparse correctness reward has something true to teach.
 
-The two neighbours did not serve (README, "Results on the synthetic task"):
+The two neighbours did not serve (docs/results-synthetic.md):
 at 300 annealed steps (`sft_synthetic.py`, about 30%) most right answers
 come through wrong notes and on-policy RL learned the wrong arithmetic from
 them; an annealed 400-step model (about 56%) lost accuracy under the same

@@ -21,7 +21,7 @@ solutions to GSM8K differ by the path taken. The rate must decay: held at
 eight-device runs of this config parted after step ~250 (float rounding)
 into starts whose worked solutions were as right as their bare ones (60
 against 52% greedily on eight devices), and RCRL's gain from them ranged
-from +1.2 to +11.3 points (README).
+from +1.2 to +11.3 points (docs/results-synthetic.md).
 """
 
 from configs import arith_start

@@ -10,8 +10,8 @@ solutions (the SFT start), then Expert Iteration, PPO and Return-Conditioned
 RL from the SFT start with the sparse reward, EI and PPO from the pretrained
 start, PPO with the dense step-match reward beside its sparse twin, an ORM
 for rerank@K, and every model evaluated on the same held-out questions with
-K=16. `experiments/study.py` says what each stage is; README "The study in
-miniature" shows a run's report. Every stage resumes: kill the job and rerun
+K=16. `experiments/study.py` says what each stage is; docs/study.md (and the
+README) shows a run's report. Every stage resumes: kill the job and rerun
 the same command.
 """
 

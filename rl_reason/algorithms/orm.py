@@ -139,7 +139,7 @@ def orm_loss(
     tell a right solution from a wrong one of the same question the head
     has to see where a written token departs from what the model would have
     written, and the LM loss keeps that next-token knowledge in the trunk.
-    (On the synthetic task it did not help; README.) It is taken on correct
+    (On the synthetic task it did not help; docs/results-synthetic.md.) It is taken on correct
     solutions only (the token mean over them, ``lm_normalizer``): the
     incorrect ones would teach their errors. The aux values are sums, so
     micro-batches add up.

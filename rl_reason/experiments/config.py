@@ -95,7 +95,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True
     c.logging.progress_bar = True
+    _logging_backends(c.logging)
     return c
+
+
+def _logging_backends(logging_section: ml_collections.ConfigDict) -> None:
+    """Further mirrors of metrics.jsonl beside TensorBoard (`rl_reason.logging.BACKENDS`):
+    ("wandb",) adds a Weights & Biases run (the wandb package, installed apart), with
+    the settings of `logging.wandb` (`logging.WandbMirror`; WANDB_MODE=offline works)."""
+    logging_section.backends = ()
+    w = logging_section.wandb = ml_collections.ConfigDict()
+    w.project = "rl_reason"
+    w.entity = ""  # "": W&B's default entity
+    w.name = ""  # "": the workdir's name
+    w.group = ""  # "": the name
+    w.tags = ()
+    w.mode = ""  # "online", "offline", "disabled"; "": WANDB_MODE, else online
 
 
 def _sampling(
@@ -537,8 +552,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         shd.rules_from_config(config.mesh.rules)
     except ValueError as e:
         problems.append(str(e))
+    problems.extend(_logging_problems(config))
     if problems:
         raise InvalidConfigError(problems)
+
+
+def _logging_problems(config: ml_collections.ConfigDict) -> list[str]:
+    from rl_reason import logging as run_logging
+
+    try:
+        run_logging.check_backends(tuple(config.get("logging", {}).get("backends", ())))
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def rcrl_config() -> ml_collections.ConfigDict:
@@ -573,7 +599,7 @@ def rcrl_config() -> ml_collections.ConfigDict:
     # The return tokens' embedding rows learn this many times faster than the rest
     # (`optimizer.scale_embedding_rows`): at 1x they barely separate and the model
     # ignores the token; 100x at lr 3e-4 made it follow the token on the synthetic
-    # task (README, "Results on the synthetic task").
+    # task (docs/results-synthetic.md, "Return-Conditioned RL").
     c.rcrl.return_token_lr_scale = 100.0
     c.rcrl.max_per_question = 0  # 0: no cap on a question's samples in the dataset
     c.rcrl.restart_from_initial = False  # True: each round fine-tunes the start model (EI's way)
@@ -628,4 +654,7 @@ def study_config() -> ml_collections.ConfigDict:
 
     c.logging = ml_collections.ConfigDict()
     c.logging.progress_bar = True
+    # ("wandb",): the report's table, plots and report.md in a W&B run of the study's
+    # workdir; each stage's metrics go to W&B by its own stages.<kind>.logging.backends.
+    _logging_backends(c.logging)
     return c

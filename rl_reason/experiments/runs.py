@@ -231,6 +231,7 @@ class Run:
             self.workdir,
             tensorboard=self.config.logging.tensorboard,
             resume_step=resume_step or None,  # None: a fresh run keeps no stale record
+            **logging_backends(self.config),
         )
         self._guard = checkpointing.PreemptionGuard().__enter__()
 
@@ -256,6 +257,17 @@ class Run:
         self.checkpointer.save(step, items, progress, force=force or stop)
         if stop and not finished:  # a finished run has nothing to resume
             raise checkpointing.Preempted(step, self.workdir)
+
+
+def logging_backends(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """MetricWriter's further backends from the `logging` section (none in a config
+    written before there were any)."""
+    section = config.logging
+    settings = section.get("wandb")
+    return {
+        "backends": tuple(section.get("backends", ())),
+        "wandb": settings.to_dict() if settings is not None else None,
+    }
 
 
 def finished_record(workdir: str) -> dict[str, Any]:

@@ -127,6 +127,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"report: {os.path.join(workdir, 'report.md')} "
         f"(stages took {sum(timings.values()) / 60:.1f} min in all)"
     )
+    if "wandb" in config.logging.get("backends", ()):  # the report's table and plots too
+        study_report.log_to_wandb(config, workdir, rows)
     return {row.label: metrics["maj@1"] for row, metrics in rows}
 
 

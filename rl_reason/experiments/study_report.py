@@ -414,3 +414,21 @@ def summary(stage: Stage, record: dict[str, Any]) -> str:
         return ", ".join(parts)
     shown = {key: metrics[key] for key in _summary_keys(stage) if key in metrics}
     return ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "finished"
+
+
+def log_to_wandb(config, workdir: str, rows) -> str:
+    """The report in a W&B run of the study's workdir (`logging.backends` names
+    "wandb"): the table, the plots and report.md (`run_logging.wandb_report`)."""
+    cells = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for i, line in enumerate(table(rows, config))
+        if i != 1
+    ]
+    images = [os.path.join(workdir, name) for name in PLOTS.values()]
+    return run_logging.wandb_report(
+        workdir,
+        config.logging.wandb.to_dict(),
+        table=(cells[0], cells[1:]),
+        images=[path for path in images if os.path.exists(path)],
+        files=[os.path.join(workdir, "report.md")],
+    )
