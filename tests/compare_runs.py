@@ -25,7 +25,6 @@ import dataclasses
 import fnmatch
 import json
 import logging
-import math
 import os
 import re
 import shutil
