@@ -306,7 +306,11 @@ SIDE_FILES = (
     "*/stage.json",
     "study.json",
 )
-NOT_SIDE_FILES = ("*chunk_*",)  # a sampling store's chunks: how it stores them may change
+NOT_SIDE_FILES = (
+    "*chunk_*",  # a sampling store's chunks: how it stores them may change
+    "metrics.jsonl",  # compared above
+    "*/metrics.jsonl",
+)
 ignored_keys_seen: set[str] = set()
 
 
