@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rl_reason import checkpointing
 from rl_reason.algorithms import rcrl
 from rl_reason.data import builders, synthetic, templates
 from rl_reason.evaluation.evaluate import evaluate as score
@@ -103,7 +104,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     progress = _Progress(
         os.path.join(workdir, "eval_progress"), _fingerprint(config, model_config, params)
     )
-    chunks = _sample(sampler, params, prompts, config, progress, options)
+    # SIGTERM or SIGINT stops after the chunk being sampled is saved (exit 75, as a
+    # training run): a rerun resumes after it.
+    with checkpointing.PreemptionGuard() as guard:
+        chunks = _sample(sampler, params, prompts, config, progress, options, guard, workdir)
     if progress.resumed:
         _log.info(
             "Reused %d of %d questions from %s.", progress.resumed, len(prompts), progress.directory
@@ -128,9 +132,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return metrics
 
 
-def _sample(sampler, params, prompts, config, progress, options) -> list[dict[str, Any]]:
+def _sample(
+    sampler, params, prompts, config, progress, options, guard, workdir
+) -> list[dict[str, Any]]:
     """Every question's greedy answer and K samples, chunk by chunk: a chunk this
-    evaluation saved before is read back, a new one sampled and saved."""
+    evaluation saved before is read back, a new one sampled and saved (and the
+    evaluation stops there if `guard` says so)."""
     e, rng = config.eval, jax.random.PRNGKey(config.seed)
     # Whole batches per chunk, and one shared prefix for all, so that chunking
     # changes neither a batch nor a prompt's computation.
@@ -138,7 +145,7 @@ def _sample(sampler, params, prompts, config, progress, options) -> list[dict[st
     chunk_size = -(-(config.sampling.chunk or len(prompts)) // batch) * batch
     shared = common_prefix_length(sampler.token_ids(prompts))
     chunks = []
-    for first in range(0, len(prompts), chunk_size):
+    for index, first in enumerate(range(0, len(prompts), chunk_size)):
         part = prompts[first : first + chunk_size]
         chunk = progress.load(first, part)
         if chunk is None:
@@ -165,6 +172,9 @@ def _sample(sampler, params, prompts, config, progress, options) -> list[dict[st
             if jax.process_index() == 0:
                 progress.save(first, part, chunk)
         chunks.append(chunk)
+        done = first + len(part) >= len(prompts)
+        if guard.should_stop(index) and not done:
+            raise checkpointing.Preempted(index + 1, workdir)
     return chunks
 
 
