@@ -1,0 +1,228 @@
+"""Hardening for shared clusters (issue 31): checksums that see every bit flip,
+damage told apart from a bad environment, one writer per workdir, a rendezvous
+strangers cannot steer, launchers that survive a dropped session, reward workers
+with deadlines, files written whole.
+
+Everything here is in-process or a short subprocess with a timeout; tiny arrays.
+"""
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rl_reason import checkpointing
+from rl_reason.parallel import mesh as mesh_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------ 1. checksums
+
+
+def _flip(values: np.ndarray, index: int, bit: int) -> np.ndarray:
+    bits = values.reshape(-1).view(np.uint32).copy()
+    bits[index] ^= np.uint32(1 << bit)
+    return bits.view(np.float32).reshape(values.shape)
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (257,)])
+def test_every_single_bit_flip_changes_the_checksum(shape):
+    """The issue's count: bits 0, 23, 30 and 31 of every element of a 4x32 and a
+    257-element array, through `describe`. Main's checksum missed about half of
+    the sign flips (even weights at odd indices)."""
+    values = np.random.default_rng(31).standard_normal(shape).astype(np.float32)
+    base = checkpointing.describe({"x": jnp.asarray(values)})["checksums"][0]
+    missed = []
+    for bit in (0, 23, 30, 31):
+        for index in range(values.size):
+            flipped = _flip(values, index, bit)
+            if not np.all(np.isfinite(flipped)):  # a NaN/inf is refused before any checksum
+                continue
+            if checkpointing.describe({"x": jnp.asarray(flipped)})["checksums"][0] == base:
+                missed.append((bit, index))
+    assert missed == [], f"{len(missed)} flips unseen, e.g. {missed[:5]}"
+
+
+def test_the_checksum_sees_flips_in_narrow_dtypes_and_swaps():
+    for dtype in (jnp.bfloat16, jnp.int8, jnp.int32):
+        x = jnp.arange(1, 65, dtype=jnp.int32).astype(dtype).reshape(8, 8)
+        base = checkpointing.describe({"x": x})["checksums"][0]
+        width = 8 * jnp.dtype(dtype).itemsize
+        raw = np.asarray(x).view(f"uint{width}").copy()
+        for index in (1, 3, 63):
+            for bit in (0, width - 2, width - 1):
+                changed = raw.copy()
+                changed.reshape(-1)[index] ^= 1 << bit
+                y = jnp.asarray(changed.view(np.asarray(x).dtype))
+                if jnp.issubdtype(dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(y))):
+                    continue
+                assert checkpointing.describe({"x": y})["checksums"][0] != base, (dtype, index, bit)
+        swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
+        assert checkpointing.describe({"x": swapped})["checksums"][0] != base
+
+
+def test_the_checksum_does_not_depend_on_the_sharding():
+    values = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    a = jax.device_put(values, NamedSharding(mesh_lib.make_mesh((8, 1, 1)), P(("data", "fsdp"))))
+    b = jax.device_put(
+        values, NamedSharding(mesh_lib.make_mesh((1, 4, 2)), P(("data", "fsdp"), "tensor"))
+    )
+    single = jax.device_put(values, jax.devices()[0])
+    sums = {checkpointing.describe({"x": t})["checksums"][0] for t in (a, b, single)}
+    assert len(sums) == 1
+
+
+def _tree(mesh, seed=0):
+    rng = np.random.default_rng(seed)
+    values = {
+        "w": rng.standard_normal((64, 16)).astype(np.float32),
+        "b": rng.standard_normal((8, 4)).astype(jnp.bfloat16),
+        "count": np.arange(8, dtype=np.int32) + seed,
+    }
+    specs = {"w": P(("data", "fsdp")), "b": P(), "count": P()}
+    return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+@pytest.fixture
+def mesh():
+    return mesh_lib.make_mesh((8, 1, 1))
+
+
+def _saved(tmp_path, mesh, steps):
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"))
+    for step in steps:
+        ckpt.save(step, {"state": _tree(mesh, step)}, {"data": {"index": step}}, force=True)
+    ckpt.wait()
+    return ckpt
+
+
+def _integrity_path(tmp_path, step):
+    return tmp_path / "ckpt" / str(step) / checkpointing.INTEGRITY / "metadata"
+
+
+def test_new_checkpoints_record_their_checksum_algorithm(tmp_path, mesh):
+    ckpt = _saved(tmp_path, mesh, [1])
+    record = json.loads(_integrity_path(tmp_path, 1).read_text())
+    assert record["format"] == 2 and record["checksum"] == checkpointing.CHECKSUM_ALGORITHM
+    ckpt.close()
+
+
+def test_a_format_1_checkpoint_still_verifies_under_its_own_checksum(tmp_path, mesh):
+    """A checkpoint written before issue 31 (format 1: no algorithm named, the old
+    weighted sum) restores, and a damaged one is still caught by the old sums."""
+    ckpt = _saved(tmp_path, mesh, [1, 2])
+    for step in (1, 2):
+        path = _integrity_path(tmp_path, step)
+        record = json.loads(path.read_text())
+        record["format"] = 1
+        del record["checksum"]
+        tree = _tree(mesh, step)
+        record["items"]["state"]["checksums"] = checkpointing.describe(
+            tree, algorithm=checkpointing.LEGACY_CHECKSUM
+        )["checksums"]
+        assert all(s < 2**32 for s in record["items"]["state"]["checksums"])
+        path.write_text(json.dumps(record))
+    items, _, step = ckpt.restore({"state": _abstract(_tree(mesh))}, step=2)
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(items["state"]["w"]), np.asarray(_tree(mesh, 2)["w"]))
+    # Step 2's arrays swapped for step 1's: the old sums still tell.
+    shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
+    shutil.copytree(tmp_path / "ckpt" / "1" / "state", tmp_path / "ckpt" / "2" / "state")
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="do not match their checksums"):
+        ckpt.restore({"state": _abstract(_tree(mesh))}, step=2)
+    ckpt.close()
+
+
+# ------------------------------------------------- 2. damage versus the environment
+
+
+def _failing_restore(monkeypatch, ckpt, step, error):
+    """The manager's reads of checkpoint `step` fail with `error` (what a permission
+    error, a stale NFS handle or an OOM look like; the tests run as root, so a
+    chmod would not deny anything)."""
+    original = ckpt._manager.restore
+
+    def restore(s, *args, **kwargs):
+        if s == step:
+            raise error
+        return original(s, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt._manager, "restore", restore)
+
+
+ENVIRONMENT_ERRORS = {
+    "permission": PermissionError(errno.EACCES, "Permission denied", "/ckpt/2/state"),
+    "stale_nfs": OSError(errno.ESTALE, "Stale file handle"),
+    "tensorstore_permission": ValueError(
+        'PERMISSION_DENIED: Error opening file "/ckpt/2/state/d/abc": Permission denied'
+    ),
+    "oom": RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"),
+    "memory_error": MemoryError(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ENVIRONMENT_ERRORS))
+def test_an_environment_error_on_the_newest_raises_with_its_cause_and_moves_nothing(
+    tmp_path, mesh, monkeypatch, kind
+):
+    ckpt = _saved(tmp_path, mesh, [1, 2])
+    error = ENVIRONMENT_ERRORS[kind]
+    _failing_restore(monkeypatch, ckpt, 2, error)
+    with pytest.raises(checkpointing.CheckpointEnvironmentError) as info:
+        ckpt.restore({"state": _abstract(_tree(mesh))})
+    assert info.value.__cause__ is error
+    assert "Checkpoint 2" in str(info.value) and "Nothing was moved" in str(info.value)
+    assert not (tmp_path / "ckpt_quarantine").exists()
+    assert ckpt.all_steps() == [1, 2] and ckpt.quarantined() == []
+    ckpt.close()
+
+
+def test_a_decode_error_is_still_damage(tmp_path, mesh, monkeypatch):
+    ckpt = _saved(tmp_path, mesh, [1, 2])
+    _failing_restore(
+        monkeypatch, ckpt, 2, ValueError("DATA_LOSS: Error decoding chunk: zstd: corrupted")
+    )
+    _, _, step = ckpt.restore({"state": _abstract(_tree(mesh))})
+    assert step == 1 and [q.split(".")[0] for q in ckpt.quarantined()] == ["2"]
+    ckpt.close()
+
+
+def test_processes_agree_before_anything_is_moved(tmp_path, mesh, monkeypatch):
+    """Another process met an environment error on checkpoint 2 while this one read
+    it fine: this one raises too (instead of going on alone), nothing is moved.
+    Another process found checkpoint 2 damaged: this one quarantines it as well
+    (instead of restoring it while the other waits in the quarantine's barrier)."""
+    ckpt = _saved(tmp_path, mesh, [1, 2])
+    monkeypatch.setattr(
+        checkpointing, "_agree", lambda v: [v, checkpointing._ENVIRONMENT]
+    )
+    with pytest.raises(checkpointing.CheckpointEnvironmentError, match=r"process\(es\) \[1\]"):
+        ckpt.restore({"state": _abstract(_tree(mesh))})
+    assert ckpt.all_steps() == [1, 2] and ckpt.quarantined() == []
+    calls = []
+
+    def other_finds_2_damaged(verdict):
+        calls.append(verdict)
+        return [verdict, checkpointing._DAMAGED if len(calls) == 1 else checkpointing._OK]
+
+    monkeypatch.setattr(checkpointing, "_agree", other_finds_2_damaged)
+    _, _, step = ckpt.restore({"state": _abstract(_tree(mesh))})
+    assert step == 1 and calls == [checkpointing._OK, checkpointing._OK]
+    assert [q.split(".")[0] for q in ckpt.quarantined()] == ["2"]
+    ckpt.close()
