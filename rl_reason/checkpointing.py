@@ -12,10 +12,12 @@ What a run can rely on:
   raises `NonFiniteStateError` naming the leaf instead.
 - Steps only rise: saving at or below the latest step is an error (Orbax
   would silently skip it).
-- A checkpoint that fails to read or whose arrays do not match their
-  checksums is moved aside to `<directory>_quarantine/` (never deleted), with
+- A checkpoint that does not decode or whose arrays do not match their
+  checksums (format 2: every change confined to one element is seen) is moved aside to `<directory>_quarantine/` (never deleted), with
   a warning naming the step and the reason, and the next older intact one is
-  restored.
+  restored. A read that fails because of the environment (permissions, a
+  stale NFS handle, memory) raises `CheckpointEnvironmentError` and moves
+  nothing; with several processes the verdict is agreed before anyone acts.
 - A restore target whose shapes differ from the checkpoint's (a changed
   model) is a clear `IncompatibleCheckpointError` naming the leaves; the
   checkpoint is left alone, since it is intact.
@@ -23,7 +25,7 @@ What a run can rely on:
   a kill mid-save leaves the previous checkpoint the latest.
 
 `PreemptionGuard` turns SIGTERM/SIGINT (what a preempted TPU VM or SLURM
-sends) into a request the loop answers by saving and exiting after its
+sends) and SIGHUP (a dropped ssh session) into a request the loop answers by saving and exiting after its
 current step; across processes it uses JAX's preemption sync point, as
 Orbax and MaxText do, so that every host saves the same step.
 """
@@ -612,13 +614,14 @@ def merge_train_state(name: str, items: Mapping[str, Any]) -> Any:
 class PreemptionGuard:
     """Answers "should the run save and stop now?" after each step.
 
-    One process: SIGTERM or SIGINT sets a flag (the signal no longer kills the
-    process mid-step). Several: JAX's preemption sync point, which agrees on
-    one step for every host. Use as a context manager; handlers are restored
-    on exit.
+    One process: SIGTERM, SIGINT or SIGHUP (a dropped ssh session, a closed
+    terminal) sets a flag (the signal no longer kills the process mid-step).
+    Several: JAX's preemption sync point, which agrees on one step for every
+    host; it listens for SIGTERM, so SIGHUP is turned into a SIGTERM to this
+    process. Use as a context manager; handlers are restored on exit.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.signal_received: Optional[int] = None
@@ -628,6 +631,8 @@ class PreemptionGuard:
         if jax.process_count() == 1:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup_as_term)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -636,6 +641,12 @@ class PreemptionGuard:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal_received = signum
         _log.warning("Received %s: saving after the current step.", signal.Signals(signum).name)
+
+    def _hangup_as_term(self, signum, frame) -> None:
+        del frame
+        self.signal_received = signum
+        _log.warning("Received SIGHUP: passing it on as SIGTERM (save at the agreed step).")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -226,3 +227,33 @@ def test_processes_agree_before_anything_is_moved(tmp_path, mesh, monkeypatch):
     assert step == 1 and calls == [checkpointing._OK, checkpointing._OK]
     assert [q.split(".")[0] for q in ckpt.quarantined()] == ["2"]
     ckpt.close()
+
+
+# ------------------------------------------------------------- 5. SIGHUP saves too
+
+_GUARD_SCRIPT = """
+import signal, sys, time
+from rl_reason import checkpointing
+with checkpointing.PreemptionGuard() as guard:
+    print("ready", flush=True)
+    deadline = time.monotonic() + 20
+    while not guard.should_stop(0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("stop", guard.signal_received, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGTERM"])
+def test_sighup_asks_for_a_save_like_sigterm(sig):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _GUARD_SCRIPT], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(getattr(signal, sig))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (proc.returncode, out)
+    assert out.strip() == f"stop {int(getattr(signal, sig))}"
