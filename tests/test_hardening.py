@@ -257,3 +257,76 @@ def test_sighup_asks_for_a_save_like_sigterm(sig):
         proc.kill()
     assert proc.returncode == 0, (proc.returncode, out)
     assert out.strip() == f"stop {int(getattr(signal, sig))}"
+
+
+# ------------------------------------------------------------- 3. one run per workdir
+
+_HOLDER_SCRIPT = """
+import sys, time
+from rl_reason.workdir_lock import hold_workdir
+with hold_workdir(sys.argv[1], lead=True):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_in_another_process(workdir):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER_SCRIPT, str(workdir)],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_a_live_workdir_is_refused_naming_the_holder(tmp_path):
+    from rl_reason import workdir_lock
+
+    holder = _hold_in_another_process(tmp_path)
+    try:
+        with pytest.raises(workdir_lock.WorkdirLockedError) as info:
+            with workdir_lock.hold_workdir(str(tmp_path), lead=True):
+                pass
+        message = str(info.value)
+        assert f"pid {holder.pid}" in message and f"host {socket.gethostname()}" in message
+        assert info.value.holder["pid"] == holder.pid
+        # Killed outright: the kernel drops its lock, no stale file to clean.
+        holder.kill()
+        holder.wait(timeout=30)
+        with workdir_lock.hold_workdir(str(tmp_path), lead=True):
+            assert workdir_lock.read_holder(str(tmp_path))["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_the_lock_is_released_when_the_run_ends_and_nested_holds_are_counted(tmp_path):
+    from rl_reason import workdir_lock
+
+    workdir = str(tmp_path / "run")
+    with workdir_lock.hold_workdir(workdir, lead=True):
+        with workdir_lock.hold_workdir(workdir, lead=True):  # a study stage, same process
+            pass
+        # Still held after the inner one: another process is refused.
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from rl_reason import workdir_lock as w;"
+             " w.acquire(sys.argv[1])", workdir],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+        )
+        assert probe.returncode != 0 and f"pid {os.getpid()}" in probe.stderr
+    holder = _hold_in_another_process(workdir)  # released: another process takes it
+    holder.kill()
+    holder.wait(timeout=30)
+
+
+def test_processes_other_than_the_lead_do_not_lock(tmp_path):
+    from rl_reason import workdir_lock
+
+    holder = _hold_in_another_process(tmp_path)
+    try:
+        with workdir_lock.hold_workdir(str(tmp_path), lead=False):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
