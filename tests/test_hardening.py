@@ -330,3 +330,142 @@ def test_processes_other_than_the_lead_do_not_lock(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+# --------------------------------------------------- 4. a rendezvous strangers cannot steer
+
+
+def _free_port(host="127.0.0.1", family=socket.AF_INET) -> int:
+    """A port whose successor is free too (the rendezvous listens on port + 1)."""
+    while True:
+        with socket.socket(family) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port + 1))
+                return port
+            except OSError:
+                continue
+
+
+def _join(cluster, timeout):
+    from rl_reason.parallel import distributed
+
+    errors: list = []
+
+    def run():
+        try:
+            distributed.rendezvous(cluster, timeout_seconds=timeout)
+        except Exception as e:  # noqa: BLE001 (the tests read them)
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def _connect(address, family=socket.AF_INET):
+    for _ in range(100):
+        try:
+            s = socket.socket(family)
+            s.settimeout(5)
+            s.connect(address)
+            return s
+        except OSError:
+            s.close()
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {address}")
+
+
+def test_strangers_neither_stall_nor_abort_a_two_process_start():
+    """A silent connection held open, a hello with the wrong token claiming process 1
+    (another job on the port), and after the real process 1 another claim to be 1
+    with the wrong token: the start completes, and every stranger is refused."""
+    from rl_reason.parallel import distributed
+
+    port = _free_port()
+    cluster = lambda pid: distributed.Cluster(f"127.0.0.1:{port}", 2, pid, "test", "job-secret")
+    timeout = 3 * distributed.HELLO_TIMEOUT_SECONDS  # a stall until the deadline would fail
+    coordinator, coordinator_errors = _join(cluster(0), timeout)
+    address = ("127.0.0.1", port + 1)
+    silent = _connect(address)
+    impostor = _connect(address)
+    impostor.sendall(json.dumps({"process_id": 1, "host": "x", "token": "other-job"}).encode() + b"\n")
+    assert impostor.makefile().readline().startswith("refused: wrong job token")
+    real, real_errors = _join(cluster(1), timeout)
+    real.join(timeout + 5)
+    coordinator.join(timeout + 5)
+    assert not real.is_alive() and not coordinator.is_alive()
+    assert real_errors == [] and coordinator_errors == []
+    silent.close()
+    impostor.close()
+
+
+def test_a_silent_connection_does_not_stall_the_start():
+    """Without tokens too (the API of main): a connection that says nothing is dropped
+    after a few seconds instead of holding the rendezvous until its deadline."""
+    from rl_reason.parallel import distributed
+
+    port = _free_port()
+    cluster = lambda pid: distributed.Cluster(f"127.0.0.1:{port}", 2, pid, "test")
+    timeout = 3 * distributed.HELLO_TIMEOUT_SECONDS if hasattr(distributed, "HELLO_TIMEOUT_SECONDS") else 15
+    coordinator, coordinator_errors = _join(cluster(0), timeout)
+    silent = _connect(("127.0.0.1", port + 1))
+    real, real_errors = _join(cluster(1), timeout)
+    real.join(timeout + 5)
+    coordinator.join(timeout + 5)
+    silent.close()
+    assert real_errors == [] and coordinator_errors == []
+
+
+def test_a_process_of_another_job_is_refused_and_says_so():
+    from rl_reason.parallel import distributed
+
+    port = _free_port()
+    coordinator, _ = _join(distributed.Cluster(f"127.0.0.1:{port}", 3, 0, "test", "ours"), 3)
+    with pytest.raises(distributed.DistributedStartupError, match="refused: wrong job token"):
+        distributed.rendezvous(
+            distributed.Cluster(f"127.0.0.1:{port}", 3, 1, "test", "theirs"), timeout_seconds=2
+        )
+    coordinator.join(10)
+
+
+def test_the_rendezvous_listens_on_the_coordinator_address_only():
+    from rl_reason.parallel import distributed
+
+    port = _free_port()
+    with distributed._listen("127.0.0.1", port) as server:
+        assert server.getsockname()[0] == "127.0.0.1"
+
+
+def test_the_rendezvous_works_over_ipv6():
+    from rl_reason.parallel import distributed
+
+    try:
+        port = _free_port("::1", socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    cluster = lambda pid: distributed.Cluster(f"[::1]:{port}", 2, pid, "test")
+    coordinator, errors0 = _join(cluster(0), 10)
+    process, errors1 = _join(cluster(1), 10)
+    coordinator.join(15)
+    process.join(15)
+    assert errors0 == [] and errors1 == [] and not coordinator.is_alive()
+
+
+def test_the_token_and_the_slurm_port_come_from_the_job():
+    from rl_reason.parallel import distributed
+
+    slurm = {"SLURM_JOB_NODELIST": "gpu[04-05]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+    a = distributed.resolve_cluster(env={**slurm, "SLURM_JOB_ID": "1001"})
+    b = distributed.resolve_cluster(env={**slurm, "SLURM_JOB_ID": "1002"})
+    assert a.coordinator_address != b.coordinator_address  # two jobs, two ports
+    assert a.coordinator_address.startswith("gpu04:") and a.token and a.token != b.token
+    assert a.token not in repr(a)
+    assert distributed.resolve_cluster(env={**slurm, "SLURM_JOB_ID": "1001"}) == a  # every task
+    launched = distributed.resolve_cluster(
+        env={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
+             "RL_REASON_RENDEZVOUS_TOKEN": "abc"}
+    )
+    assert launched.token == "abc"
