@@ -469,3 +469,111 @@ def test_the_token_and_the_slurm_port_come_from_the_job():
              "RL_REASON_RENDEZVOUS_TOKEN": "abc"}
     )
     assert launched.token == "abc"
+
+
+# ------------------------------------------------------------- 8. reward workers
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_hung_reward_worker_is_replaced_within_its_deadline_and_never_run_here(caplog):
+    from rl_reason.rewards import parallel
+
+    pool = parallel.ProcessMap(2, timeout=1.0)
+    try:
+        first = pool.map(parallel._probe, [(0,), (0,)])
+        assert sorted(first) == sorted(pool.pids)
+        with caplog.at_level("WARNING", logger="rl_reason.rewards.parallel"):
+            with pytest.raises(parallel.RewardWorkerError, match="failed in two reward workers"):
+                pool.map(parallel._probe, [(0,), (60,)])  # the second hangs, in any worker
+        assert "did not answer within 1 s" in caplog.text
+        assert not any(_alive(pid) for pid in first if pid not in pool.pids)
+        # The pool goes on with fresh workers.
+        again = pool.map(parallel._probe, [(0,), (0,)])
+        assert sorted(again) == sorted(pool.pids) and pool.replaced >= 2
+    finally:
+        pool.close()
+
+
+def test_a_dead_reward_worker_is_replaced_and_logged(caplog):
+    from rl_reason.rewards import parallel
+    from rl_reason.rewards.functions import extract_answers
+
+    pool = parallel.ProcessMap(2, timeout=30.0)
+    try:
+        chunks = [(["#### 1", "#### 2"], "strict"), (["\\boxed{3}"], "strict")]
+        assert pool.map(extract_answers, chunks) == [["1", "2"], ["3"]]
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        with caplog.at_level("WARNING", logger="rl_reason.rewards.parallel"):
+            assert pool.map(extract_answers, chunks) == [["1", "2"], ["3"]]
+        # Found dead before its chunk was sent, or when the chunk found no one: either way
+        # replaced and logged, and the chunk answered by a live worker.
+        assert f"Reward worker {victim} " in caplog.text and "died" in caplog.text
+        assert victim not in pool.pids
+        # A worker dying on its chunk: tried once more on a fresh one, then an error.
+        with pytest.raises(parallel.RewardWorkerError, match="died on its chunk"):
+            pool.map(parallel._probe, [(0, 3)])
+    finally:
+        pool.close()
+
+
+def test_reward_workers_run_under_a_memory_limit():
+    from rl_reason.rewards import parallel
+
+    pool = parallel.ProcessMap(1, timeout=60.0, memory_limit_bytes=1 << 30)
+    try:
+        with pytest.raises(parallel.RewardWorkerError, match="ran out of memory"):
+            pool.map(parallel._probe, [(0, None, 2 << 30)])
+        assert pool.map(parallel._probe, [(0, None, 1 << 20)]) == pool.pids
+    finally:
+        pool.close()
+
+
+def _address_space_limit(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max address space"))
+    return line.split()[3]
+
+
+def test_latex_workers_are_limited_and_a_dead_one_is_replaced_and_logged(caplog):
+    from rl_reason.rewards import latex
+
+    with latex.LatexChecker(workers=1, spares=0, timeout=20) as checker:
+        checker.start()
+        (pid,) = checker.pids
+        assert _address_space_limit(pid) == str(latex.WORKER_MEMORY_LIMIT)
+        assert checker.equivalent_many([("\\frac{1}{2}", "0.5"), ("x+1", "1+x")]) == [True, True]
+        os.kill(pid, signal.SIGKILL)
+        with caplog.at_level("WARNING", logger="rl_reason.rewards.latex"):
+            checker.equivalent_many([("\\sqrt{9}", "3")])
+        assert f"math-verify worker {pid} died" in caplog.text
+        assert pid not in checker.pids and checker.equivalent("\\sqrt{4}", "2", within=20)
+
+
+def test_a_latex_reply_out_of_step_is_not_taken_for_the_check(monkeypatch, caplog):
+    """A worker whose reply carries another request's id (out of step) is replaced and
+    its answer not used."""
+    from rl_reason.rewards import latex
+
+    with latex.LatexChecker(workers=1, spares=0, timeout=20) as checker:
+        checker.start()
+        worker = checker._pool[0]
+        real_send = worker.send
+
+        def send_with_a_stale_id(job, request):
+            ok = real_send(job, request)
+            worker.request_id += 7  # what the parent expects no longer matches the reply
+            return ok
+
+        monkeypatch.setattr(worker, "send", send_with_a_stale_id)
+        with caplog.at_level("WARNING", logger="rl_reason.rewards.latex"):
+            assert checker.equivalent_many([("\\sqrt{4}", "2")]) == [False]
+        assert "answered out of step" in caplog.text and worker not in checker._pool
