@@ -720,3 +720,179 @@ def test_a_failed_export_leaves_the_previous_weights_whole(tmp_path, monkeypatch
     assert sorted(p.name for p in directory.iterdir()) == sorted(names) == ["model.safetensors"]
     reader = safetensors_io.SafetensorsCheckpoint(directory)
     np.testing.assert_array_equal(reader.get("w3"), new["w3"])
+
+
+# --------------------------------------------------------- 5, 7. launchers
+
+LAUNCH = os.path.join(REPO_ROOT, "launch")
+
+
+def _write_executable(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+
+
+def _last_word(line):
+    """The last word of a shell-quoted command line, unquoted (the --command argument)."""
+    out = subprocess.run(
+        ["bash", "-c", f'words=({line}); printf "%s" "${{words[-1]}}"'],
+        capture_output=True, text=True, check=True, timeout=30,
+    )
+    return out.stdout
+
+
+def _tpu_pod(*args):
+    return subprocess.run(
+        ["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "--name", "rl", "--zone", "z1",
+         "--type", "v4-8", *args],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_tpu_pod_starts_detached_and_a_dropped_session_does_not_end_the_run(tmp_path):
+    """The dry run shows the detached start; run on a stand-in worker (HOME and a
+    fake python3 that saves on SIGTERM), the training survives SIGHUP to the ssh
+    session's process group, a second start is refused while it lives, and --stop
+    makes it save."""
+    result = _tpu_pod("--", "--workdir=/mnt/r")
+    start = result.stdout.splitlines()[-1]
+    assert "setsid\\ nohup\\ env\\ RL_REASON_DISTRIBUTED=1\\ python3\\ launch/train.py" in start
+    assert "\\>\\>~/rl_reason_logs/rl.log\\ 2\\>\\&1\\ \\</dev/null\\ \\&" in start
+    assert "--follow" in result.stderr and "--stop" in result.stderr
+    archive = result.stdout.splitlines()[2].split()[2]
+    assert archive != "/tmp/rl_reason_rl.tar.gz" and not os.path.exists(archive)  # mktemp'd, removed
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    (home / "rl_reason").mkdir(parents=True)
+    bin_dir.mkdir()
+    _write_executable(
+        bin_dir / "python3",
+        "#!/usr/bin/env bash\ntrap 'echo saved on TERM; exit 75' TERM\necho started\n"
+        "for _ in $(seq 600); do sleep 0.1; done\n",
+    )
+    env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    session = subprocess.Popen(
+        ["bash", "-c", _last_word(start) + "; sleep 30"], env=env, start_new_session=True
+    )
+    pidfile = home / "rl_reason_logs" / "rl.pid"
+    log = home / "rl_reason_logs" / "rl.log"
+    for _ in range(100):
+        if pidfile.exists() and log.exists() and "started" in log.read_text():
+            break
+        time.sleep(0.1)
+    training = int(pidfile.read_text())
+    os.killpg(session.pid, signal.SIGHUP)  # the ssh session drops
+    session.wait(timeout=30)
+    time.sleep(0.3)
+    try:
+        assert _alive(training), "the training process died with its ssh session"
+        again = subprocess.run(
+            ["bash", "-c", _last_word(start)], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert again.returncode == 1 and f"rl is still running (pid {training})" in again.stderr
+        stop = _tpu_pod("--stop").stdout.splitlines()[-1]
+        assert "--worker=all" in stop
+        subprocess.run(["bash", "-c", _last_word(stop)], env=env, check=True, timeout=30)
+        for _ in range(100):
+            if "saved on TERM" in log.read_text():
+                break
+            time.sleep(0.1)
+        assert "saved on TERM" in log.read_text()
+        follow = _tpu_pod("--follow").stdout.splitlines()[-1]
+        assert "--worker=0" in follow and "tail\\ -n\\ 200\\ -F\\ ~/rl_reason_logs/rl.log" in follow
+    finally:
+        try:
+            os.kill(training, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+_SAVING_PROCESS = """#!/usr/bin/env bash
+# A stand-in for launch/train.py: on SIGTERM it takes a second to save, then exits 75.
+trap 'sleep 1; echo saved > "$1.$JAX_PROCESS_ID"; exit 75' TERM
+echo "$RL_REASON_RENDEZVOUS_TOKEN" > "$1.token.$JAX_PROCESS_ID"
+for _ in $(seq 600); do sleep 0.1; done
+"""
+
+
+def test_local_sh_passes_sigterm_on_and_waits_for_the_saves(tmp_path):
+    script = tmp_path / "fake_train.sh"
+    _write_executable(script, _SAVING_PROCESS)
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(
+        ["bash", os.path.join(LAUNCH, "local.sh"), "-n", "2", "-d", "1", "--log-dir",
+         str(tmp_path / "logs"), "--script", str(script), "--", str(out)],
+        env=dict(os.environ, PYTHON="bash"), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if all((tmp_path / f"out.token.{i}").exists() for i in (0, 1)):
+                break
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    # It returned only after both had saved, with their status (75: resume later).
+    assert launcher.returncode == 75, err
+    assert all((tmp_path / f"out.{i}").read_text() == "saved\n" for i in (0, 1))
+    tokens = {(tmp_path / f"out.token.{i}").read_text() for i in (0, 1)}
+    assert len(tokens) == 1 and len(tokens.pop().strip()) == 32  # one random token per launch
+
+
+def test_local_sh_does_not_need_wait_n_p():
+    """`wait -n -p` is bash 5.1; on 5.0 the old loop spun forever."""
+    text = open(os.path.join(LAUNCH, "local.sh")).read()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "wait -n" not in code
+
+
+def _fake_slurm(tmp_path, status):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "calls.log"
+    _write_executable(
+        bin_dir / "srun",
+        '#!/usr/bin/env bash\necho "srun $*" >> "$FAKE_LOG"\n'
+        'while [[ $# -gt 0 && $1 != bash ]]; do shift; done\nSLURM_PROCID=0 exec "$@"\n',
+    )
+    _write_executable(
+        bin_dir / "scontrol",
+        '#!/usr/bin/env bash\nif [[ $1 == show ]]; then echo "$3"; exit 0; fi\n'
+        'echo "scontrol $*" >> "$FAKE_LOG"\n',
+    )
+    _write_executable(bin_dir / "fakepython", f"#!/usr/bin/env bash\nexit {status}\n")
+    env = dict(
+        os.environ, FAKE_LOG=str(log), PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", PYTHON="fakepython",
+        TMPDIR=str(tmp_path),
+    )  # fmt: skip
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--workdir=/x"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )
+    return result, log.read_text() if log.exists() else ""
+
+
+def test_slurm_requeues_a_run_that_saved_on_the_time_limit_signal(tmp_path):
+    header = open(os.path.join(LAUNCH, "slurm.sbatch")).read()
+    assert "#SBATCH --signal=TERM@" in header and "#SBATCH --requeue" in header
+    result, calls = _fake_slurm(tmp_path, 75)
+    assert "scontrol requeue 4242" in calls and result.returncode == 0, result.stderr
+    assert not list(tmp_path.glob("rl_reason_preempted.*"))  # its marker cleaned up
+    # A real failure is not requeued and keeps its status.
+    (tmp_path / "f").mkdir()
+    result, calls = _fake_slurm(tmp_path / "f", 3)
+    assert result.returncode == 3 and "requeue" not in calls
+
+
+def test_slurm_sbatch_and_python_derive_the_same_port():
+    from rl_reason.parallel import distributed
+
+    lines = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--workdir=/x"],
+        env=dict(os.environ, DRY_RUN="1", SLURM_JOB_ID="123457", SLURM_JOB_NODELIST="gpu[1-2]",
+                 SLURM_NNODES="2", PATH=f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"),
+        capture_output=True, text=True, check=True, timeout=60, cwd=REPO_ROOT,
+    ).stdout.splitlines()  # fmt: skip
+    assert lines[0].startswith(f"export JAX_COORDINATOR_ADDRESS=gpu1:{distributed.job_port('123457')} ")

@@ -91,9 +91,9 @@ def job_token(env: Optional[Mapping[str, str]] = None) -> str:
 def job_port(job_id: str, base: int = 20000, span: int = 20000) -> int:
     """A coordinator port derived from a job id (an even port in [base, base + span),
     its successor for the rendezvous), so that two jobs sharing a node do not both
-    take the fixed default."""
-    digest = int(hashlib.sha256(job_id.encode()).hexdigest(), 16)
-    return base + 2 * (digest % (span // 2))
+    take the fixed default. A numeric id gives what `launch/slurm.sbatch` computes."""
+    number = int(job_id) if job_id.isdigit() else int(hashlib.sha256(job_id.encode()).hexdigest(), 16)
+    return base + 2 * (number % (span // 2))
 
 
 def split_address(address: str) -> tuple[str, int]:
