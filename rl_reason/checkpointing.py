@@ -274,6 +274,13 @@ class Checkpointer:
         max_to_keep: int = 3,
         async_save: bool = True,
     ):
+        if "://" in str(directory):
+            # abspath would turn gs://b/x into ./gs:/b/x and write there, locally.
+            raise CheckpointError(
+                f"{directory}: object-store URLs are not supported as checkpoint directories"
+                " (the quarantine and the run's other files use local file calls); use a"
+                " shared file system (NFS, Filestore)."
+            )
         self.directory = os.path.abspath(directory)
         self.quarantine_directory = self.directory.rstrip("/") + "_quarantine"
         options = ocp.CheckpointManagerOptions(

@@ -14,9 +14,12 @@ host, since when, its command).
   file is never removed (removing it would let a third process lock a new
   inode while a second still holds the old one); its contents only describe
   the latest holder.
-- POSIX locks work across NFS clients (NFSv4 or NLM); over a gcsfuse mount or
-  other object-store FUSE they are not shared between hosts and this guards
-  only one machine.
+- POSIX locks work across NFS clients (NFSv4 or NLM). A workdir on an object
+  store is refused (`WorkdirStorageError`): a `gs://` URL (the run writes its
+  metrics, config and tokenizer with local file calls) and a gcsfuse (or other
+  object-store FUSE) mount, whose directory renames are not atomic (Orbax's
+  commit and the tokenizer's save rely on them) and whose locks are not shared
+  between hosts. Set RL_REASON_ALLOW_OBJECT_STORE_WORKDIR=1 to run there anyway.
 - POSIX locks belong to a process, so a second `hold_workdir` of the same
   workdir in the same process does not conflict: it is counted, and the lock is
   released when the outermost one exits (the study's stages run in one process).
@@ -40,6 +43,59 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 LOCK_NAME = ".rl_reason.lock"
+
+
+class WorkdirStorageError(RuntimeError):
+    """The workdir is on storage a run cannot rely on (an object store)."""
+
+
+# FUSE file systems over object stores: no atomic directory rename, no shared locks.
+OBJECT_STORE_FILESYSTEMS = (
+    "fuse.gcsfuse", "fuse.s3fs", "fuse.goofys", "fuse.mountpoint-s3", "fuse.rclone",
+    "fuse.blobfuse", "fuse.blobfuse2", "fuse.juicefs",
+)
+ALLOW_OBJECT_STORE_ENV = "RL_REASON_ALLOW_OBJECT_STORE_WORKDIR"
+
+
+def _mount_of(path: str, mounts_file: str = "/proc/mounts") -> tuple[str, str]:
+    """(mount point, file system type) of the mount holding `path` (Linux)."""
+    path = os.path.realpath(path)
+    best = ("/", "")
+    try:
+        with open(mounts_file) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best[0]):
+                    best = (point, fields[2])
+    except OSError:
+        pass
+    return best
+
+
+def storage_problem(workdir: str, mounts_file: str = "/proc/mounts") -> Optional[str]:
+    """Why a run cannot rely on `workdir`'s storage, or None."""
+    if "://" in workdir:
+        return (
+            f"{workdir} is an object-store URL: rl_reason writes a run's metrics, config and"
+            " tokenizer with local file calls and cannot lock it. Use a shared file system"
+            " (NFS, Filestore) for the workdir."
+        )
+    probe = workdir
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    point, kind = _mount_of(probe, mounts_file)
+    if kind in OBJECT_STORE_FILESYSTEMS:
+        return (
+            f"{workdir} is on a {kind} mount ({point}): it does not rename directories"
+            " atomically (Orbax's checkpoint commit and the tokenizer's save rely on that) and"
+            " its locks are not shared between hosts. Use a shared file system (NFS,"
+            f" Filestore) for the workdir, or set {ALLOW_OBJECT_STORE_ENV}=1 to run anyway."
+        )
+    return None
 
 
 class WorkdirLockedError(RuntimeError):
@@ -86,7 +142,10 @@ def _describe(workdir: str, holder: dict[str, Any]) -> str:
 
 def acquire(workdir: str) -> None:
     """Takes the workdir's lock for this process (counted; see `release`), or raises
-    WorkdirLockedError naming the holder."""
+    WorkdirLockedError naming the holder (WorkdirStorageError on an object store)."""
+    problem = storage_problem(workdir)
+    if problem and ("://" in workdir or os.environ.get(ALLOW_OBJECT_STORE_ENV) != "1"):
+        raise WorkdirStorageError(problem)
     os.makedirs(workdir, exist_ok=True)
     key = os.path.realpath(workdir)
     with _guard:
@@ -164,7 +223,7 @@ def hold_workdir(workdir: str, *, lead: Optional[bool] = None) -> Iterator[None]
     if lead:
         try:
             acquire(workdir)
-        except WorkdirLockedError as e:
+        except (WorkdirLockedError, WorkdirStorageError) as e:
             ok, message, error = False, str(e), e
     agreed, _ = _lead_result(ok if lead else True, message)
     if error is not None:

@@ -896,3 +896,38 @@ def test_slurm_sbatch_and_python_derive_the_same_port():
         capture_output=True, text=True, check=True, timeout=60, cwd=REPO_ROOT,
     ).stdout.splitlines()  # fmt: skip
     assert lines[0].startswith(f"export JAX_COORDINATOR_ADDRESS=gpu1:{distributed.job_port('123457')} ")
+
+
+# ------------------------------------------------------------- 6. object storage
+
+
+def test_an_object_store_workdir_is_refused_with_a_clear_message(tmp_path, monkeypatch):
+    from rl_reason import workdir_lock
+
+    with pytest.raises(workdir_lock.WorkdirStorageError, match="object-store URL"):
+        with workdir_lock.hold_workdir("gs://bucket/runs/ppo", lead=True):
+            pass
+    mounts = tmp_path / "mounts"
+    bucket = tmp_path / "bucket"
+    (bucket / "runs").mkdir(parents=True)
+    mounts.write_text(
+        "/dev/root / ext4 rw 0 0\n"
+        f"my-bucket {bucket} fuse.gcsfuse rw,nosuid,nodev 0 0\n"
+    )
+    problem = workdir_lock.storage_problem(str(bucket / "runs" / "new_run"), str(mounts))
+    assert "fuse.gcsfuse mount" in problem and "atomically" in problem
+    assert workdir_lock.storage_problem(str(tmp_path / "elsewhere"), str(mounts)) is None
+    real = workdir_lock.storage_problem
+    monkeypatch.setattr(workdir_lock, "storage_problem", lambda w: real(w, str(mounts)))
+    with pytest.raises(workdir_lock.WorkdirStorageError, match="gcsfuse"):
+        workdir_lock.acquire(str(bucket / "runs" / "ppo"))
+    monkeypatch.setenv(workdir_lock.ALLOW_OBJECT_STORE_ENV, "1")
+    with workdir_lock.hold_workdir(str(bucket / "runs" / "ppo"), lead=True):
+        pass
+
+
+def test_a_gs_checkpoint_directory_is_refused_not_mangled_into_a_local_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(checkpointing.CheckpointError, match="object-store URLs"):
+        checkpointing.Checkpointer("gs://bucket/run/checkpoints")
+    assert list(tmp_path.iterdir()) == []
