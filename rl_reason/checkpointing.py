@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 _log = logging.getLogger(__name__)
 
@@ -129,6 +130,37 @@ def _agree(verdict: int) -> list[int]:
 
     every = multihost_utils.process_allgather(np.array([verdict], np.int32))
     return [int(v) for v in np.asarray(every).reshape(-1)]
+
+
+class _Verdict(Exception):
+    """A stage of a restore failed on at least one process: every process's verdict,
+    this one's, and this one's error (None if it succeeded)."""
+
+    def __init__(self, verdicts: list[int], verdict: int, error: Optional[BaseException]):
+        super().__init__(str(error))
+        self.verdicts, self.verdict, self.error = verdicts, verdict, error
+
+
+def _stage(fn):
+    """`fn()`'s value when it succeeded on every process; otherwise raises _Verdict on
+    every process (after agreeing: no process goes on alone)."""
+    error: Optional[BaseException] = None
+    value = None
+    try:
+        value = fn()
+        verdict = _OK
+    except CorruptCheckpointError as e:
+        error, verdict = e, _DAMAGED
+        if isinstance(e.__cause__, BaseException) and _is_environmental(e.__cause__):
+            verdict = _ENVIRONMENT
+    except IncompatibleCheckpointError as e:
+        error, verdict = e, _INCOMPATIBLE
+    except Exception as e:  # noqa: BLE001 -- classified, agreed on, then re-raised
+        error, verdict = e, (_ENVIRONMENT if _is_environmental(e) else _DAMAGED)
+    verdicts = _agree(verdict)
+    if max(verdicts) == _OK:
+        return value
+    raise _Verdict(verdicts, verdict, error)
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -366,47 +398,36 @@ class Checkpointer:
         if not candidates:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         for candidate in candidates:
-            error: Optional[BaseException] = None
             try:
                 items, progress = self._restore_verified(abstract_items, candidate)
-                verdict = _OK
-            except CorruptCheckpointError as e:
-                error, verdict = e, _DAMAGED
-                if isinstance(e.__cause__, BaseException) and _is_environmental(e.__cause__):
-                    verdict = _ENVIRONMENT
-            except IncompatibleCheckpointError as e:
-                error, verdict = e, _INCOMPATIBLE
-            except Exception as e:  # noqa: BLE001 -- classified, agreed on, then re-raised
-                error, verdict = e, (_ENVIRONMENT if _is_environmental(e) else _DAMAGED)
-            verdicts = _agree(verdict)
-            agreed = max(verdicts)
-            if agreed == _ENVIRONMENT:
-                if verdict == _ENVIRONMENT:
-                    cause = error.__cause__ if isinstance(error, CorruptCheckpointError) else error
+            except _Verdict as outcome:
+                verdicts, verdict, error = outcome.verdicts, outcome.verdict, outcome.error
+                agreed = max(verdicts)
+                others = lambda kind: [p for p, v in enumerate(verdicts) if v == kind]  # noqa: E731
+                if agreed == _ENVIRONMENT:
+                    if verdict == _ENVIRONMENT:
+                        cause = error.__cause__ if isinstance(error, CorruptCheckpointError) else error
+                        raise CheckpointEnvironmentError(
+                            f"Checkpoint {candidate} in {self.directory} could not be read because"
+                            f" of the environment, not damage ({_short(cause)}). Nothing was moved"
+                            " aside; fix the cause (permissions, mounts, memory) and run again."
+                        ) from cause
                     raise CheckpointEnvironmentError(
-                        f"Checkpoint {candidate} in {self.directory} could not be read because"
-                        f" of the environment, not damage ({_short(cause)}). Nothing was moved"
-                        " aside; fix the cause (permissions, mounts, memory) and run again."
-                    ) from cause
-                others = [p for p, v in enumerate(verdicts) if v == _ENVIRONMENT]
-                raise CheckpointEnvironmentError(
-                    f"Checkpoint {candidate} in {self.directory}: process(es) {others} could not"
-                    " read it because of their environment (see their logs). Nothing was moved"
-                    " aside."
-                )
-            if agreed == _INCOMPATIBLE:
-                if verdict == _INCOMPATIBLE:
-                    raise error
-                raise IncompatibleCheckpointError(
-                    f"Checkpoint {candidate} in {self.directory} does not fit this run on"
-                    f" process(es) {[p for p, v in enumerate(verdicts) if v == _INCOMPATIBLE]}."
-                )
-            if agreed == _DAMAGED:
+                        f"Checkpoint {candidate} in {self.directory}: process(es)"
+                        f" {others(_ENVIRONMENT)} could not read it because of their environment"
+                        " (see their logs). Nothing was moved aside."
+                    )
+                if agreed == _INCOMPATIBLE:
+                    if verdict == _INCOMPATIBLE:
+                        raise error
+                    raise IncompatibleCheckpointError(
+                        f"Checkpoint {candidate} in {self.directory} does not fit this run on"
+                        f" process(es) {others(_INCOMPATIBLE)}."
+                    )
                 reason = (
                     str(error)
                     if verdict == _DAMAGED
-                    else "damaged as read by process(es)"
-                    f" {[p for p, v in enumerate(verdicts) if v == _DAMAGED]}"
+                    else f"damaged as read by process(es) {others(_DAMAGED)}"
                 )
                 if step is not None:
                     if isinstance(error, CorruptCheckpointError):
@@ -421,49 +442,85 @@ class Checkpointer:
             f" {self.quarantine_directory}."
         )
 
-    def _restore_verified(self, abstract_items, step):
+    def _read(self, step: int, args: Mapping[str, Any]) -> Any:
+        """Orbax's restore of the items `args` of checkpoint `step`.
+
+        On several processes, through Orbax's handler directly: the manager's
+        restore ends in a barrier that a process whose read failed never reaches
+        (the others would wait there for ever); here every stage of a restore ends
+        in `_stage`'s agreement instead, which every process reaches."""
+        if jax.process_count() == 1:
+            return self._manager.restore(step, args=ocp.args.Composite(**args))
+        handler = ocp.CompositeCheckpointHandler()
         try:
-            with _orbax_errors_quiet():
-                integrity = self.read_integrity(step)
-            saved = integrity["items"]
-        except Exception as e:  # noqa: BLE001 -- classified by the caller from the cause
-            raise CorruptCheckpointError(
-                f"its integrity record does not read ({_short(e)})"
-            ) from e
-        algorithm = integrity.get("checksum", LEGACY_CHECKSUM)
-        if algorithm not in _CHECKSUMS:
-            raise CorruptCheckpointError(
-                f"its integrity record names an unknown checksum algorithm {algorithm!r}"
+            return handler.restore(
+                epath.Path(self.directory) / str(step), args=ocp.args.Composite(**args)
             )
-        for name, abstract in abstract_items.items():
-            if name not in saved:
-                raise IncompatibleCheckpointError(
-                    f"Checkpoint {step} in {self.directory} has no item {name!r}"
-                    f" (it has {sorted(saved)})."
-                )
-            _check_compatible(name, saved[name], describe(abstract, with_checksums=False), step)
-        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
-        args[PROGRESS] = ocp.args.JsonRestore()
-        _drop_echoes_of_a_failed_read()  # before: the first echo can beat the error here
-        try:
-            with _orbax_errors_quiet():
-                restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # noqa: BLE001 -- TensorStore/zstd/missing files: damage
-            raise CorruptCheckpointError(f"its arrays do not read ({_short(e)})") from e
-        items = {name: restored[name] for name in abstract_items}
-        for name, tree in items.items():
+        finally:
+            handler.close()
+
+    def _restore_verified(self, abstract_items, step):
+        """Reads and verifies checkpoint `step` in stages; each stage ends with every
+        process's verdict agreed (`_stage`), so that no process goes on to a stage
+        (and its collectives) that another has left."""
+
+        def read_integrity():
             try:
-                sums = describe(tree, algorithm=algorithm)["checksums"]
-            except NonFiniteStateError as e:
-                raise CorruptCheckpointError(f"item {name!r} reads back with NaN or inf: {e}")
-            bad = [
-                p for p, a, b in zip(saved[name]["paths"], sums, saved[name]["checksums"]) if a != b
-            ]
-            if bad:
+                with _orbax_errors_quiet():
+                    record = dict(self._read(step, {INTEGRITY: ocp.args.JsonRestore()})[INTEGRITY])
+                saved = record["items"]
+            except Exception as e:  # noqa: BLE001 -- classified from the cause
                 raise CorruptCheckpointError(
-                    f"item {name!r}: {len(bad)} array(s) do not match their checksums,"
-                    f" e.g. {', '.join(bad[:3])}"
+                    f"its integrity record does not read ({_short(e)})"
+                ) from e
+            algorithm = record.get("checksum", LEGACY_CHECKSUM)
+            if algorithm not in _CHECKSUMS:
+                raise CorruptCheckpointError(
+                    f"its integrity record names an unknown checksum algorithm {algorithm!r}"
                 )
+            for name, abstract in abstract_items.items():
+                if name not in saved:
+                    raise IncompatibleCheckpointError(
+                        f"Checkpoint {step} in {self.directory} has no item {name!r}"
+                        f" (it has {sorted(saved)})."
+                    )
+                wanted = describe(abstract, with_checksums=False)
+                _check_compatible(name, saved[name], wanted, step)
+            return saved, algorithm
+
+        saved, algorithm = _stage(read_integrity)
+
+        def read_arrays():
+            args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+            args[PROGRESS] = ocp.args.JsonRestore()
+            _drop_echoes_of_a_failed_read()  # before: the first echo can beat the error here
+            try:
+                with _orbax_errors_quiet():
+                    return self._read(step, args)
+            except Exception as e:  # noqa: BLE001 -- TensorStore/zstd/missing files: damage
+                raise CorruptCheckpointError(f"its arrays do not read ({_short(e)})") from e
+
+        restored = _stage(read_arrays)
+        items = {name: restored[name] for name in abstract_items}
+
+        def verify():
+            for name, tree in items.items():
+                try:
+                    sums = describe(tree, algorithm=algorithm)["checksums"]
+                except NonFiniteStateError as e:
+                    raise CorruptCheckpointError(f"item {name!r} reads back with NaN or inf: {e}")
+                bad = [
+                    p
+                    for p, a, b in zip(saved[name]["paths"], sums, saved[name]["checksums"])
+                    if a != b
+                ]
+                if bad:
+                    raise CorruptCheckpointError(
+                        f"item {name!r}: {len(bad)} array(s) do not match their checksums,"
+                        f" e.g. {', '.join(bad[:3])}"
+                    )
+
+        _stage(verify)
         return items, dict(restored[PROGRESS])
 
     def read_progress(self, step: Optional[int] = None) -> dict[str, Any]:
