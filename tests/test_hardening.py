@@ -1015,3 +1015,48 @@ def test_two_processes_agree_on_a_checkpoint_one_of_them_cannot_read(tmp_path):
         assert out["environment"] == "raised" and out["after_environment"] == [[1, 2], []]
         # Process 1's decode error: both set step 2 aside and restore step 1.
         assert out["damage"] == [1, [1], ["2"]]
+
+
+# -------------------------------- 3, end to end: once the run lifecycle takes the lock
+
+
+def _lifecycle_takes_the_lock() -> bool:
+    import inspect
+
+    from rl_reason.experiments import runs
+
+    return "workdir_lock" in inspect.getsource(runs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _lifecycle_takes_the_lock(),
+    reason="the run lifecycle (experiments/runs.py) does not take the workdir lock yet",
+)
+def test_a_second_run_on_a_live_workdir_exits_naming_the_holder(tmp_path):
+    from test_resume import TINY
+
+    workdir = tmp_path / "run"
+    command = [sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"),
+               f"--workdir={workdir}", *TINY, "--config.train.num_steps=100000"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(1200):  # the lock is taken once the run has started
+            if workdir.exists() and (workdir / "metrics.jsonl").exists():
+                break
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.25)
+        metrics_before = (workdir / "metrics.jsonl").read_bytes()
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert second.returncode != 0
+        assert f"pid {first.pid} on host {socket.gethostname()}" in second.stderr, second.stderr[-3000:]
+        # It touched nothing: the live run's metrics were not truncated.
+        assert (workdir / "metrics.jsonl").read_bytes().startswith(metrics_before)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.communicate()
