@@ -9,13 +9,21 @@
 #
 # Arguments after `--` go to the script (launch/train.py by default). Process 0
 # writes to the terminal, process i to <log-dir>/process_<i>.log. When one process
-# fails, the others are stopped and its status is this script's.
+# fails, the others are stopped and its status is this script's. SIGTERM or SIGHUP
+# to this script is passed to every process, and it waits for them to save (their
+# status, 75 after a preemption save, is its own); Ctrl-C reaches them directly.
+# Needs bash 4.3 or later.
 set -euo pipefail
 
 usage() {
-  sed -n '2,12s/^# \{0,1\}//p' "$0"
+  sed -n '2,16s/^# \{0,1\}//p' "$0"
   exit "${1:-0}"
 }
+
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 3))); then
+  echo "local.sh: needs bash 4.3 or later (this is $BASH_VERSION)" >&2
+  exit 2
+fi
 
 processes=2
 devices=4
@@ -63,11 +71,27 @@ if [[ $dry_run == 1 ]]; then
 fi
 
 mkdir -p "$log_dir"
+# A token only this launch's processes know: strangers (or another launch on the
+# same port) cannot join the rendezvous.
+if [[ -z ${RL_REASON_RENDEZVOUS_TOKEN:-} ]]; then
+  RL_REASON_RENDEZVOUS_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+fi
+export RL_REASON_RENDEZVOUS_TOKEN
 pids=()
 stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT TERM
+# TERM/HUP: passed on, then the loop below waits for every process to save and
+# exit. INT (Ctrl-C) reached the whole process group already: only wait (a second
+# SIGINT would make the processes stop at once, without saving).
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+  echo "local.sh: $1; passing SIGTERM to the processes and waiting for them to save" >&2
+  stop_all
+}
+trap 'forward SIGTERM' TERM
+trap 'forward SIGHUP' HUP
+trap 'echo "local.sh: SIGINT; waiting for the processes to save" >&2' INT
 for ((i = 0; i < processes; i++)); do
   mapfile -t vars < <(process_env "$i")
   if ((i == 0)); then
@@ -78,18 +102,28 @@ for ((i = 0; i < processes; i++)); do
   pids+=("$!")
 done
 
+# Polls instead of `wait -n -p` (bash 5.1): a finished child is reaped by bash, so
+# `kill -0` fails for it, and `wait PID` then gives its recorded status.
 status=0
 running=("${pids[@]}")
 while ((${#running[@]} > 0)); do
-  code=0
-  wait -n -p finished "${running[@]}" || code=$?
   for i in "${!running[@]}"; do
-    if [[ ${running[$i]} == "${finished:-}" ]]; then unset 'running[i]'; fi
+    pid=${running[$i]}
+    if kill -0 "$pid" 2>/dev/null; then continue; fi
+    code=0
+    wait "$pid" || code=$?
+    unset 'running[i]'
+    if ((code != 0 && status == 0)); then
+      status=$code
+      if ((code != 75)); then
+        echo "local.sh: a process exited with status $code; stopping the others" >&2
+        stop_all
+      fi
+    fi
   done
-  if ((code != 0 && status == 0)); then
-    status=$code
-    echo "local.sh: a process exited with status $code; stopping the others" >&2
-    stop_all
+  if ((${#running[@]} > 0)); then
+    sleep 0.2 &
+    wait $! 2>/dev/null || true
   fi
 done
 exit "$status"

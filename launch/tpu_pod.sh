@@ -7,16 +7,20 @@
 #   launch/tpu_pod.sh --name rl-v4 --zone us-central2-b --type v4-32 -- \
 #       --config=configs/study_gsm8k_ppo.py --workdir=/mnt/shared/runs/ppo
 #   launch/tpu_pod.sh --dry-run --name rl-v4 --zone us-central2-b --type v4-32 -- ...
+#   launch/tpu_pod.sh --follow --name rl-v4 --zone us-central2-b --type v4-32   # worker 0's log
+#   launch/tpu_pod.sh --stop --name rl-v4 --zone us-central2-b --type v4-32     # save and stop
 #
 # Options: --project P, --version (TPU VM image; tpu-ubuntu2204-base), --spot,
 # --skip-install (code and packages are already there). The workdir must be on
-# storage all hosts share (NFS, Filestore, a bucket mounted with gcsfuse): every
-# host writes checkpoints.
+# storage all hosts share (NFS, Filestore): every host writes checkpoints.
 # Arguments after `--` go to launch/train.py. Rerunning the same command resumes.
+# The run starts detached on every worker (setsid nohup, log in
+# ~/rl_reason_logs/<name>.log, pid in <name>.pid), so a dropped ssh session does
+# not end it; --stop sends it SIGTERM, so it saves first and exits 75.
 set -euo pipefail
 
 usage() {
-  sed -n '2,15s/^# \{0,1\}//p' "$0"
+  sed -n '2,21s/^# \{0,1\}//p' "$0"
   exit "${1:-0}"
 }
 
@@ -28,6 +32,7 @@ version=tpu-ubuntu2204-base
 spot=0
 install=1
 dry_run=0
+mode=start
 jax_version=0.10.2
 
 while [[ $# -gt 0 ]]; do
@@ -40,6 +45,8 @@ while [[ $# -gt 0 ]]; do
     --spot) spot=1; shift ;;
     --skip-install) install=0; shift ;;
     --dry-run) dry_run=1; shift ;;
+    --follow) mode=follow; shift ;;
+    --stop) mode=stop; shift ;;
     -h | --help) usage 0 ;;
     --) shift; break ;;
     *) echo "tpu_pod.sh: unknown option $1 (arguments for launch/train.py go after --)" >&2; usage 2 ;;
@@ -69,14 +76,28 @@ where=(--zone="$zone")
 create=(gcloud compute tpus tpu-vm create "$name" "${where[@]}" --accelerator-type="$type"
   --version="$version")
 ((spot)) && create+=(--spot)
-archive=/tmp/rl_reason_${name}.tar.gz
+# A private, unpredictable archive path, removed however this script ends.
+archive=$(mktemp "${TMPDIR:-/tmp}/rl_reason_${name}.XXXXXXXX")
+trap 'rm -f "$archive"' EXIT
 pack=(tar czf "$archive" --exclude=.git --exclude=runs --exclude=local_logs --exclude=__pycache__ .)
 copy=(gcloud compute tpus tpu-vm scp "$archive" "$name:rl_reason.tar.gz" "${where[@]}" --worker=all)
 unpack="mkdir -p ~/rl_reason && tar xzf ~/rl_reason.tar.gz -C ~/rl_reason"
 setup="$unpack && cd ~/rl_reason && python3 -m pip install -q -r requirements.txt 'jax[tpu]==$jax_version'"
-run_line="cd ~/rl_reason && RL_REASON_DISTRIBUTED=1 python3 launch/train.py"
+# shellcheck disable=SC2088  # expanded by each worker's shell
+logs="~/rl_reason_logs"
+log="$logs/$name.log"
+pidfile="$logs/$name.pid"
+# Detached: its own session (setsid), deaf to the hang-up (nohup), no terminal
+# input; the ssh command returns at once. A run still alive there is not started twice.
+run_line="cd ~/rl_reason && mkdir -p $logs || exit 1; if [ -f $pidfile ] && kill -0 \$(cat $pidfile)"
+run_line+=" 2>/dev/null; then echo \"$name is still running (pid \$(cat $pidfile))\" >&2; exit 1; fi;"
+run_line+=" setsid nohup env RL_REASON_DISTRIBUTED=1 python3 launch/train.py"
 for arg in "$@"; do run_line+=" $(printf '%q' "$arg")"; done
+run_line+=" >>$log 2>&1 </dev/null & echo \$! >$pidfile"
+follow_line="tail -n 200 -F $log"
+stop_line="if [ -f $pidfile ]; then kill -TERM \$(cat $pidfile) 2>/dev/null || true; fi"
 ssh=(gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command)
+ssh0=(gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=0 --command)
 
 show() {
   printf '%q ' "$@"
@@ -84,6 +105,17 @@ show() {
 }
 
 cd "$(dirname "$0")/.."
+if [[ $mode != start ]]; then
+  if [[ $mode == follow ]]; then command=("${ssh0[@]}" "$follow_line"); else command=("${ssh[@]}" "$stop_line"); fi
+  if ((dry_run)); then show "${command[@]}"; else "${command[@]}"; fi
+  exit 0
+fi
+follow_hint() {
+  local base="launch/tpu_pod.sh --name $name --zone $zone --type $type"
+  [[ -n $project ]] && base+=" --project $project"
+  echo "tpu_pod.sh: started detached on every worker; follow: $base --follow;" \
+    "stop (saves first): $base --stop; logs: $log on each worker" >&2
+}
 if ((dry_run)); then
   echo "# $type: $hosts host(s); every command below reaches all of them"
   printf '%q ' gcloud compute tpus tpu-vm describe "$name" "${where[@]}"
@@ -95,6 +127,8 @@ if ((dry_run)); then
     show "${ssh[@]}" "$setup"
   fi
   show "${ssh[@]}" "$run_line"
+follow_hint
+  follow_hint
   exit 0
 fi
 
@@ -107,3 +141,4 @@ if ((install)); then
   "${ssh[@]}" "$setup"
 fi
 "${ssh[@]}" "$run_line"
+follow_hint

@@ -88,15 +88,24 @@ class MetricWriter:
             )
 
     def _truncate_after(self, step: int) -> None:
-        """Keeps only records up to `step`: those after it are about to be redone."""
+        """Keeps only records up to `step`: those after it are about to be redone. The
+        rewrite is synced before it replaces the file, and the directory after, so a
+        crash leaves the old file or the new one, whole."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if (record := _parse(line)) and record["step"] <= step]
+            kept = [
+                line
+                for number, line in enumerate(f, 1)
+                if (record := _parse(line, self.path, number)) and record["step"] <= step
+            ]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        _fsync_directory(os.path.dirname(self.path))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
@@ -118,12 +127,39 @@ class MetricWriter:
         self._mirrors = []
 
 
-def _parse(line: str) -> Optional[dict[str, Any]]:
-    """A record, or None for a blank line or one a kill cut short."""
+class MetricsFileError(ValueError):
+    """metrics.jsonl holds a line that is JSON but not a record ({"step": int, ...})."""
+
+
+def _parse(line: str, path: str = "metrics.jsonl", number: int = 0) -> Optional[dict[str, Any]]:
+    """A record, or None for a blank line or one a kill cut short; a line that is
+    valid JSON but not a record is a MetricsFileError naming its line."""
     try:
-        return json.loads(line) if line.strip() else None
+        record = json.loads(line) if line.strip() else None
     except json.JSONDecodeError:
         return None
+    if record is None:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise MetricsFileError(
+            f"{path}:{number}: not a metrics record (a JSON object with an integer"
+            f" \"step\"): {line.strip()[:120]!r}. Remove or fix that line."
+        )
+    return record
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -132,7 +168,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [record for line in f if (record := _parse(line))]
+        return [record for number, line in enumerate(f, 1) if (record := _parse(line, path, number))]
 
 
 # --- further backends: mirrors of metrics.jsonl ---------------------------------------

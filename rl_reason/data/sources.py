@@ -15,6 +15,8 @@ column away; the table below is the whole list and a test checks it is.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -32,12 +34,49 @@ SOURCES = {
     " (grade_school_math/data/test.jsonl), MIT",
     "svamp.json": "https://github.com/arkilpatel/SVAMP (SVAMP.json), MIT",
 }
+# The sha256 of each upstream file (GSM8K at grade-school-math commit 3101c7d5, SVAMP's
+# SVAMP.json): a copy that differs is refused, since every reported number depends on it.
+SHA256 = {
+    "gsm8k_train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+    "gsm8k_test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+    "svamp.json": "5be77703a6d891ae476d7c082787ad361392aa02453b132516cdd5f4e7934e3e",
+}
 SVAMP_LABEL_ERRORS = {"chal-680": "5"}  # id -> the answer its equation and question give
 DATA_DIR_ENV = "RL_REASON_DATA_DIR"
 
 
 class MissingDataError(FileNotFoundError):
     """The manual data directory lacks a file; the message says where to get it."""
+
+
+class DataDigestError(ValueError):
+    """A data file is not the byte-for-byte upstream copy its pinned sha256 names."""
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # the cache key: a changed file is hashed again
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_digest(path: str | os.PathLike, name: str | None = None) -> None:
+    """Raises DataDigestError unless `path` has the pinned sha256 of upstream `name`."""
+    path = pathlib.Path(path)
+    name = name or path.name
+    expected = SHA256.get(name)
+    if expected is None:
+        return
+    stat = path.stat()
+    actual = _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    if actual != expected:
+        raise DataDigestError(
+            f"{path} is not the upstream {name} (sha256 {actual}, expected {expected}):"
+            f" a damaged, truncated or edited copy. Get it again from {SOURCES[name]}."
+        )
 
 
 def locate_data_dir() -> pathlib.Path | None:
@@ -58,10 +97,12 @@ MANUAL_INSTRUCTIONS = (
 
 
 def require_file(directory: str | os.PathLike | None, name: str) -> pathlib.Path:
-    """``directory/name``, or a :class:`MissingDataError` saying where the file comes from."""
+    """``directory/name``, or a :class:`MissingDataError` saying where the file comes from;
+    a file whose sha256 is not the pinned upstream one is a :class:`DataDigestError`."""
     path = pathlib.Path(directory or "") / name
     if directory is None or not path.is_file():
         raise MissingDataError(f"{name} not found in {directory!r}. {MANUAL_INSTRUCTIONS}")
+    check_digest(path, name)
     return path
 
 

@@ -16,6 +16,7 @@ import flax.traverse_util
 import jax
 import numpy as np
 
+from rl_reason.checkpointing import write_bytes_atomic
 from rl_reason.models import hf_weights
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.hf_config import hf_config_dict
@@ -78,8 +79,10 @@ def export_hf(
         return
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
+    write_bytes_atomic(
+        os.path.join(directory, "config.json"),
+        (json.dumps(hf_config, indent=2, sort_keys=True)).encode(),
+    )
     write_checkpoint(directory, tensors, max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -18,7 +18,9 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 from collections.abc import Mapping
 
 import ml_dtypes
@@ -255,21 +257,32 @@ def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, st
     os.chmod(path, _default_file_mode())
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_checkpoint(
     directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], max_shard_bytes: int
 ) -> list[str]:
     """Writes model.safetensors, or shards plus an index when larger than max_shard_bytes.
 
     Shards are filled in the order of `tensors` and named as transformers names
-    them (model-00001-of-00003.safetensors); a previous export's weight files in
-    `directory` are removed first. Files get the mode open() gives (0o666 less
-    the umask), as transformers' save_pretrained leaves them. Returns the file
-    names written.
+    them (model-00001-of-00003.safetensors). Every new file is written and synced
+    in a staging directory inside `directory` first; only then are they renamed
+    into place (the index last, after the previous index is removed, so that a
+    reader never takes a mixture for a checkpoint) and a previous export's
+    weight files that are not part of the new one removed. A failure while
+    writing leaves the previous export untouched and no staging directory. Files
+    get the mode open() gives (0o666 less the umask), as transformers'
+    save_pretrained leaves them. Returns the file names written.
     """
     directory = os.fspath(directory)
-    for name in os.listdir(directory):  # a previous export's files would shadow or mix in
-        if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(name):
-            os.remove(os.path.join(directory, name))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, array in tensors.items():
@@ -279,18 +292,39 @@ def write_checkpoint(
         shards[-1][name] = np.ascontiguousarray(array)
         size += array.nbytes
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    if len(shards) == 1:
-        _save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata)
-        return [SINGLE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for file_name, shard in zip(names, shards):
-        _save_file(shard, os.path.join(directory, file_name), metadata)
-        weight_map.update(dict.fromkeys(shard, file_name))
-    index = {
-        "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
-        "weight_map": weight_map,
-    }
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
-        json.dump(index, f, indent=2)
-    return names + [INDEX_FILE]
+    staging = tempfile.mkdtemp(prefix=".export-staging-", dir=directory)
+    try:
+        if len(shards) == 1:
+            names = [SINGLE_FILE]
+            _save_file(shards[0], os.path.join(staging, SINGLE_FILE), metadata)
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            weight_map = {}
+            for file_name, shard in zip(names, shards):
+                _save_file(shard, os.path.join(staging, file_name), metadata)
+                weight_map.update(dict.fromkeys(shard, file_name))
+            index = {
+                "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+                "weight_map": weight_map,
+            }
+            with open(os.path.join(staging, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2)
+            names.append(INDEX_FILE)
+        for name in names:
+            _fsync(os.path.join(staging, name))
+        previous = [
+            name
+            for name in os.listdir(directory)
+            if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(name)
+        ]
+        if INDEX_FILE in previous:  # no index while the shards it names are being replaced
+            os.remove(os.path.join(directory, INDEX_FILE))
+        for name in names:  # the new index (if any) is last
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        for name in previous:  # a previous export's files would shadow or mix in
+            if name not in names and os.path.exists(os.path.join(directory, name)):
+                os.remove(os.path.join(directory, name))
+        _fsync(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names

@@ -7,7 +7,10 @@ worker processes: each comparison gets a deadline, and a worker that
 overruns it is killed (the answer counts as not equivalent) and a
 replacement is started at once, in the background, so the next check finds
 a ready worker instead of paying the restart. Workers are plain ``python``
-subprocesses (this module's ``_serve``) speaking JSON lines, so they are
+subprocesses (this module's ``_serve``) speaking JSON lines (each reply carries
+its request's id, and a worker out of step is replaced), under an address-space
+limit (``WORKER_MEMORY_LIMIT``) and a lower priority; a worker that dies is
+logged and replaced, so they are
 independent of how the parent started (fork after JAX's threads is unsafe)
 and cost nothing until the first LaTeX answer. :meth:`LatexChecker.equivalent_many` keeps every worker
 busy, so a batch's checks run on all cores and one slow check does not
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import select
 import subprocess
@@ -36,6 +40,8 @@ from typing import Self
 
 from rl_reason.rewards.numbers import DEFAULT_REL_TOL
 
+_log = logging.getLogger(__name__)
+
 MAX_ANSWER_CHARS = 1000  # a longer "answer" is not equivalent to anything
 DEFAULT_TIMEOUT = 1.0  # seconds per check (config: rewards.latex_timeout)
 DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))  # config: rewards.latex_workers
@@ -43,6 +49,7 @@ DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))  # config: rewards.latex_w
 # takes over at once while the replacement starts (1.5-2 s on a loaded machine).
 DEFAULT_SPARES = 1
 MAX_REMEMBERED = 65536  # answered pairs kept (about 15 MB)
+WORKER_MEMORY_LIMIT = 4 << 30  # bytes of address space per worker (RLIMIT_AS)
 # What `equivalent` allows beyond `timeout` for handing the check to a ready
 # worker: a call bounded by `timeout` alone would cut every check that much short.
 DISPATCH_ALLOWANCE = 0.1  # seconds
@@ -96,6 +103,7 @@ class _Worker:
         self.ready = False
         self.buffer = b""
         self.job: int | None = None  # index of the request being checked
+        self.request_id = 0  # the id the request carried; its reply must carry it back
         self.key: tuple = ()  # its (gold, predicted, rel_tol)
         self.sent = 0.0  # when that request was sent
 
@@ -108,9 +116,11 @@ class _Worker:
         *lines, self.buffer = self.buffer.split(b"\n")
         return lines
 
-    def send(self, job: int, request: bytes) -> bool:
+    def send(self, job: int, request: dict) -> bool:
+        self.request_id += 1
+        line = json.dumps({**request, "id": self.request_id}).encode() + b"\n"
         try:
-            self.proc.stdin.write(request)
+            self.proc.stdin.write(line)
             self.proc.stdin.flush()
         except OSError:
             return False
@@ -209,6 +219,12 @@ class LatexChecker:
             worker = fds[fd]
             lines = worker.read_lines()
             if lines is None:  # died: its job (if any) is not equivalent
+                _log.warning(
+                    "math-verify worker %d died (exit status %s)%s; replacing it.",
+                    worker.proc.pid,
+                    worker.proc.poll(),
+                    " on a check" if worker.job is not None else "",
+                )
                 if worker.job is not None:
                     results[worker.job] = False
                     self.stats.checks += 1
@@ -222,10 +238,20 @@ class LatexChecker:
                     self.stats.slowest = max(self.stats.slowest, elapsed)
                     self.stats.checks += 1
                     try:
-                        results[worker.job] = json.loads(line) is True
+                        reply = json.loads(line)
                     except ValueError:
-                        results[worker.job] = False
+                        reply = None
+                    in_step = isinstance(reply, dict) and reply.get("id") == worker.request_id
+                    results[worker.job] = in_step and reply.get("equal") is True
                     worker.job = None
+                    if not in_step:  # never take one check's answer for another's
+                        _log.warning(
+                            "math-verify worker %d answered out of step (%r); replacing it.",
+                            worker.proc.pid,
+                            line[:80],
+                        )
+                        self._replace(worker)
+                        break
 
     def equivalent_many(
         self,
@@ -253,7 +279,7 @@ class LatexChecker:
                 results[i] = False
                 continue
             message = {"gold": _as_math(gold), "predicted": _as_math(predicted), "rel_tol": rel_tol}
-            requests.append((i, key, json.dumps(message).encode() + b"\n"))
+            requests.append((i, key, message))
         if not requests:
             return [bool(r) for r in results]
         with self._lock:
@@ -391,8 +417,9 @@ _WARM_UP = [
 
 def _serve() -> None:
     """Worker loop: one JSON request per line in, ``true``/``false`` per line out."""
-    import logging
+    from rl_reason.rewards.parallel import limit_worker
 
+    limit_worker(WORKER_MEMORY_LIMIT)  # and no core dumps, a lower priority
     logging.disable(logging.WARNING)  # math-verify warns that we disabled its timeouts
     for gold, predicted in _WARM_UP:  # first uses load parsers and caches; not on a check's clock
         try:
@@ -404,10 +431,12 @@ def _serve() -> None:
     out.write(b"null\n")
     out.flush()
     for line in sys.stdin.buffer:
+        request_id = None
         try:
             request = json.loads(line)
+            request_id = request.get("id")
             result = _compare(request["gold"], request["predicted"], float(request["rel_tol"]))
         except Exception:  # noqa: BLE001 -- any failure on untrusted input means "not equivalent"
             result = False
-        out.write(b"true\n" if result else b"false\n")
+        out.write(json.dumps({"id": request_id, "equal": bool(result)}).encode() + b"\n")
         out.flush()
