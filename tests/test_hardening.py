@@ -1017,22 +1017,10 @@ def test_two_processes_agree_on_a_checkpoint_one_of_them_cannot_read(tmp_path):
         assert out["damage"] == [1, [1], ["2"]]
 
 
-# -------------------------------- 3, end to end: once the run lifecycle takes the lock
-
-
-def _lifecycle_takes_the_lock() -> bool:
-    import inspect
-
-    from rl_reason.experiments import runs
-
-    return "workdir_lock" in inspect.getsource(runs)
+# -------------------------------- 3, end to end: the run lifecycle takes the lock
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _lifecycle_takes_the_lock(),
-    reason="the run lifecycle (experiments/runs.py) does not take the workdir lock yet",
-)
 def test_a_second_run_on_a_live_workdir_exits_naming_the_holder(tmp_path):
     from test_resume import TINY
 

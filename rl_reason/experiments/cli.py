@@ -212,7 +212,7 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     multi-host start-up problem exits with status 1 and its message, no
     traceback. Anything else is a bug and keeps its traceback.
     """
-    from rl_reason import checkpointing
+    from rl_reason import checkpointing, workdir_lock
     from rl_reason.data.tokenizer import IncompleteTokenizerError
     from rl_reason.experiments import runs
     from rl_reason.experiments.config import InvalidConfigError
@@ -232,6 +232,8 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
         checkpointing.CheckpointError,
         ModelSourceError,
         CheckpointFormatError,
+        workdir_lock.WorkdirLockedError,
+        workdir_lock.WorkdirStorageError,
         IncompleteTokenizerError,
         DistributedStartupError,
     ) as e:

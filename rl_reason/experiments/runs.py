@@ -19,6 +19,7 @@ leaving the `with` block waits for the last save, inside the signal guard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,7 @@ from jax.sharding import Mesh
 
 from rl_reason import checkpointing
 from rl_reason import logging as run_logging
+from rl_reason import workdir_lock
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.experiments import config as config_lib
 from rl_reason.parallel import distributed
@@ -170,7 +172,8 @@ def make_checkpointer(
 class Run:
     """The lifecycle every training loop shares (see the module docstring).
 
-    Entering starts the processes and the mesh (`start`), checks the resume
+    Entering starts the processes and the mesh (`start`), takes the workdir's lock
+    (`workdir_lock.hold_workdir`: one run per workdir), checks the resume
     (`locked`: further config sections the run may not change) and opens the
     checkpointer; `begin` writes the run record, opens the metric writer
     (truncated to `resume_step`: records past the checkpoint are redone) and
@@ -187,11 +190,19 @@ class Run:
     ):
         self.config, self.workdir = config, workdir
         self.mesh, self.rules = start(config, workdir, validate)
-        if locked:
-            check_resume_config(config, workdir, locked)
-        self.checkpointer = make_checkpointer(config, workdir)
         self.writer: Optional[run_logging.MetricWriter] = None
         self._guard: Optional[checkpointing.PreemptionGuard] = None
+        # One run per workdir: process 0 holds the lock for the run's life; a second
+        # start is refused naming the holder (every process learns the verdict).
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(workdir_lock.hold_workdir(workdir))
+        try:
+            if locked:
+                check_resume_config(config, workdir, locked)
+            self.checkpointer = make_checkpointer(config, workdir)
+        except BaseException:
+            self._held.close()
+            raise
 
     def __enter__(self) -> "Run":
         return self
@@ -205,6 +216,7 @@ class Run:
                 self.writer.close()
             if self._guard is not None:
                 self._guard.__exit__(*exc)
+            self._held.close()
 
     @property
     def show_progress(self) -> bool:
