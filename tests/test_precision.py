@@ -95,10 +95,14 @@ def _mismatch(rollout, model, params):
     """mismatch_metrics of the rollout's log-probs against the learner's float32 ones."""
     seq = rollout.sequences()
     learner = token_logprobs(model, params, seq["tokens"], seq["input_mask"], chunk_size=64)
-    width = rollout.prompt_tokens.shape[1]
-    return rc.mismatch_metrics(
+    metrics = rc.mismatch_metrics(learner.logprobs, rollout.sequence_logprobs(), seq["loss_mask"])
+    width = rollout.prompt_tokens.shape[1]  # the same on the completion alone
+    alone = rc.mismatch_metrics(
         learner.logprobs[:, width:], rollout.logprobs, rollout.completion_mask
     )
+    for k in metrics:
+        np.testing.assert_allclose(float(alone[k]), float(metrics[k]), rtol=1e-6, err_msg=k)
+    return metrics
 
 
 def test_sampler_precision_apart_from_the_learners(tokenizer):

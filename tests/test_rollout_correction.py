@@ -185,3 +185,13 @@ def test_unknown_mode_and_bad_cap():
         rc.correct("tis", learner, sampler, mask)
     with pytest.raises(ValueError, match=">= 1"):
         rc.correct("token_mis", learner, sampler, mask, 0.5)
+
+
+def test_default_caps():
+    learner, sampler, mask = _batch(4)
+    assert set(rc.DEFAULT_CAPS) == set(rc.MODES) and rc.DEFAULT_MODE in rc.MODES
+    for mode in MODES:
+        default = rc.correct(mode, learner, sampler, mask)
+        explicit = rc.correct(mode, learner, sampler, mask, rc.DEFAULT_CAPS[mode])
+        np.testing.assert_array_equal(np.asarray(default.weights), np.asarray(explicit.weights))
+        np.testing.assert_array_equal(np.asarray(default.mask), np.asarray(explicit.mask))
