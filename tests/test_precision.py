@@ -37,12 +37,17 @@ def test_lm_head_fp32_is_a_no_op_in_float32_and_helps_in_bfloat16():
     config = tiny_llama(vocab_size=VOCAB, init_std=0.2)
     params = _params(config)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 12)), jnp.int32)
-    plain = jax.jit(_logits, static_argnums=0)
-    f32 = plain(config, params, tokens)
-    same = plain(config.replace(lm_head_fp32=True), params, tokens)
+    variants = [
+        config,
+        config.replace(lm_head_fp32=True),
+        config.replace(dtype="bfloat16"),
+        config.replace(dtype="bfloat16", lm_head_fp32=True),
+    ]
+    # one program for the four (each compile costs seconds on a loaded 2-core machine)
+    f32, same, bf16, head32 = jax.jit(lambda p, t: [_logits(c, p, t) for c in variants])(
+        params, tokens
+    )
     assert np.asarray(f32).tobytes() == np.asarray(same).tobytes()
-    bf16 = plain(config.replace(dtype="bfloat16"), params, tokens)
-    head32 = plain(config.replace(dtype="bfloat16", lm_head_fp32=True), params, tokens)
     assert bf16.dtype == head32.dtype == jnp.float32
     err = lambda x: float(jnp.abs(x - f32).mean())
     assert 0 < err(head32) < err(bf16)
@@ -94,7 +99,8 @@ def tokenizer():
 def _mismatch(rollout, model, params):
     """mismatch_metrics of the rollout's log-probs against the learner's float32 ones."""
     seq = rollout.sequences()
-    learner = token_logprobs(model, params, seq["tokens"], seq["input_mask"], chunk_size=64)
+    score = jax.jit(lambda p, t, m: token_logprobs(model, p, t, m, chunk_size=64))
+    learner = score(params, seq["tokens"], seq["input_mask"])
     metrics = rc.mismatch_metrics(learner.logprobs, rollout.sequence_logprobs(), seq["loss_mask"])
     width = rollout.prompt_tokens.shape[1]  # the same on the completion alone
     alone = rc.mismatch_metrics(

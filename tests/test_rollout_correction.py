@@ -9,6 +9,9 @@ import pytest
 from rl_reason.algorithms import rollout_correction as rc
 
 MODES = sorted(rc.MODES)
+# Jitted: eagerly, every operation compiles for every new shape, which costs more.
+correct = jax.jit(rc.correct, static_argnums=(0, 4))
+mismatch_metrics = jax.jit(rc.mismatch_metrics)
 
 
 def _batch(seed, shape=(6, 9), spread=0.4):
@@ -62,9 +65,7 @@ def test_correction_matches_numpy(mode, cap):
     rejected = kept = 0
     for seed in range(3):
         learner, sampler, mask = _batch(seed)
-        weights, keep = jax.jit(rc.correct, static_argnums=(0, 4))(
-            mode, learner, sampler, mask, cap
-        )
+        weights, keep = correct(mode, learner, sampler, mask, cap)
         want_w, want_k = _reference(mode, learner, sampler, mask, cap)
         np.testing.assert_array_equal(np.asarray(keep), want_k)
         assert keep.dtype == bool and weights.dtype == jnp.float32
@@ -80,7 +81,7 @@ def test_denominators_follow_the_mask():
     learner, sampler, mask = _batch(0)
     per_token = np.random.default_rng(5).normal(size=mask.shape).astype(np.float32)
     for mode in MODES:
-        weights, keep = rc.correct(mode, learner, sampler, mask, 2.0)
+        weights, keep = correct(mode, learner, sampler, mask, 2.0)
         loss = (np.asarray(weights) * per_token * keep).sum() / max(np.asarray(keep).sum(), 1)
         want_w, want_k = _reference(mode, learner, sampler, mask, 2.0)
         want = (want_w * per_token * want_k).sum() / want_k.sum()
@@ -91,12 +92,12 @@ def test_leading_axes_and_sequence_products():
     """[micro, rows, T] batches: the sequence modes reduce the last axis only."""
     learner, sampler, mask = _batch(7, shape=(2, 3, 8))
     for mode in MODES:
-        got = rc.correct(mode, learner, sampler, mask, 2.0)
+        got = correct(mode, learner, sampler, mask, 2.0)
         want_w, want_k = _reference(mode, learner, sampler, mask, 2.0)
         np.testing.assert_array_equal(np.asarray(got.mask), want_k)
         np.testing.assert_allclose(np.asarray(got.weights), want_w, rtol=2e-6)
     # the sequence ratio is the geometric mean: exp(mean log), and its product's log is the sum
-    metrics = rc.mismatch_metrics(learner, sampler, mask)
+    metrics = mismatch_metrics(learner, sampler, mask)
     logs = np.where(mask, learner.astype(np.float64) - sampler, 0.0)
     rows = mask.any(-1)
     geo = np.exp(logs.sum(-1)[rows] / mask.sum(-1)[rows])
@@ -110,7 +111,7 @@ def test_leading_axes_and_sequence_products():
 
 def test_metrics_match_numpy():
     learner, sampler, mask = _batch(3, spread=0.6)
-    got = jax.jit(rc.mismatch_metrics)(learner, sampler, mask)
+    got = mismatch_metrics(learner, sampler, mask)
     log_ratio = (learner.astype(np.float64) - sampler)[mask]
     ratio = np.exp(log_ratio)
     k3 = ratio - 1 - log_ratio
@@ -139,12 +140,12 @@ def test_exactly_one_where_sampler_and_learner_agree(cap):
     _, sampler, mask = _batch(1)
     learner = np.where(mask, sampler, 3.0).astype(np.float32)  # padding may differ
     for mode in MODES:
-        weights, keep = rc.correct(mode, learner, sampler, mask, cap)
+        weights, keep = correct(mode, learner, sampler, mask, cap)
         assert np.asarray(weights).tobytes() == np.ones(mask.shape, np.float32).tobytes(), mode
         np.testing.assert_array_equal(np.asarray(keep), mask)
         stats = rc.correction_metrics(rc.Correction(weights, keep), mask)
         assert float(stats["rejected"]) == 0.0 and float(stats["weight_max"]) == 1.0
-    metrics = rc.mismatch_metrics(learner, sampler, mask)
+    metrics = mismatch_metrics(learner, sampler, mask)
     for name in ("kl_k3_mean", "kl_k3_max", "kl_k1_mean", "logp_abs_diff_max", "ratio_outside"):
         assert float(metrics[name]) == 0.0, name
     for name in ("ratio_mean", "ratio_min", "ratio_max", "seq_ratio_min", "seq_ratio_max"):
@@ -155,18 +156,18 @@ def test_empty_mask_and_extreme_gaps_stay_finite():
     shape = (3, 5)
     empty = np.zeros(shape, bool)
     zeros = np.zeros(shape, np.float32)
-    metrics = rc.mismatch_metrics(zeros, zeros, empty)
+    metrics = mismatch_metrics(zeros, zeros, empty)
     assert float(metrics["ratio_min"]) == 1.0 and float(metrics["tokens"]) == 0.0
     for mode in MODES:
-        weights, keep = rc.correct(mode, zeros, zeros, empty, 2.0)
+        weights, keep = correct(mode, zeros, zeros, empty, 2.0)
         assert not np.asarray(keep).any() and (np.asarray(weights) == 1.0).all()
     # a token 1000 nats apart: bounded, finite, truncated or rejected
     learner = zeros.copy()
     learner[0, 0] = 1000.0
     mask = np.ones(shape, bool)
-    assert np.isfinite(np.asarray(list(rc.mismatch_metrics(learner, zeros, mask).values()))).all()
-    assert float(rc.correct("token_tis", learner, zeros, mask).weights[0, 0]) == 2.0
-    assert not bool(rc.correct("token_mis", learner, zeros, mask).mask[0, 0])
+    assert np.isfinite(np.asarray(list(mismatch_metrics(learner, zeros, mask).values()))).all()
+    assert float(correct("token_tis", learner, zeros, mask, 2.0).weights[0, 0]) == 2.0
+    assert not bool(correct("token_mis", learner, zeros, mask, 2.0).mask[0, 0])
 
 
 def test_weights_carry_no_gradient():

@@ -31,7 +31,8 @@ name the same things; see docs/precision.md for the choice):
     sequence_mis  w = g, rows with g outside [1/C, C] leave     the geometric mean
 
 with rho_t = exp(learner_t - sampler_t), the ratio pi_learner / pi_sampler on
-the sampled token. Log-ratios are bounded to [-20, 20] before exp (verl's
+the sampled token. C defaults to 2 for the token modes and 1.1 for the
+sequence modes (`DEFAULT_CAPS`): a geometric mean needs a tighter band. Log-ratios are bounded to [-20, 20] before exp (verl's
 safety bound) so that no weight overflows; they are 0 off the mask.
 
 Exactness: where learner == sampler, every log-ratio is exactly 0, every
