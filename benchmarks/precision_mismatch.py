@@ -30,11 +30,10 @@ import json
 import os
 import time
 
-import numpy as np
-from benchlib import load_average, matmul_peak_flops  # sets this checkout first on sys.path
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+from benchlib import load_average, matmul_peak_flops  # sets this checkout first on sys.path
 
 from rl_reason.algorithms import rollout_correction as rc
 from rl_reason.algorithms.logprobs import token_logprobs
@@ -55,9 +54,7 @@ CAP = 2.0
 def _learner_logprobs(config, params, rollout, rows: int, chunk: int) -> np.ndarray:
     """The learner's log-probs of the rollout's completion tokens, `rows` rows at a time."""
     model = Transformer(config.replace(scan_layers=True))
-    score = jax.jit(
-        lambda p, t, m: token_logprobs(model, p, t, m, chunk_size=chunk).logprobs
-    )
+    score = jax.jit(lambda p, t, m: token_logprobs(model, p, t, m, chunk_size=chunk).logprobs)
     seq = rollout.sequences()
     tokens, mask = np.asarray(seq["tokens"]), np.asarray(seq["input_mask"])
     width = rollout.prompt_tokens.shape[1]
@@ -72,7 +69,9 @@ def _learner_logprobs(config, params, rollout, rows: int, chunk: int) -> np.ndar
     return np.concatenate(parts)
 
 
-def measure(config, params, tokenizer, prompts, *, samples, new_tokens, batch, buckets, rows, chunk):
+def measure(
+    config, params, tokenizer, prompts, *, samples, new_tokens, batch, buckets, rows, chunk
+):
     results = {}
     for name, (dtype, sampler_changes, learner_changes) in CASES.items():
         clock = time.perf_counter()
@@ -88,9 +87,7 @@ def measure(config, params, tokenizer, prompts, *, samples, new_tokens, batch, b
             max_new_tokens=new_tokens, temperature=1.0, num_samples=samples
         )
         rollout = sampler.generate(params, prompts, jax.random.PRNGKey(0), options).rollout
-        learner = _learner_logprobs(
-            config.replace(**learner_changes), params, rollout, rows, chunk
-        )
+        learner = _learner_logprobs(config.replace(**learner_changes), params, rollout, rows, chunk)
         mask = np.asarray(rollout.completion_mask)
         sampler_lp = np.asarray(rollout.logprobs)
         metrics = {k: float(v) for k, v in rc.mismatch_metrics(learner, sampler_lp, mask).items()}
@@ -159,11 +156,22 @@ def main():
         start = sources.load_run(args.start, mesh, shd.DEFAULT_RULES)
         n = args.prompts or 32
         prompts = [templates.format_prompt(ex["question"]) for ex in synthetic.generate("test", n)]
-        print(f"synthetic start {args.start}: {start.config.num_params() / 1e6:.2f}M params, "
-              f"{n} prompts x 8 samples, 48 new tokens", flush=True)
+        print(
+            f"synthetic start {args.start}: {start.config.num_params() / 1e6:.2f}M params, "
+            f"{n} prompts x 8 samples, 48 new tokens",
+            flush=True,
+        )
         out["start"] = measure(
-            start.config, start.params, start.tokenizer, prompts,
-            samples=8, new_tokens=48, batch=32, buckets=(64, 128), rows=64, chunk=256,
+            start.config,
+            start.params,
+            start.tokenizer,
+            prompts,
+            samples=8,
+            new_tokens=48,
+            batch=32,
+            buckets=(64, 128),
+            rows=64,
+            chunk=256,
         )
         print(table("synthetic start", out["start"]), flush=True)
     if args.gemma:
@@ -171,7 +179,9 @@ def main():
 
         loaded = load_gemma3_270m()
         n = args.prompts or 8
-        path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k_test.jsonl")
+        path = os.path.join(
+            os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k_test.jsonl"
+        )
         if not os.path.exists(path):
             path = "/work/shared/data/gsm8k_test.jsonl"
         with open(path) as f:
@@ -179,8 +189,16 @@ def main():
         prompts = [templates.format_prompt(q) for q in questions]
         print(f"Gemma 3 270M: {n} GSM8K prompts x 4 samples, 48 new tokens", flush=True)
         out["gemma"] = measure(
-            loaded.config, loaded.params, loaded.tokenizer, prompts,
-            samples=4, new_tokens=48, batch=8, buckets=(128, 256), rows=8, chunk=64,
+            loaded.config,
+            loaded.params,
+            loaded.tokenizer,
+            prompts,
+            samples=4,
+            new_tokens=48,
+            batch=8,
+            buckets=(128, 256),
+            rows=8,
+            chunk=64,
         )
         print(table("Gemma 3 270M", out["gemma"]), flush=True)
     print(f"load average at the end {load_average():.1f}")

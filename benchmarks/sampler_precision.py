@@ -19,14 +19,14 @@ the figures, and the load average, since the machine is shared.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
-import numpy as np
-from benchlib import PAD, init_params, load_average, make_prompts, matmul_peak_flops
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+from benchlib import PAD, init_params, load_average, make_prompts, matmul_peak_flops
 
 from rl_reason.models import precision
 from rl_reason.models.config import llama_125m
@@ -46,6 +46,16 @@ def product_flops(dtype, rows: int, repeats: int = 50) -> float:
     for _ in range(repeats):
         f(x, w).block_until_ready()
     return 2 * rows * 768 * 2048 * repeats / (time.perf_counter() - start)
+
+
+def bf16_dot_runs_in_f32() -> bool:
+    """Whether XLA compiles a bfloat16 x bfloat16 product as converts to float32 around a
+    float32 dot (XLA:CPU does: it has no bfloat16 dot kernel, whatever the CPU's units)."""
+    x = jnp.ones((32, 768), jnp.bfloat16)
+    w = jnp.ones((768, 2048), jnp.bfloat16)
+    hlo = jax.jit(lambda a, b: a @ b).lower(x, w).compile().as_text()
+    upcast = re.search(r"= f32\[[0-9,]+\]\S* convert\(", hlo)  # bf16 operand -> f32
+    return upcast is not None and re.search(r"bf16\[[0-9,]+\]\S* dot\(", hlo) is None
 
 
 def machine(batches) -> str:
@@ -71,6 +81,11 @@ def main():
     if args.quick:
         config = config.replace(num_layers=2)
         batches, args.new_tokens, args.repeats = [2], 16, 1
+    print(
+        f"{jax.default_backend()}: a bfloat16 dot compiles to a float32 dot between converts:"
+        f" {bf16_dot_runs_in_f32()}",
+        flush=True,
+    )
     print("before:", machine(batches), flush=True)
     params = init_params(config, 0)
     samplers = {}
@@ -96,7 +111,7 @@ def main():
         mask = np.ones(prompts.shape, bool)
         rng = jax.random.PRNGKey(0)
 
-        def call(dtype):
+        def call(dtype, prompts=prompts, mask=mask, rng=rng):
             model, weights = samplers[dtype]
             out = sample_jit(model, weights, prompts, mask, rng, options)
             return np.asarray(out.completion_tokens)

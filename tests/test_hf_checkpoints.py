@@ -161,7 +161,12 @@ def test_bfloat16_logits_match_transformers_bfloat16(checkpoints, name):
         got = _logits(loaded.config, loaded.params, tokens)
         gap = np.abs(got - want16)
         assert gap.max() <= 1.5 * hf_gap.max() and gap.mean() <= 1.25 * hf_gap.mean(), (
-            extra, gap.max(), hf_gap.max(), gap.mean(), hf_gap.mean())
+            extra,
+            gap.max(),
+            hf_gap.max(),
+            gap.mean(),
+            hf_gap.mean(),
+        )
         assert np.abs(got - want32).max() > 1e-3  # bfloat16 really was computed
 
 

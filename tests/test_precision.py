@@ -12,7 +12,8 @@ from rl_reason.algorithms import rollout_correction as rc
 from rl_reason.algorithms.logprobs import token_logprobs
 from rl_reason.algorithms.sft import sft_step
 from rl_reason.algorithms.train_state import TrainState
-from rl_reason.data import synthetic, tokenizer as tokenizer_lib
+from rl_reason.data import synthetic
+from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.models import precision
 from rl_reason.models.config import tiny_llama
 from rl_reason.models.transformer import KVCache, Transformer, default_positions
@@ -121,6 +122,7 @@ def test_sampler_precision_apart_from_the_learners(tokenizer):
     plain, same, bf16 = make(), make(dtype="float32"), make(dtype="bfloat16")
     assert same.sampling_params(params) is params and plain.sampling_params(params) is params
     copy = bf16.sampling_params(params)
+    assert bf16.sampling_params(copy) is copy  # cast once, sample in chunks
     assert {x.dtype for x in jax.tree.leaves(copy)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
     assert precision.tree_bytes(copy) * 2 == precision.tree_bytes(params)

@@ -196,3 +196,16 @@ def test_default_caps():
         explicit = rc.correct(mode, learner, sampler, mask, rc.DEFAULT_CAPS[mode])
         np.testing.assert_array_equal(np.asarray(default.weights), np.asarray(explicit.weights))
         np.testing.assert_array_equal(np.asarray(default.mask), np.asarray(explicit.mask))
+
+
+def test_measure_and_correct_is_the_pieces_together():
+    learner, sampler, mask = _batch(6)
+    fn = jax.jit(rc.measure_and_correct, static_argnums=(0, 4))
+    correction, metrics = fn("token_mis", learner, sampler, mask, 1.5)
+    want = correct("token_mis", learner, sampler, mask, 1.5)
+    np.testing.assert_array_equal(np.asarray(correction.weights), np.asarray(want.weights))
+    np.testing.assert_array_equal(np.asarray(correction.mask), np.asarray(want.mask))
+    separate = mismatch_metrics(learner, sampler, mask)
+    for k, v in separate.items():
+        assert float(metrics["mismatch/" + k]) == float(v), k
+    assert float(metrics["mismatch/correction/rejected"]) > 0

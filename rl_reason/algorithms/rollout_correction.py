@@ -43,7 +43,8 @@ is bitwise what it would be without the correction.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -238,3 +239,22 @@ def correction_metrics(correction: Correction, mask: jax.Array) -> dict[str, jax
     removed = (mask & ~correction.mask).astype(jnp.float32)
     out["rejected"], _, _ = _masked_stats(removed, mask, 0.0)
     return out
+
+
+def measure_and_correct(
+    mode: str,
+    learner_logprobs: jax.Array,
+    sampler_logprobs: jax.Array,
+    mask: jax.Array,
+    cap: float | None = None,
+    prefix: str = "mismatch/",
+) -> tuple[Correction, dict[str, jax.Array]]:
+    """One iteration's correction and its metrics, for a loop to call once per batch:
+    (correct(...), {prefix + mismatch_metrics, prefix + "correction/" + correction_metrics})."""
+    correction = correct(mode, learner_logprobs, sampler_logprobs, mask, cap)
+    metrics = {
+        prefix + k: v for k, v in mismatch_metrics(learner_logprobs, sampler_logprobs, mask).items()
+    }
+    for k, v in correction_metrics(correction, mask).items():
+        metrics[f"{prefix}correction/{k}"] = v
+    return correction, metrics

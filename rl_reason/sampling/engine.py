@@ -205,8 +205,15 @@ class Sampler:
 
     def sampling_params(self, params: Any) -> Any:
         """The weights the sampler computes with: a copy in its dtype when it has one
-        that differs from the model config's param dtype, else `params` themselves."""
+        that differs from the model config's param dtype, else `params` themselves.
+
+        Weights already in the sampler's dtype are used as given, so a loop that
+        samples in chunks can cast once and pass the copy to every `generate`.
+        """
         if not precision.needs_cast(self.model_config, self.dtype):
+            return params
+        floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+        if all(x.dtype == jnp.dtype(self.dtype) for x in floating):
             return params
         with shd.activation_sharding(self.mesh, self.rules):
             return precision.cast_floating_jit(params, self.dtype)
