@@ -56,8 +56,12 @@ class ModelConfig:
     rope_local_base: float = 10_000.0
     # Scalar heads on the final hidden state, e.g. ("value",) for PPO.
     heads: tuple[str, ...] = ()
+    # Compute and parameter (master) dtypes; rl_reason/models/precision.py states the policy.
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # The final norm and the unembedding in float32 whatever `dtype` is (TRL's
+    # cast_lm_head_to_fp32); a no-op with float32 compute.
+    lm_head_fp32: bool = False
     init_std: float = 0.02
     # What the backward pass recomputes instead of keeping: "dots" keeps the
     # projections' outputs and recomputes attention and the elementwise work

@@ -193,7 +193,10 @@ class Transformer(nn.Module):
             )(c)
         else:
             self.layers = [block(c) for _ in range(c.num_layers)]
-        self.final_norm = layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype)
+        # With lm_head_fp32 the final norm's float32 result is not rounded to the
+        # compute dtype, and `logits` then multiplies in float32 (precision.py).
+        norm_dtype = jnp.float32 if c.lm_head_fp32 else c.compute_dtype
+        self.final_norm = layers.RMSNorm(c.norm_eps, norm_dtype, c.weights_dtype)
         if not c.tie_embeddings:
             self.lm_head = self.param(
                 "lm_head",
@@ -293,7 +296,13 @@ class Transformer(nn.Module):
         return TransformerOutput(hidden=hidden, cache=cache, heads=heads)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Unembeds hidden [..., E] into float32 logits [..., V]."""
+        """Unembeds hidden [..., E] into float32 logits [..., V].
+
+        The table is cast to the hidden states' dtype: the compute dtype, or
+        float32 with lm_head_fp32 (the final norm's output is then float32).
+        """
+        if self.config.lm_head_fp32:
+            hidden = hidden.astype(jnp.float32)
         if self.config.tie_embeddings:
             table = self.embedder.embedding
             return jnp.einsum(

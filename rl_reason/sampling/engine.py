@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
+from rl_reason.models import precision
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
@@ -80,11 +81,18 @@ class Sampler:
         progress: bool = False,
         min_shared_prefix: int = 32,
         compiler_options: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
     ):
         """min_shared_prefix: prefill a common prompt prefix once when it is at
         least this many tokens long (0 never shares). compiler_options: XLA
-        options for the sampling program alone (None: XLA's defaults)."""
-        self.model = Transformer(model_config.replace(scan_layers=False))
+        options for the sampling program alone (None: XLA's defaults).
+        dtype: the sampler's own precision ("bfloat16", "float32"), apart from
+        the learner's: each `generate` computes with a copy of the weights cast
+        to it and a KV cache in it; None computes as model_config says, with
+        the weights as given (see rl_reason/models/precision.py)."""
+        self.model_config = model_config
+        self.dtype = None if dtype is None else str(jax.numpy.dtype(dtype))
+        self.model = Transformer(precision.sampler_config(model_config, self.dtype))
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.prompt_buckets = tuple(sorted(prompt_buckets))
@@ -161,6 +169,7 @@ class Sampler:
         of leading tokens the whole set shares (by default, those these
         prompts share), so that every call prefills the same shared prefix.
         """
+        params = self.sampling_params(params)
         shards = self._batch_shards()
         if config.min_rows % shards:
             raise ValueError(
@@ -193,6 +202,21 @@ class Sampler:
             parts.append(jax.tree.map(lambda x, keep=keep: x[:keep], shd.to_host(rollout)))
         rollout = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
         return Samples(rollout, self.decode(rollout), config.num_samples)
+
+    def sampling_params(self, params: Any) -> Any:
+        """The weights the sampler computes with: a copy in its dtype when it has one
+        that differs from the model config's param dtype, else `params` themselves.
+
+        Weights already in the sampler's dtype are used as given, so a loop that
+        samples in chunks can cast once and pass the copy to every `generate`.
+        """
+        if not precision.needs_cast(self.model_config, self.dtype):
+            return params
+        floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+        if all(x.dtype == jnp.dtype(self.dtype) for x in floating):
+            return params
+        with shd.activation_sharding(self.mesh, self.rules):
+            return precision.cast_floating_jit(params, self.dtype)
 
     def _run(self, params, tokens, mask, rng, config, row_offset, prefix):
         with shd.activation_sharding(self.mesh, self.rules):

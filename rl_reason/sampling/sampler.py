@@ -118,6 +118,13 @@ class Rollout:
             "loss_mask": concat(jnp.zeros_like(self.prompt_mask), self.completion_mask),
         }
 
+    def sequence_logprobs(self) -> jax.Array:
+        """The sampler's log-probs aligned with `sequences()["tokens"]` [N, P + G]: entry t
+        scores token t, as the learner's `token_logprobs` do; 0 over the prompt. What
+        `rollout_correction` compares with the learner's old log-probs."""
+        prompt = jnp.zeros(self.prompt_tokens.shape, jnp.float32)
+        return jnp.concatenate([prompt, jnp.asarray(self.logprobs, jnp.float32)], axis=1)
+
 
 def _order_keys(x: jax.Array) -> jax.Array:
     """uint32 keys whose unsigned order is the float32 order of x (-inf included)."""
