@@ -360,3 +360,29 @@ def test_critic_and_remat_settings_are_checked_before_anything_runs():
     grpo.critic.kind = "start"
     with pytest.raises(config_lib.InvalidConfigError, match="ppo.use_value=False"):
         config_lib.validate_rl(grpo, num_devices=1)
+
+
+@pytest.mark.slow
+def test_a_bfloat16_sampler_is_measured_against_the_float32_learner_and_corrected(
+    tiny_sft_run, tmp_path
+):
+    """sampling.dtype=bfloat16 with a float32 learner: every iteration logs the
+    mismatch (KL, token ratios) and the correction it applied (auto: token TIS)."""
+    config = _on_policy_config(arith_grpo, tiny_sft_run)
+    config.sampling.dtype = "bfloat16"
+    on_policy.train(config, str(tmp_path / "bf16"))
+    iterations = [r for r in _records(tmp_path / "bf16") if "reward_mean" in r]
+    assert len(iterations) == 3
+    for record in iterations:
+        assert record["finite"] == 1.0
+        assert record["mismatch/tokens"] > 0 and record["mismatch/kl_k3_mean"] >= 0
+        assert 0 < record["mismatch/ratio_min"] <= record["mismatch/ratio_max"]
+        assert record["mismatch/ratio_min"] < 1 < record["mismatch/ratio_max"]  # bf16 differs
+        assert record["mismatch/correction/weight_max"] <= 2.0  # TIS at C = 2
+    # With both sides in float32 there is nothing to measure or correct: the update is
+    # the one it always was (tests/compare_runs.py: bitwise).
+    from rl_reason.models.config import ModelConfig
+
+    float32 = _on_policy_config(arith_grpo, tiny_sft_run)
+    assert on_policy.correction_mode(float32, ModelConfig()) is None
+    assert on_policy.correction_mode(config, ModelConfig()) == ("token_tis", None)

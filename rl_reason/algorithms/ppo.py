@@ -192,6 +192,11 @@ def _policy_forward(
     return scored, values(models, params, batch["tokens"], batch["input_mask"])
 
 
+def valid_tokens(batch: Batch) -> jax.Array:
+    """[N, L] bool: the tokens the loss counts (completion tokens with a context)."""
+    return _valid(batch)
+
+
 def _valid(batch: Batch) -> jax.Array:
     """[N, L] bool: completion tokens with a context (sft.target_weights' tokens)."""
     masks = {k: jnp.asarray(batch[k]) for k in ("loss_mask", "input_mask")}
@@ -354,6 +359,8 @@ def ppo_loss(
     per_token_policy, policy_clipped = clipped_policy_loss(
         ratio, minibatch["advantages"].astype(jnp.float32), config.clip_eps
     )
+    if "is_weights" in minibatch:  # the sampler/learner mismatch correction
+        per_token_policy = per_token_policy * minibatch["is_weights"]
     policy_loss = aggregate(per_token_policy)
     entropy = jnp.where(valid, scored.entropy, 0.0)
     loss = policy_loss
@@ -425,6 +432,9 @@ class PPOBatch:
     old_values: Optional[jax.Array] = None
     returns: Optional[jax.Array] = None
     ref_logprobs: Optional[jax.Array] = None
+    # The sampler/learner mismatch correction's token weights (`rollout_correction`),
+    # multiplying the policy loss; absent: every weight 1.
+    is_weights: Optional[jax.Array] = None
 
     @classmethod
     def from_rollout(
@@ -433,20 +443,27 @@ class PPOBatch:
         scored: Batch,
         estimates: Batch,
         config: PPOConfig,
+        correction: Any = None,
     ) -> PPOBatch:
         """The update's batch from the rollout's sequences, `score`'s output and the
         estimates. The reference's log-probs join when the loss has a KL term, or when
-        the update logs the KL itself (a single-step update, without old_logprobs)."""
+        the update logs the KL itself (a single-step update, without old_logprobs).
+        `correction` (a `rollout_correction.Correction`): its weights multiply the
+        policy loss and the tokens it rejects leave the loss mask."""
         with_reference = bool(config.kl_loss_coef) or "old_logprobs" not in scored
+        loss_mask = sequences["loss_mask"]
+        if correction is not None:
+            loss_mask = loss_mask & correction.mask
         return cls(
             tokens=sequences["tokens"],
             input_mask=sequences["input_mask"],
-            loss_mask=sequences["loss_mask"],
+            loss_mask=loss_mask,
             advantages=estimates["advantages"],
             old_logprobs=scored.get("old_logprobs"),
             old_values=scored.get("old_values"),
             returns=estimates.get("returns"),
             ref_logprobs=scored.get("ref_logprobs") if with_reference else None,
+            is_weights=None if correction is None else correction.weights,
         )
 
     def as_dict(self) -> Batch:
@@ -469,10 +486,10 @@ def _check_batch(batch: Batch, config: PPOConfig) -> Batch:
     the KL to the reference (kl_k1/k2/k3) from ref_logprobs when the batch has them.
     """
     keys = _required_keys(config)
-    optional = ()
+    optional = ("is_weights",)
     if single_step(config):
         keys = tuple(k for k in keys if k != "old_logprobs")
-        optional = ("old_logprobs", "ref_logprobs")
+        optional += ("old_logprobs", "ref_logprobs")
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(

@@ -124,6 +124,9 @@ def _sampling(
     s.prompt_buckets = prompt_buckets  # prompt lengths compiled for (each a compile of its own)
     s.chunk = chunk  # questions per saved sampling chunk (EI, RCRL, ORM, evaluation)
     s.samples_per_call = 0  # draw K in calls of this many (0: all K in one call)
+    # The sampler's own precision ("bfloat16": a cast copy of the weights and a bf16 KV
+    # cache for rollouts); "" computes as the model does (docs/precision.md).
+    s.dtype = ""
     return s
 
 
@@ -327,6 +330,12 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.sampling = _sampling(batch_size=16, prompt_buckets=(64, 128, 256))
     c.train.remat = ""  # "" keeps the start model's; "full" or "dots" to fit a larger model
 
+    # The sampler/learner mismatch: measured every iteration when the two can differ,
+    # and corrected (algorithms/rollout_correction.py, docs/precision.md). "auto":
+    # token_tis when either side computes in less than float32, else none (exactly
+    # today's float32 update). cap: C, 0 for the mode's default.
+    c.rollout_correction = ml_collections.ConfigDict({"mode": "auto", "cap": 0.0})
+
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
     # Where PPO's value comes from when ppo.use_value: kind "" is a value head on the
     # policy's trunk; a separate critic is "start" (a copy of the start model with a
@@ -442,6 +451,16 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
         )
     if pc is not None and rl.advantage == "gae" and not pc.use_value:
         problems.append("rl.advantage='gae' needs a value: set ppo.use_value=True.")
+    correction = config.get("rollout_correction", {})
+    if correction:
+        from rl_reason.algorithms import rollout_correction as rc
+
+        if correction.mode != "auto" and correction.mode not in rc.MODES:
+            problems.append(
+                f"rollout_correction.mode={correction.mode!r} not in {['auto', *sorted(rc.MODES)]}."
+            )
+        if correction.cap and not correction.cap >= 1.0:
+            problems.append(f"rollout_correction.cap={correction.cap} must be >= 1 (0: default).")
     if rl.kl_estimator not in KL_ESTIMATORS:
         problems.append(f"rl.kl_estimator={rl.kl_estimator!r} not in {KL_ESTIMATORS}.")
     critic = config.get("critic", {}).get("kind", "")

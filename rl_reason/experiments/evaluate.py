@@ -96,6 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         mesh=mesh if jax.device_count() > 1 else None,
         rules=rules,
         stop_strings=templates.STOP_SEQUENCES,
+        dtype=config.sampling.get("dtype") or None,
         progress=config.logging.progress_bar and jax.process_index() == 0,
         compiler_options=config.eval.compiler_options.to_dict(),
     )
@@ -250,6 +251,8 @@ def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dic
                     "batch_size": config.sampling.batch_size,
                     "prompt_buckets": config.sampling.prompt_buckets,
                     "chunk_size": config.sampling.chunk,
+                    # The sampler's precision when it has its own (absent: the model's).
+                    **({"dtype": config.sampling.dtype} if config.sampling.get("dtype") else {}),
                 },
                 "model": dataclasses.asdict(model_config),
                 "weights_abs_sum": f"{float(checksum):.6e}",

@@ -35,6 +35,7 @@ import tqdm
 from rl_reason import checkpointing
 from rl_reason.algorithms import advantages as adv_lib
 from rl_reason.algorithms import kl, optimizer, ppo
+from rl_reason.algorithms import rollout_correction as rc
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
 from rl_reason.data.iterator import IndexIterator
@@ -118,7 +119,9 @@ class OnPolicyLearner:
             mesh=mesh,
             rules=rules,
             stop_strings=() if full_length else templates.STOP_SEQUENCES,
+            dtype=config.sampling.get("dtype") or None,
         )
+        self.correction = correction_mode(config, self.models.policy.config)
         self.sampling = self.sampler.sampling_config(
             max_new_tokens=rl.max_new_tokens,
             temperature=rl.temperature,
@@ -135,7 +138,9 @@ class OnPolicyLearner:
             rules,
             ppo.ppo_state_shardings(self.models, self.tx, mesh, rules),
         )
-        with_policy = ppo.needs_rollout_logprobs(pc, rl.advantage)
+        # The mismatch is measured against the learner's log-probs: they are computed.
+        correcting = self.correction is not None
+        with_policy = ppo.needs_rollout_logprobs(pc, rl.advantage) or correcting
         self.score = jax.jit(
             functools.partial(
                 ppo.score, self.models, chunk_size=pc.chunk_size, with_policy=with_policy
@@ -146,6 +151,13 @@ class OnPolicyLearner:
                 adv_lib.rollout_advantages, rl.advantage, settings=estimator_settings(config)
             )
         )
+        if self.correction is not None:
+            mode, cap = self.correction
+            self.measure = jax.jit(
+                lambda learner, sampler, sequences: rc.measure_and_correct(
+                    mode, learner, sampler, ppo.valid_tokens(sequences), cap
+                )
+            )
 
     def initial_state(self):
         return ppo.create_ppo_state(
@@ -209,16 +221,42 @@ class OnPolicyLearner:
             )
         phase_done("reference", scored, estimates)
 
-        train_batch = ppo.PPOBatch.from_rollout(sequences, scored, estimates, self.pc)
+        correction, mismatch = None, {}
+        if self.correction is not None:
+            sampler_logprobs = shd.shard_batch(batch.samples.rollout.sequence_logprobs(), mesh)
+            with shd.activation_sharding(mesh, rules):
+                correction, mismatch = self.measure(
+                    scored["old_logprobs"], sampler_logprobs, sequences
+                )
+        train_batch = ppo.PPOBatch.from_rollout(sequences, scored, estimates, self.pc, correction)
         # The scalars only: advantages and returns stay on the devices.
         diagnostics = shd.to_host(
-            {k: v for k, v in estimates.items() if k not in ("advantages", "returns")}
+            {
+                k: v
+                for k, v in {**estimates, **mismatch}.items()
+                if k not in ("advantages", "returns")
+            }
         )
         del scored, estimates
         state, metrics = self.update(state, train_batch)
         metrics = jax.device_get(metrics)
         phase_done("update")
         return state, Iteration(batch, metrics, diagnostics, seconds)
+
+
+def correction_mode(config, model_config) -> tuple[str, float | None] | None:
+    """(mode, cap) of the sampler/learner mismatch correction the config asks for, or
+    None when the two sides compute alike in float32 (nothing to measure: the update is
+    exactly today's). "auto" is token_tis when either side computes in less."""
+    rc_config = config.get("rollout_correction", {"mode": "auto", "cap": 0.0})
+    sampler_dtype = config.sampling.get("dtype") or model_config.dtype
+    lower = {str(jnp.dtype(d)) for d in (sampler_dtype, model_config.dtype)} != {"float32"}
+    mode = rc_config["mode"]
+    if mode == "auto":
+        mode = rc.DEFAULT_MODE if lower else "none"
+    if mode == "none" and not lower:
+        return None
+    return mode, rc_config["cap"] or None
 
 
 def load_critic(

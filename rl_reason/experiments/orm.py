@@ -250,6 +250,7 @@ class _OrmRun:
             mesh=self.run.mesh,
             rules=self.run.rules,
             stop_strings=templates.STOP_SEQUENCES,
+            dtype=config.sampling.get("dtype") or None,
             progress=self.run.show_progress,
         )
         reward_fn = compose.compose(c.rewards.to_dict())

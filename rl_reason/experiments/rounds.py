@@ -209,6 +209,7 @@ class _Rounds:
             mesh=mesh,
             rules=rules,
             stop_strings=templates.STOP_SEQUENCES,
+            dtype=config.sampling.get("dtype") or None,
             progress=run.show_progress,
         )
         self.reward_fn = compose.compose(c.rewards.to_dict())
