@@ -42,14 +42,20 @@ from rl_reason.models import layers
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
-# CPU block sizes (benchmarks/attention.py measures them): queries and keys.
-CPU_BLOCK_Q = 512
-CPU_BLOCK_K = 512
-# Decode (few queries): the cache is read in chunks of this many slots.
+# CPU block sizes (benchmarks/attention.py ops measures them): 128 x 128 up to
+# 2,048 keys, 256 x 256 from there; logits blocks of 64-256 KiB stay in cache.
+CPU_BLOCK_SMALL = 128
+CPU_BLOCK_LARGE = 256
+CPU_LARGE_FROM_KEYS = 2048
+# Decode (at most DECODE_MAX_QUERIES queries): the cache is read in chunks of this many slots.
 DECODE_BLOCK_K = 1024
-# "auto" on CPU keeps the dense attention up to this many visible keys: at and
-# below it the dense one was not slower (BENCHMARKS.md, "Attention").
-AUTO_DENSE_MAX_KEYS = 1024
+DECODE_MAX_QUERIES = 16
+# "auto" on CPU keeps the dense attention where the blockwise one was not
+# faster (BENCHMARKS.md, "Attention"): up to 128 keys in training and prefill
+# (a single block: the same products plus the online softmax's bookkeeping),
+# up to DECODE_BLOCK_K cache slots in decode (one chunk).
+AUTO_DENSE_MAX_KEYS = 128
+AUTO_DENSE_MAX_DECODE_KEYS = DECODE_BLOCK_K
 
 Segment = tuple  # (k, v, key_positions)
 
@@ -66,7 +72,8 @@ def choose_implementation(
     (it takes no float32), the blockwise one otherwise (decode, float32).
     TPU: splash attention for self-attention over one segment of at least
     128 tokens, the blockwise one otherwise (decode, prefill with a cache).
-    CPU: the dense XLA attention up to AUTO_DENSE_MAX_KEYS keys, blockwise above.
+    CPU: the dense XLA attention up to AUTO_DENSE_MAX_KEYS keys (decode:
+    AUTO_DENSE_MAX_DECODE_KEYS), blockwise above.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r} not in {IMPLEMENTATIONS}")
@@ -78,19 +85,24 @@ def choose_implementation(
         return "cudnn" if half and q_len > 1 else "blockwise"
     if backend == "tpu":
         return "splash" if num_segments == 1 and q_len == kv_len >= 128 else "blockwise"
-    return "xla" if kv_len <= AUTO_DENSE_MAX_KEYS else "blockwise"
+    dense_max = AUTO_DENSE_MAX_DECODE_KEYS if q_len <= DECODE_MAX_QUERIES else AUTO_DENSE_MAX_KEYS
+    return "xla" if kv_len <= dense_max else "blockwise"
 
 
 def block_sizes(q_len: int, kv_len: int, block_q: int = 0, block_k: int = 0) -> tuple[int, int]:
     """(block_q, block_k) for these lengths: the given ones, else the defaults by shape.
 
     Decode (a few queries) reads the cache in DECODE_BLOCK_K chunks; otherwise
-    CPU_BLOCK_Q x CPU_BLOCK_K, each cut to the length when shorter.
+    square blocks of CPU_BLOCK_SMALL, or CPU_BLOCK_LARGE from
+    CPU_LARGE_FROM_KEYS keys; each cut to the length when shorter.
     """
-    if not block_q:
-        block_q = CPU_BLOCK_Q
-    if not block_k:
-        block_k = DECODE_BLOCK_K if q_len <= 16 else CPU_BLOCK_K
+    if q_len <= DECODE_MAX_QUERIES:
+        default_q, default_k = q_len, DECODE_BLOCK_K
+    elif kv_len >= CPU_LARGE_FROM_KEYS:
+        default_q = default_k = CPU_BLOCK_LARGE
+    else:
+        default_q = default_k = CPU_BLOCK_SMALL
+    block_q, block_k = block_q or default_q, block_k or default_k
     return max(1, min(block_q, q_len)), max(1, min(block_k, kv_len))
 
 
@@ -107,8 +119,12 @@ def attend(
     implementation: str = "auto",
     block_q: int = 0,
     block_k: int = 0,
+    sliding_window: int = 0,
 ) -> jax.Array:
     """Grouped-query attention of q [B, T, H, D] over segments (k, v, key_positions).
+
+    sliding_window: the static window of local layers (the splash kernel's
+    masks are static; `window` is what this layer uses, possibly traced).
 
     See the module docstring for the layouts and the implementations.
     """
@@ -122,7 +138,9 @@ def attend(
     if impl == "cudnn":
         return cudnn_attention(q, segments, scale, query_positions, window)
     if impl == "splash":
-        return splash_attention(q, segments, scale, query_positions, window)
+        return splash_attention(
+            q, segments, scale, query_positions, window, sliding_window=sliding_window
+        )
     bq, bk = block_sizes(q.shape[1], max(k.shape[-2] for k, _, _ in segments), block_q, block_k)
     return blockwise_attention(q, segments, scale, query_positions, window, bq, bk)
 
@@ -385,8 +403,8 @@ def blockwise_attention(
     scale: float,
     query_positions: jax.Array,
     window: jax.Array | int = 0,
-    block_q: int = CPU_BLOCK_Q,
-    block_k: int = CPU_BLOCK_K,
+    block_q: int = CPU_BLOCK_SMALL,
+    block_k: int = CPU_BLOCK_SMALL,
 ) -> jax.Array:
     """FlashAttention's forward and backward over q [B, T, H, D] and the segments.
 
@@ -468,6 +486,71 @@ def cudnn_attention(q, segments, scale, query_positions, window, implementation=
 # --- splash attention (TPU) --------------------------------------------------------------
 
 
-def splash_attention(q, segments, scale, query_positions, window, interpret: bool = False):
-    """Self-attention over one segment with the Pallas TPU splash-attention kernel."""
-    raise NotImplementedError("splash attention is not wired yet")
+def splash_attention(
+    q,
+    segments,
+    scale,
+    query_positions,
+    window,
+    *,
+    sliding_window: int = 0,
+    block: int = 512,
+    interpret: bool = False,
+):
+    """Self-attention over one segment with the Pallas TPU splash-attention kernel.
+
+    The kernel's masks are static and by index: causal (CausalMask) for
+    global layers, LocalMask(window - 1, 0) for local ones, and padding as
+    segment ids (0 for a padded key, 1 for a real one). That is the positions'
+    rule when each row's real tokens are contiguous and counted from its first
+    (`default_positions`), which is what rl_reason's training batches and
+    cache-less prefills are; a query of padding sees padding keys instead of
+    every key (its output is never used). `window` may be traced (the layer
+    scan's); `sliding_window` is the static size local layers take: both
+    kernels are built and `lax.cond` runs one. Lengths must be multiples of
+    128 (the kernel's lanes); blocks are `block` cut to the length.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if len(segments) != 1:
+        raise ValueError("splash attention takes self-attention over one segment (no cache).")
+    (k, v, key_positions), = segments
+    if k.ndim != 4:
+        raise ValueError("splash attention needs per-row keys [B, K, S, D].")
+    b, t, h, d = q.shape
+    s_len = k.shape[2]
+    if t != s_len or t % 128:
+        raise ValueError(f"splash attention needs T == S, a multiple of 128; got {t}, {s_len}.")
+    size = min(block, t)
+    sizes = sk.BlockSizes(
+        block_q=size, block_kv_compute=size, block_kv=size,
+        block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size,
+        block_q_dq=size, block_kv_dq=size,
+    )
+
+    def kernel(mask):
+        multi = sm.MultiHeadMask(tuple(mask for _ in range(h)))
+        return sk.make_splash_mha(
+            multi, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+        )
+
+    causal = kernel(sm.CausalMask((t, s_len)))
+    local = (
+        kernel(sm.LocalMask((t, s_len), (sliding_window - 1, 0), offset=0))
+        if sliding_window > 0
+        else None
+    )
+    q_heads = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, H, T, D]
+    v_rows = jnp.swapaxes(v, 2, 3).astype(k.dtype)  # [B, K, S, D]
+    real = (key_positions >= 0).astype(jnp.int32)
+    ids = sk.SegmentIds(q=real, kv=real)
+
+    def run(fn):
+        return jax.vmap(fn)(q_heads.astype(k.dtype), k, v_rows, segment_ids=ids)
+
+    if local is None:
+        out = run(causal)
+    else:
+        out = jax.lax.cond(jnp.asarray(window) > 0, lambda: run(local), lambda: run(causal))
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)  # [B, T, H, D]

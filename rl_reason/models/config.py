@@ -68,8 +68,8 @@ class ModelConfig:
     # Scan over stacked layers (training) or unroll them (decoding).
     scan_layers: bool = True
     # Which attention kernel (rl_reason/models/attention.py): "auto" picks by
-    # backend and shape (GPU cuDNN, TPU splash, CPU dense up to 1,024 keys and
-    # blockwise above); "xla" (dense), "blockwise", "cudnn" or "splash" force one.
+    # backend and shape (GPU cuDNN, TPU splash, CPU dense up to 128 keys, or
+    # 1,024 cache slots in decode, and blockwise above); "xla" (dense), "blockwise", "cudnn" or "splash" force one.
     attention: str = "auto"
     # The blockwise kernel's query and key block sizes; 0: chosen by shape.
     attention_block_q: int = 0

@@ -128,6 +128,7 @@ class Block(nn.Module):
             implementation=c.attention,
             block_q=c.attention_block_q,
             block_k=c.attention_block_k,
+            sliding_window=c.sliding_window,
         )
         if kv is not None:
             # Write the cache after attention has read it, an order made explicit
