@@ -5,6 +5,7 @@
     python benchmarks/attention.py step                # the SFT step, 128/256/512 tokens, and 4,096
     python benchmarks/attention.py memory              # Gemma 3 270M training step, peak RSS
     python benchmarks/attention.py decode-memory       # Gemma 3 270M prefill + decode, peak RSS
+    python benchmarks/attention.py curve               # 50 SFT steps' losses with either kernel
     python benchmarks/attention.py compiled            # the same steps' XLA buffer sizes, not run
     python benchmarks/attention.py compiled-decode     # the sampler's program at cache 4,096, 16,384
     python benchmarks/attention.py memory --lengths=2048,4096 --impls=xla,blockwise
@@ -155,6 +156,32 @@ def step(args):
         )
 
 
+def curve(args):
+    """50 SFT steps of the default job's model at 8 x 256 tokens (blockwise under "auto")
+    with each kernel from the same start: the two loss curves side by side."""
+    from train_step import jax_step, make_batch, study_mini
+
+    from rl_reason.parallel import sharding as shd
+
+    losses = {}
+    for impl in ("xla", "blockwise"):
+        config = study_mini().replace(attention=impl)
+        state, fn, mesh = jax_step(config, chunk=128)
+        losses[impl] = []
+        for i in range(args.steps):
+            batch = make_batch(config, 8, 256, seed=i)
+            batch["input_mask"][:, : (i % 5) * 16] = False  # left padding, varying
+            batch["loss_mask"] = batch["input_mask"].copy()
+            state, metrics = fn(state, shd.shard_batch(batch, mesh))
+            losses[impl].append(float(metrics["loss"]))
+    a, b = np.array(losses["xla"]), np.array(losses["blockwise"])
+    print(f"# {args.steps} SFT steps, study_mini, 8 x 256, lr 1e-4; {machine()}")
+    print(f"xla first/last loss {a[0]:.6f} / {a[-1]:.6f}; blockwise {b[0]:.6f} / {b[-1]:.6f}")
+    print(f"max |difference| {np.abs(a - b).max():.3g}, max relative {np.abs(a - b).max() / a.min():.3g}")
+    print("xla      ", " ".join(f"{x:.6f}" for x in a[::7]))
+    print("blockwise", " ".join(f"{x:.6f}" for x in b[::7]))
+
+
 # --- memory (one configuration per fresh process) --------------------------------------
 
 
@@ -281,7 +308,7 @@ def memory(args, which):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("ops", "decode", "step", "memory", "decode-memory", "compiled", "compiled-decode"),
+    parser.add_argument("what", choices=("ops", "decode", "step", "memory", "decode-memory", "compiled", "compiled-decode", "curve"),
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="ops: the default blocks only")
@@ -290,6 +317,7 @@ def main():
     parser.add_argument("--impls", default="xla,blockwise")
     parser.add_argument("--remat", default="dots")
     parser.add_argument("--chunk", type=int, default=256, help="loss chunk (positions)")
+    parser.add_argument("--steps", type=int, default=50, help="curve: SFT steps")
     parser.add_argument("--new", type=int, default=512, help="decode steps")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--impl", default="blockwise")
@@ -299,6 +327,8 @@ def main():
         ops(args)
     elif args.what == "decode":
         decode(args)
+    elif args.what == "curve":
+        curve(args)
     elif args.what == "step":
         step(args)
     elif args.what.startswith("compiled"):

@@ -73,7 +73,9 @@ def _loss(fn, cotangent, positions):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("blocks", [(16, 5), (64, 64)])  # several blocks and tails; one block
+@pytest.mark.parametrize(
+    "blocks", [(16, 5), pytest.param((64, 64), marks=pytest.mark.slow)]  # blocks and tails; one
+)
 def test_blockwise_equals_dense_outputs_and_gradients(kind, blocks):
     q, segments, qpos, window = _case(kind)
     block_q, block_k = blocks
@@ -257,6 +259,28 @@ def test_blockwise_prefill_and_decode_equal_full_forward():
         outs.append(out.hidden)
         cache = out.cache
     got = model.apply(params, jnp.concatenate(outs, axis=1), method=Transformer.logits)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=1e-5)
+
+
+def test_sharded_blockwise_forward_equals_single_device():
+    from rl_reason.algorithms import train_state as ts
+    from rl_reason.parallel import mesh as mesh_lib
+    from rl_reason.parallel import sharding as shd
+
+    config = CONFIGS["gemma3"].replace(**BLOCKWISE)
+    model = Transformer(config)
+    params = _params(config)
+    tokens, mask = _inputs(config, batch=8)
+    forward = lambda p, t, m: model.apply(p, t, default_positions(m), m).hidden
+    expected = jax.jit(forward)(params, tokens, mask)
+    mesh = mesh_lib.make_mesh((2, 2, 2))
+    shardings = ts.param_shardings(model, mesh, shd.DEFAULT_RULES)
+    batch = shd.batch_sharding(mesh)
+    with shd.activation_sharding(mesh, shd.DEFAULT_RULES):
+        got = jax.jit(forward, in_shardings=(shardings, batch, batch))(
+            jax.device_put(params, shardings), tokens, mask
+        )
     valid = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=1e-5)
 

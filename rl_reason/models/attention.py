@@ -70,8 +70,9 @@ def choose_implementation(
 
     GPU: cuDNN's fused kernel for prefill and training in bfloat16/float16
     (it takes no float32), the blockwise one otherwise (decode, float32).
-    TPU: splash attention for self-attention over one segment of at least
-    128 tokens, the blockwise one otherwise (decode, prefill with a cache).
+    TPU: splash attention for self-attention over one segment whose length
+    is a multiple of 128, the blockwise one otherwise (decode, prefill with a
+    cache, other lengths).
     CPU: the dense XLA attention up to AUTO_DENSE_MAX_KEYS keys (decode:
     AUTO_DENSE_MAX_DECODE_KEYS), blockwise above.
     """
@@ -84,7 +85,8 @@ def choose_implementation(
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "cudnn" if half and q_len > 1 else "blockwise"
     if backend == "tpu":
-        return "splash" if num_segments == 1 and q_len == kv_len >= 128 else "blockwise"
+        self_attention = num_segments == 1 and q_len == kv_len and q_len % 128 == 0
+        return "splash" if self_attention else "blockwise"
     dense_max = AUTO_DENSE_MAX_DECODE_KEYS if q_len <= DECODE_MAX_QUERIES else AUTO_DENSE_MAX_KEYS
     return "xla" if kv_len <= dense_max else "blockwise"
 
