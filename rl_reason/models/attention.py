@@ -285,18 +285,26 @@ def _forward(q, segments, scale, qpos, window, block_q, block_k):
     """(out [B, T, H, D] in q's dtype, residuals for the backward pass)."""
     kv_heads = segments[0][0].shape[-3]
     qb, qposb = _to_blocks(q, qpos, kv_heads, block_q)
-    mean = _value_mean(segments)
 
     def one(qblock, pos):
         parts = [
             _segment_forward(qblock, pos, k, v, kpos, window, scale, block_k)
             for k, v, kpos in segments
         ]
-        lse, seen, out = _merge(parts)
-        out = jnp.where(seen[..., None], out, mean[:, :, None, None, :])
+        lse, _, out = _merge(parts)
         return out, lse
 
     out, lse = _map_blocks(one, qb, qposb)
+    # Queries that saw nothing take the mean of every value, read only when
+    # there are some (a decode step would otherwise read the whole cache).
+    seen = jnp.isfinite(lse)
+    b, d = q.shape[0], q.shape[-1]
+    mean = jax.lax.cond(
+        jnp.all(seen),
+        lambda: jnp.zeros((b, kv_heads, d), jnp.float32),
+        lambda: jnp.broadcast_to(_value_mean(segments), (b, kv_heads, d)),
+    )
+    out = jnp.where(seen[..., None], out, mean[:, :, None, None, :])
     return _from_blocks(out, q.shape[1]).astype(q.dtype), lse
 
 
