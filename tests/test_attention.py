@@ -180,7 +180,8 @@ def test_dispatch():
     choose = attention.choose_implementation
     assert jax.default_backend() == "cpu"
     assert choose("auto", 128, 128, jnp.float32) == "xla"
-    assert choose("auto", 256, 256, jnp.float32) == "blockwise"
+    assert choose("auto", 256, 256, jnp.float32) == "xla"
+    assert choose("auto", 512, 512, jnp.float32) == "blockwise"
     assert choose("auto", 1, 1024, jnp.float32) == "xla"
     assert choose("auto", 1, 16384, jnp.float32) == "blockwise"
     for forced in ("xla", "blockwise", "cudnn", "splash"):

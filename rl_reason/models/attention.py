@@ -51,10 +51,11 @@ CPU_LARGE_FROM_KEYS = 2048
 DECODE_BLOCK_K = 1024
 DECODE_MAX_QUERIES = 16
 # "auto" on CPU keeps the dense attention where the blockwise one was not
-# faster (BENCHMARKS.md, "Attention"): up to 128 keys in training and prefill
-# (a single block: the same products plus the online softmax's bookkeeping),
-# up to DECODE_BLOCK_K cache slots in decode (one chunk).
-AUTO_DENSE_MAX_KEYS = 128
+# clearly faster (BENCHMARKS.md, "Attention kernels"): up to 256 keys in
+# training and prefill (the SFT step measured 1.05-1.12x at 128 keys, 0.95-1.10x
+# at 256, 1.84-2.26x at 512), up to DECODE_BLOCK_K cache slots in decode (one
+# chunk: a tie).
+AUTO_DENSE_MAX_KEYS = 256
 AUTO_DENSE_MAX_DECODE_KEYS = DECODE_BLOCK_K
 
 Segment = tuple  # (k, v, key_positions)

@@ -68,7 +68,7 @@ class ModelConfig:
     # Scan over stacked layers (training) or unroll them (decoding).
     scan_layers: bool = True
     # Which attention kernel (rl_reason/models/attention.py): "auto" picks by
-    # backend and shape (GPU cuDNN, TPU splash, CPU dense up to 128 keys, or
+    # backend and shape (GPU cuDNN, TPU splash, CPU dense up to 256 keys, or
     # 1,024 cache slots in decode, and blockwise above); "xla" (dense), "blockwise", "cudnn" or "splash" force one.
     attention: str = "auto"
     # The blockwise kernel's query and key block sizes; 0: chosen by shape.
