@@ -29,13 +29,12 @@ import subprocess
 import sys
 import time
 
-from benchlib import load_average, matmul_peak_flops, peak_rss_bytes  # sets the path first
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from benchlib import load_average, matmul_peak_flops, peak_rss_bytes  # sets the path first
 
-from rl_reason.models import attention, layers
+from rl_reason.models import attention
 
 GIB = 1 << 30
 
@@ -75,8 +74,13 @@ def ops(args):
         def make(impl, bq=0, bk=0):
             def loss(q, k, v):
                 out = attention.attend(
-                    q, [(k, v, pos)], 0.17, query_positions=pos, implementation=impl,
-                    block_q=bq, block_k=bk,
+                    q,
+                    [(k, v, pos)],
+                    0.17,
+                    query_positions=pos,
+                    implementation=impl,
+                    block_q=bq,
+                    block_k=bk,
                 )
                 return jnp.sum(out * ct)
 
@@ -84,7 +88,12 @@ def ops(args):
             return lambda: jax.block_until_ready(fn(q, k, v))
 
         fns = {"xla": make("xla")}
-        blocks = [(b, c) for b in (128, 256, 512) for c in (128, 256, 512, 1024) if b <= length and c <= length]
+        blocks = [
+            (b, c)
+            for b in (128, 256, 512)
+            for c in (128, 256, 512, 1024)
+            if b <= length and c <= length
+        ]
         blocks = blocks or [(length, length)]
         if args.quick:
             blocks = [attention.block_sizes(length, length)]
@@ -101,7 +110,10 @@ def decode(args):
     print(f"# decode attention alone (forward), before: {machine()}")
     rng = np.random.default_rng(0)
     for heads, kv_heads, dim, batch, slots in (
-        (4, 2, 32, 32, 640), (12, 4, 64, 32, 640), (12, 4, 64, 32, 4096), (4, 1, 256, 1, 16384)
+        (4, 2, 32, 32, 640),
+        (12, 4, 64, 32, 640),
+        (12, 4, 64, 32, 4096),
+        (4, 1, 256, 1, 16384),
     ):
         f32 = lambda *s: jnp.asarray(rng.standard_normal(s, dtype=np.float32))
         q = f32(batch, 1, heads, dim)
@@ -113,15 +125,24 @@ def decode(args):
         nk, nv = f32(batch, kv_heads, 1, dim), f32(batch, kv_heads, dim, 1)
 
         def make(impl):
-            fn = jax.jit(lambda q, k, v, nk, nv: attention.attend(
-                q, [(k, v, cache_pos), (nk, nv, qpos)], 0.17, query_positions=qpos,
-                implementation=impl))
+            fn = jax.jit(
+                lambda q, k, v, nk, nv: attention.attend(
+                    q,
+                    [(k, v, cache_pos), (nk, nv, qpos)],
+                    0.17,
+                    query_positions=qpos,
+                    implementation=impl,
+                )
+            )
             return lambda: jax.block_until_ready(fn(q, k, v, nk, nv))
 
         med = interleaved({"xla": make("xla"), "blockwise": make("blockwise")}, args.repeats)
-        print(f"H={heads}/{kv_heads}x{dim} B={batch} cache {slots} ({written} written): xla"
-              f" {med['xla'] * 1e3:.2f} ms, blockwise {med['blockwise'] * 1e3:.2f} ms"
-              f" ({med['xla'] / med['blockwise']:.2f}x); {machine()}", flush=True)
+        print(
+            f"H={heads}/{kv_heads}x{dim} B={batch} cache {slots} ({written} written): xla"
+            f" {med['xla'] * 1e3:.2f} ms, blockwise {med['blockwise'] * 1e3:.2f} ms"
+            f" ({med['xla'] / med['blockwise']:.2f}x); {machine()}",
+            flush=True,
+        )
 
 
 # --- the training step -----------------------------------------------------------------
@@ -177,7 +198,9 @@ def curve(args):
     a, b = np.array(losses["xla"]), np.array(losses["blockwise"])
     print(f"# {args.steps} SFT steps, study_mini, 8 x 256, lr 1e-4; {machine()}")
     print(f"xla first/last loss {a[0]:.6f} / {a[-1]:.6f}; blockwise {b[0]:.6f} / {b[-1]:.6f}")
-    print(f"max |difference| {np.abs(a - b).max():.3g}, max relative {np.abs(a - b).max() / a.min():.3g}")
+    print(
+        f"max |difference| {np.abs(a - b).max():.3g}, max relative {np.abs(a - b).max() / a.min():.3g}"
+    )
     print("xla      ", " ".join(f"{x:.6f}" for x in a[::7]))
     print("blockwise", " ".join(f"{x:.6f}" for x in b[::7]))
 
@@ -201,17 +224,28 @@ def child_memory(args):
     state, metrics = fn(state, data)
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - start
-    print(json.dumps(dict(impl=args.impl, length=args.length, remat=args.remat,
-                          rss_state_gib=base / GIB, peak_gib=peak_rss_bytes() / GIB,
-                          step_s=seconds, loss=float(metrics["loss"]))))
+    print(
+        json.dumps(
+            dict(
+                impl=args.impl,
+                length=args.length,
+                remat=args.remat,
+                rss_state_gib=base / GIB,
+                peak_gib=peak_rss_bytes() / GIB,
+                step_s=seconds,
+                loss=float(metrics["loss"]),
+            )
+        )
+    )
 
 
 def child_decode(args):
     """Prefill of (cache length - new) tokens and `new` greedy decode steps, batch 1."""
+    from benchlib import init_params
+
     from rl_reason.models.config import gemma3_270m
     from rl_reason.models.transformer import Transformer
     from rl_reason.sampling.sampler import SamplingConfig, sample_jit
-    from benchlib import init_params
 
     config = gemma3_270m(attention=args.impl)
     params = init_params(config, 0)
@@ -222,12 +256,23 @@ def child_decode(args):
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 1000, (1, prompt)), jnp.int32)
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=0.0, min_rows=0)
     start = time.perf_counter()
-    out = sample_jit(model, params, tokens, jnp.ones_like(tokens, bool), jax.random.PRNGKey(0), sampling)
+    out = sample_jit(
+        model, params, tokens, jnp.ones_like(tokens, bool), jax.random.PRNGKey(0), sampling
+    )
     jax.block_until_ready(out)
     seconds = time.perf_counter() - start
-    print(json.dumps(dict(impl=args.impl, cache=args.length, new=args.new,
-                          rss_params_gib=base / GIB, peak_gib=peak_rss_bytes() / GIB,
-                          seconds_with_compile=seconds)))
+    print(
+        json.dumps(
+            dict(
+                impl=args.impl,
+                cache=args.length,
+                new=args.new,
+                rss_params_gib=base / GIB,
+                peak_gib=peak_rss_bytes() / GIB,
+                seconds_with_compile=seconds,
+            )
+        )
+    )
 
 
 def compiled(args):
@@ -239,6 +284,7 @@ def compiled(args):
     the compiled program allocates beside its arguments and outputs (the
     parameters, optimizer state and cache), i.e. what the step itself needs.
     """
+    from benchlib import init_params
     from train_step import jax_adamw, one_device_mesh
 
     from rl_reason.algorithms import sft
@@ -247,7 +293,6 @@ def compiled(args):
     from rl_reason.models.transformer import Transformer
     from rl_reason.parallel import sharding as shd
     from rl_reason.sampling.sampler import SamplingConfig, sample_jit
-    from benchlib import init_params
 
     print(f"# compiled memory (XLA memory_analysis), before: {machine()}", flush=True)
     mesh = one_device_mesh()
@@ -262,7 +307,9 @@ def compiled(args):
                     lambda: ts.create_train_state(model, tx, mesh, shd.DEFAULT_RULES, seed=0)
                 )
                 step = ts.jit_step(
-                    sft.make_sft_step(model, tx, chunk_size=args.chunk), mesh, shd.DEFAULT_RULES,
+                    sft.make_sft_step(model, tx, chunk_size=args.chunk),
+                    mesh,
+                    shd.DEFAULT_RULES,
                     shardings,
                 )
                 tokens = np.zeros((1, length), np.int32)  # small; the state stays abstract
@@ -295,24 +342,47 @@ def memory(args, which):
     print(f"# {which}: fresh process per configuration; before: {machine()}", flush=True)
     for length in map(int, args.lengths.split(",")):
         for impl in args.impls.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), which, "--child", f"--impl={impl}",
-                   f"--length={length}", f"--remat={args.remat}", f"--new={args.new}",
-                   f"--chunk={args.chunk}"]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                which,
+                "--child",
+                f"--impl={impl}",
+                f"--length={length}",
+                f"--remat={args.remat}",
+                f"--new={args.new}",
+                f"--chunk={args.chunk}",
+            ]
             load = load_average()
             run = subprocess.run(cmd, capture_output=True, text=True)
-            line = run.stdout.strip().splitlines()[-1] if run.returncode == 0 and run.stdout.strip() else (
-                f"failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}"
+            line = (
+                run.stdout.strip().splitlines()[-1]
+                if run.returncode == 0 and run.stdout.strip()
+                else (f"failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
             )
             print(f"{line}  [load before {load:.2f}]", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("ops", "decode", "step", "memory", "decode-memory", "compiled", "compiled-decode", "curve"),
+    parser.add_argument(
+        "what",
+        choices=(
+            "ops",
+            "decode",
+            "step",
+            "memory",
+            "decode-memory",
+            "compiled",
+            "compiled-decode",
+            "curve",
+        ),
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="ops: the default blocks only")
-    parser.add_argument("--shapes", default="32x128,16x256,8x512,1x4096", help="step: batch x length")
+    parser.add_argument(
+        "--shapes", default="32x128,16x256,8x512,1x4096", help="step: batch x length"
+    )
     parser.add_argument("--lengths", default="")
     parser.add_argument("--impls", default="xla,blockwise")
     parser.add_argument("--remat", default="dots")
@@ -332,7 +402,9 @@ def main():
     elif args.what == "step":
         step(args)
     elif args.what.startswith("compiled"):
-        args.lengths = args.lengths or ("2048,4096,8192" if args.what == "compiled" else "4096,16384")
+        args.lengths = args.lengths or (
+            "2048,4096,8192" if args.what == "compiled" else "4096,16384"
+        )
         compiled(args)
     elif args.child:
         (child_memory if args.what == "memory" else child_decode)(args)

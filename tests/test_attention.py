@@ -51,7 +51,9 @@ def _case(kind, seed=0, heads=4, kv_heads=2, dim=8):
             0,
             (_f32(rng, b, kv_heads, slots, dim), _f32(rng, b, kv_heads, dim, slots), cache_pos),
         )
-        segments.insert(0, (_f32(rng, kv_heads, 6, dim), _f32(rng, kv_heads, dim, 6), np.arange(6)[None]))
+        segments.insert(
+            0, (_f32(rng, kv_heads, 6, dim), _f32(rng, kv_heads, dim, 6), np.arange(6)[None])
+        )
     segments = [(k, v, jnp.asarray(p, jnp.int32)) for k, v, p in segments]
     return q, segments, jnp.asarray(qpos, jnp.int32), window
 
@@ -74,7 +76,8 @@ def _loss(fn, cotangent, positions):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
-    "blocks", [(16, 5), pytest.param((64, 64), marks=pytest.mark.slow)]  # blocks and tails; one
+    "blocks",
+    [(16, 5), pytest.param((64, 64), marks=pytest.mark.slow)],  # blocks and tails; one
 )
 def test_blockwise_equals_dense_outputs_and_gradients(kind, blocks):
     q, segments, qpos, window = _case(kind)
@@ -247,8 +250,11 @@ def test_blockwise_prefill_and_decode_equal_full_forward():
     tokens, mask = _inputs(config)
     positions = default_positions(mask)
     full = Transformer(config.replace(attention="xla"))
-    forward = jax.jit(lambda p: full.apply(p, full.apply(p, tokens, positions, mask).hidden,
-                                           method=Transformer.logits))
+    forward = jax.jit(
+        lambda p: full.apply(
+            p, full.apply(p, tokens, positions, mask).hidden, method=Transformer.logits
+        )
+    )
     expected = forward(params)
     model = Transformer(config.replace(**BLOCKWISE))
     cache = KVCache.init(config, tokens.shape[0], 20)
@@ -286,9 +292,7 @@ def test_sharded_blockwise_forward_equals_single_device():
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param("llama", marks=pytest.mark.slow), "gemma3"]
-)
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "gemma3"])
 def test_greedy_sampling_is_the_same_with_either_kernel(name):
     """The sampler's greedy tokens and log-probs with the blockwise kernel, and its decode
     loop still updating the cache in place (no copy of a whole cache buffer)."""

@@ -32,8 +32,7 @@ as the dense softmax over uniformly masked logits gives, never a NaN.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -332,7 +331,9 @@ def _segment_backward(qb, dob, delta, lse, qpos, k, v, kpos, window, scale, bloc
             dq, dk, dv = carry
             s = jnp.einsum(p["qk"], qb, kb, preferred_element_type=jnp.float32) * scale
             probs = jnp.where(mask[:, None, None], jnp.exp(s - lse[..., None]), 0.0)
-            dvb = jnp.einsum(p["dv"], probs.astype(vb.dtype), dob, preferred_element_type=jnp.float32)
+            dvb = jnp.einsum(
+                p["dv"], probs.astype(vb.dtype), dob, preferred_element_type=jnp.float32
+            )
             dp = jnp.einsum(p["dp"], dob, vb, preferred_element_type=jnp.float32)
             ds = (probs * (dp - delta[..., None]) * scale).astype(q_dtype)
             dq = dq + jnp.einsum(p["dq"], ds, kb, preferred_element_type=jnp.float32)
@@ -442,9 +443,7 @@ def _blockwise_fwd(q, segments, qpos, window, scale, block_q, block_k):
 def _blockwise_bwd(scale, block_q, block_k, residuals, dout):
     q, segments, qpos, window, out, lse = residuals
     dq, dsegs = _backward(q, segments, scale, qpos, window, block_q, block_k, out, lse, dout)
-    dsegs = tuple(
-        (dk, dv, _int_zeros(pos)) for (dk, dv, _), (_, _, pos) in zip(dsegs, segments)
-    )
+    dsegs = tuple((dk, dv, _int_zeros(pos)) for (dk, dv, _), (_, _, pos) in zip(dsegs, segments))
     return dq, dsegs, _int_zeros(qpos), _int_zeros(window)
 
 
@@ -526,7 +525,7 @@ def splash_attention(
 
     if len(segments) != 1:
         raise ValueError("splash attention takes self-attention over one segment (no cache).")
-    (k, v, key_positions), = segments
+    ((k, v, key_positions),) = segments
     if k.ndim != 4:
         raise ValueError("splash attention needs per-row keys [B, K, S, D].")
     b, t, h, d = q.shape
@@ -535,9 +534,14 @@ def splash_attention(
         raise ValueError(f"splash attention needs T == S, a multiple of 128; got {t}, {s_len}.")
     size = min(block, t)
     sizes = sk.BlockSizes(
-        block_q=size, block_kv_compute=size, block_kv=size,
-        block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size,
-        block_q_dq=size, block_kv_dq=size,
+        block_q=size,
+        block_kv_compute=size,
+        block_kv=size,
+        block_q_dkv=size,
+        block_kv_dkv=size,
+        block_kv_dkv_compute=size,
+        block_q_dq=size,
+        block_kv_dq=size,
     )
 
     def kernel(mask):
