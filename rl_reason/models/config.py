@@ -16,6 +16,7 @@ import jax.numpy as jnp
 ACTIVATIONS = ("silu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
 
@@ -70,6 +71,13 @@ class ModelConfig:
     remat: str = "dots"
     # Scan over stacked layers (training) or unroll them (decoding).
     scan_layers: bool = True
+    # Which attention kernel (rl_reason/models/attention.py): "auto" picks by
+    # backend and shape (GPU cuDNN, TPU splash, CPU dense up to 256 keys, or
+    # 1,024 cache slots in decode, and blockwise above); "xla" (dense), "blockwise", "cudnn" or "splash" force one.
+    attention: str = "auto"
+    # The blockwise kernel's query and key block sizes; 0: chosen by shape.
+    attention_block_q: int = 0
+    attention_block_k: int = 0
 
     def __post_init__(self):
         problems = []
@@ -90,6 +98,10 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat={self.remat!r} not in {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention={self.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention_block_q < 0 or self.attention_block_k < 0:
+            problems.append("attention block sizes must be >= 0 (0: chosen by shape)")
         if self.global_layer_every < 1:
             problems.append("global_layer_every must be >= 1")
         if problems:

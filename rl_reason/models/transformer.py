@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rl_reason.models import layers
+from rl_reason.models import attention, layers
 from rl_reason.models.config import ModelConfig
 
 # Values are stored transposed. XLA:CPU's batched matmul wants the contracted
@@ -112,19 +112,24 @@ class Block(nn.Module):
         k = jnp.swapaxes(k, 1, 2)  # [B, K, T, D], the cache's layouts
         v = jnp.transpose(v, (0, 2, 3, 1))  # [B, K, D, T]
         window = jnp.where(is_local, c.sliding_window, 0)
-        segment = lambda keys, values, positions: (
-            keys,
-            values,
-            layers.attention_mask(ctx.query_positions, positions, window),
-        )
-        segments = [segment(k, v, ctx.key_positions)]  # the new tokens
+        segments = [(k, v, ctx.key_positions)]  # the new tokens
         kv = layer["kv"]
         if kv is not None:
-            segments.insert(0, segment(*kv, ctx.cached_key_positions))
+            segments.insert(0, (*kv, ctx.cached_key_positions))
         if layer["shared_kv"] is not None:
             shared_k, shared_v = layer["shared_kv"]
-            segments.insert(0, segment(shared_k[0], shared_v[0], ctx.shared_key_positions))
-        attended = layers.dot_product_attention(q, segments, c.query_scale)
+            segments.insert(0, (shared_k[0], shared_v[0], ctx.shared_key_positions))
+        attended = attention.attend(
+            q,
+            segments,
+            c.query_scale,
+            query_positions=ctx.query_positions,
+            window=window,
+            implementation=c.attention,
+            block_q=c.attention_block_q,
+            block_k=c.attention_block_k,
+            sliding_window=c.sliding_window,
+        )
         if kv is not None:
             # Write the cache after attention has read it, an order made explicit
             # by the new keys depending on the output (+ 0 x one value per row
