@@ -76,9 +76,11 @@ def check_resume_config(
         saved = _flatten(json.load(f))
     current = _flatten(config_dict(config))
     prefixes = tuple(locked)
+    # A key the run's config.json lacks is a setting added to rl_reason since the run
+    # began (e.g. model.attention): the run could not have set it, so it is not checked.
     differ = [
         f"{key}: {saved.get(key, '<absent>')!r} in the run, {current.get(key, '<absent>')!r} now"
-        for key in sorted(set(saved) | set(current))
+        for key in sorted(saved)
         if key.split(".")[0] in prefixes and saved.get(key) != current.get(key)
     ]
     if differ:
