@@ -8,7 +8,10 @@ the output), every array of the newest checkpoint's items and its progress recor
 and the side files (EI/RCRL datasets, ORM datasets, eval_metrics.json,
 eval_samples.jsonl; a study's stage list, stage records, study.json and report.md).
 With --resume the NEW side also runs each case interrupted (its stop_after, or
-SIGTERM at a file the case names) and resumed, and must equal its uninterrupted run.
+SIGTERM at a file the case names) and resumed, and must equal its uninterrupted run;
+with --upgrade the OLD side begins it, is interrupted, and the NEW side resumes it
+from the OLD checkpoints: it must equal OLD's uninterrupted run (what a user who
+upgrades mid-run gets).
 
     python tests/compare_runs.py --old /work/ref-old --new . --out /tmp/parity
     python tests/compare_runs.py --old /work/ref-old --new . --out /tmp/parity \
@@ -477,6 +480,12 @@ def compare_checkpoints(old_run: Path, new_run: Path, same_steps: bool) -> str:
             if (old_step / item / "_METADATA").exists():  # a pytree of arrays
                 old_arrays = _restore_numpy(old_step / item)
                 leaves += compare_arrays(old_arrays, _restore_numpy(new_step / item), label)
+            elif item == "progress":
+                compare_values(
+                    _progress(old_step / item / "metadata", old_run),
+                    _progress(new_step / item / "metadata", new_run),
+                    label,
+                )
             elif item == "integrity":  # its checksums' algorithm is the checkpoint format's
                 compare_integrity(old_step / item / "metadata", new_step / item / "metadata", label)
             else:  # a JSON item (progress)
@@ -485,6 +494,31 @@ def compare_checkpoints(old_run: Path, new_run: Path, same_steps: bool) -> str:
                     old_run, new_run, label,
                 )  # fmt: skip
     return f"{len(dirs)} checkpoint dir(s), {leaves} arrays"
+
+
+# Settings that later issues added to the model config (attention kernel and blocks,
+# the float32 output head) at their defaults: the model the progress records is the
+# same. And the start/reference models' fingerprints, which hash the parameters with
+# the checkpoint format's checksum (issue 31 changed it): the parameters of every
+# run are compared bit for bit, so the fingerprints are not.
+ADDED_MODEL_SETTINGS = {
+    "attention": "auto",
+    "attention_block_q": 0,
+    "attention_block_k": 0,
+    "lm_head_fp32": False,
+}
+FINGERPRINT_KEYS = {"initial", "init", "reference"}
+
+
+def _progress(path: Path, run: Path) -> dict:
+    progress = json.loads(path.read_text().replace(str(run), "<workdir>"))
+    for key in FINGERPRINT_KEYS & set(progress):
+        progress[key] = "<fingerprint>"
+    for model in progress.get("models", {}).values():
+        for key, default in ADDED_MODEL_SETTINGS.items():
+            if model.get(key, default) == default:
+                model.pop(key, None)
+    return progress
 
 
 # What an integrity record holds besides each array's layout: its checksums, which
@@ -668,15 +702,22 @@ def run_case(case, checkout, workdir, start_dirs, env, log) -> float:
     return time.perf_counter() - began
 
 
-def run_interrupted_then_resumed(case, checkout, workdir, start_dirs, env, log) -> str:
-    """The run stopped early (its stop flag, or SIGTERM), then the plain command again."""
+def run_interrupted_then_resumed(
+    case, checkout, workdir, start_dirs, env, log, first: tuple | None = None
+) -> str:
+    """The run stopped early (its stop flag, or SIGTERM), then the plain command again.
+    `first`: (checkout, env) that runs the interrupted part, when not `checkout` (an
+    upgrade: a run begun by the old code, resumed by the new)."""
     if workdir.exists():
         shutil.rmtree(workdir)
     plain = command(case, checkout, workdir, start_dirs)
+    first_plain, first_env = plain, env
+    if first is not None:
+        first_plain, first_env = command(case, first[0], workdir, start_dirs), first[1]
     if case.stop_flag:
-        status, how = run([*plain, case.stop_flag], env, log), case.stop_flag
+        status, how = run([*first_plain, case.stop_flag], first_env, log), case.stop_flag
     else:
-        status = run(plain, env, log, interrupt=(workdir, case.interrupt_at))
+        status = run(first_plain, first_env, log, interrupt=(workdir, case.interrupt_at))
         how = f"SIGTERM at {case.interrupt_at}"
         how += " (finished before the signal)" if status == 0 else f" (exit {status})"
     if status not in (0, PREEMPTED_EXIT_CODE, -signal.SIGTERM):
@@ -722,6 +763,9 @@ def main() -> int:
                         help=f"comma-separated, of {[c.name for c in CASES]}")  # fmt: skip
     parser.add_argument("--reuse-old", action="store_true",
                         help="keep the OLD side's finished runs in --out instead of rerunning")  # fmt: skip
+    parser.add_argument("--upgrade", action="store_true",
+                        help="also run each case begun by OLD, interrupted, resumed by NEW;"
+                        " it must equal OLD's uninterrupted run")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="also run each case on the NEW side interrupted then resumed")  # fmt: skip
     args = parser.parse_args()
@@ -769,6 +813,18 @@ def main() -> int:
                     status += f"; resumed after {how} == uninterrupted"
                 except Difference as e:
                     raise Difference(f"resumed after {how} != uninterrupted (new side): {e}")
+            if args.upgrade and case.name != "study":
+                clock = time.perf_counter()
+                upgraded = out / "upgraded" / case.name
+                how = run_interrupted_then_resumed(case, args.new, upgraded, start_dirs(out),
+                                                   new_env, log_dir / f"upgraded_{case.name}.log",
+                                                   first=(args.old, old_env))  # fmt: skip
+                times.append(f"upgrade {time.perf_counter() - clock:.0f} s")
+                try:
+                    compare_runs(out / "old" / case.name, upgraded, False, case.text_files)
+                    status += f"; begun by OLD, {how}, resumed by NEW == OLD uninterrupted"
+                except Difference as e:
+                    raise Difference(f"begun by OLD, resumed by NEW after {how} != OLD: {e}")
         except (Difference, RunFailed) as e:
             failures += 1
             status = f"FAIL  {e}"

@@ -105,7 +105,9 @@ class OnPolicyLearner:
         self.ref_params = (
             start.params if needs_reference else None
         )  # frozen, sharded like the policy
-        self.reference_id = sources.checksum(self.ref_params) if needs_reference else None
+        # Its fingerprints: today's, and the one runs begun before format 2 recorded.
+        self.reference_ids = sources.fingerprints(self.ref_params) if needs_reference else (None,)
+        self.reference_id = self.reference_ids[0]
         self.start_params = (
             policy.params if critic is None else {"policy": policy.params, "critic": critic.params}
         )
@@ -356,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             items, progress = restored
             state = merge_state_items(learner.models, items)
             iterator.restore(progress["data"])
-            _check_reference(config, progress, learner.reference_id)
+            _check_reference(config, progress, learner.reference_ids)
         else:
             state = learner.initial_state()
         learner.start_params = None  # the state holds them now
@@ -410,8 +412,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return last
 
 
-def _check_reference(config, progress: Mapping[str, Any], reference_id: str | None) -> None:
-    if progress.get("reference") != reference_id:
+def _check_reference(config, progress: Mapping[str, Any], reference_ids: tuple) -> None:
+    if progress.get("reference") not in reference_ids:
+        reference_id = reference_ids[0]
         raise runs.ResumeConfigError(
             f"The reference model rebuilt from {config.model_source.path!r} has checksum"
             f" {reference_id}, but the run started from {progress.get('reference')}: the"

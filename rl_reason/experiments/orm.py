@@ -177,7 +177,8 @@ class _OrmRun:
         self.store = rollout.RecordStore(run.workdir, "orm")
         self.kind, self.path = init_source(config)
         self.start = sources.load_model(self.kind, self.path, mesh, rules)
-        start_id = sources.checksum(self.start.params)
+        start_ids = sources.fingerprints(self.start.params)
+        start_id = start_ids[0]
         changes = {"remat": config.train.remat} if config.train.remat else {}
         orm_model = sources.with_heads(
             self.start, (NAME,), mesh, rules, seed=config.seed, **changes
@@ -191,7 +192,7 @@ class _OrmRun:
             items, self.progress = restored
             self.state = checkpointing.merge_train_state(NAME, items)
             self.best_params = items.get("best.params")
-            if self.progress["init"] != start_id:
+            if self.progress["init"] not in start_ids:
                 raise runs.ResumeConfigError(
                     f"The ORM's start model from {self.path!r} changed since the run began"
                     f" (checksum {start_id}, recorded {self.progress['init']})."

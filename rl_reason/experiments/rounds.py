@@ -164,7 +164,8 @@ class _Rounds:
         loaded = sources.load_model(source.kind, source.path, mesh, rules)
         if config.train.remat:  # recomputation changes no parameter, only what the step keeps
             loaded = loaded._replace(config=loaded.config.replace(remat=config.train.remat))
-        initial_id = sources.checksum(loaded.params)
+        initial_ids = sources.fingerprints(loaded.params)
+        initial_id = initial_ids[0]
         start = algorithm.prepare(loaded, mesh, rules)
         del loaded
         self.model = model = Transformer(start.model_config)
@@ -180,7 +181,7 @@ class _Rounds:
             items, self.progress = restored
             self.state = checkpointing.merge_train_state("policy", items)
             self.best_params = items["best.params"]
-            if self.progress["initial"] != initial_id:
+            if self.progress["initial"] not in initial_ids:
                 raise runs.ResumeConfigError(
                     f"The start model from {source.path!r} changed since the run began"
                     f" (checksum {initial_id}, recorded {self.progress['initial']})."

@@ -164,7 +164,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         model = Transformer(start.config if start else model_config(config, data.tokenizer))
         tx, schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
         # The start model's fingerprint: a resume from another start is an error, not a mix.
-        initial = {"initial": sources.checksum(start.params)} if start else {}
+        expected = sources.fingerprints(start.params) if start else (None,)
+        initial = {"initial": expected[0]} if start else {}
         iterator = IndexIterator(
             len(data.train["tokens"]),
             config.train.batch_size,
@@ -177,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             items, progress = restored
             state = checkpointing.merge_train_state("policy", items)
             iterator.restore(progress["data"])
-            _check_same_start(config, workdir, progress, initial)
+            _check_same_start(config, workdir, progress, expected)
         else:
             params = start.params if start else None
             state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=params)
@@ -223,12 +224,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return last
 
 
-def _check_same_start(config, workdir: str, progress, initial) -> None:
+def _check_same_start(config, workdir: str, progress, expected) -> None:
     """A resume from another start model than the run's is an error, not a mix."""
-    if progress.get("initial") != initial.get("initial"):
+    if progress.get("initial") not in expected:
         source = config.get("model_source")
         raise runs.ResumeConfigError(
             f"The run in {workdir} started from another model than the config's"
             f" ({f'{source.kind}: {source.path!r}' if source else 'trained from scratch'};"
-            f" checksum {initial.get('initial')}, recorded {progress.get('initial')})."
+            f" checksum {expected[0]}, recorded {progress.get('initial')})."
         )

@@ -253,9 +253,15 @@ def orm_scorer(
     )
 
 
-def checksum(params: Any) -> str:
+def checksum(params: Any, algorithm: str = checkpointing.CHECKSUM_ALGORITHM) -> str:
     """A fingerprint of parameters (every leaf's layout and checksum, computed where
     it lives): how a run checks that the reference model it rebuilt from its
     source is the one it started with."""
-    record = checkpointing.describe(params)
+    record = checkpointing.describe(params, algorithm=algorithm)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprints(params: Any) -> tuple[str, str]:
+    """`checksum` under today's algorithm, then under the one runs begun before
+    checkpoint format 2 recorded: a resume accepts either."""
+    return checksum(params), checksum(params, checkpointing.LEGACY_CHECKSUM)
