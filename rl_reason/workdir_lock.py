@@ -191,6 +191,12 @@ def release(workdir: str) -> None:
         if entry[1] > 0:
             return
         del _held[key]
+        # The holder's record goes with the lock: a workdir left alone holds an empty
+        # lock file (so that a finished run rerun changes no byte of it).
+        try:
+            os.ftruncate(entry[0], 0)
+        except OSError:
+            pass
         os.close(entry[0])  # the kernel drops the lock with the last descriptor
 
 
