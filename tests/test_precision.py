@@ -147,3 +147,43 @@ def test_sampler_precision_apart_from_the_learners(tokenizer):
     # bfloat16 rounding of a small random model: hundredths of a nat at most
     assert 1e-4 < float(gap["logp_abs_diff_max"]) < 0.1
     assert 0 < float(gap["kl_k3_mean"]) < 1e-3 and float(gap["ratio_outside"]) == 0.0
+
+
+def _ppo_entropies(dtype, steps=50):
+    """A single-step GRPO-style update (no value, no reference) 50 times on counting rows,
+    half of them rewarded: the policy's token entropy each step, and the state's dtypes."""
+    from rl_reason.algorithms import grpo, ppo
+
+    config = tiny_llama(vocab_size=VOCAB, dtype=dtype)
+    models = ppo.ActorCritic(Transformer(config))
+    tx = optax.adam(3e-3)
+    params = _params(config)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
+    settings = grpo.grpo_ppo_config(kl_loss_coef=0.0, chunk_size=24)
+    update = jax.jit(lambda s, b: ppo.ppo_update(s, b, models=models, tx=tx, config=settings))
+    rng = np.random.default_rng(0)
+    entropies = []
+    for _ in range(steps):
+        rows = _counting_batch(rng)
+        sign = np.where(np.arange(8) % 2 == 0, 1.0, -1.0)[:, None]
+        batch = ppo.PPOBatch(
+            **{k: jnp.asarray(v) for k, v in rows.items()},
+            advantages=jnp.asarray(np.broadcast_to(sign, rows["tokens"].shape), jnp.float32),
+        )
+        state, metrics = update(state, batch)
+        entropies.append(float(metrics["entropy"]))
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    return np.asarray(entropies), {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
+
+
+def test_ppo_update_in_bfloat16_compute_follows_float32():
+    """50 PPO/GRPO updates with bfloat16 compute and float32 masters track float32: the
+    policy's entropy (the loss itself sits near 0) falls by over 4% in both and stays
+    within 3% of float32's at every step (measured: 6.6% fall, at most 1.8% apart, the
+    gap growing with the steps), and parameters and Adam moments stay float32."""
+    f32, dtypes32 = _ppo_entropies("float32")
+    bf16, dtypes16 = _ppo_entropies("bfloat16")
+    assert dtypes32 == dtypes16 == {jnp.dtype(jnp.float32)}
+    assert f32[-1] < 0.96 * f32[0] and bf16[-1] < 0.96 * bf16[0]  # the updates moved both
+    np.testing.assert_allclose(bf16, f32, rtol=0.03)
+    assert not np.array_equal(bf16, f32)  # bfloat16 really was computed
