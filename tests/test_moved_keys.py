@@ -48,3 +48,24 @@ def test_rl_and_eval_keys_move_and_unset_ones_change_nothing(caplog):
     with caplog.at_level(logging.WARNING):
         config_lib.resolve_moved_keys(untouched)
     assert untouched.to_dict() == config_lib.ei_config().to_dict() and not caplog.text
+
+
+def test_a_run_begun_under_the_old_keys_compares_with_today_s_config(tmp_path):
+    """A config.json written before the keys moved reads as today's: the resume check
+    sees the same sampling settings (and would see a changed one)."""
+    import json
+
+    from rl_reason.experiments import runs
+
+    old = config_lib.orm_config()
+    saved = runs.config_dict(old)
+    saved["orm"].update(sampling_batch_size=8, sampling_chunk=16)  # as an old run wrote it
+    for key in ("sampling",):
+        del saved[key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    today = config_lib.orm_config()
+    today.sampling.update(batch_size=8, chunk=16)
+    runs.check_resume_config(today, str(tmp_path), ("orm", "sampling"))
+    today.sampling.chunk = 32
+    with pytest.raises(runs.ResumeConfigError, match="sampling.chunk: 16 in the run, 32 now"):
+        runs.check_resume_config(today, str(tmp_path), ("orm", "sampling"))

@@ -184,6 +184,26 @@ def setting(config: ml_collections.ConfigDict, key: str) -> tuple[str, Any]:
     return key, config[section][name]
 
 
+def with_moved_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (flattened: "section.key" -> value) as it reads today: a value it
+    set under a moved key is under the new one, the old key gone (a run's config.json
+    written before MOVED_KEYS compares with today's config)."""
+    out = dict(flat)
+    for old, new in MOVED_KEYS.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        placeholder = _PLACEHOLDERS.get(old.split(".")[1], -1)
+        if isinstance(value, list):
+            value = tuple(value)
+        unset = value == placeholder or (
+            isinstance(value, tuple) and value == tuple(placeholder or ())
+        )
+        if not unset:
+            out.setdefault(new, list(value) if isinstance(value, tuple) else value)
+    return out
+
+
 def resolve_moved_keys(config: ml_collections.ConfigDict) -> None:
     """Copies every value set under a moved key (MOVED_KEYS) to its new key, with a
     warning; the old key is left unset. Runs call it before anything reads the config."""

@@ -254,12 +254,26 @@ def _fingerprint(config: ml_collections.ConfigDict, model_config, params) -> dic
                     # The sampler's precision when it has its own (absent: the model's).
                     **({"dtype": config.sampling.dtype} if config.sampling.get("dtype") else {}),
                 },
-                "model": dataclasses.asdict(model_config),
+                "model": _model_fingerprint(model_config),
                 "weights_abs_sum": f"{float(checksum):.6e}",
             },
             default=list,
         )
     )
+
+
+# Model settings added after evaluations began to be fingerprinted: at their defaults
+# they change nothing an evaluation computes, and leaving them out keeps the chunks of
+# an evaluation begun before them resumable.
+_ADDED_MODEL_SETTINGS = ("attention", "attention_block_q", "attention_block_k", "lm_head_fp32")
+
+
+def _model_fingerprint(model_config) -> dict[str, Any]:
+    record, defaults = dataclasses.asdict(model_config), dataclasses.asdict(type(model_config)())
+    for key in _ADDED_MODEL_SETTINGS:
+        if key in record and record[key] == defaults.get(key):
+            del record[key]
+    return record
 
 
 class _Progress:

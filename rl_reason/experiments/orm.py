@@ -73,7 +73,7 @@ SPLITS = ("train", "heldout", "validation")
 NAME = orm_lib.ORM_HEAD  # the checkpoint's model name and the head's
 # What the sampled datasets depend on besides the seed, model and data (locked by
 # runs.start): a resume that changes them would mix samples of two settings.
-LOCKED_SECTIONS = ("orm", "eval")
+LOCKED_SECTIONS = ("orm", "eval", "sampling")
 
 
 def validate_orm(config: ml_collections.ConfigDict) -> None:

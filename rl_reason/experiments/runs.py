@@ -73,7 +73,7 @@ def check_resume_config(
     if not os.path.exists(path):
         return
     with open(path) as f:
-        saved = _flatten(json.load(f))
+        saved = config_lib.with_moved_keys(_flatten(json.load(f)))
     current = _flatten(config_dict(config))
     prefixes = tuple(locked)
     # A key the run's config.json lacks is a setting added to rl_reason since the run
