@@ -606,6 +606,14 @@ def ppo_update(
         (state.params, state.opt_state, state.step),
         jax.random.split(shuffle_rng, config.num_epochs),
     )
+    metrics = _update_metrics(history, params, batch, valid, raw_advantages, config)
+    new_state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+
+def _update_metrics(history, params, batch, valid, raw_advantages, config) -> dict:
+    """The update's metrics: means over its optimizer steps (maxima for *_max), the new
+    params' norm, `finite`, and the batch's advantage and value statistics."""
     metrics = {
         name: per_step.max() if name.endswith("_max") else per_step.mean()
         for name, per_step in history.items()
@@ -632,8 +640,7 @@ def ppo_update(
             return_mean=masked_mean(batch["returns"], valid),
             value_mean=masked_mean(batch["old_values"], valid),
         )
-    new_state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
-    return new_state, metrics
+    return metrics
 
 
 def make_ppo_update(

@@ -217,8 +217,13 @@ def _segment_forward(qb, qpos, k, v, kpos, window, scale, block_k):
 
         return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
 
+    return _over_key_blocks(block, init, s_len, block_k)
+
+
+def _over_key_blocks(block, carry, s_len: int, block_k: int):
+    """`block(carry, start, size)` over the keys in blocks of block_k: the whole blocks in
+    a loop (inline when there is one), then the shorter tail."""
     full, tail = _block_spans(s_len, block_k)
-    carry = init
     if full == 1:
         carry = block(carry, 0, block_k)
     elif full > 1:
@@ -348,15 +353,7 @@ def _segment_backward(qb, dob, delta, lse, qpos, k, v, kpos, window, scale, bloc
 
         return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
 
-    full, tail = _block_spans(s_len, block_k)
-    carry = (jnp.zeros(qb.shape, jnp.float32), *grads)
-    if full == 1:
-        carry = block(carry, 0, block_k)
-    elif full > 1:
-        carry = jax.lax.fori_loop(0, full, lambda i, c: block(c, i * block_k, block_k), carry)
-    if tail:
-        carry = block(carry, full * block_k, tail)
-    return carry
+    return _over_key_blocks(block, (jnp.zeros(qb.shape, jnp.float32), *grads), s_len, block_k)
 
 
 def _backward(q, segments, scale, qpos, window, block_q, block_k, out, lse, dout):
