@@ -12,8 +12,9 @@ its advantage estimators, so a config can name one.
 
 `rollout_advantages` is what an on-policy iteration calls: a rollout batch's
 token advantages under the estimator `rl.advantage` names, GAE (the study's
-PPO, with the KL penalty in the reward) and every group baseline alike, from
-one registry of rollout estimators (`register_rollout_estimator`).
+PPO, with the KL penalty in the reward), REINFORCE++ (global whitening, with
+or without a group baseline) and every group baseline alike, from one
+registry of rollout estimators (`register_rollout_estimator`).
 """
 
 from __future__ import annotations
@@ -270,25 +271,61 @@ def rollout_advantages(
     return out
 
 
+# The estimators that pay kl_coef * KL(policy || reference) in the per-token reward, and so
+# need the rollout's own log-probs before the update (`ppo.needs_rollout_logprobs`).
+KL_IN_REWARD = ("gae", "reinforce_pp")
+
+
+def _rewards_with_kl(scored, token_scores, valid, kl_coef, settings):
+    """(token rewards minus kl_coef * KL on every completion token, the mean penalty per
+    row); the task rewards alone when the run has no reference."""
+    if "ref_logprobs" not in scored or "old_logprobs" not in scored:
+        return token_scores, jnp.float32(0.0)
+    rewards = kl.token_rewards_with_kl(
+        token_scores,
+        scored["old_logprobs"],
+        scored["ref_logprobs"],
+        valid,
+        kl_coef,
+        settings.kl_estimator,
+    )
+    rows = jnp.maximum(valid.any(axis=1).sum(), 1)
+    return rewards, ((token_scores - rewards) * valid).sum() / rows
+
+
 @register_rollout_estimator("gae")
 def _gae_with_kl(scored, token_scores, sequence_rewards, valid, kl_coef, settings, name):
     """The study's PPO: per-token rewards are the task rewards minus kl_coef * KL(policy ||
     reference) on every completion token, then GAE on the value head's values."""
-    del sequence_rewards, name
-    rewards = token_scores
-    if "ref_logprobs" in scored:
-        rewards = kl.token_rewards_with_kl(
-            token_scores,
-            scored["old_logprobs"],
-            scored["ref_logprobs"],
-            valid,
-            kl_coef,
-            settings.kl_estimator,
-        )
+    del sequence_rewards, name  # (GAE's scored always has old_logprobs)
+    rewards, penalty = _rewards_with_kl(scored, token_scores, valid, kl_coef, settings)
     advantages, returns = gae(rewards, scored["old_values"], valid, settings.gamma, settings.lam)
-    rows = jnp.maximum(valid.any(axis=1).sum(), 1)
-    penalty = ((token_scores - rewards) * valid).sum() / rows
     return {"advantages": advantages, "returns": returns, "kl_penalty_mean": penalty}
+
+
+@register_rollout_estimator("reinforce_pp")
+def _reinforce_pp(scored, token_scores, sequence_rewards, valid, kl_coef, settings, name):
+    """REINFORCE++ (Hu 2025): each token's discounted return to go (the KL penalty, if
+    rl.kl_coef > 0, paid in the reward as PPO's), whitened over the valid tokens of the
+    whole batch: a global baseline and scale instead of a critic or a group."""
+    del sequence_rewards, name
+    rewards, penalty = _rewards_with_kl(scored, token_scores, valid, kl_coef, settings)
+    returns, _ = gae(rewards, jnp.zeros(rewards.shape, jnp.float32), valid, settings.gamma, 1.0)
+    return {"advantages": whiten(returns, valid), "kl_penalty_mean": penalty}
+
+
+@register_rollout_estimator("reinforce_pp_baseline")
+def _reinforce_pp_baseline(scored, token_scores, sequence_rewards, valid, kl_coef, settings, name):
+    """REINFORCE++-baseline: each completion's reward minus its group's mean (no division
+    by the group's std), then whitened over the valid tokens of the whole batch. The KL
+    is then a loss term (ppo.kl_loss_coef, k2 in its configs), as OpenRLHF pairs them."""
+    del scored, token_scores, kl_coef, name
+    k = settings.num_samples
+    centred = group_advantages(sequence_rewards, k, "grpo_no_std", settings.std_floor)
+    return {
+        "advantages": whiten(broadcast_to_tokens(centred, valid), valid),
+        "zero_variance_groups": zero_variance_fraction(sequence_rewards, k),
+    }
 
 
 def _group_baseline(scored, token_scores, sequence_rewards, valid, kl_coef, settings, name):

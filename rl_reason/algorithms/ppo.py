@@ -33,10 +33,12 @@ from jax.sharding import Mesh
 
 from rl_reason.algorithms import sft
 from rl_reason.algorithms import train_state as ts
-from rl_reason.algorithms.advantages import masked_mean, masked_variance, whiten
+from rl_reason.algorithms.advantages import KL_IN_REWARD, masked_mean, masked_variance, whiten
 from rl_reason.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from rl_reason.algorithms.logprobs import TokenLogProbs, score_tokens, token_logprobs
 from rl_reason.algorithms.microbatch import accumulate_gradients, split_microbatches
+from rl_reason.algorithms.policy_losses import POLICY_LOSSES, token_log_ratio
+from rl_reason.algorithms.policy_losses import clipped_policy_loss  # noqa: F401 (its old home)
 from rl_reason.algorithms.train_state import TrainState
 from rl_reason.models.transformer import Transformer, default_positions, init_params
 from rl_reason.parallel import sharding as shd
@@ -60,9 +62,18 @@ class PPOConfig:
     aggregation_length = 0 uses the batch's sequence length L; set it to the
     generation budget to match Dr. GRPO exactly (it only rescales the loss).
     The value loss is always a token mean: it regresses each state's value.
+    "token_mean" is also DAPO's token-level policy-gradient loss.
+
+    policy_loss names the policy term (policy_losses.POLICY_LOSSES): "ppo"
+    (the clipped token ratio), "gspo" / "gspo_token" (the sequence ratio),
+    "cispo" (the clipped ratio as a stop-gradient weight). Its clip band is
+    [1 - clip_eps, 1 + clip_eps_high]; clip_eps_high = 0 means clip_eps
+    (symmetric), DAPO's clip-higher sets it above (0.28 against 0.2).
     """
 
     clip_eps: float = 0.2
+    clip_eps_high: float = 0.0  # the upper clip; 0 = clip_eps
+    policy_loss: str = "ppo"
     value_clip: float = 0.2  # 0 = no value clipping
     vf_coef: float = 0.5
     entropy_coef: float = 0.0
@@ -81,7 +92,14 @@ class PPOConfig:
         problems = []
         if not self.clip_eps > 0:
             problems.append(f"clip_eps={self.clip_eps} must be > 0")
-        for name in ("value_clip", "vf_coef", "entropy_coef", "kl_loss_coef", "aggregation_length"):
+        for name in (
+            "clip_eps_high",
+            "value_clip",
+            "vf_coef",
+            "entropy_coef",
+            "kl_loss_coef",
+            "aggregation_length",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("num_epochs", "num_minibatches", "num_microbatches", "chunk_size"):
@@ -89,6 +107,8 @@ class PPOConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.kl_estimator not in KL_ESTIMATORS:
             problems.append(f"kl_estimator={self.kl_estimator!r} not in {KL_ESTIMATORS}")
+        if self.policy_loss not in POLICY_LOSSES:
+            problems.append(f"policy_loss={self.policy_loss!r} not in {sorted(POLICY_LOSSES)}")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             problems.append(
                 f"loss_aggregation={self.loss_aggregation!r} not in {LOSS_AGGREGATIONS}"
@@ -97,6 +117,11 @@ class PPOConfig:
             problems.append(f"use_value=False trains no value, so vf_coef={self.vf_coef} must be 0")
         if problems:
             raise ValueError("Invalid PPOConfig: " + "; ".join(problems))
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(low, high): the ratio's clip band is [1 - low, 1 + high]."""
+        return self.clip_eps, self.clip_eps_high or self.clip_eps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,19 +283,6 @@ def score(
 # --- the loss ---------------------------------------------------------------
 
 
-def clipped_policy_loss(
-    ratio: jax.Array, advantages: jax.Array, clip_eps: float
-) -> tuple[jax.Array, jax.Array]:
-    """Per-token -min(r A, clip(r, 1 - e, 1 + e) A), and where the clipped term is the one taken.
-
-    Where it is taken the token's gradient is 0: the policy already moved
-    that token's probability far enough in the advantage's direction.
-    """
-    unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    return jnp.maximum(unclipped, clipped), clipped > unclipped
-
-
 def clipped_value_loss(
     values: jax.Array, old_values: jax.Array, returns: jax.Array, value_clip: float
 ) -> tuple[jax.Array, jax.Array]:
@@ -354,10 +366,13 @@ def ppo_loss(
     if own_logprobs:  # one buffer on both sides (XLA may otherwise compute it twice): ratio 1
         logprobs = jax.lax.optimization_barrier(logprobs)
         old_logprobs = jax.lax.stop_gradient(jnp.where(valid, logprobs, 0.0))
-    log_ratio = jnp.where(valid, logprobs - old_logprobs, 0.0)
-    ratio = jnp.exp(log_ratio)
-    per_token_policy, policy_clipped = clipped_policy_loss(
-        ratio, minibatch["advantages"].astype(jnp.float32), config.clip_eps
+    log_ratio = token_log_ratio(logprobs, old_logprobs, valid)
+    per_token_policy, policy_clipped, ratio = POLICY_LOSSES[config.policy_loss](
+        logprobs,
+        old_logprobs,
+        minibatch["advantages"].astype(jnp.float32),
+        valid,
+        *config.clip_range,
     )
     if "is_weights" in minibatch:  # the sampler/learner mismatch correction
         per_token_policy = per_token_policy * minibatch["is_weights"]
@@ -408,12 +423,14 @@ def single_step(config: PPOConfig) -> bool:
     return config.num_epochs * config.num_minibatches == 1
 
 
-def needs_rollout_logprobs(config: PPOConfig, estimator: str) -> bool:
+def needs_rollout_logprobs(config: PPOConfig, estimator: str, kl_coef: float = 1.0) -> bool:
     """Whether `score` must compute the rollout's log-probs before the update
-    (`with_policy`): GAE pays the KL in the reward from them, and a multi-step
-    update takes its ratio against them. A single-step update without GAE takes
-    its ratio against its own forward (exactly 1) and logs the KL itself."""
-    return estimator == "gae" or not single_step(config)
+    (`with_policy`): GAE pays the KL in the reward from them (REINFORCE++ too, when
+    its reward's kl_coef is not 0), and a multi-step update takes its ratio against
+    them. A single-step update otherwise takes its ratio against its own forward
+    (exactly 1) and logs the KL itself."""
+    pays_kl = estimator == "gae" or (estimator in KL_IN_REWARD and kl_coef != 0)
+    return pays_kl or not single_step(config)
 
 
 @chex.dataclass(frozen=True)

@@ -334,7 +334,8 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     # rows padded to the smallest of rl.orm_length_buckets that holds them.
     c.rl.orm_source = ""
     c.rl.orm_length_buckets = (128, 256, 512, 1024)
-    # "gae" (PPO) or a group baseline: "grpo", "grpo_no_std", "rloo", "dr_grpo".
+    # "gae" (PPO), a group baseline ("grpo", "grpo_no_std", "rloo", "dr_grpo") or
+    # REINFORCE++'s global whitening ("reinforce_pp", "reinforce_pp_baseline").
     c.rl.advantage = "gae"
     c.rl.gamma = 1.0
     c.rl.lam = 0.95
@@ -344,6 +345,17 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rl.kl_estimator = "k1"
     c.rl.kl_target = 0.0  # > 0: the adaptive controller (Ziegler et al.) aims at this KL
     c.rl.kl_horizon = 10000
+    # DAPO's rollout-side parts (algorithms/dapo.py), each its own switch. Dynamic sampling:
+    # groups whose rewards are all equal leave the batch and more prompts are sampled,
+    # at most max_refill_rounds more times, until it is full again.
+    c.rl.dynamic_sampling = False
+    c.rl.max_refill_rounds = 8
+    # Overlong shaping: a penalty falling to -overlong_penalty over the last overlong_buffer
+    # tokens of max_new_tokens (0: off); overlong_filter: samples cut by the length budget
+    # leave the loss (they still count in their group's baseline).
+    c.rl.overlong_buffer = 0
+    c.rl.overlong_penalty = 1.0
+    c.rl.overlong_filter = False
     c.rl.eval_every = 5  # iterations between held-out evaluations (0: only at the end)
     c.rl.stop_after = 0  # stop after this many iterations as if preempted (0: run to the end)
     _moved_placeholders(c.rl, "rl")
@@ -452,7 +464,7 @@ CRITIC_KINDS = ("start", "run", "hf", "gguf")
 
 def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ValueError naming every problem of an RL config before anything compiles."""
-    from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS, estimator_names
     from rl_reason.algorithms.kl import KL_ESTIMATORS
     from rl_reason.algorithms.ppo import PPOConfig
     from rl_reason.rewards import registry
@@ -465,10 +477,8 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
     except (ValueError, TypeError) as e:
         problems.append(str(e))
         pc = None
-    if rl.advantage != "gae" and rl.advantage not in ADVANTAGE_ESTIMATORS:
-        problems.append(
-            f"rl.advantage={rl.advantage!r} not in {['gae', *sorted(ADVANTAGE_ESTIMATORS)]}."
-        )
+    if rl.advantage not in estimator_names():
+        problems.append(f"rl.advantage={rl.advantage!r} not in {estimator_names()}.")
     if pc is not None and rl.advantage == "gae" and not pc.use_value:
         problems.append("rl.advantage='gae' needs a value: set ppo.use_value=True.")
     correction = config.get("rollout_correction", {})
@@ -493,8 +503,21 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
     name, remat = setting(config, "train.remat")
     if remat and remat not in REMAT_POLICIES:
         problems.append(f"{name}={remat!r} not in {REMAT_POLICIES} (or '': the start's).")
-    if rl.advantage != "gae" and rl.num_samples < 2:
+    grouped = rl.advantage in ADVANTAGE_ESTIMATORS or rl.advantage == "reinforce_pp_baseline"
+    if grouped and rl.num_samples < 2:
         problems.append(f"rl.advantage={rl.advantage!r} needs rl.num_samples >= 2 (a group).")
+    if rl.get("dynamic_sampling"):
+        if rl.num_samples < 2:
+            problems.append("rl.dynamic_sampling needs rl.num_samples >= 2 (a group).")
+        if rl.max_refill_rounds < 0:
+            problems.append(f"rl.max_refill_rounds={rl.max_refill_rounds} must be >= 0.")
+    if not 0 <= rl.get("overlong_buffer", 0) <= rl.max_new_tokens:
+        problems.append(
+            f"rl.overlong_buffer={rl.overlong_buffer} must be in [0, rl.max_new_tokens="
+            f"{rl.max_new_tokens}] (0: no overlong shaping)."
+        )
+    if rl.get("overlong_penalty", 0) < 0:
+        problems.append(f"rl.overlong_penalty={rl.overlong_penalty} must be >= 0.")
     for name in rl.rewards:
         if name not in registry.names():
             problems.append(f"rl.rewards names {name!r}; known rewards: {registry.names()}.")

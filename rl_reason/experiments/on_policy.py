@@ -34,7 +34,7 @@ import tqdm
 
 from rl_reason import checkpointing
 from rl_reason.algorithms import advantages as adv_lib
-from rl_reason.algorithms import kl, optimizer, ppo
+from rl_reason.algorithms import dapo, kl, optimizer, ppo
 from rl_reason.algorithms import rollout_correction as rc
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
@@ -46,6 +46,7 @@ from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.sampling.engine import Sampler
+from rl_reason.sampling.sampler import LENGTH
 
 
 def ppo_config(config: ml_collections.ConfigDict) -> ppo.PPOConfig:
@@ -67,6 +68,7 @@ class Iteration:
     metrics: dict[str, Any]  # the update's, on the host
     diagnostics: dict[str, Any]  # the advantages' scalars (KL estimates, penalties), on the host
     seconds: dict[str, float]  # generate, reference (scoring and advantages), update
+    samples_drawn: int = 0  # every sample the rollout drew (dynamic sampling draws more)
 
 
 class OnPolicyLearner:
@@ -142,7 +144,7 @@ class OnPolicyLearner:
         )
         # The mismatch is measured against the learner's log-probs: they are computed.
         correcting = self.correction is not None
-        with_policy = ppo.needs_rollout_logprobs(pc, rl.advantage) or correcting
+        with_policy = ppo.needs_rollout_logprobs(pc, rl.advantage, rl.kl_coef) or correcting
         self.score = jax.jit(
             functools.partial(
                 ppo.score, self.models, chunk_size=pc.chunk_size, with_policy=with_policy
@@ -181,9 +183,11 @@ class OnPolicyLearner:
         rng: jax.Array,
         kl_coef: float,
         on_phase: Callable[[str], None] | None = None,
+        refill: Callable[[], tuple[list, list[str]]] | None = None,
     ) -> tuple[Any, Iteration]:
         """One iteration on `prompts` (`examples` their rows, for the rewards): rollout,
-        scoring, advantages, update. `on_phase(name)` is called after each phase
+        scoring, advantages, update. `refill()` gives more (examples, prompts) for
+        dynamic sampling (`rollout`). `on_phase(name)` is called after each phase
         (the devices are waited for first, so that phases are timed apart)."""
         mesh, rules, seconds = self.mesh, self.rules, {}
         clock = time.perf_counter()
@@ -196,7 +200,78 @@ class OnPolicyLearner:
                 on_phase(name)
             clock = time.perf_counter()
 
+        batch, drawn, sampling_stats = self.rollout(state, examples, prompts, rng, refill)
+        totals, token_scores, keep, shaping_stats = self.shaped_rewards(batch)
+        phase_done("generate")
+
+        sequences = shd.shard_batch(batch.sequences, mesh)
+        token_scores, rewards = shd.shard_batch((token_scores, totals), mesh)
         with shd.activation_sharding(mesh, rules):
+            scored = self.score(state.params, self.ref_params, sequences)
+            estimates = self.estimate(
+                scored, token_scores, rewards, sequences["loss_mask"], jnp.float32(kl_coef)
+            )
+        phase_done("reference", scored, estimates)
+
+        correction, mismatch = None, {}
+        if self.correction is not None:
+            sampler_logprobs = shd.shard_batch(batch.samples.rollout.sequence_logprobs(), mesh)
+            with shd.activation_sharding(mesh, rules):
+                correction, mismatch = self.measure(
+                    scored["old_logprobs"], sampler_logprobs, sequences
+                )
+        if keep is not None:  # overlong filtering: cut samples leave the loss, not the groups
+            keep = shd.shard_batch(keep, mesh)
+            sequences = {**sequences, "loss_mask": sequences["loss_mask"] & keep[:, None]}
+        train_batch = ppo.PPOBatch.from_rollout(sequences, scored, estimates, self.pc, correction)
+        # The scalars only: advantages and returns stay on the devices.
+        diagnostics = shd.to_host(
+            {
+                k: v
+                for k, v in {**estimates, **mismatch}.items()
+                if k not in ("advantages", "returns")
+            }
+        )
+        diagnostics.update(sampling_stats, **shaping_stats)
+        del scored, estimates
+        state, metrics = self.update(state, train_batch)
+        metrics = jax.device_get(metrics)
+        phase_done("update")
+        return state, Iteration(batch, metrics, diagnostics, seconds, drawn)
+
+    def rollout(self, state, examples, prompts, rng, refill=None):
+        """(the iteration's batch, samples drawn, dynamic sampling's figures).
+
+        With rl.dynamic_sampling (DAPO), groups whose rewards are all equal leave
+        the batch and `refill()`'s prompts are sampled (key fold_in(rng, round)) until
+        it holds len(prompts) informative groups or rl.max_refill_rounds more rounds
+        were drawn; then the earliest uninformative groups fill it (`dapo`).
+        """
+        rl, k = self.config.rl, self.sampling.num_samples
+        draws = [self._collect(state, examples, prompts, rng)]
+        if not rl.get("dynamic_sampling"):
+            return draws[0], len(draws[0].texts), {}
+        wanted = len(prompts)
+        informative = dapo.informative_groups(draws[0].totals(), k)
+        while informative.sum() < wanted and len(draws) <= rl.max_refill_rounds and refill:
+            more_examples, more_prompts = refill()
+            key = jax.random.fold_in(rng, len(draws))
+            draws.append(self._collect(state, more_examples, more_prompts, key))
+            informative = np.concatenate(
+                [informative, dapo.informative_groups(draws[-1].totals(), k)]
+            )
+        chosen = dapo.full_batch_groups(informative, wanted)
+        drawn = sum(len(d.texts) for d in draws)
+        stats = {
+            "dynamic_sampling/rounds": len(draws),
+            "dynamic_sampling/extra_samples": drawn - len(draws[0].texts),
+            "dynamic_sampling/zero_variance_drawn": float(1.0 - informative.mean()),
+            "dynamic_sampling/filled_uninformative": int(wanted - informative[chosen].sum()),
+        }
+        return rollout.concatenate(draws).take_groups(chosen), drawn, stats
+
+    def _collect(self, state, examples, prompts, rng) -> rollout.RolloutBatch:
+        with shd.activation_sharding(self.mesh, self.rules):
             batch = rollout.collect(
                 self.sampler,
                 self.actor(state),
@@ -212,38 +287,30 @@ class OnPolicyLearner:
                 f"A reward is not finite ({totals[~np.isfinite(totals)][:4]}); check the"
                 " reward functions. Nothing from this iteration was saved."
             )
-        phase_done("generate")
+        return batch
 
-        sequences = shd.shard_batch(batch.sequences, mesh)
-        token_scores, rewards = shd.shard_batch((batch.token_scores, totals), mesh)
-        with shd.activation_sharding(mesh, rules):
-            scored = self.score(state.params, self.ref_params, sequences)
-            estimates = self.estimate(
-                scored, token_scores, rewards, sequences["loss_mask"], jnp.float32(kl_coef)
+    def shaped_rewards(self, batch: rollout.RolloutBatch):
+        """(totals [N], token scores [N, L], rows kept in the loss or None, figures): the
+        batch's rewards with DAPO's overlong shaping (rl.overlong_buffer > 0: a penalty on
+        each completion's last token) and filtering (rl.overlong_filter)."""
+        rl = self.config.rl
+        totals, token_scores, keep, stats = batch.totals(), batch.token_scores, None, {}
+        rollout_ = batch.samples.rollout
+        if rl.get("overlong_buffer"):
+            lengths = np.asarray(rollout_.lengths)
+            penalty = dapo.overlong_penalty(
+                lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty
             )
-        phase_done("reference", scored, estimates)
-
-        correction, mismatch = None, {}
-        if self.correction is not None:
-            sampler_logprobs = shd.shard_batch(batch.samples.rollout.sequence_logprobs(), mesh)
-            with shd.activation_sharding(mesh, rules):
-                correction, mismatch = self.measure(
-                    scored["old_logprobs"], sampler_logprobs, sequences
-                )
-        train_batch = ppo.PPOBatch.from_rollout(sequences, scored, estimates, self.pc, correction)
-        # The scalars only: advantages and returns stay on the devices.
-        diagnostics = shd.to_host(
-            {
-                k: v
-                for k, v in {**estimates, **mismatch}.items()
-                if k not in ("advantages", "returns")
-            }
-        )
-        del scored, estimates
-        state, metrics = self.update(state, train_batch)
-        metrics = jax.device_get(metrics)
-        phase_done("update")
-        return state, Iteration(batch, metrics, diagnostics, seconds)
+            last = rollout_.prompt_tokens.shape[1] + np.maximum(lengths - 1, 0)
+            token_scores = token_scores.copy()
+            token_scores[np.arange(len(last)), last] += penalty
+            totals = totals + penalty
+            stats["overlong/penalty_mean"] = float(penalty.mean())
+            stats["overlong/penalized_fraction"] = float(np.mean(penalty < 0))
+        if rl.get("overlong_filter"):
+            keep = np.asarray(rollout_.finish_reason) != LENGTH
+            stats["overlong/filtered_fraction"] = float(1.0 - keep.mean())
+        return totals, token_scores, keep, stats
 
 
 def correction_mode(config, model_config) -> tuple[str, float | None] | None:
@@ -373,6 +440,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
         base_rng = jax.random.PRNGKey(config.seed)
         last: dict[str, Any] = {}
+
+        def draw() -> tuple[list, list[str]]:
+            """The next prompts of the resumable iterator, and their rows."""
+            examples = [task.train[i] for i in next(iterator)]
+            return examples, [templates.format_prompt(ex["question"]) for ex in examples]
+
         if start == 0 and config.eval.at_start and rl.eval_every:
             # The start model: the x = 0 point of held-out maj@1 against samples drawn.
             # Not checkpointed: a kill before iteration 1 redoes it (the writer drops it).
@@ -391,10 +464,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ):
             done = iteration + 1
             sample_rng, eval_rng = jax.random.split(jax.random.fold_in(base_rng, iteration))
-            examples = [task.train[i] for i in next(iterator)]
-            prompts = [templates.format_prompt(ex["question"]) for ex in examples]
             state, out = learner.iteration(
-                state, examples, prompts, sample_rng, progress["kl_coef"]
+                state, *draw(), sample_rng, progress["kl_coef"], refill=draw
             )
             if out.metrics["finite"] != 1.0:
                 run.log(done, {**out.metrics, **out.diagnostics})
@@ -429,7 +500,7 @@ def _next_progress(config, learner: OnPolicyLearner, progress, out: Iteration, d
     progress = {
         **progress,
         "iteration": done,
-        "samples_drawn": progress["samples_drawn"] + drawn,
+        "samples_drawn": progress["samples_drawn"] + (out.samples_drawn or drawn),
         "data": data,
         "reference": learner.reference_id,
         "models": {

@@ -12,6 +12,11 @@ TRAINERS = {
     "sft": "rl_reason.experiments.sft",
     "ppo": "rl_reason.experiments.on_policy",
     "grpo": "rl_reason.experiments.on_policy",
+    # GRPO's relatives: the same on-policy learner, named so a run says which it is.
+    "dapo": "rl_reason.experiments.on_policy",
+    "gspo": "rl_reason.experiments.on_policy",
+    "cispo": "rl_reason.experiments.on_policy",
+    "reinforce_pp": "rl_reason.experiments.on_policy",
     "ei": "rl_reason.experiments.expert_iteration",
     "orm": "rl_reason.experiments.orm",
     "rcrl": "rl_reason.experiments.rcrl",

@@ -31,7 +31,7 @@ from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.rewards.token_positions import sampled_token_rewards
 from rl_reason.sampling.engine import Sampler, Samples, common_prefix_length
-from rl_reason.sampling.sampler import LENGTH, SamplingConfig
+from rl_reason.sampling.sampler import LENGTH, Rollout, SamplingConfig
 
 
 @dataclasses.dataclass
@@ -73,6 +73,75 @@ class RolloutBatch:
         for name, values in self.rewards.components.items():
             out[f"reward/{name}"] = float(np.mean(values))
         return out
+
+    def take_groups(self, groups: Sequence[int]) -> RolloutBatch:
+        """The K rows of each of `groups` (prompt indices), in that order."""
+        k = self.num_samples
+        rows = np.asarray([g * k + i for g in groups for i in range(k)], np.int64)
+        pick = lambda values: [values[r] for r in rows]
+        rewards = compose.Rewards(
+            totals=pick(self.rewards.totals),
+            dense=pick(self.rewards.dense),
+            components={name: pick(v) for name, v in self.rewards.components.items()},
+        )
+        samples = Samples(
+            rollout=jax.tree.map(lambda x: np.asarray(x)[rows], self.samples.rollout),
+            texts=pick(self.texts),
+            num_samples=k,
+        )
+        sequences = {key: value[rows] for key, value in self.sequences.items()}
+        return RolloutBatch(
+            samples, pick(self.examples), rewards, sequences, self.token_scores[rows]
+        )
+
+
+def concatenate(batches: Sequence[RolloutBatch]) -> RolloutBatch:
+    """One batch of several rollouts' rows, in order (DAPO's refills). Prompt-side arrays
+    are left-padded and completion-side arrays right-padded to the widest batch's."""
+    if len(batches) == 1:
+        return batches[0]
+    prompt_width = max(b.samples.rollout.prompt_tokens.shape[1] for b in batches)
+    completion_width = max(b.samples.rollout.completion_tokens.shape[1] for b in batches)
+
+    def widen(x, before: int, after: int):
+        x = np.asarray(x)
+        return np.pad(x, [(0, 0), (before, after)]) if x.ndim == 2 else x
+
+    def widened(batch: RolloutBatch) -> tuple[Rollout, dict, np.ndarray]:
+        rollout = batch.samples.rollout
+        before = prompt_width - rollout.prompt_tokens.shape[1]
+        after = completion_width - rollout.completion_tokens.shape[1]
+        prompt_side = {"prompt_tokens", "prompt_mask"}
+        fields = {
+            f.name: widen(
+                getattr(rollout, f.name), *((before, 0) if f.name in prompt_side else (0, after))
+            )
+            for f in dataclasses.fields(rollout)
+        }
+        sequences = {key: widen(value, before, after) for key, value in batch.sequences.items()}
+        return rollout.replace(**fields), sequences, widen(batch.token_scores, before, after)
+
+    parts = [widened(b) for b in batches]
+    join = lambda values: np.concatenate(values, axis=0)
+    rewards = [b.rewards for b in batches]
+    return RolloutBatch(
+        samples=Samples(
+            rollout=jax.tree.map(lambda *xs: join(xs), *[p[0] for p in parts]),
+            texts=[t for b in batches for t in b.texts],
+            num_samples=batches[0].num_samples,
+        ),
+        examples=[ex for b in batches for ex in b.examples],
+        rewards=compose.Rewards(
+            totals=[t for r in rewards for t in r.totals],
+            dense=[d for r in rewards for d in r.dense],
+            components={
+                name: [v for r in rewards for v in r.components[name]]
+                for name in rewards[0].components
+            },
+        ),
+        sequences={key: join([p[1][key] for p in parts]) for key in parts[0][1]},
+        token_scores=join([p[2] for p in parts]),
+    )
 
 
 def collect(
