@@ -365,6 +365,16 @@ def test_update_counts_steps_and_reports_finite_metrics(reference_update, params
         assert np.abs(new - old).max() > 0
 
 
+def test_clip_higher_with_equal_ranges_is_todays_update_bitwise(
+    initial_state, batch, reference_update
+):
+    """DAPO's clip-higher set to the lower range is the symmetric clip, bit for bit."""
+    same = dataclasses.replace(UPDATE, clip_eps_high=UPDATE.clip_eps)
+    state, metrics = _update_on_one_device(initial_state, batch, same)
+    for x, y in zip(jax.tree.leaves((state, metrics)), jax.tree.leaves(reference_update)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_sharded_update_equals_single_device_update(batch, reference_update):
     one, m_one = reference_update
     sharded, m_sharded = _update_on_mesh(batch, (2, 2, 2), UPDATE)
@@ -505,6 +515,8 @@ def test_group_presets():
         (dict(loss_aggregation="sum"), "loss_aggregation"),
         (dict(kl_estimator="k4"), "kl_estimator"),
         (dict(use_value=False), "vf_coef"),
+        (dict(policy_loss="trpo"), "policy_loss"),
+        (dict(clip_eps_high=-0.1), "clip_eps_high"),
     ],
 )
 def test_invalid_configs_are_clear_errors(changes, message):

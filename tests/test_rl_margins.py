@@ -11,8 +11,8 @@ rerank them at least as well as majority voting does. RCRL, which needs a
 start of its own, is `test_rcrl_margins.py`. The figures are in the README's
 "Results on the synthetic task"; these tests keep them true.
 
-They are the `results` tier: seven runs of the shipped configs in two modules,
-about 45 minutes of a 2-core CPU, so `python -m pytest` leaves them out
+They are the `results` tier: nine runs of the shipped configs in two modules
+(DAPO and GSPO, issue 30's objectives, among them), about an hour of a 2-core CPU, so `python -m pytest` leaves them out
 (pyproject's addopts) and `python -m pytest -m results` runs them.
 """
 
@@ -22,7 +22,7 @@ import os
 import pytest
 from margins import HELDOUT, MARGIN, heldout_records, quiet, train_start
 
-from configs import arith_ei, arith_grpo, arith_orm, arith_ppo, arith_start
+from configs import arith_dapo, arith_ei, arith_grpo, arith_gspo, arith_orm, arith_ppo, arith_start
 from rl_reason.experiments import registry
 
 pytestmark = pytest.mark.results
@@ -38,7 +38,11 @@ def _heldout_curve(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", [arith_grpo, arith_ppo, arith_ei], ids=["grpo", "ppo", "ei"])
+@pytest.mark.parametrize(
+    "module",
+    [arith_grpo, arith_ppo, arith_ei, arith_dapo, arith_gspo],
+    ids=["grpo", "ppo", "ei", "dapo", "gspo"],
+)
 def test_rl_raises_heldout_maj1_above_the_sft_start(imperfect_start, tmp_path, module):
     config = quiet(module.get_config())
     config.model_source.path = str(imperfect_start)

@@ -386,3 +386,67 @@ def test_a_bfloat16_sampler_is_measured_against_the_float32_learner_and_correcte
     float32 = _on_policy_config(arith_grpo, tiny_sft_run)
     assert on_policy.correction_mode(float32, ModelConfig()) is None
     assert on_policy.correction_mode(config, ModelConfig()) == ("token_tis", None)
+
+
+class _OddLength:
+    """A reward that splits most groups of two: 1 for a completion of odd length."""
+
+    dense = False
+
+    def __call__(self, completions, batch):
+        del batch
+        return [float(len(text) % 2) for text in completions]
+
+
+class _CrashInRefill(BaseException):
+    """Stands in for a SIGKILL: a refill writes nothing, so dying anywhere in it leaves
+    the files this leaves (the last iteration's checkpoint, nothing after it)."""
+
+
+@pytest.mark.slow
+def test_dapo_batches_are_always_full_and_a_crash_in_a_refill_resumes_bitwise(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    from rl_reason.algorithms import ppo
+    from rl_reason.rewards import registry
+
+    from configs import arith_dapo
+
+    if "odd_length" not in registry.names():
+        registry.register("odd_length", _OddLength)
+    config = _on_policy_config(arith_dapo, tiny_sft_run)
+    config.rl.update(rewards={"odd_length": 1.0}, max_refill_rounds=3, overlong_buffer=4)
+    rows, calls = [], []
+    from_rollout = ppo.PPOBatch.from_rollout
+
+    def counting(*args, **kwargs):
+        batch = from_rollout(*args, **kwargs)
+        rows.append(batch.tokens.shape[0])
+        return batch
+
+    monkeypatch.setattr(ppo.PPOBatch, "from_rollout", counting)
+    straight = on_policy.train(config, str(tmp_path / "straight"))
+    records = _records(tmp_path / "straight")[1:]  # after the start's evaluation
+    assert rows == [8 * 2] * 3  # every update's batch is full
+    draws = [r["dynamic_sampling/rounds"] for r in records]
+    assert draws[1] >= 2, draws  # iteration 2 refilled (the kill point below)
+    assert straight["samples_drawn"] == sum(draws) * 8 * 2
+    for r in records:
+        assert r["dynamic_sampling/extra_samples"] == (r["dynamic_sampling/rounds"] - 1) * 16
+        assert "overlong/penalty_mean" in r
+    assert sum(r["dynamic_sampling/filled_uninformative"] for r in records) < 3 * 8
+
+    collect = on_policy.OnPolicyLearner._collect
+
+    def crashing(self, *args):
+        calls.append(1)
+        if len(calls) == draws[0] + 2:  # iteration 2's first refill
+            raise _CrashInRefill
+        return collect(self, *args)
+
+    monkeypatch.setattr(on_policy.OnPolicyLearner, "_collect", crashing)
+    with pytest.raises(_CrashInRefill):
+        on_policy.train(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(on_policy.OnPolicyLearner, "_collect", collect)
+    on_policy.train(config, str(tmp_path / "resumed"))
+    _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
