@@ -10,18 +10,10 @@ paper sets its lower epsilon large and tunes only the upper one); the
 token-level loss and no KL term, as the paper.
 """
 
-from configs import arith_grpo
+from configs import arith_ppo
+from rl_reason.experiments.config import with_objective
 
 
 def get_config():
-    """arith_grpo with CISPO's clipped, stop-gradient importance weight."""
-    config = arith_grpo.get_config()
-    config.algorithm = "cispo"
-    config.ppo.update(
-        policy_loss="cispo",
-        clip_eps=1.0,
-        clip_eps_high=0.28,
-        loss_aggregation="token_mean",
-        kl_loss_coef=0.0,
-    )
-    return config
+    """arith_ppo's sizes with CISPO's clipped, stop-gradient importance weight."""
+    return with_objective(arith_ppo.get_config(), "cispo")

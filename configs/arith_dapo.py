@@ -12,13 +12,10 @@ the batch, more prompts are drawn to refill it), the token-level loss
 verl's recipe.
 """
 
-from configs import arith_grpo
+from configs import arith_ppo
+from rl_reason.experiments.config import with_objective
 
 
 def get_config():
-    """arith_grpo with DAPO's clip-higher, dynamic sampling, token-level loss, overlong shaping."""
-    config = arith_grpo.get_config()
-    config.algorithm = "dapo"
-    config.rl.update(dynamic_sampling=True, max_refill_rounds=8, overlong_buffer=8)
-    config.ppo.update(clip_eps_high=0.28, loss_aggregation="token_mean", kl_loss_coef=0.0)
-    return config
+    """arith_ppo's sizes with DAPO's clip-higher, dynamic sampling, token-level loss, overlong shaping."""
+    return with_objective(arith_ppo.get_config(), "dapo")

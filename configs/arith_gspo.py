@@ -10,18 +10,10 @@ is the token form (the same update when, as here, a row has one advantage).
 No KL term, as the paper and verl's recipe.
 """
 
-from configs import arith_grpo
+from configs import arith_ppo
+from rl_reason.experiments.config import with_objective
 
 
 def get_config():
-    """arith_grpo with GSPO's sequence-level ratio and clip."""
-    config = arith_grpo.get_config()
-    config.algorithm = "gspo"
-    config.ppo.update(
-        policy_loss="gspo",
-        clip_eps=3e-4,
-        clip_eps_high=4e-4,
-        loss_aggregation="seq_mean_token_mean",
-        kl_loss_coef=0.0,
-    )
-    return config
+    """arith_ppo's sizes with GSPO's sequence-level ratio and clip."""
+    return with_objective(arith_ppo.get_config(), "gspo")

@@ -11,18 +11,10 @@ without a group baseline (returns to go, whitened over the batch; with
 --config.rl.kl_coef > 0 the KL is paid in the reward instead).
 """
 
-from configs import arith_grpo
+from configs import arith_ppo
+from rl_reason.experiments.config import with_objective
 
 
 def get_config():
-    """arith_grpo's sizes with REINFORCE++-baseline advantages and a k2 KL loss."""
-    config = arith_grpo.get_config()
-    config.algorithm = "reinforce_pp"
-    config.rl.update(advantage="reinforce_pp_baseline", kl_coef=0.0)
-    config.ppo.update(
-        whiten_advantages=False,  # the estimator whitens over the batch itself
-        loss_aggregation="token_mean",
-        kl_loss_coef=1e-3,
-        kl_estimator="k2",
-    )
-    return config
+    """arith_ppo's sizes with REINFORCE++-baseline advantages and a k2 KL loss."""
+    return with_objective(arith_ppo.get_config(), "reinforce_pp")

@@ -8,13 +8,17 @@ gamma 1, lambda 0.95, clip 0.2, 4 PPO epochs, temperature 1, 256 new tokens.
 The mesh is FSDP over a v4-64 slice (32 chips); for one box of 8 GPUs use
 --config.mesh.shape='(1,8,1)'. `model` gives the shape the source will have,
 so tests/test_study_configs.py can plan its memory without the weights.
+
+The same run with another objective: `--config=configs/study_gsm8k_ppo.py:dapo`
+(or grpo, gspo, cispo, reinforce_pp; `config.OBJECTIVES`): the group baseline
+replaces the critic, the sizes stay.
 """
 
-from rl_reason.experiments.config import rl_config
+from rl_reason.experiments.config import rl_config, with_objective
 from rl_reason.models.config import llama2_7b
 
 
-def get_config():
+def get_config(objective: str = "ppo"):
     config = rl_config("ppo")
     config.model.update(llama2_7b(remat="full", dtype="bfloat16").to_dict())
     config.mesh.shape = (1, 32, 1)
@@ -36,4 +40,4 @@ def get_config():
     config.eval.update(num_examples=0, num_samples=96, temperature=0.7, max_new_tokens=256)
     config.optim.update(lr=1e-6)
     config.checkpoint.save_interval_steps = 10
-    return config
+    return config if objective == "ppo" else with_objective(config, objective)

@@ -415,7 +415,9 @@ def test_dapo_batches_are_always_full_and_a_crash_in_a_refill_resumes_bitwise(
     if "odd_length" not in registry.names():
         registry.register("odd_length", _OddLength)
     config = _on_policy_config(arith_dapo, tiny_sft_run)
-    config.rl.update(rewards={"odd_length": 1.0}, max_refill_rounds=3, overlong_buffer=4)
+    config.rl.update(
+        rewards={"odd_length": 1.0}, max_refill_rounds=3, overlong_buffer=4, overlong_filter=True
+    )
     rows, calls = [], []
     from_rollout = ppo.PPOBatch.from_rollout
 
@@ -433,7 +435,7 @@ def test_dapo_batches_are_always_full_and_a_crash_in_a_refill_resumes_bitwise(
     assert straight["samples_drawn"] == sum(draws) * 8 * 2
     for r in records:
         assert r["dynamic_sampling/extra_samples"] == (r["dynamic_sampling/rounds"] - 1) * 16
-        assert "overlong/penalty_mean" in r
+        assert {"overlong/penalty_mean", "overlong/filtered_fraction"} <= set(r)
     assert sum(r["dynamic_sampling/filled_uninformative"] for r in records) < 3 * 8
 
     collect = on_policy.OnPolicyLearner._collect

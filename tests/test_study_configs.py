@@ -43,6 +43,21 @@ def test_study_config_fits(module, mesh_shape, devices, memory):
     assert budget["total"] < 0.6 * memory, {k: v / GIB for k, v in budget.items()}
 
 
+@pytest.mark.parametrize("objective", sorted(config_lib.OBJECTIVES))
+def test_the_study_ppo_config_takes_every_objective_and_fits(objective):
+    """`--config=configs/study_gsm8k_ppo.py:dapo` (and the others): valid on the slice, the
+    sizes kept, no critic, so it fits where PPO's does."""
+    ppo_config, config = study_gsm8k_ppo.get_config(), study_gsm8k_ppo.get_config(objective)
+    config_lib.validate_rl(config, num_devices=32)
+    assert config.algorithm == objective and not config.ppo.use_value
+    for name in ("num_epochs", "num_minibatches", "num_microbatches"):
+        assert config.ppo[name] == ppo_config.ppo[name]
+    budget = plan.plan_for_config(config, plan.abstract_mesh((1, 32, 1)))
+    assert (
+        budget["total"] <= plan.plan_for_config(ppo_config, plan.abstract_mesh((1, 32, 1)))["total"]
+    )
+
+
 def test_a_replicated_7b_policy_does_not_fit_one_gpu_and_the_plan_says_so():
     config = study_gsm8k_ppo.get_config()
     config.mesh.shape = (8, 1, 1)  # pure data parallel: every device holds everything

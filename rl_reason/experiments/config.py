@@ -387,6 +387,72 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     return c
 
 
+# The group-baseline objectives `with_objective` turns an RL config into, and what each
+# changes: the learner is the same (on_policy.py); only its registered parts differ.
+OBJECTIVES = {
+    "grpo": {},  # GRPO (Shao et al. 2024): grpo.grpo_ppo_config alone
+    # DAPO (Yu et al. 2025): clip-higher, dynamic sampling, the token-level loss, overlong
+    # shaping over the last sixth of the budget (the paper: 4096 of 20480), no KL.
+    "dapo": {
+        "rl": {"dynamic_sampling": True, "max_refill_rounds": 8},
+        "ppo": {"clip_eps_high": 0.28, "loss_aggregation": "token_mean", "kl_loss_coef": 0.0},
+    },
+    # GSPO (Zheng et al. 2025): the sequence ratio in its narrow band, no KL.
+    "gspo": {
+        "ppo": {
+            "policy_loss": "gspo",
+            "clip_eps": 3e-4,
+            "clip_eps_high": 4e-4,
+            "loss_aggregation": "seq_mean_token_mean",
+            "kl_loss_coef": 0.0,
+        }
+    },
+    # CISPO (MiniMax-M1 2025): the clipped ratio as a stop-gradient weight, only an upper
+    # bound (clip_eps 1: none below), the token-level loss, no KL.
+    "cispo": {
+        "ppo": {
+            "policy_loss": "cispo",
+            "clip_eps": 1.0,
+            "clip_eps_high": 0.28,
+            "loss_aggregation": "token_mean",
+            "kl_loss_coef": 0.0,
+        }
+    },
+    # REINFORCE++-baseline (Hu 2025): group-centred rewards whitened over the batch, the
+    # KL as a k2 loss term (OpenRLHF's pairing).
+    "reinforce_pp": {
+        "rl": {"advantage": "reinforce_pp_baseline"},
+        "ppo": {
+            "whiten_advantages": False,  # the estimator whitens over the batch itself
+            "loss_aggregation": "token_mean",
+            "kl_loss_coef": 1e-3,
+            "kl_estimator": "k2",
+        },
+    },
+}
+
+
+def with_objective(config: ml_collections.ConfigDict, objective: str) -> ml_collections.ConfigDict:
+    """`config` (an RL config, PPO's sizes) trained by one of OBJECTIVES instead: GRPO's
+    group advantages, no critic and the KL as a loss term, then the objective's changes.
+    The update's sizes (epochs, minibatches, micro-batches, chunk) are kept."""
+    from rl_reason.algorithms.grpo import grpo_ppo_config
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}; known: {sorted(OBJECTIVES)}")
+    sizes = ("num_epochs", "num_minibatches", "num_microbatches", "chunk_size")
+    kept = {name: config.ppo[name] for name in sizes}
+    config.algorithm = objective
+    config.rl.update(advantage="grpo", kl_coef=0.0)  # the KL is a loss term instead
+    config.ppo.update(dataclasses.asdict(grpo_ppo_config(**kept)))
+    changes = OBJECTIVES[objective]
+    config.rl.update(changes.get("rl", {}))
+    config.ppo.update(changes.get("ppo", {}))
+    if objective == "dapo":
+        config.rl.overlong_buffer = max(1, config.rl.max_new_tokens // 6)
+    return config
+
+
 def ei_config() -> ml_collections.ConfigDict:
     """base_config() plus Expert Iteration's settings (the study's protocol, CPU-sized)."""
     c = _from_a_start_model("ei")

@@ -1,4 +1,5 @@
-"""PPO and the group-baseline methods (GRPO, RLOO, Dr. GRPO): the on-policy learner.
+"""PPO and the group-baseline methods (GRPO, RLOO, Dr. GRPO, DAPO, GSPO, CISPO,
+REINFORCE++): the on-policy learner.
 
 One iteration (`OnPolicyLearner.iteration`, what the loop runs and the
 benchmarks time): K samples per prompt from the current policy (the
@@ -6,12 +7,13 @@ learner's params, same mesh) -> rewards -> one scoring pass (policy and
 reference log-probs, values) -> advantages (`advantages.rollout_advantages`:
 GAE with the KL penalty in the reward, as the study; or a group baseline
 with the KL as a loss term, as GRPO) -> `ppo_update` (epochs x minibatches
-in one program). The loop around it (`train`) draws the prompts from the
+in one program; its policy term by name, `policy_losses`). DAPO's dynamic
+sampling refills the rollout from the same iterator before scoring. The loop around it (`train`) draws the prompts from the
 resumable iterator, logs, measures held-out maj@1 / maj@K / pass@K every
 `rl.eval_every` and checkpoints.
 
 The checkpoint step is the iteration. Everything an iteration draws comes
-from (seed, iteration) or from the checkpointed state (policy and value
+from (seed, iteration[, refill round]) or from the checkpointed state (policy and value
 head, optimizer, the update's RNG, the prompt cursor, the KL coefficient), so
 a run killed anywhere and restarted with the same command ends with the same
 parameters and metrics. The reference model is rebuilt from its source and
@@ -293,22 +295,21 @@ class OnPolicyLearner:
         """(totals [N], token scores [N, L], rows kept in the loss or None, figures): the
         batch's rewards with DAPO's overlong shaping (rl.overlong_buffer > 0: a penalty on
         each completion's last token) and filtering (rl.overlong_filter)."""
-        rl = self.config.rl
+        rl, sampled = self.config.rl, batch.samples.rollout
         totals, token_scores, keep, stats = batch.totals(), batch.token_scores, None, {}
-        rollout_ = batch.samples.rollout
         if rl.get("overlong_buffer"):
-            lengths = np.asarray(rollout_.lengths)
+            lengths = np.asarray(sampled.lengths)
             penalty = dapo.overlong_penalty(
                 lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty
             )
-            last = rollout_.prompt_tokens.shape[1] + np.maximum(lengths - 1, 0)
+            last = sampled.prompt_tokens.shape[1] + np.maximum(lengths - 1, 0)
             token_scores = token_scores.copy()
             token_scores[np.arange(len(last)), last] += penalty
             totals = totals + penalty
             stats["overlong/penalty_mean"] = float(penalty.mean())
             stats["overlong/penalized_fraction"] = float(np.mean(penalty < 0))
         if rl.get("overlong_filter"):
-            keep = np.asarray(rollout_.finish_reason) != LENGTH
+            keep = np.asarray(sampled.finish_reason) != LENGTH
             stats["overlong/filtered_fraction"] = float(1.0 - keep.mean())
         return totals, token_scores, keep, stats
 
