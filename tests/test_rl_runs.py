@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rl_reason import checkpointing
-from rl_reason.experiments import expert_iteration, on_policy, sources
+from rl_reason.experiments import expert_iteration, on_policy, rollout, sources
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 import subprocess_runs
@@ -175,6 +175,8 @@ def test_expert_iteration_resumes_mid_sampling_and_mid_training(
     config = _ei_config(tiny_sft_run)
     last = expert_iteration.train(config, str(tmp_path / "straight"))
     assert last["round"] == 2 and last["samples_drawn"] == 2 * 24 * 2
+    records = _records(tmp_path / "straight")
+    assert not any(k.startswith("mismatch/") for r in records for k in r)  # float32: alike
     start = _records(tmp_path / "straight")[0]
     assert start["samples_drawn"] == 0 and "heldout/maj@1" in start
     # Global steps: 1 start evaluation, then per round 3 sampling chunks, 1 accumulate,
@@ -386,6 +388,28 @@ def test_a_bfloat16_sampler_is_measured_against_the_float32_learner_and_correcte
     float32 = _on_policy_config(arith_grpo, tiny_sft_run)
     assert on_policy.correction_mode(float32, ModelConfig()) is None
     assert on_policy.correction_mode(config, ModelConfig()) == ("token_tis", None)
+
+
+@pytest.mark.slow
+def test_expert_iteration_logs_a_bfloat16_samplers_mismatch_per_chunk(tiny_sft_run, tmp_path):
+    """EI's rounds sample with sampling.dtype too: each chunk's record says how far the
+    bfloat16 sampler's log-probs are from the float32 learner's; in float32, nothing."""
+    config = _ei_config(tiny_sft_run)
+    config.ei.num_rounds = 1
+    config.sampling.dtype = "bfloat16"
+    expert_iteration.train(config, str(tmp_path / "bf16"))
+    chunks = [r for r in _records(tmp_path / "bf16") if "mismatch/tokens" in r]
+    assert len(chunks) == 3  # 24 questions in chunks of 8
+    for record in chunks:
+        assert record["mismatch/tokens"] > 0 and record["mismatch/kl_k3_mean"] >= 0
+        assert 0 < record["mismatch/ratio_min"] < 1 < record["mismatch/ratio_max"]
+    assert rollout.combine_mismatch(
+        [{"mismatch/tokens": 3, "mismatch/ratio_max": 2.0, "mismatch/ratio_min": 0.5,
+          "mismatch/kl_k3_mean": 0.1},
+         {"mismatch/tokens": 5, "mismatch/ratio_max": 1.5, "mismatch/ratio_min": 0.25,
+          "mismatch/kl_k3_mean": 0.3}]
+    ) == pytest.approx({"mismatch/tokens": 8, "mismatch/ratio_max": 2.0,
+                        "mismatch/ratio_min": 0.25, "mismatch/kl_k3_mean": 0.2})  # fmt: skip
 
 
 class _OddLength:

@@ -44,6 +44,7 @@ from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
 from rl_reason.experiments import config as config_lib
 from rl_reason.experiments.config import validate_rl
+from rl_reason.models import precision
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
@@ -319,8 +320,7 @@ def correction_mode(config, model_config) -> tuple[str, float | None] | None:
     None when the two sides compute alike in float32 (nothing to measure: the update is
     exactly today's). "auto" is token_tis when either side computes in less."""
     rc_config = config.get("rollout_correction", {"mode": "auto", "cap": 0.0})
-    sampler_dtype = config.sampling.get("dtype") or model_config.dtype
-    lower = {str(jnp.dtype(d)) for d in (sampler_dtype, model_config.dtype)} != {"float32"}
+    lower = precision.sampler_or_learner_below_float32(model_config, config.sampling.get("dtype"))
     mode = rc_config["mode"]
     if mode == "auto":
         mode = rc.DEFAULT_MODE if lower else "none"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +24,9 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from rl_reason import checkpointing
-from rl_reason.algorithms import rcrl
+from rl_reason.algorithms import ppo, rcrl
+from rl_reason.algorithms import rollout_correction as rc
+from rl_reason.algorithms.logprobs import token_logprobs
 from rl_reason.data import records, templates
 from rl_reason.evaluation.evaluate import evaluate as score_samples
 from rl_reason.parallel import sharding as shd
@@ -189,10 +191,12 @@ def sample_k(
     prompt_offset: int = 0,
     prefix_length: int | None = None,
     sampling_options: Mapping[str, Any] | None = None,
+    on_samples: Callable[[Samples], None] | None = None,
 ) -> list[str]:
     """num_samples completions per prompt, prompt-major, drawn samples_per_call at a time
     (0: all in one call; the study's K=96 rows per prompt need not share one KV cache).
-    ``sampling_options``: further SamplingConfig fields (dense RCRL's step conditioning).
+    ``sampling_options``: further SamplingConfig fields (dense RCRL's step conditioning);
+    ``on_samples``: called with each call's Samples (the mismatch's measure reads them).
 
     The sampled chunks of a loop (EI's solutions, the ORM's labelled samples)
     come from here: with the set's prompt_offset and shared prefix_length, a
@@ -218,6 +222,8 @@ def sample_k(
                 prompt_offset=prompt_offset,
                 prefix_length=prefix_length,
             )
+        if on_samples is not None:
+            on_samples(out)
         for group, texts in zip(groups, out.texts_per_prompt()):
             group.extend(texts)
     return [text for group in groups for text in group]
@@ -435,6 +441,7 @@ class SampledChunk:
     texts: list[str]
     columns: dict[str, list[Any]]  # per row: every column of its question's example
     rewards: compose.Rewards
+    mismatch: dict[str, float] = dataclasses.field(default_factory=dict)  # `measure`'s
 
 
 def sample_chunks(
@@ -450,10 +457,12 @@ def sample_chunks(
     desc: str = "sampling",
     show_progress: bool = False,
     sampling_options: Mapping[str, Any] | None = None,
+    measure: Callable[[Samples], dict[str, float]] | None = None,
 ) -> Iterator[SampledChunk]:
     """The set's chunks from chunk `start` on, each sampled with `params` (further
     SamplingConfig fields in `sampling_options`) and scored by `reward_fn` on every
-    column of its examples.
+    column of its examples; `measure` (a `MismatchMeter`) gives each chunk's
+    sampler/learner mismatch.
 
     A prompt's draws depend on its index in `prompts` (not on the chunking or
     on where a resumed run starts), and every chunk prefills the prefix all
@@ -466,6 +475,7 @@ def sample_chunks(
     ):
         first = index * size
         part, chunk_prompts = questions[first : first + size], list(prompts[first : first + size])
+        calls: list[Samples] = []
         texts = sample_k(
             sampler,
             params,
@@ -478,9 +488,54 @@ def sample_chunks(
             prompt_offset=first,
             prefix_length=shared,
             sampling_options=sampling_options,
+            on_samples=calls.append if measure else None,
         )
         columns = columns_k(part, k)
         qids = [first + i for i in range(len(part)) for _ in range(k)]
-        yield SampledChunk(
-            index, first, chunk_prompts, qids, texts, columns, reward_fn(texts, columns)
-        )
+        rewards = reward_fn(texts, columns)
+        mismatch = combine_mismatch([measure(c) for c in calls]) if measure else {}
+        yield SampledChunk(index, first, chunk_prompts, qids, texts, columns, rewards, mismatch)
+
+
+class MismatchMeter:
+    """The sampler/learner mismatch of sampled rows: the learner's log-probs of the
+    tokens (one forward of `model`, as the fine-tuning step computes them) against the
+    sampler's (`rollout_correction.mismatch_metrics`, under "mismatch/"). What EI and
+    RCRL log per chunk when either side computes in less than float32; they fine-tune
+    on kept samples, so there is nothing to correct. `meter(params, samples)`."""
+
+    def __init__(self, model, chunk_size: int = 256):
+        def metrics(params, sequences, sampler_logprobs):
+            valid = ppo.valid_tokens(sequences)
+            learner = token_logprobs(
+                model,
+                params,
+                sequences["tokens"],
+                sequences["input_mask"],
+                chunk_size=chunk_size,
+                needed=valid,
+            )
+            return rc.mismatch_metrics(learner.logprobs, sampler_logprobs, valid)
+
+        self._metrics = jax.jit(metrics)
+
+    def __call__(self, params: Any, samples: Samples) -> dict[str, float]:
+        rollout = samples.rollout
+        out = self._metrics(params, rollout.sequences(), rollout.sequence_logprobs())
+        return {f"mismatch/{k}": float(v) for k, v in jax.device_get(out).items()}
+
+
+def combine_mismatch(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One chunk's mismatch from its calls': maxima of *_max, minima of *_min, the sum of
+    the token counts, means of the rest (the calls are alike in size)."""
+    if not parts:
+        return {}
+
+    def combine(key: str, values: list[float]) -> float:
+        if key.endswith("_max"):
+            return max(values)
+        if key.endswith("_min"):
+            return min(values)
+        return sum(values) if key.endswith("tokens") else float(np.mean(values))
+
+    return {k: float(combine(k, [p[k] for p in parts])) for k in parts[0]}

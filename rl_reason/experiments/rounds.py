@@ -29,8 +29,9 @@ ends with the parameters and metrics of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import chex
@@ -48,6 +49,7 @@ from rl_reason.data import records, templates
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
 from rl_reason.experiments import sft as sft_experiment
+from rl_reason.models import precision
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
@@ -214,6 +216,11 @@ class _Rounds:
             progress=run.show_progress,
         )
         self.reward_fn = compose.compose(c.rewards.to_dict())
+        # The sampler/learner mismatch, per chunk, when either computes in less than float32.
+        below = precision.sampler_or_learner_below_float32(
+            model.config, config.sampling.get("dtype")
+        )
+        self.mismatch = rollout.MismatchMeter(model) if below else None
         self.step_fn = sft_experiment.jit_sft_step(config, model, self.tx, schedule, mesh, rules)
         self.exemplars = templates.select_exemplars(
             self.task.train, c.first_round_shots, seed=config.seed
@@ -287,6 +294,7 @@ class _Rounds:
         )
         stored = [templates.format_prompt(q["question"]) for q in train]
         c, s = self.c, self.config.sampling
+        options = self.algorithm.sampling_options(r)
         chunks = rollout.sample_chunks(
             self.sampler,
             self.best_params,
@@ -300,16 +308,25 @@ class _Rounds:
             start=self.progress["chunk"],
             desc=f"{self.algorithm.name} round {r}: sampling",
             show_progress=self.run.show_progress,
-            sampling_options=self.algorithm.sampling_options(r),
+            sampling_options=options,
+            measure=self._measure(options),
         )
         for chunk in chunks:
             kept, record = self.algorithm.label(chunk, [stored[i] for i in chunk.question_ids], r)
             self.store.write(self.store.chunk(f"round_{r}", chunk.index), kept)
             drawn = self.progress["samples_drawn"] + len(chunk.texts)
             self.advance(chunk=chunk.index + 1, samples_drawn=drawn)
-            self.log({**record, "samples_drawn": drawn})
+            self.log({**record, **chunk.mismatch, "samples_drawn": drawn})
             # Every chunk: sampling costs far more than a save, whatever the interval.
             self.checkpoint(force=True)
+
+    def _measure(self, options) -> Callable | None:
+        """The chunks' mismatch measure, None when there is nothing to measure, or when the
+        sampler gives tokens of its own (dense RCRL's step tokens: not the model's choice,
+        scored 0 by the sampler)."""
+        if self.mismatch is None or options:
+            return None
+        return functools.partial(self.mismatch, self.best_params)
 
     def accumulate(self, r: int) -> None:
         """D_r = D_{r-1} ∪ (round r's records), written; the train phase begins."""

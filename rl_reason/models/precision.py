@@ -79,6 +79,14 @@ def needs_cast(config: ModelConfig, dtype: str | None) -> bool:
     return dtype is not None and jnp.dtype(dtype) != config.weights_dtype
 
 
+def sampler_or_learner_below_float32(config: ModelConfig, sampling_dtype: str | None) -> bool:
+    """Whether the sampler (at `sampling_dtype`, "" or None: the model's) or the learner
+    computes in less than float32: when their log-probs can differ by more than float32
+    rounding, so that the mismatch is worth measuring."""
+    dtypes = {str(jnp.dtype(d)) for d in (sampling_dtype or config.dtype, config.dtype)}
+    return dtypes != {"float32"}
+
+
 def tree_bytes(tree: Any) -> int:
     """Bytes of every array (or ShapeDtypeStruct) leaf of `tree`."""
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
