@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rl_reason.algorithms import kl
+from rl_reason.algorithms.registries import registrar
 
 
 def gae(
@@ -119,17 +120,8 @@ AdvantageEstimator = Callable[[jax.Array, float], jax.Array]
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
-def register_advantage_estimator(*names: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Registers a group estimator under one or more names."""
-
-    def register(fn: AdvantageEstimator) -> AdvantageEstimator:
-        for name in names:
-            if name in ADVANTAGE_ESTIMATORS:
-                raise ValueError(f"Advantage estimator {name!r} is already registered.")
-            ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return register
+register_advantage_estimator = registrar(ADVANTAGE_ESTIMATORS, "Advantage estimator")
+"""Registers a group estimator under one or more names."""
 
 
 @register_advantage_estimator("grpo")
@@ -228,16 +220,8 @@ and what else the estimator reports (returns, diagnostics)."""
 ROLLOUT_ESTIMATORS: dict[str, RolloutEstimator] = {}
 
 
-def register_rollout_estimator(name: str) -> Callable[[RolloutEstimator], RolloutEstimator]:
-    """Registers how a rollout batch becomes token advantages under `rl.advantage=name`."""
-
-    def register(fn: RolloutEstimator) -> RolloutEstimator:
-        if name in ROLLOUT_ESTIMATORS:
-            raise ValueError(f"Rollout estimator {name!r} is already registered.")
-        ROLLOUT_ESTIMATORS[name] = fn
-        return fn
-
-    return register
+register_rollout_estimator = registrar(ROLLOUT_ESTIMATORS, "Rollout estimator")
+"""Registers how a rollout batch becomes token advantages under `rl.advantage=name`."""
 
 
 def estimator_names() -> list[str]:

@@ -52,6 +52,8 @@ def overlong_penalty(
     policy so before the cut (the paper: L_cache 4096 of 20480).
     """
     if not 0 < buffer <= max_new_tokens:
-        raise ValueError(f"overlong buffer {buffer} must be in (0, max_new_tokens={max_new_tokens}].")
+        raise ValueError(
+            f"overlong buffer {buffer} must be in (0, max_new_tokens={max_new_tokens}]."
+        )
     over = np.maximum(np.asarray(lengths, np.float64) - (max_new_tokens - buffer), 0.0)
     return (-factor * over / buffer).astype(np.float32)

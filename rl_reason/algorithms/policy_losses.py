@@ -21,6 +21,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rl_reason.algorithms.registries import registrar
+
 
 class PolicyTerms(NamedTuple):
     per_token: jax.Array  # the loss on each token, before aggregation
@@ -33,16 +35,8 @@ PolicyLoss = Callable[..., PolicyTerms]
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    """Registers a policy loss under `ppo.policy_loss=name`."""
-
-    def register(fn: PolicyLoss) -> PolicyLoss:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"Policy loss {name!r} is already registered.")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return register
+register_policy_loss = registrar(POLICY_LOSSES, "Policy loss")
+"""Registers a policy loss under `ppo.policy_loss=name`."""
 
 
 def clipped_policy_loss(
