@@ -362,6 +362,14 @@ def test_critic_and_remat_settings_are_checked_before_anything_runs():
     grpo.critic.kind = "start"
     with pytest.raises(config_lib.InvalidConfigError, match="ppo.use_value=False"):
         config_lib.validate_rl(grpo, num_devices=1)
+    # A group or REINFORCE++ estimator on PPO's config: no returns for its value head.
+    config = arith_ppo.get_config()
+    config.rl.update(advantage="reinforce_pp", dynamic_sampling=True, num_samples=1)
+    config.rl.overlong_buffer = config.rl.max_new_tokens + 1
+    with pytest.raises(config_lib.InvalidConfigError) as error:
+        config_lib.validate_rl(config, num_devices=1)
+    for problem in ("gives no returns", "dynamic_sampling needs", "rl.overlong_buffer"):
+        assert problem in str(error.value)
 
 
 @pytest.mark.slow

@@ -547,6 +547,11 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
         problems.append(f"rl.advantage={rl.advantage!r} not in {estimator_names()}.")
     if pc is not None and rl.advantage == "gae" and not pc.use_value:
         problems.append("rl.advantage='gae' needs a value: set ppo.use_value=True.")
+    if pc is not None and rl.advantage != "gae" and pc.use_value:
+        problems.append(
+            f"rl.advantage={rl.advantage!r} gives no returns for a value to learn: set"
+            " ppo.use_value=False and ppo.vf_coef=0 (config.with_objective does)."
+        )
     correction = config.get("rollout_correction", {})
     if correction:
         from rl_reason.algorithms import rollout_correction as rc
