@@ -187,3 +187,47 @@ def test_ppo_update_in_bfloat16_compute_follows_float32():
     assert f32[-1] < 0.96 * f32[0] and bf16[-1] < 0.96 * bf16[0]  # the updates moved both
     np.testing.assert_allclose(bf16, f32, rtol=0.03)
     assert not np.array_equal(bf16, f32)  # bfloat16 really was computed
+
+
+def test_bfloat16_parameters_with_float32_optimizer_state():
+    """optim.state_dtype="float32" under bfloat16 masters: the moments are float32 (their
+    bytes twice the parameters'), each update is float32 AdamW's on the widened
+    parameters and gradients, rounded once to bfloat16; with float32 parameters the
+    wrapper changes no number."""
+    from rl_reason.algorithms import optimizer
+    from rl_reason.experiments.config import base_config
+
+    optim = base_config().optim
+    optim.update(lr=1e-2, warmup_steps=0, schedule="constant", state_dtype="float32")
+    tx, _ = optimizer.make_optimizer(optim, 10)
+    plain_optim = optim.copy_and_resolve_references()
+    plain_optim.state_dtype = ""
+    plain, _ = optimizer.make_optimizer(plain_optim, 10)
+    config = tiny_llama(vocab_size=VOCAB, param_dtype="bfloat16")
+    params = _params(config)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+    state = tx.init(params)
+    moments = [x for x in jax.tree.leaves(state) if x.ndim > 0]
+    assert {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+    assert precision.tree_bytes(moments) == 4 * precision.tree_bytes(params)  # mu, nu in f32
+    updates, _ = tx.update(grads, state, params)
+    wide = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    expected, _ = plain.update(wide(grads), plain.init(wide(params)), wide(params))
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+        assert u.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(
+            np.asarray(u, np.float32), np.asarray(e.astype(jnp.bfloat16), np.float32)
+        )
+    # bfloat16 state (the default) rounds the moments themselves.
+    assert {x.dtype for x in jax.tree.leaves(plain.init(params)) if x.ndim > 0} == {
+        jnp.dtype(jnp.bfloat16)
+    }
+    # float32 parameters: the wrapped optimizer is the plain one, number for number.
+    f32 = wide(params)
+    a, _ = tx.update(wide(grads), tx.init(f32), f32)
+    b, _ = plain.update(wide(grads), plain.init(f32), f32)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)

@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.95
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0
+    # "" : the optimizer's state follows the parameters' dtype; "float32": Adam's moments
+    # and update arithmetic in float32 under bfloat16 parameters (model.param_dtype).
+    c.optim.state_dtype = ""
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 300
@@ -679,6 +682,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
     if config.optim.schedule not in SCHEDULES:
         problems.append(f"optim.schedule={config.optim.schedule!r} not in {SCHEDULES}.")
+    if config.optim.get("state_dtype", "") not in ("", "float32"):
+        problems.append(f"optim.state_dtype={config.optim.state_dtype!r} not in ('', 'float32').")
     if config.train.num_steps < 1:
         problems.append("train.num_steps must be positive.")
     try:

@@ -3,7 +3,8 @@
     what                                       dtype                        set by
     -----------------------------------------  ---------------------------  -------------------------
     master parameters                          float32                      ModelConfig.param_dtype
-    optimizer state (Adam moments)             follows the parameters       optax (float32 masters)
+    optimizer state (Adam moments)             follows the parameters, or   optax; optim.state_dtype
+                                               float32 ("float32")
     gradients                                  follows the parameters       sft/ppo steps cast to it
     matmuls: projections, attention products   ModelConfig.dtype            "float32" or "bfloat16"
     residual stream, activations               ModelConfig.dtype
@@ -37,8 +38,13 @@ vocabulary) and matters most for large vocabularies and for the
 sampler/learner gap; with float32 compute it changes nothing.
 
 Parameters in bfloat16 (param_dtype="bfloat16") halve the masters' memory
-but Adam's moments and updates then round to bfloat16 too: updates below
-2^-8 of a weight vanish. Not recommended for RL fine-tuning.
+but Adam's moments and updates then round to bfloat16 too. With
+`optim.state_dtype="float32"` (`optimizer.float32_state`) the moments and
+the update's arithmetic stay float32 and only the final update is rounded:
+2 + 8 bytes a parameter instead of 4 + 8 (float32 masters) or 2 + 4 (all
+bfloat16). An update below 2^-8 of its weight still vanishes when it is
+added to a bfloat16 weight, so keep float32 masters for RL fine-tuning at
+small learning rates unless memory forces the choice.
 """
 
 from __future__ import annotations
