@@ -7,6 +7,7 @@ import pytest
 from rl_reason.data import sources
 from rl_reason.experiments import config as config_lib
 from rl_reason.experiments import evaluate, sft
+from rl_reason.sampling.engine import Sampler
 
 
 def _tiny_run(workdir):
@@ -66,7 +67,7 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(tiny_run, tmp_pat
     config = _eval_config(tiny_run, chunk_size=5)  # rounded up to whole batches: 8 questions
 
     calls, kill_at = [], [1]
-    generate = evaluate.Sampler.generate
+    generate = Sampler.generate
 
     def generate_until_killed(self, *args, **kwargs):
         if len(calls) == kill_at[0]:
@@ -74,7 +75,7 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(tiny_run, tmp_pat
         calls.append(kwargs["prompt_offset"])
         return generate(self, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate.Sampler, "generate", generate_until_killed)
+    monkeypatch.setattr(Sampler, "generate", generate_until_killed)
     with pytest.raises(KeyboardInterrupt):
         evaluate.run(config, str(tmp_path / "resumed"))
     assert calls == [0]

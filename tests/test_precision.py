@@ -118,7 +118,9 @@ def test_sampler_precision_apart_from_the_learners(tokenizer):
     learner's float32 weights untouched, and log-probs a small, measured gap away."""
     config = tiny_llama(vocab_size=len(tokenizer), init_std=0.1)
     params = _params(config)
-    make = lambda **kw: Sampler(config, tokenizer, batch_size=4, prompt_buckets=(64,), **kw)
+    make = lambda **kw: Sampler(
+        config, tokenizer, batch_size=4, prompt_buckets=(64,), truncate_prompts=True, **kw
+    )
     plain, same, bf16 = make(), make(dtype="float32"), make(dtype="bfloat16")
     assert same.sampling_params(params) is params and plain.sampling_params(params) is params
     copy = bf16.sampling_params(params)

@@ -286,9 +286,7 @@ def test_step_conditioning_gives_the_step_token_after_every_step_start():
     included, and given tokens score 0."""
     decoder, scanned, params = _setup("llama")
     tokens, mask = _prompts(scanned.config.vocab_size)
-    got, starts, given = _step_conditioned(
-        decoder, params, tokens, mask, scanned.config.vocab_size
-    )
+    got, starts, given = _step_conditioned(decoder, params, tokens, mask, scanned.config.vocab_size)
     out = np.asarray(got.completion_tokens)
     is_given = np.zeros(out.shape, bool)
     is_given[:, 1:] = np.isin(out[:, :-1], starts)
@@ -366,6 +364,7 @@ def _engine_setup(tokenizer, **kwargs):
     config = tiny_llama(vocab_size=len(tokenizer))
     tokens = jnp.zeros((1, 2), jnp.int32)
     params = nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens))
+    kwargs.setdefault("truncate_prompts", True)  # raw questions, some over the 64 bucket
     return Sampler(config, tokenizer, **kwargs), params
 
 
@@ -485,3 +484,29 @@ def test_engine_cuts_text_at_stop_strings(tokenizer):
         decode_steps=np.asarray([n]),
     )
     assert engine.decode(fake) == [" 12 apples.\n"]
+
+
+def test_an_over_long_prompt_is_refused_unless_truncation_is_asked(tokenizer, caplog):
+    """The sampler does not train on cut prompts behind the caller's back: a prompt over
+    the largest bucket is an error naming its length and the bucket; truncate_prompts
+    cuts its start with a warning. Stop strings default to the task template's."""
+    from rl_reason.data import templates
+    from rl_reason.sampling.engine import PromptTooLongError
+
+    # No shared prefix to prefill apart: the whole prompt meets the bucket.
+    strict, params = _engine_setup(
+        tokenizer, batch_size=2, prompt_buckets=(8,), truncate_prompts=False, min_shared_prefix=0
+    )
+    assert strict.stop_strings == templates.STOP_SEQUENCES
+    long_prompt = "Question: " + "one two three four five six seven eight nine ten " * 2
+    length = len(strict.token_ids([long_prompt])[0])
+    with pytest.raises(
+        PromptTooLongError, match=f"largest prompt bucket \\(8 tokens\\).* has {length}"
+    ):
+        strict.generate(
+            params, [long_prompt], jax.random.PRNGKey(0), strict.sampling_config(max_new_tokens=2)
+        )
+    cutting, _ = _engine_setup(tokenizer, batch_size=2, prompt_buckets=(8,), stop_strings=())
+    assert cutting.stop_strings == ()
+    tokens, mask = cutting.pad(cutting.token_ids([long_prompt]))
+    assert tokens.shape == (1, 8) and mask.all() and "their starts are cut" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,33 @@ import numpy as np
 import optax
 
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a schedule: what `make_optimizer` builds.
+
+    The defaults are the run configs' (`experiments.config.base_config().optim`),
+    so research code can write `make_optimizer(OptimConfig(lr=1e-4), steps)`; a run
+    config's `optim` section is accepted as it is (the same fields).
+    """
+
+    lr: float = 1e-3
+    schedule: str = "cosine"  # SCHEDULES
+    warmup_steps: int = 20
+    final_lr_fraction: float = 0.1  # the cosine/linear schedule's end, as a fraction of lr
+    weight_decay: float = 0.01  # decoupled; not on norms, biases or embeddings (decay_mask)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 = none
+    state_dtype: str = ""  # "float32": Adam's state in float32 under bfloat16 params
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} not in {SCHEDULES}")
+        if self.state_dtype not in ("", "float32"):
+            raise ValueError(f"state_dtype={self.state_dtype!r} not in ('', 'float32')")
 
 
 def learning_rate_schedule(
@@ -84,7 +112,8 @@ def scale_embedding_rows(row_scales: Mapping[int, float]) -> optax.GradientTrans
 def make_optimizer(
     config, total_steps: int, embedding_row_scales: Mapping[int, float] | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; `config` is the `optim` section.
+    """AdamW with global-norm clipping; `config` an `OptimConfig` or a run config's `optim`
+    section (its fields).
 
     `embedding_row_scales` ({token id: factor}) scales those embedding rows'
     updates after AdamW (see `scale_embedding_rows`)."""

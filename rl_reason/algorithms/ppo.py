@@ -280,6 +280,35 @@ def score(
     return jax.lax.stop_gradient(out)
 
 
+def make_score(
+    models: ActorCritic,
+    config: PPOConfig,
+    mesh: Optional[Mesh] = None,
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    *,
+    estimator: str = "grpo",
+    kl_coef: float = 0.0,
+    with_policy: Optional[bool] = None,
+):
+    """`score(params, ref_params, batch)` jitted, with the update's chunk size and the
+    single-step rule chosen from `config` and the estimator (`needs_rollout_logprobs`;
+    `with_policy` overrides it), and run under `mesh`'s activation sharding when given.
+    What research code calls, and the on-policy learner builds its scoring from."""
+    if with_policy is None:
+        with_policy = needs_rollout_logprobs(config, estimator, kl_coef)
+    scored = jax.jit(
+        functools.partial(score, models, chunk_size=config.chunk_size, with_policy=with_policy)
+    )
+    if mesh is None:
+        return scored
+
+    def score_on_mesh(params, ref_params, batch):
+        with shd.activation_sharding(mesh, rules):
+            return scored(params, ref_params, batch)
+
+    return score_on_mesh
+
+
 # --- the loss ---------------------------------------------------------------
 
 

@@ -130,6 +130,9 @@ def _sampling(
     # The sampler's own precision ("bfloat16": a cast copy of the weights and a bf16 KV
     # cache for rollouts); "" computes as the model does (docs/precision.md).
     s.dtype = ""
+    # A prompt longer than the largest bucket: cut its start with a warning (True, what
+    # runs have always done) or stop with an error naming it (False, the Sampler's default).
+    s.truncate_prompts = True
     return s
 
 

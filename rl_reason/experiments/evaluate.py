@@ -34,7 +34,7 @@ from rl_reason.data import builders, synthetic, templates
 from rl_reason.evaluation.evaluate import evaluate as score
 from rl_reason.experiments import rollout, runs, sources
 from rl_reason.parallel import sharding as shd
-from rl_reason.sampling.engine import Sampler, common_prefix_length
+from rl_reason.sampling.engine import common_prefix_length
 
 _log = logging.getLogger(__name__)
 
@@ -88,15 +88,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if condition_on:
         prompts = [rcrl.condition_prompt(p, condition_on) for p in prompts]
     golds = [q["final_answer"] for q in data.questions]
-    sampler = Sampler(
+    sampler = rollout.run_sampler(
+        config,
         model_config,
         tokenizer,
-        batch_size=config.sampling.batch_size,
-        prompt_buckets=tuple(config.sampling.prompt_buckets),
-        mesh=mesh if jax.device_count() > 1 else None,
-        rules=rules,
-        stop_strings=templates.STOP_SEQUENCES,
-        dtype=config.sampling.get("dtype") or None,
+        mesh if jax.device_count() > 1 else None,
+        rules,
         progress=config.logging.progress_bar and jax.process_index() == 0,
         compiler_options=config.eval.compiler_options.to_dict(),
     )

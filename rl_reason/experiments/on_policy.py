@@ -48,7 +48,6 @@ from rl_reason.models import precision
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
-from rl_reason.sampling.engine import Sampler
 from rl_reason.sampling.sampler import LENGTH
 
 
@@ -118,15 +117,13 @@ class OnPolicyLearner:
         )
         steps = rl.num_iterations * pc.num_epochs * pc.num_minibatches
         self.tx, schedule = optimizer.make_optimizer(config.optim, steps)
-        self.sampler = Sampler(
+        self.sampler = rollout.run_sampler(
+            config,
             self.models.policy.config,
             start.tokenizer,
-            batch_size=config.sampling.batch_size,
-            prompt_buckets=tuple(config.sampling.prompt_buckets),
-            mesh=mesh,
-            rules=rules,
-            stop_strings=() if full_length else templates.STOP_SEQUENCES,
-            dtype=config.sampling.get("dtype") or None,
+            mesh,
+            rules,
+            **({"stop_strings": ()} if full_length else {}),
         )
         self.correction = correction_mode(config, self.models.policy.config)
         self.sampling = self.sampler.sampling_config(
@@ -148,11 +145,7 @@ class OnPolicyLearner:
         # The mismatch is measured against the learner's log-probs: they are computed.
         correcting = self.correction is not None
         with_policy = ppo.needs_rollout_logprobs(pc, rl.advantage, rl.kl_coef) or correcting
-        self.score = jax.jit(
-            functools.partial(
-                ppo.score, self.models, chunk_size=pc.chunk_size, with_policy=with_policy
-            )
-        )
+        self.score = ppo.make_score(self.models, pc, with_policy=with_policy)
         self.estimate = jax.jit(
             functools.partial(
                 adv_lib.rollout_advantages, rl.advantage, settings=estimator_settings(config)

@@ -62,7 +62,6 @@ from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
-from rl_reason.sampling.engine import Sampler
 
 _log = logging.getLogger(__name__)
 
@@ -243,15 +242,12 @@ class _OrmRun:
             policy = sources.load_model(
                 config.model_source.kind, config.model_source.path, self.run.mesh, self.run.rules
             )
-        sampler = Sampler(
+        sampler = rollout.run_sampler(
+            config,
             policy.config,
             policy.tokenizer,
-            batch_size=config.sampling.batch_size,
-            prompt_buckets=tuple(config.sampling.prompt_buckets),
-            mesh=self.run.mesh,
-            rules=self.run.rules,
-            stop_strings=templates.STOP_SEQUENCES,
-            dtype=config.sampling.get("dtype") or None,
+            self.run.mesh,
+            self.run.rules,
             progress=self.run.show_progress,
         )
         reward_fn = compose.compose(c.rewards.to_dict())

@@ -146,6 +146,24 @@ def concatenate(batches: Sequence[RolloutBatch]) -> RolloutBatch:
     )
 
 
+def run_sampler(config, model_config, tokenizer, mesh, rules, **options) -> Sampler:
+    """The sampler of a run, from its `sampling` section: batch, prompt buckets, its own
+    precision (`dtype`) and whether over-long prompts are cut (`truncate_prompts`,
+    on by default in run configs: runs began with it); the task template's stop
+    strings. `options`: further Sampler arguments (stop_strings, progress, ...)."""
+    s = config.sampling
+    settings = dict(
+        batch_size=s.batch_size,
+        prompt_buckets=tuple(s.prompt_buckets),
+        mesh=mesh,
+        rules=rules,
+        stop_strings=templates.STOP_SEQUENCES,
+        dtype=s.get("dtype") or None,
+        truncate_prompts=s.get("truncate_prompts", True),
+    )
+    return Sampler(model_config, tokenizer, **{**settings, **options})
+
+
 def collect(
     sampler: Sampler,
     params: Any,

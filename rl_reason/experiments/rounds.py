@@ -204,16 +204,8 @@ class _Rounds:
             }
             self.state = self._fresh_state(config.seed, start.params)
             self.best_params = copy_tree(start.params)
-        self.sampler = Sampler(
-            model.config,
-            self.tokenizer,
-            batch_size=config.sampling.batch_size,
-            prompt_buckets=tuple(config.sampling.prompt_buckets),
-            mesh=mesh,
-            rules=rules,
-            stop_strings=templates.STOP_SEQUENCES,
-            dtype=config.sampling.get("dtype") or None,
-            progress=run.show_progress,
+        self.sampler = rollout.run_sampler(
+            config, model.config, self.tokenizer, mesh, rules, progress=run.show_progress
         )
         self.reward_fn = compose.compose(c.rewards.to_dict())
         # The sampler/learner mismatch, per chunk, when either computes in less than float32.

@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
+from rl_reason.data import templates
 from rl_reason.models import precision
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
@@ -65,6 +66,10 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     return fitting[0] if fitting else max(buckets)
 
 
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the sampler's largest bucket (and truncation was not asked)."""
+
+
 class Sampler:
     """Batched generation for one model architecture and tokenizer."""
 
@@ -77,14 +82,18 @@ class Sampler:
         prompt_buckets: Sequence[int] = (64, 128, 256, 512),
         mesh: Mesh | None = None,
         rules: shd.Rules = shd.DEFAULT_RULES,
-        stop_strings: Sequence[str] = (),
+        stop_strings: Sequence[str] | None = None,
         progress: bool = False,
         min_shared_prefix: int = 32,
         compiler_options: Mapping[str, Any] | None = None,
         dtype: str | None = None,
+        truncate_prompts: bool = False,
     ):
-        """min_shared_prefix: prefill a common prompt prefix once when it is at
-        least this many tokens long (0 never shares). compiler_options: XLA
+        """stop_strings: the texts that end a sample (None: the task template's,
+        `templates.STOP_SEQUENCES`; () for none). truncate_prompts: a prompt longer
+        than the largest bucket is an error (`PromptTooLongError`) unless this asks
+        to cut its start. min_shared_prefix: prefill a common prompt prefix once when
+        it is at least this many tokens long (0 never shares). compiler_options: XLA
         options for the sampling program alone (None: XLA's defaults).
         dtype: the sampler's own precision ("bfloat16", "float32"), apart from
         the learner's: each `generate` computes with a copy of the weights cast
@@ -98,7 +107,10 @@ class Sampler:
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.mesh = mesh
         self.rules = rules
-        self.stop_strings = tuple(stop_strings)
+        self.stop_strings = tuple(
+            templates.STOP_SEQUENCES if stop_strings is None else stop_strings
+        )
+        self.truncate_prompts = truncate_prompts
         self.progress = progress
         self.min_shared_prefix = min_shared_prefix
         self._sample = jit_sample(compiler_options)
@@ -137,6 +149,14 @@ class Sampler:
         tok = self.tokenizer
         length = pick_bucket(max(len(x) for x in ids), self.prompt_buckets)
         too_long = sum(len(x) > length for x in ids)
+        if too_long and not self.truncate_prompts:
+            longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+            raise PromptTooLongError(
+                f"{too_long} prompts are longer than the largest prompt bucket ({length}"
+                f" tokens); the longest (prompt {longest} of this call) has"
+                f" {len(ids[longest])}. Add a larger bucket (prompt_buckets), shorten the"
+                " prompts, or pass truncate_prompts=True to cut their starts."
+            )
         if too_long:
             _log.warning(
                 "%d prompts are longer than the largest bucket (%d tokens); their starts are cut.",
