@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -134,9 +135,54 @@ def load_model(
     return MODEL_SOURCES[kind](path, mesh, rules)
 
 
+RUN_DIRECTORY = """An rl_reason run directory, as every loop, `save_run` and `load_run` see it:
+
+    <run>/config.json          the run's config (ml_collections, as JSON): what a resume
+                               checks its command against; `load_run` does not read it
+    <run>/tokenizer/           the tokenizer its samples are read with (`save_tokenizer`)
+    <run>/checkpoints/<step>/  verified Orbax checkpoints: an item "<name>.params" for each
+                               model (policy, critic, orm), the progress record, whose
+                               "models" maps each name to its ModelConfig dict, and the
+                               items' checksums; `load_run` reads the latest
+    <run>/metrics.jsonl        what was logged (the loops; not part of the model)
+"""
+
+
+def save_run(
+    path: str,
+    params: Any,
+    model_config: ModelConfig,
+    tokenizer: Any,
+    *,
+    name: str = "policy",
+    step: int = 0,
+    config: Mapping[str, Any] | None = None,
+    progress: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes `params` as model `name` of a run directory (RUN_DIRECTORY) that `load_run`,
+    `launch/evaluate.py` and every `model_source.kind="run"` read: the checkpoint at
+    `step` (verified, as the loops write it), the tokenizer and config.json (`config`,
+    or what little research code knows: the model's source is this call)."""
+    record = dict(config) if config is not None else {"algorithm": "saved by save_run"}
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        checkpointing.write_json_atomic(os.path.join(path, "config.json"), record)
+        tokenizer_lib.save_tokenizer(tokenizer, os.path.join(path, "tokenizer"))
+    checkpointer = checkpointing.Checkpointer(os.path.join(path, "checkpoints"))
+    try:
+        models = {**(progress or {}).get("models", {}), name: model_config.to_dict()}
+        checkpointer.save(
+            step, {f"{name}.params": params}, {**(progress or {}), "models": models}, force=True
+        )
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+
+
 @model_source("run")
 def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> LoadedModel:
-    """Model `name` of an rl_reason run directory, from its latest checkpoint.
+    """Model `name` of an rl_reason run directory (RUN_DIRECTORY), from its latest
+    checkpoint, with the run's tokenizer.
 
     The checkpoint must verify: evaluation refuses a damaged checkpoint rather
     than falling back or quarantining (it only reads the run).
@@ -159,6 +205,8 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
         items, _, _ = checkpointer.restore({f"{name}.params": abstract}, step=step)
     finally:
         checkpointer.close()
+    if not os.path.isdir(os.path.join(path, "tokenizer")):
+        raise ModelSourceError("run", path, "it has no tokenizer/ (see sources.RUN_DIRECTORY).")
     tokenizer = tokenizer_lib.load_tokenizer(os.path.join(path, "tokenizer"))
     return LoadedModel(config, items[f"{name}.params"], tokenizer)
 
