@@ -55,6 +55,7 @@ from rl_reason.evaluation.evaluate import evaluate
 from rl_reason.experiments.rollout import collect, columns_k
 from rl_reason.experiments.sources import RUN_DIRECTORY, LoadedModel, load_model, load_run, save_run
 from rl_reason.models.config import ModelConfig, tiny_llama
+from rl_reason.models.lora import LoraConfig, LoraModel, export_peft, import_peft, lora_optimizer
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel.mesh import make_mesh
 from rl_reason.parallel.sharding import DEFAULT_RULES, activation_sharding, shard_batch
@@ -73,6 +74,12 @@ __all__ = [
     "ModelConfig",
     "Transformer",
     "tiny_llama",
+    # LoRA
+    "LoraConfig",
+    "LoraModel",
+    "lora_optimizer",
+    "export_peft",
+    "import_peft",
     # meshes
     "make_mesh",
     "DEFAULT_RULES",

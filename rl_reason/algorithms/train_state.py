@@ -61,8 +61,16 @@ def state_shardings(
     replicated = NamedSharding(mesh, P())
     shapes = _param_shapes(model)
     abstract_opt = jax.eval_shape(tx.init, shapes)
+    # A masked optimizer (LoRA's frozen base: optax.multi_transform) holds no state for
+    # the masked params: an empty MaskedNode stands where their sharding would.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_sh = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, params_sh, transform_non_params=lambda _: replicated
+        tx,
+        lambda state, s: state if masked(state) else s,
+        abstract_opt,
+        params_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
     return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
 
