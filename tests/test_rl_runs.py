@@ -484,3 +484,45 @@ def test_dapo_batches_are_always_full_and_a_crash_in_a_refill_resumes_bitwise(
     monkeypatch.setattr(on_policy.OnPolicyLearner, "_collect", collect)
     on_policy.train(config, str(tmp_path / "resumed"))
     _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_trains_adapters_resumes_bitwise_and_knows_its_base(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    """lora.rank > 0: adapters on the frozen start (also the KL reference), checkpoints of
+    adapters and heads only, a policy `load_run` merges from the recorded base, an exact
+    resume, and a resume on another base refused."""
+    from rl_reason.rewards import registry
+
+    if "odd_length" not in registry.names():
+        registry.register("odd_length", _OddLength)
+    config = _on_policy_config(arith_grpo, tiny_sft_run)
+    config.rl.rewards = {"odd_length": 1.0}  # a reward the tiny start earns half the time
+    config.lora.update(rank=4, alpha=8.0)
+    last = on_policy.train(config, str(tmp_path / "straight"))
+    assert last["finite"] == 1.0 and last["kl_loss"] > 0  # moved away from the reference
+    checkpoint = checkpointing.Checkpointer(str(tmp_path / "straight" / "checkpoints"))
+    items = set(checkpoint.read_integrity(checkpoint.latest_step())["items"])
+    checkpoint.close()
+    assert items == {"policy.lora", "policy.train"}  # no copy of the base
+    start = jax.tree.leaves(_params(tiny_sft_run))
+    merged = jax.tree.leaves(_params(tmp_path / "straight"))
+    assert len(start) == len(merged) and any(
+        not np.array_equal(a, b) for a, b in zip(start, merged)
+    )
+
+    _interrupt_at(monkeypatch, [1, 2])
+    _run_until_done(on_policy.train, config, tmp_path / "resumed")
+    _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+    from rl_reason.experiments import sft
+    import conftest
+
+    other = conftest.tiny_sft_config()
+    other.seed = 1
+    sft.train(other, str(tmp_path / "other_start"))
+    config.rl.num_iterations = 4
+    config.model_source.path = str(tmp_path / "other_start")
+    with pytest.raises(Exception, match="LoRA run's base changed"):
+        on_policy.train(config, str(tmp_path / "straight"))

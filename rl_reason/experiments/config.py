@@ -375,6 +375,12 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rollout_correction = ml_collections.ConfigDict({"mode": "auto", "cap": 0.0})
 
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
+    # LoRA (models/lora.py, docs/lora.md): rank > 0 trains adapters on these kernels (and
+    # the scalar heads) of a frozen start, which is also the KL reference; checkpoints
+    # keep the adapters and heads, and the base's source and checksum.
+    from rl_reason.models.lora import TARGETS
+
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": TARGETS})
     # Where PPO's value comes from when ppo.use_value: kind "" is a value head on the
     # policy's trunk; a separate critic is "start" (a copy of the start model with a
     # value head) or a model source ("run", "hf", "gguf" at critic.path: e.g. a smaller
@@ -571,6 +577,17 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
     if rl.kl_estimator not in KL_ESTIMATORS:
         problems.append(f"rl.kl_estimator={rl.kl_estimator!r} not in {KL_ESTIMATORS}.")
     critic = config.get("critic", {}).get("kind", "")
+    if config.get("lora", {}).get("rank"):
+        from rl_reason.models.lora import LoraConfig
+
+        try:
+            LoraConfig(config.lora.rank, config.lora.alpha, tuple(config.lora.targets))
+        except ValueError as e:
+            problems.append(str(e))
+        if critic:
+            problems.append(
+                f"lora.rank > 0 with critic.kind={critic!r}: LoRA trains the policy's value head, not a separate critic (yet)."
+            )
     if critic and critic not in CRITIC_KINDS:
         problems.append(f"critic.kind={critic!r} not in {CRITIC_KINDS} (or '': no critic).")
     if critic and pc is not None and not pc.use_value:

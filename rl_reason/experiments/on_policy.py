@@ -44,7 +44,7 @@ from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import rollout, runs, sources, tasks
 from rl_reason.experiments import config as config_lib
 from rl_reason.experiments.config import validate_rl
-from rl_reason.models import precision
+from rl_reason.models import lora, precision
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
@@ -102,21 +102,31 @@ class OnPolicyLearner:
         remat = {"remat": config.train.remat} if config.train.remat else {}  # what a step keeps
         heads = ("value",) if pc.use_value and critic is None else ()
         policy = sources.with_heads(start, heads, mesh, rules, seed=config.seed, **remat)
-        self.models = ppo.ActorCritic(
-            Transformer(policy.config), Transformer(critic.config) if critic else None
-        )
-        needs_reference = rl.kl_coef > 0 or pc.kl_loss_coef > 0
-        self.ref_params = (
-            start.params if needs_reference else None
-        )  # frozen, sharded like the policy
+        # LoRA (`lora.rank` > 0): adapters on the frozen start, which is also the reference.
+        self.lora = lora_config(config)
+        policy_model = Transformer(policy.config)
+        if self.lora is not None:
+            policy_model = lora.LoraModel(policy_model, self.lora)
+            self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
+        self.models = ppo.ActorCritic(policy_model, Transformer(critic.config) if critic else None)
+        self.needs_reference = needs_reference = rl.kl_coef > 0 or pc.kl_loss_coef > 0
+        # Frozen, sharded like the policy; under LoRA the state's own base (no second copy).
+        self.ref_params = start.params if needs_reference and self.lora is None else None
         # Its fingerprints: today's, and the one runs begun before format 2 recorded.
-        self.reference_ids = sources.fingerprints(self.ref_params) if needs_reference else (None,)
+        fingerprints = sources.fingerprints(start.params)
+        self.reference_ids = fingerprints if needs_reference else (None,)
         self.reference_id = self.reference_ids[0]
+        self.base_ids = fingerprints  # what a LoRA run's base must match on resume
         self.start_params = (
             policy.params if critic is None else {"policy": policy.params, "critic": critic.params}
         )
+        if self.lora is not None:
+            adapters = lora.init_adapters(policy.params, self.lora, jax.random.PRNGKey(config.seed))
+            self.start_params = {"base": policy.params, "lora": adapters}
         steps = rl.num_iterations * pc.num_epochs * pc.num_minibatches
         self.tx, schedule = optimizer.make_optimizer(config.optim, steps)
+        if self.lora is not None:
+            self.tx = lora.lora_optimizer(self.tx)
         self.sampler = rollout.run_sampler(
             config,
             self.models.policy.config,
@@ -168,8 +178,31 @@ class OnPolicyLearner:
         return ppo.abstract_ppo_state(self.models, self.tx, self.mesh, self.rules)
 
     def actor(self, state) -> Any:
-        """What the sampler reads of the state: the policy's params."""
-        return ppo.policy_params(self.models, state.params)
+        """What the sampler reads of the state: the policy's params (LoRA's merged)."""
+        params = ppo.policy_params(self.models, state.params)
+        return params if self.lora is None else self._merged(params)
+
+    def reference(self, state) -> Any:
+        """The frozen reference's params: the start model (under LoRA, the state's base)."""
+        if self.lora is not None and self.needs_reference:
+            return state.params["base"]
+        return self.ref_params
+
+    def state_items(self, state) -> dict[str, Any]:
+        """The checkpoint items of `state` (`state_items`; under LoRA only the adapters
+        and heads of the params, as "policy.lora": the base is rebuilt from its source)."""
+        if self.lora is None:
+            return state_items(self.models, state)
+        return {
+            "policy.lora": lora.trained_part(state.params),
+            "policy.train": state.replace(params=None),
+        }
+
+    def merge_state_items(self, items: dict[str, Any]) -> Any:
+        if self.lora is None:
+            return merge_state_items(self.models, items)
+        params = lora.with_trained_part(self.start_params["base"], items["policy.lora"])
+        return items["policy.train"].replace(params=params)
 
     def iteration(
         self,
@@ -203,7 +236,7 @@ class OnPolicyLearner:
         sequences = shd.shard_batch(batch.sequences, mesh)
         token_scores, rewards = shd.shard_batch((token_scores, totals), mesh)
         with shd.activation_sharding(mesh, rules):
-            scored = self.score(state.params, self.ref_params, sequences)
+            scored = self.score(state.params, self.reference(state), sequences)
             estimates = self.estimate(
                 scored, token_scores, rewards, sequences["loss_mask"], jnp.float32(kl_coef)
             )
@@ -306,6 +339,14 @@ class OnPolicyLearner:
             keep = np.asarray(sampled.finish_reason) != LENGTH
             stats["overlong/filtered_fraction"] = float(1.0 - keep.mean())
         return totals, token_scores, keep, stats
+
+
+def lora_config(config) -> lora.LoraConfig | None:
+    """The run's LoRA (the `lora` section), None when lora.rank is 0 (every parameter trains)."""
+    section = config.get("lora")
+    if not section or not section.rank:
+        return None
+    return lora.LoraConfig(int(section.rank), float(section.alpha), tuple(section.targets))
 
 
 def correction_mode(config, model_config) -> tuple[str, float | None] | None:
@@ -414,12 +455,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "kl_coef": float(rl.kl_coef),
             "samples_drawn": 0,
         }
-        restored = run.restore(state_items(learner.models, learner.abstract_state()))
+        restored = run.restore(learner.state_items(learner.abstract_state()))
         if restored is not None:
             items, progress = restored
-            state = merge_state_items(learner.models, items)
-            iterator.restore(progress["data"])
+            _check_lora_base(config, progress, learner.base_ids)
             _check_reference(config, progress, learner.reference_ids)
+            state = learner.merge_state_items(items)
+            iterator.restore(progress["data"])
         else:
             state = learner.initial_state()
         learner.start_params = None  # the state holds them now
@@ -472,7 +514,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 )
                 record.update({f"heldout/{k}": v for k, v in heldout.items()})
             last = run.log(done, record)
-            items = state_items(learner.models, state)
+            items = learner.state_items(state)
             run.checkpoint(done, items, progress, force=done == end, finished=done == end)
         return last
 
@@ -484,6 +526,17 @@ def _check_reference(config, progress: Mapping[str, Any], reference_ids: tuple) 
             f"The reference model rebuilt from {config.model_source.path!r} has checksum"
             f" {reference_id}, but the run started from {progress.get('reference')}: the"
             " source changed since the run began."
+        )
+
+
+def _check_lora_base(config, progress: Mapping[str, Any], base_ids: tuple) -> None:
+    """A LoRA run's adapters belong to the base it began from: another one is an error."""
+    recorded = progress.get("lora", {}).get("base", {})
+    if recorded and recorded.get("checksum") not in base_ids:
+        raise runs.ResumeConfigError(
+            f"The LoRA run's base changed: {config.model_source.kind} {config.model_source.path!r}"
+            f" has checksum {base_ids[0]}, but its adapters were trained on"
+            f" {recorded.get('kind')} {recorded.get('path')!r} (checksum {recorded.get('checksum')})."
         )
 
 
@@ -503,6 +556,10 @@ def _next_progress(config, learner: OnPolicyLearner, progress, out: Iteration, d
             if model is not None
         },
     }
+    if learner.lora is not None:  # what `sources.load_run` rebuilds the policy from
+        source = config.model_source
+        base = {"kind": source.kind, "path": source.path, "checksum": learner.base_ids[0]}
+        progress["lora"] = {**dataclasses.asdict(learner.lora), "base": base}
     if rl.kl_target and "kl_k1" in out.diagnostics:  # the adaptive KL controller
         progress["kl_coef"] = float(
             kl.adaptive_kl_update(

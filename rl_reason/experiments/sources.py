@@ -10,6 +10,7 @@ weights have no scalar heads: `with_heads` adds fresh ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from rl_reason import checkpointing
 from rl_reason.algorithms import train_state as ts
 from rl_reason.algorithms.orm import ORM_HEAD, BatchedOrmScorer
 from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.models import lora
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer, init_params
 from rl_reason.parallel import sharding as shd
@@ -193,7 +195,8 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
         step = checkpointer.latest_step()
         if step is None:
             raise ModelSourceError("run", path, "its checkpoints/ holds no checkpoint yet.")
-        models = checkpointer.read_progress(step).get("models", {})
+        progress = checkpointer.read_progress(step)
+        models = progress.get("models", {})
         if name not in models:
             raise ModelSourceError(
                 "run",
@@ -201,14 +204,39 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
                 f"checkpoint {step} records no model {name!r} (it has {sorted(models)}).",
             )
         config = ModelConfig.from_dict(models[name])
-        abstract = ts.abstract_params(Transformer(config), mesh, rules)
-        items, _, _ = checkpointer.restore({f"{name}.params": abstract}, step=step)
+        if name == "policy" and "lora" in progress:
+            params = _lora_policy(path, checkpointer, step, progress["lora"], config, mesh, rules)
+        else:
+            abstract = ts.abstract_params(Transformer(config), mesh, rules)
+            items, _, _ = checkpointer.restore({f"{name}.params": abstract}, step=step)
+            params = items[f"{name}.params"]
     finally:
         checkpointer.close()
     if not os.path.isdir(os.path.join(path, "tokenizer")):
         raise ModelSourceError("run", path, "it has no tokenizer/ (see sources.RUN_DIRECTORY).")
     tokenizer = tokenizer_lib.load_tokenizer(os.path.join(path, "tokenizer"))
-    return LoadedModel(config, items[f"{name}.params"], tokenizer)
+    return LoadedModel(config, params, tokenizer)
+
+
+def _lora_policy(path, checkpointer, step, recorded, config, mesh, rules) -> Any:
+    """A LoRA run's policy: its base rebuilt from the recorded source (its checksum
+    checked), the checkpoint's adapters and heads, merged into plain params."""
+    base_source = recorded["base"]
+    base = load_model(base_source["kind"], base_source["path"], mesh, rules)
+    if base_source["checksum"] not in fingerprints(base.params):
+        raise ModelSourceError(
+            "run",
+            path,
+            f"its LoRA adapters were trained on {base_source['kind']} {base_source['path']!r}"
+            f" (checksum {base_source['checksum']}), which now holds another model.",
+        )
+    lora_config = lora.LoraConfig(recorded["rank"], recorded["alpha"], tuple(recorded["targets"]))
+    model = lora.LoraModel(Transformer(config), lora_config)
+    abstract = ts.abstract_params(model, mesh, rules)
+    items, _, _ = checkpointer.restore({"policy.lora": lora.trained_part(abstract)}, step=step)
+    base_params = with_heads(base, config.heads, mesh, rules).params
+    trained = lora.with_trained_part(base_params, items["policy.lora"])
+    return jax.jit(functools.partial(lora.merged, config=lora_config))(trained)
 
 
 def prompt_conditioning(path: str, name: str = "policy") -> tuple[str, bool]:

@@ -160,6 +160,22 @@ def lora_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransforma
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, trainable_labels)
 
 
+def trained_part(params: dict) -> dict:
+    """What a LoRA checkpoint keeps of {"base", "lora"}: the adapters and the scalar heads
+    (the rest of the base is rebuilt from its source, checked by its checksum)."""
+    inner = params["base"]["params"]
+    return {
+        "lora": params["lora"],
+        "heads": {k: v for k, v in inner.items() if k.startswith(_HEADS)},
+    }
+
+
+def with_trained_part(base_params: dict, part: dict) -> dict:
+    """{"base", "lora"} from the rebuilt base and a checkpoint's `trained_part`."""
+    inner = {**base_params["params"], **part["heads"]}
+    return {"base": {**base_params, "params": inner}, "lora": part["lora"]}
+
+
 class LoraModel:
     """A Transformer trained through adapters: params {"base", "lora"}.
 
