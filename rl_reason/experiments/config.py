@@ -18,6 +18,7 @@ import ml_collections
 
 from rl_reason.algorithms.optimizer import SCHEDULES
 from rl_reason.models.config import REMAT_POLICIES, ModelConfig
+from rl_reason.models.lora import TARGETS as LORA_TARGETS
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
@@ -37,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+    # LoRA (models/lora.py, docs/lora.md): rank > 0 trains adapters on these kernels (and
+    # the scalar heads) of a frozen start, which is also the KL reference; checkpoints
+    # keep the adapters and heads, and the base's source and checksum. SFT and the
+    # on-policy learner read it; EI, RCRL and the ORM refuse rank > 0 (not yet).
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": LORA_TARGETS})
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)
@@ -375,12 +381,6 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rollout_correction = ml_collections.ConfigDict({"mode": "auto", "cap": 0.0})
 
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
-    # LoRA (models/lora.py, docs/lora.md): rank > 0 trains adapters on these kernels (and
-    # the scalar heads) of a frozen start, which is also the KL reference; checkpoints
-    # keep the adapters and heads, and the base's source and checksum.
-    from rl_reason.models.lora import TARGETS
-
-    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": TARGETS})
     # Where PPO's value comes from when ppo.use_value: kind "" is a value head on the
     # policy's trunk; a separate critic is "start" (a copy of the start model with a
     # value head) or a model source ("run", "hf", "gguf" at critic.path: e.g. a smaller
@@ -540,6 +540,28 @@ def orm_config() -> ml_collections.ConfigDict:
 CRITIC_KINDS = ("start", "run", "hf", "gguf")
 
 
+def lora_problems(config: ml_collections.ConfigDict, supported: bool = True) -> list[str]:
+    """What is wrong with the `lora` section; `supported=False` for a learner that trains
+    every parameter (a rank > 0 would be silently ignored there)."""
+    section = config.get("lora", {})
+    if not section or not section.get("rank"):
+        return []
+    if not supported:
+        return [
+            f"lora.rank={section.rank}: {config.get('algorithm', 'sft')} trains every parameter;"
+            " LoRA is read by SFT and the on-policy learners (docs/lora.md)."
+        ]
+    from rl_reason.models.lora import LoraConfig
+
+    try:
+        LoraConfig(section.rank, section.alpha, tuple(section.targets))
+    except ValueError as e:
+        return [str(e)]
+    if not config.get("model_source", {}).get("kind"):
+        return ["lora.rank > 0 needs a start model (model_source) to adapt."]
+    return []
+
+
 def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ValueError naming every problem of an RL config before anything compiles."""
     from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS, estimator_names
@@ -577,17 +599,12 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
     if rl.kl_estimator not in KL_ESTIMATORS:
         problems.append(f"rl.kl_estimator={rl.kl_estimator!r} not in {KL_ESTIMATORS}.")
     critic = config.get("critic", {}).get("kind", "")
-    if config.get("lora", {}).get("rank"):
-        from rl_reason.models.lora import LoraConfig
-
-        try:
-            LoraConfig(config.lora.rank, config.lora.alpha, tuple(config.lora.targets))
-        except ValueError as e:
-            problems.append(str(e))
-        if critic:
-            problems.append(
-                f"lora.rank > 0 with critic.kind={critic!r}: LoRA trains the policy's value head, not a separate critic (yet)."
-            )
+    problems += lora_problems(config)
+    if config.get("lora", {}).get("rank") and critic:
+        problems.append(
+            f"lora.rank > 0 with critic.kind={critic!r}: LoRA trains the policy's value head,"
+            " not a separate critic (yet)."
+        )
     if critic and critic not in CRITIC_KINDS:
         problems.append(f"critic.kind={critic!r} not in {CRITIC_KINDS} (or '': no critic).")
     if critic and pc is not None and not pc.use_value:
@@ -688,6 +705,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             )
     except ValueError as e:
         problems.append(str(e))
+    problems += lora_problems(config)
     if "model_source" in config:
         if not config.model_source.path and config.model_source.kind != "gguf":
             problems.append(

@@ -17,6 +17,7 @@ import ml_collections
 
 from rl_reason.algorithms import expert_iteration as ei
 from rl_reason.experiments import rounds
+from rl_reason.experiments import config as config_lib
 from rl_reason.experiments.config import InvalidConfigError
 
 
@@ -56,7 +57,7 @@ def rounds_problems(config: ml_collections.ConfigDict, section: str) -> list[str
     """What a rounds algorithm's config (EI, RCRL) can get wrong in the shared settings."""
     from rl_reason.rewards import registry
 
-    c, problems = config[section], []
+    c, problems = config[section], config_lib.lora_problems(config, supported=False)
     if c.eval_every < 1:
         problems.append(
             f"{section}.eval_every must be positive: validation picks each round's model."

@@ -41,7 +41,7 @@ from rl_reason.algorithms import rollout_correction as rc
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import templates
 from rl_reason.data.iterator import IndexIterator
-from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.experiments import adapters, rollout, runs, sources, tasks
 from rl_reason.experiments import config as config_lib
 from rl_reason.experiments.config import validate_rl
 from rl_reason.models import lora, precision
@@ -103,7 +103,7 @@ class OnPolicyLearner:
         heads = ("value",) if pc.use_value and critic is None else ()
         policy = sources.with_heads(start, heads, mesh, rules, seed=config.seed, **remat)
         # LoRA (`lora.rank` > 0): adapters on the frozen start, which is also the reference.
-        self.lora = lora_config(config)
+        self.lora = adapters.lora_config(config)
         policy_model = Transformer(policy.config)
         if self.lora is not None:
             policy_model = lora.LoraModel(policy_model, self.lora)
@@ -121,8 +121,8 @@ class OnPolicyLearner:
             policy.params if critic is None else {"policy": policy.params, "critic": critic.params}
         )
         if self.lora is not None:
-            adapters = lora.init_adapters(policy.params, self.lora, jax.random.PRNGKey(config.seed))
-            self.start_params = {"base": policy.params, "lora": adapters}
+            fresh = lora.init_adapters(policy.params, self.lora, jax.random.PRNGKey(config.seed))
+            self.start_params = {"base": policy.params, "lora": fresh}
         steps = rl.num_iterations * pc.num_epochs * pc.num_minibatches
         self.tx, schedule = optimizer.make_optimizer(config.optim, steps)
         if self.lora is not None:
@@ -193,16 +193,12 @@ class OnPolicyLearner:
         and heads of the params, as "policy.lora": the base is rebuilt from its source)."""
         if self.lora is None:
             return state_items(self.models, state)
-        return {
-            "policy.lora": lora.trained_part(state.params),
-            "policy.train": state.replace(params=None),
-        }
+        return adapters.state_items(state)
 
     def merge_state_items(self, items: dict[str, Any]) -> Any:
         if self.lora is None:
             return merge_state_items(self.models, items)
-        params = lora.with_trained_part(self.start_params["base"], items["policy.lora"])
-        return items["policy.train"].replace(params=params)
+        return adapters.merge_state_items(items, self.start_params["base"])
 
     def iteration(
         self,
@@ -341,14 +337,6 @@ class OnPolicyLearner:
         return totals, token_scores, keep, stats
 
 
-def lora_config(config) -> lora.LoraConfig | None:
-    """The run's LoRA (the `lora` section), None when lora.rank is 0 (every parameter trains)."""
-    section = config.get("lora")
-    if not section or not section.rank:
-        return None
-    return lora.LoraConfig(int(section.rank), float(section.alpha), tuple(section.targets))
-
-
 def correction_mode(config, model_config) -> tuple[str, float | None] | None:
     """(mode, cap) of the sampler/learner mismatch correction the config asks for, or
     None when the two sides compute alike in float32 (nothing to measure: the update is
@@ -458,7 +446,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         restored = run.restore(learner.state_items(learner.abstract_state()))
         if restored is not None:
             items, progress = restored
-            _check_lora_base(config, progress, learner.base_ids)
+            adapters.check_base(config, progress, learner.base_ids)
             _check_reference(config, progress, learner.reference_ids)
             state = learner.merge_state_items(items)
             iterator.restore(progress["data"])
@@ -529,17 +517,6 @@ def _check_reference(config, progress: Mapping[str, Any], reference_ids: tuple) 
         )
 
 
-def _check_lora_base(config, progress: Mapping[str, Any], base_ids: tuple) -> None:
-    """A LoRA run's adapters belong to the base it began from: another one is an error."""
-    recorded = progress.get("lora", {}).get("base", {})
-    if recorded and recorded.get("checksum") not in base_ids:
-        raise runs.ResumeConfigError(
-            f"The LoRA run's base changed: {config.model_source.kind} {config.model_source.path!r}"
-            f" has checksum {base_ids[0]}, but its adapters were trained on"
-            f" {recorded.get('kind')} {recorded.get('path')!r} (checksum {recorded.get('checksum')})."
-        )
-
-
 def _next_progress(config, learner: OnPolicyLearner, progress, out: Iteration, done: int, data):
     """The progress after iteration `done`: what a resume continues from."""
     rl, drawn = config.rl, len(out.batch.texts)
@@ -557,9 +534,7 @@ def _next_progress(config, learner: OnPolicyLearner, progress, out: Iteration, d
         },
     }
     if learner.lora is not None:  # what `sources.load_run` rebuilds the policy from
-        source = config.model_source
-        base = {"kind": source.kind, "path": source.path, "checksum": learner.base_ids[0]}
-        progress["lora"] = {**dataclasses.asdict(learner.lora), "base": base}
+        progress["lora"] = adapters.record(config, learner.lora, learner.base_ids[0])
     if rl.kl_target and "kl_k1" in out.diagnostics:  # the adaptive KL controller
         progress["kl_coef"] = float(
             kl.adaptive_kl_update(

@@ -84,6 +84,7 @@ def validate_orm(config: ml_collections.ConfigDict) -> None:
         problems = []
     except InvalidConfigError as e:
         problems = list(e.problems)
+    problems += config_lib.lora_problems(config, supported=False)
     c = config.orm
     if c.num_samples < 1 or config.eval.num_samples < 1:
         problems.append(

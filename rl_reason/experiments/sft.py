@@ -25,8 +25,9 @@ from rl_reason.data import sft as sft_data
 from rl_reason.data import templates
 from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.data.iterator import IndexIterator
-from rl_reason.experiments import runs, sources, tasks
+from rl_reason.experiments import adapters, runs, sources, tasks
 from rl_reason.experiments.config import validate
+from rl_reason.models import lora
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
@@ -166,6 +167,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # The start model's fingerprint: a resume from another start is an error, not a mix.
         expected = sources.fingerprints(start.params) if start else (None,)
         initial = {"initial": expected[0]} if start else {}
+        # LoRA: adapters on the frozen start (validate: only with a start model).
+        lora_settings = adapters.lora_config(config)
+        if lora_settings is not None:
+            model, tx = lora.LoraModel(model, lora_settings), lora.lora_optimizer(tx)
+            initial["lora"] = adapters.record(config, lora_settings, expected[0])
         iterator = IndexIterator(
             len(data.train["tokens"]),
             config.train.batch_size,
@@ -173,14 +179,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             shuffle=config.data.shuffle,
         )
         abstract = ts.abstract_train_state(model, tx, mesh, rules)
-        restored = run.restore(checkpointing.train_state_items("policy", abstract))
+        restored = run.restore(_state_items(abstract, lora_settings))
         if restored is not None:
             items, progress = restored
-            state = checkpointing.merge_train_state("policy", items)
-            iterator.restore(progress["data"])
             _check_same_start(config, workdir, progress, expected)
+            if lora_settings is None:
+                state = checkpointing.merge_train_state("policy", items)
+            else:
+                state = adapters.merge_state_items(items, start.params)
+            iterator.restore(progress["data"])
         else:
             params = start.params if start else None
+            if lora_settings is not None:
+                params = model.init_from(start.params, jax.random.PRNGKey(config.seed))
             state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=params)
         del start  # its parameters are the state's now, or were only needed for the checksum
         first = int(state.step)
@@ -218,10 +229,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if done % config.train.eval_every == 0 or done == config.train.num_steps:
                     metrics.update(evaluate(eval_fn, state.params, data.eval, eval_batch, mesh))
                 last = run.log(done, metrics)
-            items = checkpointing.train_state_items("policy", state)
+            items = _state_items(state, lora_settings)
             progress = {"data": iterator.state(), **recorded}
             run.checkpoint(done, items, progress, force=done == end, finished=done == end)
         return last
+
+
+def _state_items(state, lora_settings) -> dict[str, Any]:
+    """The checkpoint items: the whole state, or under LoRA its adapters and heads."""
+    if lora_settings is None:
+        return checkpointing.train_state_items("policy", state)
+    return adapters.state_items(state)
 
 
 def _check_same_start(config, workdir: str, progress, expected) -> None:
