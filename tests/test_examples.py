@@ -76,6 +76,9 @@ def test_an_evaluation_reports_maj_at_k_and_pass_at_k(start, capsys):
 
 def test_the_typed_optimizer_config_has_the_run_configs_defaults():
     assert dataclasses.asdict(rr.OptimConfig()) == base_config().optim.to_dict()
+    assert rr.OptimConfig.of(base_config().optim) == rr.OptimConfig()  # what the loops pass
+    with pytest.raises(ValueError, match="unknown keys \\['momentum'\\]"):
+        rr.OptimConfig.of({"lr": 1e-3, "momentum": 0.9})
     with pytest.raises(ValueError, match="schedule"):
         rr.OptimConfig(schedule="step")
 

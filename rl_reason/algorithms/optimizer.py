@@ -34,6 +34,19 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 = none
     state_dtype: str = ""  # "float32": Adam's state in float32 under bfloat16 params
 
+    @classmethod
+    def of(cls, config: Any) -> "OptimConfig":
+        """`config` itself, or a run config's `optim` section (a mapping of the same
+        fields) as an OptimConfig: unknown keys are an error, missing ones the defaults."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"optim: unknown keys {unknown}; OptimConfig has {sorted(names)}.")
+        return cls(**values)
+
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} not in {SCHEDULES}")
@@ -117,6 +130,7 @@ def make_optimizer(
 
     `embedding_row_scales` ({token id: factor}) scales those embedding rows'
     updates after AdamW (see `scale_embedding_rows`)."""
+    config = OptimConfig.of(config)
     schedule = learning_rate_schedule(
         config.lr, total_steps, config.warmup_steps, config.schedule, config.final_lr_fraction
     )
@@ -136,7 +150,7 @@ def make_optimizer(
     if embedding_row_scales and any(f != 1.0 for f in embedding_row_scales.values()):
         parts.append(scale_embedding_rows(embedding_row_scales))
     tx = optax.chain(*parts)
-    if getattr(config, "state_dtype", "") == "float32":
+    if config.state_dtype == "float32":
         tx = float32_state(tx)
     return tx, schedule
 
