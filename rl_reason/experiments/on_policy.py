@@ -104,28 +104,30 @@ class OnPolicyLearner:
         policy = sources.with_heads(start, heads, mesh, rules, seed=config.seed, **remat)
         # LoRA (`lora.rank` > 0): adapters on the frozen start, which is also the reference.
         self.lora = adapters.lora_config(config)
-        policy_model = Transformer(policy.config)
-        if self.lora is not None:
-            policy_model = lora.LoraModel(policy_model, self.lora)
-            self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
-        self.models = ppo.ActorCritic(policy_model, Transformer(critic.config) if critic else None)
+        self.models = ppo.ActorCritic(
+            self._policy_model(policy.config), Transformer(critic.config) if critic else None
+        )
         self.needs_reference = needs_reference = rl.kl_coef > 0 or pc.kl_loss_coef > 0
         # Frozen, sharded like the policy; under LoRA the state's own base (no second copy).
         self.ref_params = start.params if needs_reference and self.lora is None else None
-        # Its fingerprints: today's, and the one runs begun before format 2 recorded.
-        fingerprints = sources.fingerprints(start.params)
-        self.reference_ids = fingerprints if needs_reference else (None,)
+        # Its fingerprints (today's, and the one runs begun before format 2 recorded): for
+        # the reference, and for the base a LoRA run's adapters belong to.
+        needs_ids = needs_reference or self.lora is not None
+        self.base_ids = sources.fingerprints(start.params) if needs_ids else (None,)
+        self.reference_ids = self.base_ids if needs_reference else (None,)
         self.reference_id = self.reference_ids[0]
-        self.base_ids = fingerprints  # what a LoRA run's base must match on resume
-        self.start_params = (
-            policy.params if critic is None else {"policy": policy.params, "critic": critic.params}
-        )
-        if self.lora is not None:
-            fresh = lora.init_adapters(policy.params, self.lora, jax.random.PRNGKey(config.seed))
-            self.start_params = {"base": policy.params, "lora": fresh}
         steps = rl.num_iterations * pc.num_epochs * pc.num_minibatches
         self.tx, schedule = optimizer.make_optimizer(config.optim, steps)
-        if self.lora is not None:
+        if self.lora is None:
+            self.start_params = (
+                policy.params
+                if critic is None
+                else {"policy": policy.params, "critic": critic.params}
+            )
+        else:
+            self.start_params = self.models.policy.init_from(
+                policy.params, jax.random.PRNGKey(config.seed)
+            )
             self.tx = lora.lora_optimizer(self.tx)
         self.sampler = rollout.run_sampler(
             config,
@@ -146,6 +148,11 @@ class OnPolicyLearner:
         self.reward_fn = reward_fn or compose.compose(
             rl.rewards.to_dict(), **orm_runtime(config, mesh, rules)
         )
+        self._jit_steps(schedule)
+
+    def _jit_steps(self, schedule) -> None:
+        """The iteration's compiled pieces: update, scoring, advantages, mismatch."""
+        config, pc, rl, mesh, rules = self.config, self.pc, self.config.rl, self.mesh, self.rules
         self.update = ts.jit_step(
             ppo.make_ppo_update(self.models, self.tx, pc, lr_schedule=schedule),
             mesh,
@@ -168,6 +175,12 @@ class OnPolicyLearner:
                     mode, learner, sampler, ppo.valid_tokens(sequences), cap
                 )
             )
+
+    def _policy_model(self, config) -> Transformer | lora.LoraModel:
+        if self.lora is None:
+            return Transformer(config)
+        self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
+        return lora.LoraModel(Transformer(config), self.lora)
 
     def initial_state(self):
         return ppo.create_ppo_state(
@@ -273,7 +286,8 @@ class OnPolicyLearner:
         were drawn; then the earliest uninformative groups fill it (`dapo`).
         """
         rl, k = self.config.rl, self.sampling.num_samples
-        draws = [self._collect(state, examples, prompts, rng)]
+        params = self.actor(state)  # once for every round (LoRA merges here)
+        draws = [self._collect(params, examples, prompts, rng)]
         if not rl.get("dynamic_sampling"):
             return draws[0], len(draws[0].texts), {}
         wanted = len(prompts)
@@ -281,7 +295,7 @@ class OnPolicyLearner:
         while informative.sum() < wanted and len(draws) <= rl.max_refill_rounds and refill:
             more_examples, more_prompts = refill()
             key = jax.random.fold_in(rng, len(draws))
-            draws.append(self._collect(state, more_examples, more_prompts, key))
+            draws.append(self._collect(params, more_examples, more_prompts, key))
             informative = np.concatenate(
                 [informative, dapo.informative_groups(draws[-1].totals(), k)]
             )
@@ -295,11 +309,11 @@ class OnPolicyLearner:
         }
         return rollout.concatenate(draws).take_groups(chosen), drawn, stats
 
-    def _collect(self, state, examples, prompts, rng) -> rollout.RolloutBatch:
+    def _collect(self, params, examples, prompts, rng) -> rollout.RolloutBatch:
         with shd.activation_sharding(self.mesh, self.rules):
             batch = rollout.collect(
                 self.sampler,
-                self.actor(state),
+                params,
                 examples,
                 prompts,
                 rng,
