@@ -562,9 +562,32 @@ def lora_problems(config: ml_collections.ConfigDict, supported: bool = True) -> 
     return []
 
 
+def _group_problems(rl: ml_collections.ConfigDict) -> list[str]:
+    """What the group estimators and DAPO's rollout-side switches need of the `rl` section."""
+    from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+    problems = []
+    grouped = rl.advantage in ADVANTAGE_ESTIMATORS or rl.advantage == "reinforce_pp_baseline"
+    if grouped and rl.num_samples < 2:
+        problems.append(f"rl.advantage={rl.advantage!r} needs rl.num_samples >= 2 (a group).")
+    if rl.get("dynamic_sampling"):
+        if rl.num_samples < 2:
+            problems.append("rl.dynamic_sampling needs rl.num_samples >= 2 (a group).")
+        if rl.max_refill_rounds < 0:
+            problems.append(f"rl.max_refill_rounds={rl.max_refill_rounds} must be >= 0.")
+    if not 0 <= rl.get("overlong_buffer", 0) <= rl.max_new_tokens:
+        problems.append(
+            f"rl.overlong_buffer={rl.overlong_buffer} must be in [0, rl.max_new_tokens="
+            f"{rl.max_new_tokens}] (0: no overlong shaping)."
+        )
+    if rl.get("overlong_penalty", 0) < 0:
+        problems.append(f"rl.overlong_penalty={rl.overlong_penalty} must be >= 0.")
+    return problems
+
+
 def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ValueError naming every problem of an RL config before anything compiles."""
-    from rl_reason.algorithms.advantages import ADVANTAGE_ESTIMATORS, estimator_names
+    from rl_reason.algorithms.advantages import estimator_names
     from rl_reason.algorithms.kl import KL_ESTIMATORS
     from rl_reason.algorithms.ppo import PPOConfig
     from rl_reason.rewards import registry
@@ -614,21 +637,7 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
     name, remat = setting(config, "train.remat")
     if remat and remat not in REMAT_POLICIES:
         problems.append(f"{name}={remat!r} not in {REMAT_POLICIES} (or '': the start's).")
-    grouped = rl.advantage in ADVANTAGE_ESTIMATORS or rl.advantage == "reinforce_pp_baseline"
-    if grouped and rl.num_samples < 2:
-        problems.append(f"rl.advantage={rl.advantage!r} needs rl.num_samples >= 2 (a group).")
-    if rl.get("dynamic_sampling"):
-        if rl.num_samples < 2:
-            problems.append("rl.dynamic_sampling needs rl.num_samples >= 2 (a group).")
-        if rl.max_refill_rounds < 0:
-            problems.append(f"rl.max_refill_rounds={rl.max_refill_rounds} must be >= 0.")
-    if not 0 <= rl.get("overlong_buffer", 0) <= rl.max_new_tokens:
-        problems.append(
-            f"rl.overlong_buffer={rl.overlong_buffer} must be in [0, rl.max_new_tokens="
-            f"{rl.max_new_tokens}] (0: no overlong shaping)."
-        )
-    if rl.get("overlong_penalty", 0) < 0:
-        problems.append(f"rl.overlong_penalty={rl.overlong_penalty} must be >= 0.")
+    problems += _group_problems(rl)
     for name in rl.rewards:
         if name not in registry.names():
             problems.append(f"rl.rewards names {name!r}; known rewards: {registry.names()}.")
