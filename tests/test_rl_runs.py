@@ -526,3 +526,29 @@ def test_grpo_with_lora_trains_adapters_resumes_bitwise_and_knows_its_base(
     config.model_source.path = str(tmp_path / "other_start")
     with pytest.raises(Exception, match="LoRA run's base changed"):
         on_policy.train(config, str(tmp_path / "straight"))
+
+
+def test_expert_iteration_with_lora_keeps_adapters_only_and_resumes_bitwise(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    """EI with lora.rank > 0: each round trains adapters on the frozen start (fresh ones:
+    the study restarts every round from the start model), checkpoints hold adapters (the
+    state's and the chosen model's), never the base; a resume mid-sampling and
+    mid-training ends bitwise like the uninterrupted run, and `load_run` merges it."""
+    config = _ei_config(tiny_sft_run)
+    config.lora.update(rank=4, alpha=8.0)
+    config.optim.update(lr=1e-2, warmup_steps=0)
+    last = expert_iteration.train(config, str(tmp_path / "straight"))
+    assert last["round"] == 2 and last["samples_drawn"] == 2 * 24 * 2
+    checkpoint = checkpointing.Checkpointer(str(tmp_path / "straight" / "checkpoints"))
+    items = set(checkpoint.read_integrity(checkpoint.latest_step())["items"])
+    checkpoint.close()
+    assert items == {"policy.lora", "policy.train", "best.lora"}  # no copy of the base
+    start = jax.tree.leaves(_params(tiny_sft_run))
+    merged = jax.tree.leaves(_params(tmp_path / "straight"))
+    moved = [not np.array_equal(a, b) for a, b in zip(start, merged)]
+    assert any(moved) and not all(moved)  # adapted kernels moved; norms, embeddings not
+
+    _interrupt_at(monkeypatch, [2, 6, 11, 16])
+    _run_until_done(expert_iteration.train, config, tmp_path / "resumed")
+    _assert_same_run(tmp_path / "straight", tmp_path / "resumed")

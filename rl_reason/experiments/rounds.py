@@ -24,6 +24,12 @@ counter that rises with every sampling chunk and every SFT step; everything
 random comes from (seed, round, question index) or from the checkpointed
 TrainState, so a run killed at any point and restarted with the same command
 ends with the parameters and metrics of an uninterrupted run.
+
+With LoRA (`lora.rank` > 0) every round trains adapters on the frozen start
+model: the state's base is the only copy of it (sampling reads it merged with
+the chosen adapters), the chosen model and the checkpoints are the adapters
+(and heads) alone, and a round that restarts from the start model begins from
+fresh adapters.
 """
 
 from __future__ import annotations
@@ -47,9 +53,9 @@ from rl_reason.algorithms import optimizer
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import records, templates
 from rl_reason.data.iterator import IndexIterator
-from rl_reason.experiments import rollout, runs, sources, tasks
+from rl_reason.experiments import adapters, rollout, runs, sources, tasks
 from rl_reason.experiments import sft as sft_experiment
-from rl_reason.models import precision
+from rl_reason.models import lora, precision
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
@@ -171,18 +177,28 @@ class _Rounds:
         start = algorithm.prepare(loaded, mesh, rules)
         del loaded
         self.model = model = Transformer(start.model_config)
-        self.tokenizer, self.initial_params = start.tokenizer, start.params
+        self.tokenizer = start.tokenizer
         self.tx, schedule = optimizer.make_optimizer(
             config.optim, c.steps_per_round, **start.optimizer_options
         )
-        abstract = ts.abstract_train_state(model, self.tx, mesh, rules)
-        restored = run.restore(
-            {**checkpointing.train_state_items("policy", abstract), "best.params": abstract.params}
-        )
+        # LoRA: the learner trains adapters; the start model is the state's base, never copied.
+        self.lora = adapters.lora_config(config)
+        self.learner = model
+        if self.lora is not None:
+            self.learner, self.tx = lora.LoraModel(model, self.lora), lora.lora_optimizer(self.tx)
+            self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
+        # Full fine-tuning keeps the start for rounds that restart from it.
+        self.initial_params = start.params if self.lora is None else None
+        abstract = ts.abstract_train_state(self.learner, self.tx, mesh, rules)
+        restored = run.restore(self._items(abstract, self._kept(abstract.params)))
         if restored is not None:
             items, self.progress = restored
-            self.state = checkpointing.merge_train_state("policy", items)
-            self.best_params = items["best.params"]
+            if self.lora is None:
+                self.state = checkpointing.merge_train_state("policy", items)
+                self.best = items["best.params"]
+            else:
+                self.state = adapters.merge_state_items(items, start.params)
+                self.best = items["best.lora"]
             if self.progress["initial"] not in initial_ids:
                 raise runs.ResumeConfigError(
                     f"The start model from {source.path!r} changed since the run began"
@@ -202,8 +218,11 @@ class _Rounds:
                 "models": {"policy": model.config.to_dict()},
                 **start.progress,
             }
+            if self.lora is not None:  # what `sources.load_run` rebuilds the policy from
+                self.progress["lora"] = adapters.record(config, self.lora, initial_id)
             self.state = self._fresh_state(config.seed, start.params)
-            self.best_params = copy_tree(start.params)
+            self.best = copy_tree(self._kept(self.state.params))
+        del start  # its parameters are the state's now (and the initial copy's)
         self.sampler = rollout.run_sampler(
             config, model.config, self.tokenizer, mesh, rules, progress=run.show_progress
         )
@@ -213,17 +232,50 @@ class _Rounds:
             model.config, config.sampling.get("dtype")
         )
         self.mismatch = rollout.MismatchMeter(model) if below else None
-        self.step_fn = sft_experiment.jit_sft_step(config, model, self.tx, schedule, mesh, rules)
+        self.step_fn = sft_experiment.jit_sft_step(
+            config, self.learner, self.tx, schedule, mesh, rules
+        )
         self.exemplars = templates.select_exemplars(
             self.task.train, c.first_round_shots, seed=config.seed
         )
         self.base_rng = jax.random.PRNGKey(config.seed)
         self.last: dict[str, Any] = {}
 
-    def _fresh_state(self, seed: int, params: Any):
+    def _fresh_state(self, seed: int, base: Any, chosen: Any | None = None):
+        """A new TrainState (fresh optimizer) from `chosen` (a `_kept`; None: the start).
+
+        Full fine-tuning copies the params (the step donates its state's buffers);
+        LoRA puts `chosen`'s adapters, or fresh ones, on `base` as it is.
+        """
+        if self.lora is None:
+            params = copy_tree(base if chosen is None else chosen)
+        elif chosen is None:
+            params = self.learner.init_from(base, jax.random.PRNGKey(seed))
+        else:
+            params = lora.with_trained_part(base, copy_tree(chosen))
         return ts.create_train_state(
-            self.model, self.tx, self.run.mesh, self.run.rules, seed, params=copy_tree(params)
+            self.learner, self.tx, self.run.mesh, self.run.rules, seed, params=params
         )
+
+    def _kept(self, params: Any) -> Any:
+        """What a round keeps of a state's params as its chosen model: all of them, or
+        under LoRA the adapters and heads (the base is the state's)."""
+        return params if self.lora is None else lora.trained_part(params)
+
+    def policy(self, chosen: Any | None = None) -> Any:
+        """What the sampler reads: `chosen` (None: the state's params) as plain params."""
+        if self.lora is None:
+            return self.state.params if chosen is None else chosen
+        params = self.state.params
+        if chosen is not None:
+            params = lora.with_trained_part(params["base"], chosen)
+        return self._merged(params)
+
+    def _items(self, state, chosen) -> dict[str, Any]:
+        """The checkpoint items: the state and the chosen model (under LoRA, their adapters)."""
+        if self.lora is None:
+            return {**checkpointing.train_state_items("policy", state), "best.params": chosen}
+        return {**adapters.state_items(state), "best.lora": chosen}
 
     def log(self, record: Mapping[str, Any]) -> dict[str, Any]:
         return self.run.log(
@@ -235,10 +287,7 @@ class _Rounds:
         self.progress.update(changes, global_step=self.progress["global_step"] + 1)
 
     def checkpoint(self, force: bool = False) -> None:
-        items = {
-            **checkpointing.train_state_items("policy", self.state),
-            "best.params": self.best_params,
-        }
+        items = self._items(self.state, self.best)
         finished = self.progress["round"] >= self.c.num_rounds
         self.run.checkpoint(
             self.progress["global_step"], items, self.progress, force=force, finished=finished
@@ -262,7 +311,7 @@ class _Rounds:
         rng = jax.random.fold_in(self.base_rng, self.algorithm.start_eval_rng)
         record = self.algorithm.heldout(
             self.sampler,
-            self.best_params,
+            self.policy(self.best),
             self.task.heldout,
             rng,
             start=True,
@@ -287,9 +336,10 @@ class _Rounds:
         stored = [templates.format_prompt(q["question"]) for q in train]
         c, s = self.c, self.config.sampling
         options = self.algorithm.sampling_options(r)
+        policy = self.policy(self.best)  # LoRA: merged once for the round's chunks
         chunks = rollout.sample_chunks(
             self.sampler,
-            self.best_params,
+            policy,
             train,
             prompts,
             jax.random.fold_in(self.base_rng, r),
@@ -301,7 +351,7 @@ class _Rounds:
             desc=f"{self.algorithm.name} round {r}: sampling",
             show_progress=self.run.show_progress,
             sampling_options=options,
-            measure=self._measure(options),
+            measure=self._measure(policy, options),
         )
         for chunk in chunks:
             kept, record = self.algorithm.label(chunk, [stored[i] for i in chunk.question_ids], r)
@@ -312,13 +362,13 @@ class _Rounds:
             # Every chunk: sampling costs far more than a save, whatever the interval.
             self.checkpoint(force=True)
 
-    def _measure(self, options) -> Callable | None:
+    def _measure(self, policy, options) -> Callable | None:
         """The chunks' mismatch measure, None when there is nothing to measure, or when the
         sampler gives tokens of its own (dense RCRL's step tokens: not the model's choice,
         scored 0 by the sampler)."""
         if self.mismatch is None or options:
             return None
-        return functools.partial(self.mismatch, self.best_params)
+        return functools.partial(self.mismatch, policy)
 
     def accumulate(self, r: int) -> None:
         """D_r = D_{r-1} ∪ (round r's records), written; the train phase begins."""
@@ -345,8 +395,9 @@ class _Rounds:
             dataset={"round": r, "digest": digest, "count": len(dataset)},
         )
         self.progress.pop("data", None)
-        source = self.initial_params if self.c.restart_from_initial else self.best_params
-        self.state = self._fresh_state(self.config.seed + r, source)
+        base = self.initial_params if self.lora is None else self.state.params["base"]
+        chosen = None if self.c.restart_from_initial else self.best
+        self.state = self._fresh_state(self.config.seed + r, base, chosen)
         self.last = self.log(
             {
                 **{f"dataset/{k}": v for k, v in summary.as_dict().items()},
@@ -380,7 +431,7 @@ class _Rounds:
         """One SFT step at a time, yielding the record to log (None between log_every steps).
 
         Validation maj@1 every eval_every steps and at the end; the best so far
-        is `progress["best"]` and its params `best_params` (early stopping, as
+        is `progress["best"]` and its model `best` (early stopping, as
         the study chooses a round's checkpoint).
         """
         config, c, progress = self.config, self.c, self.progress
@@ -405,12 +456,12 @@ class _Rounds:
             record = dict(metrics)
             if done % c.eval_every == 0 or done == c.steps_per_round:
                 validation = self.algorithm.validation(
-                    self.sampler, self.state.params, self.task.validation
+                    self.sampler, self.policy(), self.task.validation
                 )
                 record["validation/maj@1"] = validation
                 if validation > progress["best"]["maj@1"]:
                     progress["best"] = {"maj@1": validation, "step": done}
-                    self.best_params = copy_tree(self.state.params)
+                    self.best = copy_tree(self._kept(self.state.params))
             logged = done % config.train.log_every == 0 or "validation/maj@1" in record
             yield record if logged else None
 
@@ -418,7 +469,7 @@ class _Rounds:
         """The round's chosen model measured, then made the policy."""
         rng = jax.random.fold_in(self.base_rng, 10_000 + r)
         figures = self.algorithm.heldout(
-            self.sampler, self.best_params, self.task.heldout, rng, start=False
+            self.sampler, self.policy(self.best), self.task.heldout, rng, start=False
         )
         self.advance(round=r + 1, phase=SAMPLE, chunk=0)
         self.algorithm.end_of_round(self.progress)
@@ -433,5 +484,8 @@ class _Rounds:
             }
         )
         # The selected model becomes the policy: what sampling and evaluation read.
-        self.state = self.state.replace(params=copy_tree(self.best_params))
+        params = copy_tree(self.best)
+        if self.lora is not None:
+            params = lora.with_trained_part(self.state.params["base"], params)
+        self.state = self.state.replace(params=params)
         self.checkpoint(force=True)
