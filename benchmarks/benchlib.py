@@ -8,6 +8,7 @@ rl_reason, not another one.
 
 from __future__ import annotations
 
+import ast
 import os
 import resource
 import sys
@@ -45,6 +46,19 @@ def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> flo
 def load_average() -> float:
     """The 1-minute load average: how many runnable processes shared the cores."""
     return os.getloadavg()[0]
+
+
+def override(config, assignment: str) -> None:
+    """Applies a `--set key=value` (a dotted key; the value a Python literal, else a string)."""
+    key, _, value = assignment.partition("=")
+    *parents, leaf = key.split(".")
+    section = config
+    for name in parents:
+        section = section[name]
+    try:
+        section[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        section[leaf] = value
 
 
 def peak_rss_bytes() -> int:

@@ -21,14 +21,14 @@ iteration's loss.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
 
 import jax
+
 # benchlib sets this checkout's path first.
-from benchlib import OnPolicyIteration, load_average, peak_rss_bytes
+from benchlib import OnPolicyIteration, load_average, override, peak_rss_bytes
 
 from configs import gemma3_270m_svamp_ppo
 from rl_reason.data import templates
@@ -41,18 +41,6 @@ from rl_reason.rewards import compose
 GB = 1e9
 
 
-def _override(config, assignment: str) -> None:
-    key, _, value = assignment.partition("=")
-    *parents, leaf = key.split(".")
-    section = config
-    for name in parents:
-        section = section[name]
-    try:
-        section[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        section[leaf] = value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=1)
@@ -61,7 +49,7 @@ def main() -> None:
 
     config = gemma3_270m_svamp_ppo.get_config()
     for assignment in args.set:
-        _override(config, assignment)
+        override(config, assignment)
     validate_rl(config, num_devices=1)
     rl = config.rl
     mesh = mesh_lib.make_mesh(tuple(config.mesh.shape), devices=jax.devices()[:1])
