@@ -285,3 +285,27 @@ def _assert_resumes_like(straight, config, resumed, monkeypatch, interrupt_steps
 
 def _strip(record, prefix):
     return {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+def test_an_orm_with_lora_trains_adapters_and_head_only_and_resumes_bitwise(
+    tiny_sft_run, tmp_path, monkeypatch
+):
+    """lora.rank > 0: the ORM trains adapters and its head on the frozen start; the
+    checkpoint holds those (and the selected ORM's), never the base; `load_run` merges
+    them (the head moved, the embeddings did not), and a resumed run equals the straight."""
+    config = _orm_config(tiny_sft_run)
+    config.data.num_validation = 4
+    config.lora.update(rank=4, alpha=8.0)
+    straight = tmp_path / "straight"
+    last = orm_experiment.train(config, str(straight))
+    assert "selected_step" in last
+    assert all(np.isfinite(r["loss"]) for r in _records(straight) if "loss" in r)
+    checkpoint = checkpointing.Checkpointer(str(straight / "checkpoints"))
+    items = set(checkpoint.read_integrity(checkpoint.latest_step())["items"])
+    checkpoint.close()
+    assert items == {"orm.lora", "orm.train", "best.lora"}
+    trained = jax.device_get(_params(straight, "orm"))["params"]
+    start = jax.device_get(_params(tiny_sft_run))["params"]
+    np.testing.assert_array_equal(trained["embedder"]["embedding"], start["embedder"]["embedding"])
+    assert "scalar_heads_orm" in str(jax.tree_util.tree_structure(trained))
+    _assert_resumes_like(straight, config, tmp_path / "resumed", monkeypatch, [3, 5, 7, 8])

@@ -1,10 +1,11 @@
 """LoRA in a run: the trained model, its checkpoint items and its recorded base.
 
-What every learner that trains adapters shares (the on-policy learner and SFT
-today): the `lora` config section as a `LoraConfig`, the checkpoint items
-(`policy.lora`: adapters and scalar heads; `policy.train`: the rest of the
-state), the progress record `sources.load_run` rebuilds the merged policy from
-(the base's source and checksum), and the resume check against another base.
+What every learner that trains adapters shares (SFT, the on-policy learner,
+the rounds loop of EI, the ORM): the `lora` config section as a `LoraConfig`,
+the checkpoint items (`<model>.lora`: adapters and scalar heads;
+`<model>.train`: the rest of the state), the progress record
+`sources.load_run` rebuilds the merged model from (the base's source and
+checksum), and the resume check against another base.
 """
 
 from __future__ import annotations
@@ -24,25 +25,33 @@ def lora_config(config) -> lora.LoraConfig | None:
     return lora.LoraConfig(int(section.rank), float(section.alpha), tuple(section.targets))
 
 
-def state_items(state) -> dict[str, Any]:
+def state_items(state, name: str = "policy") -> dict[str, Any]:
     """A LoRA state's checkpoint items: no copy of the base."""
     return {
-        "policy.lora": lora.trained_part(state.params),
-        "policy.train": state.replace(params=None),
+        f"{name}.lora": lora.trained_part(state.params),
+        f"{name}.train": state.replace(params=None),
     }
 
 
-def merge_state_items(items: Mapping[str, Any], base_params: Any) -> Any:
+def merge_state_items(items: Mapping[str, Any], base_params: Any, name: str = "policy") -> Any:
     """Inverse of `state_items`, on the base rebuilt from its source."""
-    params = lora.with_trained_part(base_params, items["policy.lora"])
-    return items["policy.train"].replace(params=params)
+    params = lora.with_trained_part(base_params, items[f"{name}.lora"])
+    return items[f"{name}.train"].replace(params=params)
 
 
-def record(config, lora_settings: lora.LoraConfig, base_checksum: str) -> dict[str, Any]:
-    """progress["lora"]: the adapters' settings and the base they belong to."""
-    source = config.model_source
-    base = {"kind": source.kind, "path": source.path, "checksum": base_checksum}
-    return {**dataclasses.asdict(lora_settings), "base": base}
+def record(
+    config,
+    lora_settings: lora.LoraConfig,
+    base_checksum: str,
+    source: tuple[str, str] | None = None,
+    model: str = "policy",
+) -> dict[str, Any]:
+    """progress["lora"]: the adapters' settings, the model they adapt (`model`, as
+    `sources.load_run` names it) and the base they belong to (`source`, (kind, path);
+    default the run's model_source)."""
+    kind, path = source or (config.model_source.kind, config.model_source.path)
+    base = {"kind": kind, "path": path, "checksum": base_checksum}
+    return {**dataclasses.asdict(lora_settings), "model": model, "base": base}
 
 
 def check_base(config, progress: Mapping[str, Any], base_ids: tuple) -> None:

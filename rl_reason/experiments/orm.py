@@ -34,11 +34,16 @@ digests and the data cursor. Everything random comes from (seed, split,
 question index) or from the checkpointed TrainState, so a run killed at any
 point and restarted with the same command ends with the uninterrupted run's
 parameters and metrics; a finished run rerun does nothing.
+
+With LoRA (`lora.rank` > 0) the ORM trains adapters and its head on the frozen
+start: the checkpoint holds those (`orm.lora`), and `load_run` merges them onto
+the start rebuilt from its recorded source.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any
@@ -55,9 +60,10 @@ from rl_reason.algorithms.orm import measure, selection_score  # noqa: F401 (re-
 from rl_reason.algorithms import train_state as ts
 from rl_reason.data import records, templates
 from rl_reason.data.iterator import IndexIterator
-from rl_reason.experiments import rollout, rounds, runs, sources, tasks
+from rl_reason.experiments import adapters, rollout, rounds, runs, sources, tasks
 from rl_reason.experiments import config as config_lib
 from rl_reason.experiments.config import InvalidConfigError, validate
+from rl_reason.models import lora
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
@@ -84,7 +90,7 @@ def validate_orm(config: ml_collections.ConfigDict) -> None:
         problems = []
     except InvalidConfigError as e:
         problems = list(e.problems)
-    problems += config_lib.lora_problems(config, supported=False)
+    problems += config_lib.lora_problems(config)
     c = config.orm
     if c.num_samples < 1 or config.eval.num_samples < 1:
         problems.append(
@@ -186,12 +192,21 @@ class _OrmRun:
         self.tokenizer = orm_model.tokenizer
         self.model = model = Transformer(orm_model.config)
         self.tx, self.schedule = optimizer.make_optimizer(config.optim, config.train.num_steps)
-        abstract = ts.abstract_train_state(model, self.tx, mesh, rules)
-        restored = run.restore(self.items(abstract, abstract.params))
+        # LoRA: the learner trains adapters and the head; the start is the state's base.
+        self.lora = adapters.lora_config(config)
+        self.learner = model
+        if self.lora is not None:
+            self.learner, self.tx = lora.LoraModel(model, self.lora), lora.lora_optimizer(self.tx)
+            self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
+        abstract = ts.abstract_train_state(self.learner, self.tx, mesh, rules)
+        restored = run.restore(self.items(abstract, self._kept(abstract.params)))
         if restored is not None:
             items, self.progress = restored
-            self.state = checkpointing.merge_train_state(NAME, items)
-            self.best_params = items.get("best.params")
+            if self.lora is None:
+                self.state = checkpointing.merge_train_state(NAME, items)
+            else:
+                self.state = adapters.merge_state_items(items, orm_model.params, NAME)
+            self.best_params = items.get(self._best_item)
             if self.progress["init"] not in start_ids:
                 raise runs.ResumeConfigError(
                     f"The ORM's start model from {self.path!r} changed since the run began"
@@ -206,17 +221,41 @@ class _OrmRun:
                 "init": start_id,
                 "models": {NAME: model.config.to_dict()},
             }
+            params = orm_model.params
+            if self.lora is not None:  # what `sources.load_run` rebuilds the ORM from
+                params = self.learner.init_from(params, jax.random.PRNGKey(config.seed))
+                self.progress["lora"] = adapters.record(
+                    config, self.lora, start_id, source=(self.kind, self.path), model=NAME
+                )
             self.state = ts.create_train_state(
-                model, self.tx, mesh, rules, config.seed, params=orm_model.params
+                self.learner, self.tx, mesh, rules, config.seed, params=params
             )
-            self.best_params = rounds.copy_tree(self.state.params) if self.selecting else None
+            self.best_params = self._best_copy() if self.selecting else None
         self.last: dict[str, Any] = {}
         self._datasets: dict[str, tuple[records.Solution, ...]] = {}
 
+    @property
+    def _best_item(self) -> str:
+        return "best.params" if self.lora is None else "best.lora"
+
+    def _kept(self, params: Any) -> Any:
+        """What the best ORM so far keeps of params: all, or under LoRA adapters and head."""
+        return params if self.lora is None else lora.trained_part(params)
+
+    def _best_copy(self) -> Any:
+        return rounds.copy_tree(self._kept(self.state.params))
+
+    def scored(self, params: Any) -> Any:
+        """The plain params the scorer reads: `params`, or LoRA's merged."""
+        return params if self.lora is None else self._merged(params)
+
     def items(self, state: Any, best_params: Any) -> dict[str, Any]:
         """What a checkpoint holds: the ORM's train state, and the best one so far."""
-        items = checkpointing.train_state_items(NAME, state)
-        return {**items, "best.params": best_params} if self.selecting else items
+        if self.lora is None:
+            items = checkpointing.train_state_items(NAME, state)
+        else:
+            items = adapters.state_items(state, NAME)
+        return {**items, self._best_item: best_params} if self.selecting else items
 
     def log(self, record: dict[str, Any]) -> dict[str, Any]:
         return self.run.log(self.progress["global_step"], record)
@@ -387,7 +426,7 @@ class _OrmRun:
             iterator.restore(progress["data"])
         step_fn = ts.jit_step(
             orm_lib.make_orm_step(
-                self.model,
+                self.learner,
                 self.tx,
                 num_microbatches=config.train.num_microbatches,
                 lr_schedule=self.schedule,
@@ -396,7 +435,7 @@ class _OrmRun:
             ),
             mesh,
             rules,
-            ts.state_shardings(self.model, self.tx, mesh, rules),
+            ts.state_shardings(self.learner, self.tx, mesh, rules),
         )
         self.scorer = orm_lib.BatchedOrmScorer(
             self.model,
@@ -436,7 +475,7 @@ class _OrmRun:
 
     def heldout_figures(self, split: str, params: Any) -> dict[str, float]:
         golds = [q["final_answer"] for q in self.questions[split]]
-        scorer = dataclasses.replace(self.scorer, params=params)
+        scorer = dataclasses.replace(self.scorer, params=self.scored(params))
         return measure(scorer, self.dataset(split), golds, self.c.threshold)
 
     def measure(self, done: int, train_samples: int) -> dict[str, Any]:
@@ -450,7 +489,7 @@ class _OrmRun:
             out.update({f"validation/{k}": v for k, v in valid.items()})
             score, best = selection_score(valid), self.progress["best"]["score"]
             if score is not None and (best is None or score > best):
-                self.best_params = rounds.copy_tree(self.state.params)
+                self.best_params = self._best_copy()
                 self.progress["best"] = {"score": score, "step": done}
         return out
 
@@ -459,7 +498,10 @@ class _OrmRun:
         best = self.progress["best"]
         if not self.selecting or best["score"] is None:
             return
-        self.state = self.state.replace(params=rounds.copy_tree(self.best_params))
+        params = rounds.copy_tree(self.best_params)
+        if self.lora is not None:
+            params = lora.with_trained_part(self.state.params["base"], params)
+        self.state = self.state.replace(params=params)
         held = self.heldout_figures("heldout", self.state.params)
         self.progress["global_step"] += 1
         self.last = self.log(

@@ -204,8 +204,9 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
                 f"checkpoint {step} records no model {name!r} (it has {sorted(models)}).",
             )
         config = ModelConfig.from_dict(models[name])
-        if name == "policy" and "lora" in progress:
-            params = _lora_policy(path, checkpointer, step, progress["lora"], config, mesh, rules)
+        recorded = progress.get("lora")
+        if recorded and recorded.get("model", "policy") == name:
+            params = _lora_model(path, checkpointer, step, name, recorded, config, mesh, rules)
         else:
             abstract = ts.abstract_params(Transformer(config), mesh, rules)
             items, _, _ = checkpointer.restore({f"{name}.params": abstract}, step=step)
@@ -218,8 +219,8 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
     return LoadedModel(config, params, tokenizer)
 
 
-def _lora_policy(path, checkpointer, step, recorded, config, mesh, rules) -> Any:
-    """A LoRA run's policy: its base rebuilt from the recorded source (its checksum
+def _lora_model(path, checkpointer, step, name, recorded, config, mesh, rules) -> Any:
+    """A LoRA run's model `name`: its base rebuilt from the recorded source (its checksum
     checked), the checkpoint's adapters and heads, merged into plain params."""
     base_source = recorded["base"]
     base = load_model(base_source["kind"], base_source["path"], mesh, rules)
@@ -233,9 +234,9 @@ def _lora_policy(path, checkpointer, step, recorded, config, mesh, rules) -> Any
     lora_config = lora.LoraConfig(recorded["rank"], recorded["alpha"], tuple(recorded["targets"]))
     model = lora.LoraModel(Transformer(config), lora_config)
     abstract = ts.abstract_params(model, mesh, rules)
-    items, _, _ = checkpointer.restore({"policy.lora": lora.trained_part(abstract)}, step=step)
+    items, _, _ = checkpointer.restore({f"{name}.lora": lora.trained_part(abstract)}, step=step)
     base_params = with_heads(base, config.heads, mesh, rules).params
-    trained = lora.with_trained_part(base_params, items["policy.lora"])
+    trained = lora.with_trained_part(base_params, items[f"{name}.lora"])
     return jax.jit(functools.partial(lora.merged, config=lora_config))(trained)
 
 
