@@ -15,7 +15,7 @@ from rl_reason.algorithms import train_state as ts
 from rl_reason.models import lora
 from rl_reason.models.config import tiny_llama
 from rl_reason.models.hf_import import load_hf
-from rl_reason.models.transformer import Transformer, default_positions
+from rl_reason.models.transformer import Transformer, default_positions, unstack_layers
 from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
@@ -67,6 +67,35 @@ def _sft_state(model, params, tx, mesh, rng=1):
         sft.make_sft_step(adapted, tx), mesh, RULES, ts.state_shardings(adapted, tx, mesh, RULES)
     )
     return adapted, state, step
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_the_step_merges_layer_by_layer_what_the_sampler_merges_whole(base, scan_layers):
+    """The learner's forward (each block merging its own kernels) equals the plain model
+    on `merged` params (what the sampler reads, via `Merger`), which is W + s A B by hand."""
+    model, params = base
+    if not scan_layers:
+        model = Transformer(model.config.replace(scan_layers=False))
+        params = unstack_layers(params)
+    adapted = lora.LoraModel(model, CONFIG)
+    trained = adapted.init_from(params, jax.random.PRNGKey(1))
+    noise = lambda x, k: x + 0.05 * jax.random.normal(jax.random.PRNGKey(k), x.shape)  # noqa: E731
+    leaves, tree = jax.tree.flatten(trained["lora"])
+    trained["lora"] = jax.tree.unflatten(tree, [noise(x, i) for i, x in enumerate(leaves)])
+    merged = lora.merged(trained, CONFIG)
+    inner = "layers" if scan_layers else "layers_1"
+    factors = trained["lora"][inner]["attn"]["q_proj"]
+    kernel = params["params"][inner]["attn"]["q_proj"]["kernel"]
+    by_hand = kernel + CONFIG.scale * (factors["a"] @ factors["b"]).reshape(kernel.shape)
+    np.testing.assert_allclose(
+        merged["params"][inner]["attn"]["q_proj"]["kernel"], by_hand, atol=1e-6
+    )
+    for got, want in zip(jax.tree.leaves(lora.Merger(CONFIG)(trained)), jax.tree.leaves(merged)):
+        np.testing.assert_array_equal(got, want)
+    tokens = jnp.asarray(_batch(64)["tokens"])
+    step, sampler = _logits(adapted, trained, tokens), _logits(model, merged, tokens)
+    assert np.abs(np.asarray(step - _logits(model, params, tokens))).max() > 1e-2  # adapted
+    np.testing.assert_allclose(step, sampler, atol=1e-5)
 
 
 def test_only_adapters_and_heads_train_and_hold_optimizer_state(base):

@@ -11,8 +11,9 @@ rerank them at least as well as majority voting does. RCRL, which needs a
 start of its own, is `test_rcrl_margins.py`. The figures are in the README's
 "Results on the synthetic task"; these tests keep them true.
 
-They are the `results` tier: nine runs of the shipped configs in two modules
-(DAPO and GSPO, issue 30's objectives, among them), about an hour of a 2-core CPU, so `python -m pytest` leaves them out
+They are the `results` tier: ten runs of the shipped configs in two modules
+(DAPO and GSPO, issue 30's objectives, and GRPO with LoRA adapters among them),
+about an hour of a 2-core CPU, so `python -m pytest` leaves them out
 (pyproject's addopts) and `python -m pytest -m results` runs them.
 """
 
@@ -22,7 +23,16 @@ import os
 import pytest
 from margins import HELDOUT, MARGIN, heldout_records, quiet, train_start
 
-from configs import arith_dapo, arith_ei, arith_grpo, arith_gspo, arith_orm, arith_ppo, arith_start
+from configs import (
+    arith_dapo,
+    arith_ei,
+    arith_grpo,
+    arith_grpo_lora,
+    arith_gspo,
+    arith_orm,
+    arith_ppo,
+    arith_start,
+)
 from rl_reason.experiments import registry
 
 pytestmark = pytest.mark.results
@@ -40,8 +50,8 @@ def _heldout_curve(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "module",
-    [arith_grpo, arith_ppo, arith_ei, arith_dapo, arith_gspo],
-    ids=["grpo", "ppo", "ei", "dapo", "gspo"],
+    [arith_grpo, arith_ppo, arith_ei, arith_dapo, arith_gspo, arith_grpo_lora],
+    ids=["grpo", "ppo", "ei", "dapo", "gspo", "grpo_lora"],
 )
 def test_rl_raises_heldout_maj1_above_the_sft_start(imperfect_start, tmp_path, module):
     config = quiet(module.get_config())

@@ -730,9 +730,12 @@ def create_ppo_state(
     rules: shd.Rules,
     seed: int,
     params: Optional[Any] = None,
+    *,
+    donate: bool = False,
 ) -> TrainState:
-    """Initialises (or adopts `params`, {"policy", "critic"} with a critic) in its shardings."""
-    return ts.create_train_state(trained(models), tx, mesh, rules, seed, params)
+    """Initialises (or adopts `params`, {"policy", "critic"} with a critic) in its shardings
+    (`donate`: taking their buffers, as `train_state.create_train_state` says)."""
+    return ts.create_train_state(trained(models), tx, mesh, rules, seed, params, donate=donate)
 
 
 def abstract_ppo_state(

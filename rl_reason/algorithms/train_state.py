@@ -93,11 +93,20 @@ def create_train_state(
     rules: shd.Rules,
     seed: int,
     params: Optional[Any] = None,
+    *,
+    donate: bool = False,
 ) -> TrainState:
-    """Initialises (or adopts `params`) and the optimizer, each array in its sharding."""
+    """Initialises (or adopts `params`) and the optimizer, each array in its sharding.
+
+    Adopted params are copied, unless `donate`: then the state takes their buffers
+    (where their sharding is already the state's) and the caller's arrays are
+    deleted. Donate what nothing else reads (a frozen LoRA base, a fresh copy):
+    a second copy of the model is the largest thing this function can allocate.
+    """
     init = functools.partial(_new_state, model, tx)
     shardings = state_shardings(model, tx, mesh, rules)
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed), params)
+    jitted = jax.jit(init, out_shardings=shardings, donate_argnums=(1,) if donate else ())
+    return jitted(jax.random.PRNGKey(seed), params)
 
 
 def abstract_train_state(

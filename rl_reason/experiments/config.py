@@ -549,7 +549,8 @@ def lora_problems(config: ml_collections.ConfigDict, supported: bool = True) -> 
     if not supported:
         return [
             f"lora.rank={section.rank}: {config.get('algorithm', 'sft')} trains every parameter;"
-            " LoRA is read by SFT and the on-policy learners (docs/lora.md)."
+            " LoRA is read by SFT, the on-policy learners, Expert Iteration and the ORM"
+            " (docs/lora.md)."
         ]
     from rl_reason.models.lora import LoraConfig
 

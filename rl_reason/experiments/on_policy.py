@@ -179,12 +179,20 @@ class OnPolicyLearner:
     def _policy_model(self, config) -> Transformer | lora.LoraModel:
         if self.lora is None:
             return Transformer(config)
-        self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
+        self._merged = lora.Merger(self.lora)
         return lora.LoraModel(Transformer(config), self.lora)
 
     def initial_state(self):
+        """The state at iteration 0. Under LoRA it takes the start's buffers as its frozen
+        base (no copy; nothing else reads them): call it once."""
         return ppo.create_ppo_state(
-            self.models, self.tx, self.mesh, self.rules, self.config.seed, params=self.start_params
+            self.models,
+            self.tx,
+            self.mesh,
+            self.rules,
+            self.config.seed,
+            params=self.start_params,
+            donate=self.lora is not None,
         )
 
     def abstract_state(self):

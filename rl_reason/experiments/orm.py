@@ -43,7 +43,6 @@ the start rebuilt from its recorded source.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from typing import Any
@@ -197,7 +196,7 @@ class _OrmRun:
         self.learner = model
         if self.lora is not None:
             self.learner, self.tx = lora.LoraModel(model, self.lora), lora.lora_optimizer(self.tx)
-            self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
+            self._merged = lora.Merger(self.lora)
         abstract = ts.abstract_train_state(self.learner, self.tx, mesh, rules)
         restored = run.restore(self.items(abstract, self._kept(abstract.params)))
         if restored is not None:

@@ -186,7 +186,7 @@ class _Rounds:
         self.learner = model
         if self.lora is not None:
             self.learner, self.tx = lora.LoraModel(model, self.lora), lora.lora_optimizer(self.tx)
-            self._merged = jax.jit(functools.partial(lora.merged, config=self.lora))
+            self._merged = lora.Merger(self.lora)
         # Full fine-tuning keeps the start for rounds that restart from it.
         self.initial_params = start.params if self.lora is None else None
         abstract = ts.abstract_train_state(self.learner, self.tx, mesh, rules)
@@ -245,7 +245,9 @@ class _Rounds:
         """A new TrainState (fresh optimizer) from `chosen` (a `_kept`; None: the start).
 
         Full fine-tuning copies the params (the step donates its state's buffers);
-        LoRA puts `chosen`'s adapters, or fresh ones, on `base` as it is.
+        LoRA puts `chosen`'s adapters, or fresh ones, on `base` as it is. Either
+        way the state takes the buffers it is given (no second copy of the model):
+        under LoRA `base` is the start or the previous state's, read by nothing else.
         """
         if self.lora is None:
             params = copy_tree(base if chosen is None else chosen)
@@ -254,7 +256,7 @@ class _Rounds:
         else:
             params = lora.with_trained_part(base, copy_tree(chosen))
         return ts.create_train_state(
-            self.learner, self.tx, self.run.mesh, self.run.rules, seed, params=params
+            self.learner, self.tx, self.run.mesh, self.run.rules, seed, params=params, donate=True
         )
 
     def _kept(self, params: Any) -> Any:

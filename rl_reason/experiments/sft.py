@@ -192,7 +192,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             params = start.params if start else None
             if lora_settings is not None:
                 params = model.init_from(start.params, jax.random.PRNGKey(config.seed))
-            state = ts.create_train_state(model, tx, mesh, rules, config.seed, params=params)
+            # The state takes the start's buffers: nothing else reads them (no second copy).
+            state = ts.create_train_state(
+                model, tx, mesh, rules, config.seed, params=params, donate=params is not None
+            )
         del start  # its parameters are the state's now, or were only needed for the checksum
         first = int(state.step)
         if first >= config.train.num_steps:

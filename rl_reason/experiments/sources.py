@@ -288,22 +288,27 @@ def with_heads(
 ) -> LoadedModel:
     """The model with scalar heads `heads` (and any other ModelConfig changes that
     keep the trunk's shapes, e.g. remat): heads it already has keep their
-    weights, missing ones are initialised as `Transformer.setup` does."""
+    weights, missing ones are initialised as `Transformer.setup` does. The
+    trunk's arrays are `loaded`'s own (resharded only where the rules differ):
+    a second copy of the model is what a 270M-parameter run cannot spare."""
     config = loaded.config.replace(
         heads=tuple(dict.fromkeys((*loaded.config.heads, *heads))), **config_changes
     )
     if config == loaded.config:
         return loaded
     model = Transformer(config)
-    shardings = ts.param_shardings(model, mesh, rules)
+    flat_shardings = flax.traverse_util.flatten_dict(ts.param_shardings(model, mesh, rules))
+    flat = flax.traverse_util.flatten_dict(loaded.params)
+    missing = tuple(k for k in flat_shardings if k not in flat)
 
-    def adopt(params, rng):
-        fresh = nn.meta.unbox(init_params(model, rng))
-        flat = flax.traverse_util.flatten_dict(fresh)
-        flat.update(flax.traverse_util.flatten_dict(params))
-        return flax.traverse_util.unflatten_dict(flat)
+    def fresh_heads(rng):  # only these are computed: the trunk is not copied
+        fresh = flax.traverse_util.flatten_dict(nn.meta.unbox(init_params(model, rng)))
+        return tuple(fresh[k] for k in missing)
 
-    params = jax.jit(adopt, out_shardings=shardings)(loaded.params, jax.random.PRNGKey(seed))
+    out_shardings = tuple(flat_shardings[k] for k in missing)
+    heads = jax.jit(fresh_heads, out_shardings=out_shardings)(jax.random.PRNGKey(seed))
+    flat = {k: jax.device_put(v, flat_shardings[k]) for k, v in flat.items()}
+    params = flax.traverse_util.unflatten_dict({**flat, **dict(zip(missing, heads))})
     return LoadedModel(config, params, loaded.tokenizer)
 
 

@@ -43,6 +43,31 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+def adapted_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """A LoRA-adapted kernel: W + scale * A B (A B in float32, the sum in W's dtype).
+    `a` [..., d_in, r], `b` [..., r, d_out], with W's leading (layer) axes, if any."""
+    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+    return kernel + (scale * delta).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def merge_adapter_factors(variables: dict, scale: float) -> dict:
+    """`variables` with every {"kernel", "lora_a", "lora_b"} module as its adapted kernel
+    (models/lora.py puts the factors there for `Transformer(adapter_scale=...)`)."""
+
+    def merge(tree):
+        if not isinstance(tree, dict):
+            return tree
+        if "lora_a" in tree:
+            rest = {k: v for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+            return {
+                **rest,
+                "kernel": adapted_kernel(tree["kernel"], tree["lora_a"], tree["lora_b"], scale),
+            }
+        return {k: merge(v) for k, v in tree.items()}
+
+    return merge(dict(variables))
+
+
 def rope_frequencies(head_dim: int, base: float) -> jax.Array:
     """Inverse frequencies [head_dim // 2] of unscaled RoPE."""
     return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rl_reason.models import layers
 from rl_reason.models.transformer import Transformer, init_params
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -110,23 +111,35 @@ def init_adapters(base_params: dict, config: LoraConfig, rng: jax.Array, boxed: 
     return out
 
 
-def merge(base_params: dict, adapters: dict, scale: float) -> dict:
-    """`base_params` with each adapted kernel W + scale * A B (in W's dtype; A B in float32)."""
+def _map_adapted(base_params: dict, adapters: dict, fn) -> dict:
+    """`base_params` with each adapted module m replaced by fn(m, its {"a", "b"})."""
     inner = dict(base_params["params"])
     for key, blocks in adapters.items():
         layer = dict(inner[key])
         for block, names in blocks.items():
             modules = dict(layer[block])
             for name, factors in names.items():
-                kernel = modules[name]["kernel"]
-                delta = jnp.matmul(
-                    factors["a"].astype(jnp.float32), factors["b"].astype(jnp.float32)
-                )
-                kernel = kernel + (scale * delta).reshape(kernel.shape).astype(kernel.dtype)
-                modules[name] = {**modules[name], "kernel": kernel}
+                modules[name] = fn(modules[name], factors)
             layer[block] = modules
         inner[key] = layer
     return {**base_params, "params": inner}
+
+
+def merge(base_params: dict, adapters: dict, scale: float) -> dict:
+    """`base_params` with each adapted kernel W + scale * A B (in W's dtype; A B in float32)."""
+    return _map_adapted(
+        base_params,
+        adapters,
+        lambda m, f: {**m, "kernel": layers.adapted_kernel(m["kernel"], f["a"], f["b"], scale)},
+    )
+
+
+def with_factors(base_params: dict, adapters: dict) -> dict:
+    """`base_params` with each adapted module's factors beside its kernel ("lora_a",
+    "lora_b"): what `Transformer(adapter_scale=...)` merges one layer at a time."""
+    return _map_adapted(
+        base_params, adapters, lambda m, f: {**m, "lora_a": f["a"], "lora_b": f["b"]}
+    )
 
 
 def _is_head(path) -> bool:
@@ -143,6 +156,40 @@ def frozen(base_params: dict) -> dict:
 def merged(params: dict, config: LoraConfig) -> dict:
     """The model's params from the trained {"base", "lora"}: what every forward reads."""
     return merge(frozen(params["base"]), params["lora"], config.scale)
+
+
+def _adapted_kernels(params: dict, config: LoraConfig) -> dict:
+    """{layer: {block: {name: merged kernel}}}: `merged`'s new arrays, and only those."""
+    inner = merged(params, config)["params"]
+    return {
+        key: {
+            block: {name: inner[key][block][name]["kernel"] for name in names}
+            for block, names in blocks.items()
+        }
+        for key, blocks in params["lora"].items()
+    }
+
+
+class Merger:
+    """`merged(params, config)` for a sampler or a scorer, as a copy of the adapted
+    kernels only: every other leaf (the embedding: two thirds of Gemma 3 270M) is
+    the base's own array, not a second one. The result reads the state's buffers:
+    use it before the next (donating) update."""
+
+    def __init__(self, config: LoraConfig):
+        self._kernels = jax.jit(lambda params: _adapted_kernels(params, config))
+
+    def __call__(self, params: dict) -> dict:
+        inner = dict(params["base"]["params"])
+        for key, blocks in self._kernels(params).items():
+            layer = dict(inner[key])
+            for block, names in blocks.items():
+                layer[block] = {
+                    **layer[block],
+                    **{n: {**layer[block][n], "kernel": k} for n, k in names.items()},
+                }
+            inner[key] = layer
+        return {**params["base"], "params": inner}
 
 
 def trainable_labels(params: dict) -> Any:
@@ -189,6 +236,7 @@ class LoraModel:
         if not config.rank:
             raise ValueError("LoraModel needs LoraConfig.rank > 0.")
         self.base, self.lora, self.config = base, config, base.config
+        self._adapted = Transformer(base.config, adapter_scale=config.scale)
 
     def __call__(self, rng: jax.Array) -> dict:
         base_rng, lora_rng = jax.random.split(rng)
@@ -200,7 +248,10 @@ class LoraModel:
         return {"base": base_params, "lora": init_adapters(base_params, self.lora, rng)}
 
     def apply(self, params: dict, *args, **kwargs):
-        return self.base.apply(merged(params, self.lora), *args, **kwargs)
+        """The adapted model's forward (any method). The layers merge their own kernels
+        inside the scan, so the merged model (and its gradient) is never whole."""
+        adapted = with_factors(frozen(params["base"]), params["lora"])
+        return self._adapted.apply(adapted, *args, **kwargs)
 
 
 # --- PEFT's format -------------------------------------------------------------

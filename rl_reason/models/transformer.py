@@ -13,6 +13,7 @@ pure function the sampler can carry through `lax.while_loop`.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax
@@ -172,6 +173,10 @@ class Transformer(nn.Module):
     """
 
     config: ModelConfig
+    # LoRA (models/lora.py): > 0 reads factors "lora_a", "lora_b" stored beside the
+    # layers' kernels and uses W + adapter_scale * A B inside each (rematerialised)
+    # block, so that the adapted kernels and their gradients exist one layer at a time.
+    adapter_scale: float = 0.0
 
     def setup(self):
         c = self.config
@@ -185,8 +190,11 @@ class Transformer(nn.Module):
             param_dtype=c.weights_dtype,
         )
         block = Block
+        if self.adapter_scale:
+            merge = functools.partial(layers.merge_adapter_factors, scale=self.adapter_scale)
+            block = nn.map_variables(block, "params", trans_in_fn=merge, mutable=False)
         if c.remat != "none":
-            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
+            block = nn.remat(block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
         if c.scan_layers:
             self.layers = nn.scan(
                 block,
