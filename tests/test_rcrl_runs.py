@@ -192,6 +192,40 @@ def test_rcrl_run_conditions_as_specified_and_resumes_exactly(tiny_sft_run, tmp_
         evaluate.run(eval_config, str(tmp_path / "eval_sft"))
 
 
+def test_rcrl_with_lora_starts_the_return_tokens_as_their_words_and_loads_grown(
+    tiny_sft_run, tmp_path
+):
+    """Under LoRA the embedding is frozen, so the return tokens start apart, each as its
+    word (mean rows would stay equal: nothing could tell good from bad). The run trains
+    adapters only, records the words, and `load_run` grows the recorded base the same
+    way before merging: the loaded model has the run's vocabulary and rows."""
+    config = _rcrl_config(tiny_sft_run)
+    config.lora.update(rank=4, alpha=8.0)
+    config.rcrl.update(num_rounds=1, steps_per_round=2)
+    workdir = tmp_path / "lora"
+    last = rcrl_experiment.train(config, str(workdir))
+    assert last["round"] == 1 and np.isfinite(last["heldout/maj@1"])
+    checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+    progress = checkpointer.read_progress()
+    items = set(checkpointer.read_integrity(checkpointer.latest_step())["items"])
+    checkpointer.close()
+    assert items == {"policy.lora", "policy.train", "best.lora"}  # no copy of the base
+    assert progress["return_token_words"] == list(rcrl.RETURN_WORDS)
+
+    start = sources.load_run(str(tiny_sft_run), mesh_lib.make_mesh((-1, 1, 1)), shd.DEFAULT_RULES)
+    tokenizer = start.tokenizer
+    embedding = np.asarray(_params(workdir)["params"]["embedder"]["embedding"])
+    old = np.asarray(jax.device_get(start.params["params"]["embedder"]["embedding"]))
+    assert embedding.shape[0] == old.shape[0] + 2
+    np.testing.assert_array_equal(embedding[: old.shape[0]], old)  # frozen, unmerged rows
+    ids = progress["return_tokens"]
+    for token, word in zip(rcrl.RETURN_TOKENS, rcrl.RETURN_WORDS):
+        word_ids = tokenizer.encode(word, add_special_tokens=False)
+        want = old[word_ids].mean(axis=0)
+        np.testing.assert_allclose(embedding[ids[token]], want, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(embedding[ids[rcrl.GOOD]], embedding[ids[rcrl.BAD]])
+
+
 @pytest.mark.slow
 def test_dense_rcrl_labels_and_conditions_every_step(tiny_sft_run, tmp_path, monkeypatch):
     config = _rcrl_config(tiny_sft_run, mode="dense")

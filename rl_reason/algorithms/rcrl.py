@@ -33,6 +33,7 @@ from rl_reason.rewards.steps import split_steps
 GOOD = "<|good|>"
 BAD = "<|bad|>"
 RETURN_TOKENS = (GOOD, BAD)
+RETURN_WORDS = (" good", " bad")  # what the tokens start as under LoRA (`add_return_tokens`)
 ANSWER_MARKER = "Answer:"
 
 Mode = Literal["sparse", "dense"]
@@ -47,6 +48,7 @@ def add_return_tokens(
     params: Any,
     model_config: ModelConfig,
     tokens: Sequence[str] = RETURN_TOKENS,
+    like: Sequence[str] | None = None,
 ) -> tuple[Any, Any, ModelConfig]:
     """(tokenizer, params, config) that know the return tokens.
 
@@ -62,7 +64,20 @@ def add_return_tokens(
     (only rows the matrix lacks are added). ``params`` are unboxed
     ({"params": {...}}), scanned or unrolled (the embedding is outside the
     layers).
+
+    `like` (a word per token) starts each token added now as its word instead:
+    the mean of the rows of the word's tokens. A frozen base (LoRA) cannot
+    learn two mean rows apart; rows that start apart, and mean something, the
+    adapters can learn to read (`RETURN_WORDS`).
     """
+    like_ids = {}
+    if like is not None:
+        like_ids = {
+            t: tokenizer.encode(w, add_special_tokens=False)
+            for t, w in zip(tokens, like, strict=True)
+        }
+        if not all(like_ids.values()) or len({tuple(i) for i in like_ids.values()}) < len(tokens):
+            raise ValueError(f"{like} must encode to tokens, each word to its own: {like_ids}")
     old_length = len(tokenizer)
     vocab = tokenizer.get_vocab()
     missing = [t for t in tokens if t not in vocab]
@@ -89,6 +104,10 @@ def add_return_tokens(
         extra = jnp.zeros((new_vocab - old_vocab, rows.shape[1]), rows.dtype)
         rows = jnp.concatenate([rows, extra])
         rows = rows.at[np.asarray(fresh)].set(mean)
+        for token in missing:
+            if token in like_ids:
+                word = rows[np.asarray(like_ids[token])].astype(jnp.float32).mean(axis=0)
+                rows = rows.at[tokenizer.convert_tokens_to_ids(token)].set(word.astype(rows.dtype))
         return jnp.moveaxis(rows, 0, vocab_axis)
 
     inner = dict(params["params"])

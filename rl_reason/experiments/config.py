@@ -540,18 +540,11 @@ def orm_config() -> ml_collections.ConfigDict:
 CRITIC_KINDS = ("start", "run", "hf", "gguf")
 
 
-def lora_problems(config: ml_collections.ConfigDict, supported: bool = True) -> list[str]:
-    """What is wrong with the `lora` section; `supported=False` for a learner that trains
-    every parameter (a rank > 0 would be silently ignored there)."""
+def lora_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with the `lora` section (every learner reads it: docs/lora.md)."""
     section = config.get("lora", {})
     if not section or not section.get("rank"):
         return []
-    if not supported:
-        return [
-            f"lora.rank={section.rank}: {config.get('algorithm', 'sft')} trains every parameter;"
-            " LoRA is read by SFT, the on-policy learners, Expert Iteration and the ORM"
-            " (docs/lora.md)."
-        ]
     from rl_reason.models.lora import LoraConfig
 
     try:

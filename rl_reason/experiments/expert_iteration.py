@@ -57,7 +57,7 @@ def rounds_problems(config: ml_collections.ConfigDict, section: str) -> list[str
     """What a rounds algorithm's config (EI, RCRL) can get wrong in the shared settings."""
     from rl_reason.rewards import registry
 
-    c, problems = config[section], config_lib.lora_problems(config, supported=section == "ei")
+    c, problems = config[section], config_lib.lora_problems(config)
     if c.eval_every < 1:
         problems.append(
             f"{section}.eval_every must be positive: validation picks each round's model."

@@ -4,7 +4,9 @@ The rounds loop (`experiments/rounds.py`) with RCRL's choices. At the start
 the return tokens (`<|good|>`, `<|bad|>`) join the start model's tokenizer
 and embedding (new rows the mean of the existing ones; the grown vocabulary
 is in the model config every checkpoint records), and their embedding rows
-learn `rcrl.return_token_lr_scale` times faster. Each round:
+learn `rcrl.return_token_lr_scale` times faster. Under LoRA (`lora.rank` > 0)
+the embedding is frozen: the tokens start as their words (" good", " bad"),
+apart, for the adapters to read, and the scale has no row to act on. Each round:
   - samples with the start model's own prompts in round 0 (it has never seen
     a return token), with `<|good|>` where the solution starts later (dense
     mode: before every step too, `rcrl.step_conditioning`);
@@ -47,6 +49,7 @@ class ReturnConditioned(rounds.RoundsAlgorithm):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         c = self.c
+        self.lora = bool(config.get("lora", {}).get("rank"))
         self.dense = c.mode == "dense"  # a dense model is asked for good steps, not only a start
         self.step_reward_fn = None
         if self.dense:
@@ -63,8 +66,10 @@ class ReturnConditioned(rounds.RoundsAlgorithm):
 
     def prepare(self, loaded, mesh, rules) -> rounds.Start:
         # The return tokens, once: every round, resume and evaluation sees the same ids and rows.
+        # Under LoRA the embedding is frozen: the tokens start as their words, apart.
+        like = rcrl.RETURN_WORDS if self.lora else None
         tokenizer, params, model_config = rcrl.add_return_tokens(
-            loaded.tokenizer, loaded.params, loaded.config
+            loaded.tokenizer, loaded.params, loaded.config, like=like
         )
         params = jax.device_put(params, ts.param_shardings(Transformer(model_config), mesh, rules))
         self.tokenizer = tokenizer
@@ -76,6 +81,9 @@ class ReturnConditioned(rounds.RoundsAlgorithm):
             "prompt_conditioning": {"policy": ""},
             "step_conditioning": {"policy": self.dense},
         }
+        if self.lora:  # what `sources.load_run` grows the recorded base by
+            progress["return_token_words"] = list(like)
+            return rounds.Start(tokenizer, model_config, params, progress, {})
         scales = {i: self.c.return_token_lr_scale for i in self.token_ids.values()}
         return rounds.Start(
             tokenizer, model_config, params, progress, {"embedding_row_scales": scales}

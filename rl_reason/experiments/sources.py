@@ -10,7 +10,6 @@ weights have no scalar heads: `with_heads` adds fresh ones.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -206,7 +205,10 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
         config = ModelConfig.from_dict(models[name])
         recorded = progress.get("lora")
         if recorded and recorded.get("model", "policy") == name:
-            params = _lora_model(path, checkpointer, step, name, recorded, config, mesh, rules)
+            words = progress.get("return_token_words")  # an RCRL run's grown vocabulary
+            params = _lora_model(
+                path, checkpointer, step, name, recorded, config, mesh, rules, words
+            )
         else:
             abstract = ts.abstract_params(Transformer(config), mesh, rules)
             items, _, _ = checkpointer.restore({f"{name}.params": abstract}, step=step)
@@ -219,9 +221,10 @@ def load_run(path: str, mesh: Mesh, rules: shd.Rules, name: str = "policy") -> L
     return LoadedModel(config, params, tokenizer)
 
 
-def _lora_model(path, checkpointer, step, name, recorded, config, mesh, rules) -> Any:
+def _lora_model(path, checkpointer, step, name, recorded, config, mesh, rules, words) -> Any:
     """A LoRA run's model `name`: its base rebuilt from the recorded source (its checksum
-    checked), the checkpoint's adapters and heads, merged into plain params."""
+    checked; grown by RCRL's return tokens, as `words`, when the run added them), the
+    checkpoint's adapters and heads, merged into plain params."""
     base_source = recorded["base"]
     base = load_model(base_source["kind"], base_source["path"], mesh, rules)
     if base_source["checksum"] not in fingerprints(base.params):
@@ -231,13 +234,22 @@ def _lora_model(path, checkpointer, step, name, recorded, config, mesh, rules) -
             f"its LoRA adapters were trained on {base_source['kind']} {base_source['path']!r}"
             f" (checksum {base_source['checksum']}), which now holds another model.",
         )
+    if words:
+        from rl_reason.algorithms import rcrl
+
+        if base.tokenizer is None:
+            raise ModelSourceError("run", path, "its LoRA base has no tokenizer to grow.")
+        _, grown, grown_config = rcrl.add_return_tokens(
+            base.tokenizer, base.params, base.config, like=words
+        )
+        base = LoadedModel(grown_config, grown, base.tokenizer)
     lora_config = lora.LoraConfig(recorded["rank"], recorded["alpha"], tuple(recorded["targets"]))
     model = lora.LoraModel(Transformer(config), lora_config)
     abstract = ts.abstract_params(model, mesh, rules)
     items, _, _ = checkpointer.restore({f"{name}.lora": lora.trained_part(abstract)}, step=step)
     base_params = with_heads(base, config.heads, mesh, rules).params
     trained = lora.with_trained_part(base_params, items[f"{name}.lora"])
-    return jax.jit(functools.partial(lora.merged, config=lora_config))(trained)
+    return lora.Merger(lora_config)(trained)
 
 
 def prompt_conditioning(path: str, name: str = "policy") -> tuple[str, bool]:
