@@ -1,5 +1,7 @@
 """The SFT step: chunked loss == plain loss, accumulation, sharding, learning."""
 
+import os
+
 import chex
 import ml_collections
 import flax.linen as nn
@@ -204,3 +206,40 @@ def test_sft_with_lora_trains_adapters_on_the_start_and_resumes_bitwise(tiny_sft
         np.testing.assert_array_equal(x, y)
     moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(start))]
     assert any(moved) and not all(moved)  # the adapted kernels moved, norms and embeddings not
+
+    # launch/export.py: the adapters in PEFT's format start another run where this one
+    # ended (lora.init); the merged model is a transformers checkpoint with our logits.
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from rl_reason.experiments import adapters
+    from rl_reason.models import lora
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    peft_dir, hf_dir = tmp_path / "peft", tmp_path / "hf"
+    run = tmp_path / "straight"
+    export = [sys.executable, "launch/export.py", f"--run={run}", f"--peft={peft_dir}"]
+    subprocess.run([*export, f"--hf={hf_dir}"], check=True, cwd=root, capture_output=True)
+    config.lora.init = str(peft_dir)
+    base = sources.load_run(str(tiny_sft_run), mesh, shd.DEFAULT_RULES)
+    learner = lora.LoraModel(Transformer(base.config), adapters.lora_config(config))
+    trained = adapters.initial_params(config, learner, base.params, jax.random.PRNGKey(9))
+    for x, y in zip(jax.tree.leaves(lora.merged(trained, learner.lora)), jax.tree.leaves(a)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    tokens = np.random.default_rng(0).integers(3, base.config.vocab_size, (2, 10))
+    model = Transformer(base.config.replace(heads=()))
+    mask = jnp.ones(tokens.shape, bool)
+    hidden = model.apply(a, jnp.asarray(tokens), default_positions(mask), mask).hidden
+    ours = np.asarray(model.apply(a, hidden, method=Transformer.logits))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    config.lora.rank = 8
+    with pytest.raises(ValueError, match="rank 4"):
+        adapters.initial_params(
+            config, lora.LoraModel(model, adapters.lora_config(config)), base.params, None
+        )

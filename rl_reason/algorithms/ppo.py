@@ -730,12 +730,11 @@ def create_ppo_state(
     rules: shd.Rules,
     seed: int,
     params: Optional[Any] = None,
-    *,
-    donate: bool = False,
+    **options: Any,
 ) -> TrainState:
     """Initialises (or adopts `params`, {"policy", "critic"} with a critic) in its shardings
-    (`donate`: taking their buffers, as `train_state.create_train_state` says)."""
-    return ts.create_train_state(trained(models), tx, mesh, rules, seed, params, donate=donate)
+    (`options`: `train_state.create_train_state`'s, e.g. donate=True to take their buffers)."""
+    return ts.create_train_state(trained(models), tx, mesh, rules, seed, params, **options)
 
 
 def abstract_ppo_state(

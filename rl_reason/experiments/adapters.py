@@ -1,7 +1,8 @@
 """LoRA in a run: the trained model, its checkpoint items and its recorded base.
 
 What every learner that trains adapters shares (SFT, the on-policy learner,
-the rounds loop of EI, the ORM): the `lora` config section as a `LoraConfig`,
+the rounds loop of EI and RCRL, the ORM): the `lora` config section as a
+`LoraConfig`, the adapters a run starts from (fresh, or a PEFT adapter's),
 the checkpoint items (`<model>.lora`: adapters and scalar heads;
 `<model>.train`: the rest of the state), the progress record
 `sources.load_run` rebuilds the merged model from (the base's source and
@@ -23,6 +24,24 @@ def lora_config(config) -> lora.LoraConfig | None:
     if not section or not section.rank:
         return None
     return lora.LoraConfig(int(section.rank), float(section.alpha), tuple(section.targets))
+
+
+def initial_params(config, learner: lora.LoraModel, base_params: Any, rng) -> dict:
+    """{"base", "lora"} a run starts from: `base_params` with fresh adapters, or with
+    lora.init's PEFT adapter directory's (its rank, alpha and targets must be the
+    section's: a mismatch is an error, not a silent reshape)."""
+    init = config.lora.get("init", "")
+    if not init:
+        return learner.init_from(base_params, rng)
+    adapters, found = lora.import_peft(init, base_params)
+    want = learner.lora
+    if (found.rank, found.alpha, set(found.targets)) != (want.rank, want.alpha, set(want.targets)):
+        raise ValueError(
+            f"lora.init={init!r} holds rank {found.rank}, alpha {found.alpha}, targets"
+            f" {sorted(found.targets)}; the lora section asks for rank {want.rank}, alpha"
+            f" {want.alpha}, targets {sorted(want.targets)}."
+        )
+    return {"base": base_params, "lora": adapters}
 
 
 def state_items(state, name: str = "policy") -> dict[str, Any]:

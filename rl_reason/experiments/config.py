@@ -40,9 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
     # LoRA (models/lora.py, docs/lora.md): rank > 0 trains adapters on these kernels (and
     # the scalar heads) of a frozen start, which is also the KL reference; checkpoints
-    # keep the adapters and heads, and the base's source and checksum. SFT and the
-    # on-policy learner read it; EI, RCRL and the ORM refuse rank > 0 (not yet).
-    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": LORA_TARGETS})
+    # keep the adapters and heads, and the base's source and checksum. Every learner
+    # reads it. `init`: a PEFT adapter directory the adapters start from ("": fresh ones).
+    c.lora = ml_collections.ConfigDict(
+        {"rank": 0, "alpha": 16.0, "targets": LORA_TARGETS, "init": ""}
+    )
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)
@@ -553,6 +555,9 @@ def lora_problems(config: ml_collections.ConfigDict) -> list[str]:
         return [str(e)]
     if not config.get("model_source", {}).get("kind"):
         return ["lora.rank > 0 needs a start model (model_source) to adapt."]
+    init = section.get("init", "")
+    if init and not os.path.isfile(os.path.join(init, "adapter_config.json")):
+        return [f"lora.init={init!r} is not a PEFT adapter directory (no adapter_config.json)."]
     return []
 
 

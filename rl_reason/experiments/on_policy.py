@@ -125,8 +125,8 @@ class OnPolicyLearner:
                 else {"policy": policy.params, "critic": critic.params}
             )
         else:
-            self.start_params = self.models.policy.init_from(
-                policy.params, jax.random.PRNGKey(config.seed)
+            self.start_params = adapters.initial_params(
+                config, self.models.policy, policy.params, jax.random.PRNGKey(config.seed)
             )
             self.tx = lora.lora_optimizer(self.tx)
         self.sampler = rollout.run_sampler(

@@ -222,7 +222,9 @@ class _OrmRun:
             }
             params = orm_model.params
             if self.lora is not None:  # what `sources.load_run` rebuilds the ORM from
-                params = self.learner.init_from(params, jax.random.PRNGKey(config.seed))
+                params = adapters.initial_params(
+                    config, self.learner, params, jax.random.PRNGKey(config.seed)
+                )
                 self.progress["lora"] = adapters.record(
                     config, self.lora, start_id, source=(self.kind, self.path), model=NAME
                 )

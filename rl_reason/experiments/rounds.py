@@ -252,7 +252,9 @@ class _Rounds:
         if self.lora is None:
             params = copy_tree(base if chosen is None else chosen)
         elif chosen is None:
-            params = self.learner.init_from(base, jax.random.PRNGKey(seed))
+            params = adapters.initial_params(
+                self.config, self.learner, base, jax.random.PRNGKey(seed)
+            )
         else:
             params = lora.with_trained_part(base, copy_tree(chosen))
         return ts.create_train_state(

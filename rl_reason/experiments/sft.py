@@ -191,7 +191,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         else:
             params = start.params if start else None
             if lora_settings is not None:
-                params = model.init_from(start.params, jax.random.PRNGKey(config.seed))
+                params = adapters.initial_params(
+                    config, model, start.params, jax.random.PRNGKey(config.seed)
+                )
             # The state takes the start's buffers: nothing else reads them (no second copy).
             state = ts.create_train_state(
                 model, tx, mesh, rules, config.seed, params=params, donate=params is not None

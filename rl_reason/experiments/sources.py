@@ -28,6 +28,7 @@ from rl_reason.data import tokenizer as tokenizer_lib
 from rl_reason.models import lora
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer, init_params
+from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.parallel import sharding as shd
 
 
@@ -250,6 +251,36 @@ def _lora_model(path, checkpointer, step, name, recorded, config, mesh, rules, w
     base_params = with_heads(base, config.heads, mesh, rules).params
     trained = lora.with_trained_part(base_params, items[f"{name}.lora"])
     return lora.Merger(lora_config)(trained)
+
+
+def export_peft_run(path: str, directory: str, name: str = "policy") -> lora.LoraConfig:
+    """A LoRA run's adapters of model `name` (its latest checkpoint) as a PEFT adapter
+    directory (`lora.export_peft`), which `peft.PeftModel.from_pretrained` loads onto
+    the transformers model of the same base and `lora.init` starts a run from.
+    Scalar heads (PPO's value, the ORM's) are not part of PEFT's format: left out."""
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    checkpointer = checkpointing.Checkpointer(os.path.join(path, "checkpoints"))
+    try:
+        step = checkpointer.latest_step()
+        progress = {} if step is None else checkpointer.read_progress(step)
+        recorded = progress.get("lora")
+        if not recorded or recorded.get("model", "policy") != name:
+            raise ModelSourceError("run", path, f"its {name!r} was not trained with LoRA.")
+        config = ModelConfig.from_dict(progress["models"][name])
+        lora_config = lora.LoraConfig(
+            recorded["rank"], recorded["alpha"], tuple(recorded["targets"])
+        )
+        abstract = ts.abstract_params(
+            lora.LoraModel(Transformer(config), lora_config), mesh, shd.DEFAULT_RULES
+        )
+        target = {f"{name}.lora": lora.trained_part(abstract)}
+        items, _, _ = checkpointer.restore(target, step=step)
+    finally:
+        checkpointer.close()
+    base = recorded["base"]
+    hf_path = base["path"] if base["kind"] == "hf" else ""  # what PEFT may load it onto
+    lora.export_peft(directory, items[f"{name}.lora"]["lora"], lora_config, hf_path)
+    return lora_config
 
 
 def prompt_conditioning(path: str, name: str = "policy") -> tuple[str, bool]:

@@ -154,9 +154,7 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
         for seed in seeds:
             row = Row(start, algorithm, reward, seed)
             name = run_name(row, seeds)
-            rl = _rl_config(
-                config, algorithm, reward, seed, path(START_DIRS[start]), path("orm")
-            )
+            rl = _rl_config(config, algorithm, reward, seed, path(START_DIRS[start]), path("orm"))
             what = f"{algorithm.upper()} from the {start} model, {reward} reward"
             what += f", seed {seed}" if len(seeds) > 1 else ""
             out.append(Stage(name, "train", rl, what))
