@@ -2,13 +2,17 @@
 
 The trained params are {"base": the model's params, "lora": the adapters};
 `merged(params, config)` is the model's params with each targeted kernel
-W + (alpha / r) A B, computed inside the jitted step. Why merge rather than
-put adapters into the Dense layers (qwix's and peft's way): the Transformer
-stays unchanged for every family (Llama, Qwen2, Gemma 3, scanned or not),
-the sampler and every loss call one model, and the cost is one [d_in, r] x
-[r, d_out] product per kernel per step (r / batch_tokens of the layer's
-forward: nothing at RL batch sizes). B starts at 0, so the adapted model is
-the base model exactly at step 0.
+W + (alpha / r) A B. The step never builds it whole: `LoraModel.apply` puts
+the factors beside their kernels and `Transformer(adapter_scale=...)` merges
+them inside each block, so merged kernels and their gradients exist one
+layer at a time; the sampler reads `Merger`'s params (the adapted kernels
+merged, every other leaf the base's own). Why merge rather than put adapters
+into the Dense layers (qwix's and peft's way): the layers stay unchanged for
+every family (Llama, Qwen2, Gemma 3, scanned or not), the sampler calls the
+plain model, and the cost is one [d_in, r] x [r, d_out] product per kernel
+per step (r / batch_tokens of the layer's forward: nothing at RL batch
+sizes). B starts at 0, so the adapted model is the base model exactly at
+step 0.
 
 The base gets no gradient (`stop_gradient`, so XLA computes none of its
 weight gradients) except the scalar heads (PPO's value, the ORM's), which
@@ -180,16 +184,8 @@ class Merger:
         self._kernels = jax.jit(lambda params: _adapted_kernels(params, config))
 
     def __call__(self, params: dict) -> dict:
-        inner = dict(params["base"]["params"])
-        for key, blocks in self._kernels(params).items():
-            layer = dict(inner[key])
-            for block, names in blocks.items():
-                layer[block] = {
-                    **layer[block],
-                    **{n: {**layer[block][n], "kernel": k} for n, k in names.items()},
-                }
-            inner[key] = layer
-        return {**params["base"], "params": inner}
+        kernels = self._kernels(params)
+        return _map_adapted(params["base"], kernels, lambda m, kernel: {**m, "kernel": kernel})
 
 
 def trainable_labels(params: dict) -> Any:
