@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from rl_reason.algorithms import sft
+from rl_reason.algorithms import ppo, sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.models import lora
 from rl_reason.models.config import tiny_llama
@@ -96,6 +96,21 @@ def test_the_step_merges_layer_by_layer_what_the_sampler_merges_whole(base, scan
     step, sampler = _logits(adapted, trained, tokens), _logits(model, merged, tokens)
     assert np.abs(np.asarray(step - _logits(model, params, tokens))).max() > 1e-2  # adapted
     np.testing.assert_allclose(step, sampler, atol=1e-5)
+
+
+def test_the_reference_is_the_base_with_adapters_off_equal_to_a_separate_copy(base):
+    """PPO's scoring with the state's own frozen base as the reference (what the
+    on-policy learner passes under LoRA) equals scoring with a separate frozen copy of
+    the start, while the policy's log-probs (adapters on) differ from both."""
+    model, params = base
+    models = ppo.ActorCritic(lora.LoraModel(model, CONFIG), None)
+    trained = models.policy.init_from(params, jax.random.PRNGKey(1))
+    trained["lora"] = jax.tree.map(lambda x: x + 0.05, trained["lora"])  # as after training
+    batch = {k: jnp.asarray(v) for k, v in _batch(64).items()}
+    shared = ppo.score(models, trained, trained["base"], batch, chunk_size=8)
+    separate = ppo.score(models, trained, jax.tree.map(np.copy, params), batch, chunk_size=8)
+    np.testing.assert_array_equal(shared["ref_logprobs"], separate["ref_logprobs"])
+    assert np.abs(np.asarray(shared["old_logprobs"] - shared["ref_logprobs"])).max() > 1e-3
 
 
 def test_only_adapters_and_heads_train_and_hold_optimizer_state(base):
