@@ -153,6 +153,29 @@ def jit_sft_step(config: ml_collections.ConfigDict, model: Transformer, tx, sche
     return ts.jit_step(step, mesh, rules, ts.state_shardings(model, tx, mesh, rules))
 
 
+def _restored_or_new_state(run, model, tx, start, lora_settings, expected, iterator):
+    """The run's latest state (its start checked, `iterator` moved to its position), or
+    a new one from the start model: fresh (or lora.init's) adapters under LoRA."""
+    config, mesh, rules = run.config, run.mesh, run.rules
+    restored = run.restore(
+        _state_items(ts.abstract_train_state(model, tx, mesh, rules), lora_settings)
+    )
+    if restored is not None:
+        items, progress = restored
+        _check_same_start(config, run.workdir, progress, expected)
+        iterator.restore(progress["data"])
+        if lora_settings is None:
+            return checkpointing.merge_train_state("policy", items)
+        return adapters.merge_state_items(items, start.params)
+    params = start.params if start else None
+    if lora_settings is not None:
+        params = adapters.initial_params(config, model, params, jax.random.PRNGKey(config.seed))
+    # The state takes the start's buffers: nothing else reads them (no second copy).
+    return ts.create_train_state(
+        model, tx, mesh, rules, config.seed, params=params, donate=params is not None
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) SFT to config.train.num_steps; returns the last logged metrics.
 
@@ -178,26 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             seed=config.seed,
             shuffle=config.data.shuffle,
         )
-        abstract = ts.abstract_train_state(model, tx, mesh, rules)
-        restored = run.restore(_state_items(abstract, lora_settings))
-        if restored is not None:
-            items, progress = restored
-            _check_same_start(config, workdir, progress, expected)
-            if lora_settings is None:
-                state = checkpointing.merge_train_state("policy", items)
-            else:
-                state = adapters.merge_state_items(items, start.params)
-            iterator.restore(progress["data"])
-        else:
-            params = start.params if start else None
-            if lora_settings is not None:
-                params = adapters.initial_params(
-                    config, model, start.params, jax.random.PRNGKey(config.seed)
-                )
-            # The state takes the start's buffers: nothing else reads them (no second copy).
-            state = ts.create_train_state(
-                model, tx, mesh, rules, config.seed, params=params, donate=params is not None
-            )
+        state = _restored_or_new_state(run, model, tx, start, lora_settings, expected, iterator)
         del start  # its parameters are the state's now, or were only needed for the checksum
         first = int(state.step)
         if first >= config.train.num_steps:
