@@ -6,7 +6,7 @@
 
 The venv holds tunix beside our pinned stack (see benchmarks/requirements.txt).
 Every system (ours with XLA's defaults, ours with the `CPU_XNNPACK_DOTS` compiler
-options, transformers, tunix) gets the same random weights (ours, converted) and the same
+options, the continuous-batching engine, transformers, tunix) gets the same random weights (ours, converted) and the same
 64-token prompts, and generate exactly the same number of new tokens (no EOS
 can fire). Tokens/s is batch x new tokens over the wall time of one whole
 call, prompt ids on the host in, token ids on the host out, prefill included;
@@ -41,11 +41,13 @@ from rl_reason.models.config import ModelConfig, llama_125m
 from rl_reason.models.hf_config import hf_config_dict
 from rl_reason.models.hf_export import hf_state_dict
 from rl_reason.models.transformer import Transformer
+from rl_reason.sampling.continuous import Engine, EngineConfig
 from rl_reason.sampling.sampler import CPU_XNNPACK_DOTS, SamplingConfig, jit_sample
 
-SYSTEMS = ("ours", "ours_xnn", "generate", "tunix")
-OURS = ("ours", "ours_xnn")
-# ours_xnn: the same sampler compiled with CPU_XNNPACK_DOTS (see BENCHMARKS.md).
+SYSTEMS = ("ours", "ours_xnn", "engine", "generate", "tunix")
+OURS = ("ours", "ours_xnn", "engine")
+# ours_xnn: the same sampler compiled with CPU_XNNPACK_DOTS (see BENCHMARKS.md);
+# engine: the continuous-batching engine over its paged KV cache, one slot per row.
 MODES = ("greedy", "sampled")
 # tunix 0.1.7's Llama3 applies RoPE with its default base of 1e6 whatever the
 # config says, so every system uses that base; it does not change the cost.
@@ -68,6 +70,25 @@ class Ours:
         mask = np.ones(prompts.shape, bool)
         rng = jax.random.PRNGKey(seed)
         rollout = self.sample(self.model, self.params, prompts, mask, rng, config)
+        return np.asarray(rollout.completion_tokens)
+
+
+class Paged:
+    """rl_reason's continuous-batching engine (sampling/continuous.py), a slot per row."""
+
+    def __init__(self, config: ModelConfig, params: dict):
+        self.config, self.params, self.engines = config, params, {}
+
+    def generate(self, prompts, greedy, new_tokens, seed):
+        batch = len(prompts)
+        if batch not in self.engines:
+            self.engines[batch] = Engine(self.config, EngineConfig(slots=batch))
+        config = SamplingConfig(
+            max_new_tokens=new_tokens, temperature=0.0 if greedy else 1.0, pad_id=PAD
+        )
+        rollout = self.engines[batch].generate(
+            self.params, prompts.tolist(), jax.random.PRNGKey(seed), config
+        )
         return np.asarray(rollout.completion_tokens)
 
 
@@ -162,6 +183,8 @@ def main():
             runners[name] = Ours(config, params)
         elif name == "ours_xnn":
             runners[name] = Ours(config, params, CPU_XNNPACK_DOTS)
+        elif name == "engine":
+            runners[name] = Paged(config, params)
         elif name == "generate":
             runners[name] = Generate(config, params)
         else:

@@ -141,6 +141,13 @@ def _sampling(
     # A prompt longer than the largest bucket: cut its start with a warning (True, what
     # runs have always done) or stop with an error naming it (False, the Sampler's default).
     s.truncate_prompts = True
+    # "continuous": the continuous-batching engine over a paged KV cache
+    # (sampling/continuous.py) decodes `slots` rows at once and refills a slot as
+    # soon as its row ends; "static": batches of batch_size prompts x K rows.
+    s.engine = "static"
+    s.slots = 64  # rows decoded at once (engine "continuous")
+    s.page_size = 16  # tokens per KV page
+    s.kv_cache_bytes = 0  # the page pool's budget; 0: every slot at full length
     return s
 
 

@@ -32,6 +32,7 @@ from rl_reason.evaluation.evaluate import evaluate as score_samples
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards import compose
 from rl_reason.rewards.token_positions import sampled_token_rewards
+from rl_reason.sampling.continuous import EngineConfig
 from rl_reason.sampling.engine import Sampler, Samples, common_prefix_length
 from rl_reason.sampling.sampler import LENGTH, Rollout, SamplingConfig
 
@@ -160,8 +161,19 @@ def run_sampler(config, model_config, tokenizer, mesh, rules, **options) -> Samp
         stop_strings=templates.STOP_SEQUENCES,
         dtype=s.get("dtype") or None,
         truncate_prompts=s.get("truncate_prompts", True),
+        engine=engine_config(s),
     )
     return Sampler(model_config, tokenizer, **{**settings, **options})
+
+
+def engine_config(s) -> EngineConfig | None:
+    """The continuous engine's shape from a `sampling` section (None: static batches)."""
+    engine = s.get("engine", "static")
+    if engine not in ("static", "continuous"):
+        raise ValueError(f"sampling.engine={engine!r}: 'static' or 'continuous'.")
+    if engine == "static":
+        return None
+    return EngineConfig(slots=s.slots, page_size=s.page_size, kv_cache_bytes=s.kv_cache_bytes)
 
 
 def collect(

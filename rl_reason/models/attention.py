@@ -453,6 +453,82 @@ def _int_zeros(x):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
+# --- paged (the continuous-batching engine's KV cache) --------------------------------
+
+# Keys read per block of the paged kernel: PAGED_BLOCK_TOKENS // page_size pages.
+PAGED_BLOCK_TOKENS = 128
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    scale: float,
+    *,
+    query_positions: jax.Array,
+    window: jax.Array | int = 0,
+    block_tokens: int = PAGED_BLOCK_TOKENS,
+) -> jax.Array:
+    """Grouped-query attention of q [B, T, H, D] over each row's pages of a shared pool.
+
+    k_pages, v_pages [num_pages, page, K, D]: the pool. page_table [B, P]: row b's
+    token at sequence index i sits in page page_table[b, i // page] at offset
+    i % page, and its position is i (rows hold no padding). Everything a row's
+    queries may see must already be written: the caller writes the new tokens'
+    keys first. Entries past a row's pages point anywhere (page 0): causality hides
+    them, as it hides what a page's previous owner left beyond the row's length.
+
+    The split-K kernel of decode: an online softmax (float32) over blocks of
+    `block_tokens` keys, each block's pages gathered from the pool (a copy small
+    enough to stay in cache), as many blocks as the furthest query reaches
+    (a `while_loop`, so a short batch never reads the table's unused pages) and
+    blocks no query sees (sliding windows) skipped. Queries that see nothing
+    (padding) get zeros.
+    """
+    b, t, h, d = q.shape
+    page, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    per_block = max(1, block_tokens // page)
+    pad = -page_table.shape[1] % per_block
+    table = jnp.pad(page_table, ((0, 0), (0, pad)))
+    span = per_block * page
+    qb = jnp.transpose(q.reshape(b, t, kv_heads, h // kv_heads, d), (0, 2, 3, 1, 4))
+    # Blocks up to the furthest any query reaches, within the table.
+    blocks = jnp.minimum((jnp.max(query_positions) + span) // span, table.shape[1] // per_block)
+
+    def block(i, carry):
+        m, l, acc = carry
+        kpos = jnp.broadcast_to(i * span + jnp.arange(span), (b, span))
+        mask = layers.attention_mask(query_positions, kpos, window)  # [B, T, span]
+
+        def compute(carry):
+            m, l, acc = carry
+            ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)
+            kb = k_pages[ids].reshape(b, span, kv_heads, d)
+            vb = v_pages[ids].reshape(b, span, kv_heads, d)
+            s = jnp.einsum("bkgtd,bskd->bkgts", qb, kb, preferred_element_type=jnp.float32)
+            s = jnp.where(mask[:, None, None], s * scale, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+            alpha = jnp.exp(m - m_safe)
+            probs = jnp.exp(s - m_safe[..., None])
+            pv = jnp.einsum(
+                "bkgts,bskd->bkgtd", probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+            )
+            return m_new, alpha * l + jnp.sum(probs, axis=-1), alpha[..., None] * acc + pv
+
+        return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
+
+    init = (
+        jnp.full((b, kv_heads, h // kv_heads, t), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv_heads, h // kv_heads, t), jnp.float32),
+        jnp.zeros((b, kv_heads, h // kv_heads, t, d), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, blocks, block, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)
+
+
 # --- cuDNN (GPU) ---------------------------------------------------------------------
 
 

@@ -74,6 +74,26 @@ class KVCache:
 
 
 @flax.struct.dataclass
+class PagedKV:
+    """A pool of fixed-size KV pages and each row's page table (sampling/continuous.py).
+
+    k, v: per layer [num_pages, page_size, kv_heads, head_dim], a tuple (the
+    paged path runs the unrolled model). page_table [B, P]: row b's token at
+    sequence index i (its position: rows hold no padding) lives in page
+    page_table[b, i // page_size] at offset i % page_size. Page 0 belongs to
+    no row: padding tokens write there and unused table entries point there.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    page_table: jax.Array
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+
+@flax.struct.dataclass
 class TransformerOutput:
     hidden: jax.Array  # [B, T, E], after the final norm
     cache: Optional[KVCache]
@@ -91,6 +111,8 @@ class _LayerContext:
     rope_local: tuple[jax.Array, jax.Array]
     cache_index: Optional[jax.Array]
     shared_key_positions: Optional[jax.Array]  # [1, P] of the shared cache, if any
+    page_table: Optional[jax.Array] = None  # [B, P] with a PagedKV
+    page_slots: Optional[jax.Array] = None  # [B, T] the new tokens' slots in the flat pool
 
 
 class Block(nn.Module):
@@ -110,9 +132,12 @@ class Block(nn.Module):
         sin = jnp.where(is_local, ctx.rope_local[0], ctx.rope_global[0])
         cos = jnp.where(is_local, ctx.rope_local[1], ctx.rope_global[1])
         q, k, v = attn.project(norm("pre_attn_norm")(x), sin, cos)
+        window = jnp.where(is_local, c.sliding_window, 0)
+        if layer.get("pages") is not None:
+            attended, kv = self._paged_attention(q, k, v, window, layer["pages"], ctx)
+            return self._output_and_mlp(x, attn, attended), kv
         k = jnp.swapaxes(k, 1, 2)  # [B, K, T, D], the cache's layouts
         v = jnp.transpose(v, (0, 2, 3, 1))  # [B, K, D, T]
-        window = jnp.where(is_local, c.sliding_window, 0)
         segments = [(k, v, ctx.key_positions)]  # the new tokens
         kv = layer["kv"]
         if kv is not None:
@@ -147,16 +172,44 @@ class Block(nn.Module):
                 jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, 0, index, 0)),
                 jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, 0, index)),
             )
+        return self._output_and_mlp(x, attn, attended), kv
+
+    def _output_and_mlp(self, x, attn, attended):
+        """The attention's output projection and residual, then the MLP's."""
+        c = self.config
+        norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype, name=name)
         h = attn.output(attended)
         if c.sandwich_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
-
         h = layers.GatedMLP(c, name="mlp")(norm("pre_mlp_norm")(x))
         if c.sandwich_norms:
             h = norm("post_mlp_norm")(h)
-        x = nn.with_logical_constraint(x + h, ("batch", "length", "act_embed"))
-        return x, kv
+        return nn.with_logical_constraint(x + h, ("batch", "length", "act_embed"))
+
+    def _paged_attention(self, q, k, v, window, pages, ctx):
+        """Paged: the new keys and values [B, T, K, D] written into the pool first, then
+        every query attends over its row's pages. Returns (attended, the pool)."""
+        c = self.config
+        slots = ctx.page_slots.reshape(-1)
+
+        def write(pool, new):
+            flat = pool.reshape(-1, *pool.shape[2:])
+            new = new.reshape(-1, *pool.shape[2:]).astype(pool.dtype)
+            return flat.at[slots].set(new).reshape(pool.shape)
+
+        k_pool, v_pool = write(pages[0], k), write(pages[1], v)
+        attended = attention.paged_attention(
+            q,
+            k_pool,
+            v_pool,
+            ctx.page_table,
+            c.query_scale,
+            query_positions=ctx.key_positions,
+            window=window,
+            block_tokens=c.attention_block_k or attention.PAGED_BLOCK_TOKENS,
+        )
+        return attended, (k_pool, v_pool)
 
 
 _REMAT_POLICIES = {
@@ -239,6 +292,7 @@ class Transformer(nn.Module):
         input_mask: Optional[jax.Array] = None,
         cache: Optional[KVCache] = None,
         shared: Optional[KVCache] = None,
+        paged: Optional[PagedKV] = None,
     ) -> TransformerOutput:
         """Runs the layers over tokens [B, T] at positions [B, T].
 
@@ -246,6 +300,9 @@ class Transformer(nn.Module):
         tokens are written at slot cache.index and attend to everything cached.
         `shared` is a batch-1 cache (a prompt prefix common to all rows) that
         every row also attends to without holding a copy; it is only read.
+        With `paged` instead of a cache, each row's new tokens are written into
+        its pages at their positions and attend to the row's pages; the output's
+        cache is then the PagedKV with the pool updated.
         """
         c = self.config
         if input_mask is None:
@@ -272,6 +329,17 @@ class Transformer(nn.Module):
             cache_index=None if cache is None else cache.index,
             shared_key_positions=None if shared is None else shared.positions,
         )
+        if paged is not None:
+            if c.scan_layers or cache is not None or shared is not None:
+                raise ValueError("A PagedKV needs the unrolled model and no other cache.")
+            page = paged.page_size
+            index = jnp.maximum(key_positions, 0)
+            slots = jnp.take_along_axis(paged.page_table, index // page, axis=1) * page
+            ctx = ctx.replace(
+                page_table=paged.page_table,
+                page_slots=jnp.where(input_mask, slots + index % page, 0),
+            )
+            kv = (paged.k, paged.v)
         if c.scan_layers:
             per_layer = {
                 "is_local": jnp.asarray(c.local_layers, bool),
@@ -282,9 +350,11 @@ class Transformer(nn.Module):
         else:
             new_kv = []
             for i, block in enumerate(self.layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 layer = {
                     "is_local": c.local_layers[i],
-                    "kv": None if kv is None else (kv[0][i], kv[1][i]),
+                    "kv": None if paged is not None else layer_kv,
+                    "pages": layer_kv if paged is not None else None,
                     "shared_kv": None if shared is None else (shared.k[i], shared.v[i]),
                 }
                 x, layer_kv = block(x, layer, ctx)
@@ -293,7 +363,9 @@ class Transformer(nn.Module):
                 kv = tuple(zip(*new_kv))
         hidden = self.final_norm(x)
 
-        if cache is not None:
+        if paged is not None:
+            cache = paged.replace(k=kv[0], v=kv[1])
+        elif cache is not None:
             cache = KVCache(
                 k=kv[0],
                 v=kv[1],

@@ -26,6 +26,7 @@ from rl_reason.models import precision
 from rl_reason.models.config import ModelConfig
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import sharding as shd
+from rl_reason.sampling.continuous import Engine, EngineConfig
 from rl_reason.sampling.sampler import (
     Rollout,
     SamplingConfig,
@@ -88,6 +89,7 @@ class Sampler:
         compiler_options: Mapping[str, Any] | None = None,
         dtype: str | None = None,
         truncate_prompts: bool = False,
+        engine: EngineConfig | None = None,
     ):
         """stop_strings: the texts that end a sample (None: the task template's,
         `templates.STOP_SEQUENCES`; () for none). truncate_prompts: a prompt longer
@@ -98,7 +100,10 @@ class Sampler:
         dtype: the sampler's own precision ("bfloat16", "float32"), apart from
         the learner's: each `generate` computes with a copy of the weights cast
         to it and a KV cache in it; None computes as model_config says, with
-        the weights as given (see rl_reason/models/precision.py)."""
+        the weights as given (see rl_reason/models/precision.py).
+        engine: decode with the continuous-batching engine over a paged KV cache
+        (sampling/continuous.py: `engine.slots` rows at once, each finished row's
+        slot refilled at once) instead of static batches of batch_size prompts."""
         self.model_config = model_config
         self.dtype = None if dtype is None else str(jax.numpy.dtype(dtype))
         self.model = Transformer(precision.sampler_config(model_config, self.dtype))
@@ -114,6 +119,14 @@ class Sampler:
         self.progress = progress
         self.min_shared_prefix = min_shared_prefix
         self._sample = jit_sample(compiler_options)
+        self.engine = None
+        if engine is not None:
+            if mesh is not None and mesh.size > 1:
+                raise ValueError(
+                    "The continuous engine runs on one device for now (its slots are not"
+                    " yet sharded over a mesh); use sampling.engine='static' with a mesh."
+                )
+            self.engine = Engine(self.model.config, engine)
         if mesh is not None:
             shd.check_batch_divides(batch_size, mesh, "sampling batch")
 
@@ -146,7 +159,18 @@ class Sampler:
 
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Token id lists, left-padded to the smallest bucket that holds them all."""
+        ids, length = self._fit(ids)
         tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        tokens = np.full((len(ids), length), pad, np.int32)
+        mask = np.zeros((len(ids), length), bool)
+        for row, x in enumerate(ids):
+            tokens[row, length - len(x) :] = x
+            mask[row, length - len(x) :] = True
+        return tokens, mask
+
+    def _fit(self, ids: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], int]:
+        """(ids with over-long starts cut when truncation is on, the bucket that holds them)."""
         length = pick_bucket(max(len(x) for x in ids), self.prompt_buckets)
         too_long = sum(len(x) > length for x in ids)
         if too_long and not self.truncate_prompts:
@@ -163,14 +187,7 @@ class Sampler:
                 too_long,
                 length,
             )
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        tokens = np.full((len(ids), length), pad, np.int32)
-        mask = np.zeros((len(ids), length), bool)
-        for row, x in enumerate(ids):
-            x = x[-length:]
-            tokens[row, length - len(x) :] = x
-            mask[row, length - len(x) :] = True
-        return tokens, mask
+        return [x[-length:] for x in ids], length
 
     def generate(
         self,
@@ -198,6 +215,12 @@ class Sampler:
                 " rounds it)."
             )
         ids = self.token_ids(prompts)
+        if self.engine is not None:  # its prefix cache shares common starts by itself
+            ids, width = self._fit(ids)
+            rollout = self.engine.generate(
+                params, ids, rng, config, row_offset=prompt_offset, prompt_width=width
+            )
+            return Samples(rollout, self.decode(rollout), config.num_samples)
         if prefix_length is None:
             prefix_length = common_prefix_length(ids)
         shared = prefix_length if self.min_shared_prefix else 0

@@ -1,0 +1,468 @@
+"""Continuous batching over a paged KV cache: the rollout engine.
+
+A fixed number of decode slots run one jitted loop of decode steps; when a
+row finishes (EOS, stop sequence, length) its slot takes the next waiting
+sample, whatever its prompt or length, so that no slot idles while a few
+long samples finish (today's static `sampler.sample` runs each batch to its
+longest row). The keys and values live in a pool of fixed-size pages
+(`transformer.PagedKV`, a memory budget in bytes); each slot holds a page
+table, gets pages as it grows and returns them when it ends, and the full
+pages of a prompt are shared by its K samples and by every prompt that
+starts with the same tokens (`pages.PagePool`'s prefix cache).
+
+The program family: `prefill` (chunks of prompt tokens for a few slots,
+written into their pages) and `decode` (a `while_loop` of steps over every
+slot: feed each slot's token, choose the next from the logits), both pure
+and jitted; the host in between admits samples, reserves pages for the next
+`decode_horizon` steps and releases finished slots. A sample's last prompt
+token is fed by its first decode step, so K samples of a prompt share every
+prefilled page and need no copy of the prompt's logits.
+
+What the static sampler guarantees holds here: a row draws from
+fold_in(fold_in(rng, row), tokens so far), so its tokens do not depend on its
+slot, the other rows or the order of arrival (and a row pushed out of the
+pool is recomputed exactly); the log-probs are the untempered policy's; stop
+sequences, EOS, top-k/top-p, greedy-first rows and step conditioning behave
+as in `sampler.sample`, and the result is the same `Rollout`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import PagedKV, Transformer, unstack_layers
+from rl_reason.sampling.pages import PagePool, PoolExhausted, prefix_keys
+from rl_reason.sampling.sampler import (
+    EOS,
+    LENGTH,
+    STOP,
+    Rollout,
+    SamplingConfig,
+    _ends_with_stop,
+    choose_tokens,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The engine's shape: slots, pages, and how often the host steps in."""
+
+    slots: int = 32  # rows decoded at once
+    page_size: int = 16  # tokens per KV page
+    # The pool's size in bytes (keys and values of every layer); 0: enough for
+    # every slot at the longest prompt plus max_new_tokens (no row ever waits for pages).
+    kv_cache_bytes: int = 0
+    prefill_chunk: int = 256  # prompt tokens a slot prefills per call, at most
+    decode_horizon: int = 64  # decode steps between two visits of the host, at most
+    # Return to the host to admit waiting samples once this many slots have
+    # finished (0: a quarter of the slots).
+    admit_after: int = 0
+
+    def __post_init__(self):
+        if min(self.slots, self.page_size, self.prefill_chunk, self.decode_horizon) < 1:
+            raise ValueError(f"EngineConfig needs positive sizes; got {self}.")
+
+    def page_bytes(self, model: ModelConfig) -> int:
+        itemsize = jnp.dtype(model.compute_dtype).itemsize
+        return (
+            2 * model.num_layers * self.page_size * model.num_kv_heads * model.head_dim * itemsize
+        )
+
+
+@flax.struct.dataclass
+class Slots:
+    """Every slot's decoding state; row = N marks an empty slot."""
+
+    row: jax.Array  # [S] the row (prompt * K + k, global) the slot decodes
+    live: jax.Array  # [S]
+    token: jax.Array  # [S] the token the next step feeds
+    position: jax.Array  # [S] its position
+    generated: jax.Array  # [S] tokens chosen so far
+    greedy: jax.Array  # [S] decodes greedily (greedy_first's first row of a prompt)
+    recent: jax.Array  # [S, M] last chosen tokens, for stop sequences
+    given: jax.Array  # [S] the next chosen token is config.step_token
+    page_table: jax.Array  # [S, P]
+
+
+@flax.struct.dataclass
+class Results:
+    """Rows' outputs, indexed by their row within the call (N rows)."""
+
+    tokens: jax.Array  # [N, G]
+    logprobs: jax.Array  # [N, G]
+    sampling_logprobs: jax.Array  # [N, G]
+    lengths: jax.Array  # [N]
+    finish_reason: jax.Array  # [N]
+
+
+def _unrolled(params):
+    """Params in the decoder's layout; inside a jitted function a scanned layout's
+    per-layer slices cost no copy of the weights."""
+    return unstack_layers(params) if "layers" in params["params"] else params
+
+
+@functools.partial(jax.jit, static_argnames="model", donate_argnames="pool")
+def prefill(model: Transformer, params, pool, tokens, positions, mask, page_table):
+    """Writes prompt tokens [B, T] (real where mask) at their positions into the rows'
+    pages; returns the pool (k, v). The logits are not needed: each sample's first
+    decode step feeds the prompt's last token."""
+    params = _unrolled(params)
+    out = model.apply(params, tokens, positions, mask, paged=PagedKV(*pool, page_table))
+    return out.cache.k, out.cache.v
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "config"), donate_argnames=("results", "pool")
+)
+def decode(
+    model,
+    config: SamplingConfig,
+    params,
+    rng,
+    row_base,
+    slots,
+    results,
+    pool,
+    max_steps,
+    finish_target,
+):
+    """Decode steps over every slot until max_steps, no live slot, or finish_target slots
+    finished in this call (0: never for that). Returns (slots, results, pool, steps)."""
+    params = _unrolled(params)
+    n_rows = results.lengths.shape[0]
+    stops = jnp.asarray(config.eos_ids, jnp.int32)
+    starts = jnp.asarray(config.step_starts, jnp.int32)
+    was_live = slots.live
+
+    def cond(carry):
+        step, s, _, _ = carry
+        finished = jnp.sum(was_live & ~s.live)
+        early = (finish_target > 0) & (finished >= finish_target)
+        return (step < max_steps) & jnp.any(s.live) & ~early
+
+    def body(carry):
+        step, s, r, pool = carry
+        out = model.apply(
+            params,
+            s.token[:, None],
+            s.position[:, None],
+            s.live[:, None],
+            paged=PagedKV(*pool, s.page_table),
+        )
+        logits = model.apply(params, out.hidden[:, -1], method=Transformer.logits)
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_base + s.row)
+        keys = jax.vmap(jax.random.fold_in)(row_keys, s.generated)
+        greedy_rows = s.greedy if config.greedy_first else None
+        token, policy_lp, sampling_lp = choose_tokens(logits, keys, config, greedy_rows)
+        if config.step_token >= 0:
+            token = jnp.where(s.given, config.step_token, token)
+            policy_lp, sampling_lp = (jnp.where(s.given, 0.0, x) for x in (policy_lp, sampling_lp))
+        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
+        if config.step_token >= 0:
+            recent = jnp.where(s.given[:, None], s.recent, recent)
+        hit_eos = jnp.isin(token, stops) & s.live
+        hit_stop = _ends_with_stop(recent, config) & s.live & ~hit_eos & ~s.given
+        starts_step = jnp.isin(token, starts) & ~s.given
+        rows = jnp.where(s.live, s.row, n_rows)  # out of range: dropped
+        write = lambda buf, value: buf.at[rows, s.generated].set(value, mode="drop")
+        generated = s.generated + s.live
+        ended = hit_eos | hit_stop
+        reason = jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, LENGTH))
+        live = s.live & ~ended & (generated < config.max_new_tokens)
+        r = r.replace(
+            tokens=write(r.tokens, token),
+            logprobs=write(r.logprobs, policy_lp),
+            sampling_logprobs=write(r.sampling_logprobs, sampling_lp),
+            lengths=r.lengths.at[rows].set(generated, mode="drop"),
+            finish_reason=r.finish_reason.at[rows].set(reason, mode="drop"),
+        )
+        s = s.replace(
+            live=live,
+            token=jnp.where(s.live, token, s.token),
+            position=s.position + s.live,
+            generated=generated,
+            recent=recent,
+            given=starts_step & live,
+        )
+        return step + 1, s, r, (out.cache.k, out.cache.v)
+
+    steps, slots, results, pool = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), slots, results, pool)
+    )
+    return slots, results, pool, steps
+
+
+def _bucket(n: int, cap: int) -> int:
+    """The power of two at least n (at most cap, which bounds the compiled shapes)."""
+    return min(cap, 1 << max(0, n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class _Row:
+    """What the host knows of an admitted row."""
+
+    row: int  # within the call
+    pages: list[int]
+    prompt_length: int
+
+
+class Engine:
+    """Continuous-batching generation for one model over a reusable page pool."""
+
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig = EngineConfig()):
+        self.model = Transformer(model_config.replace(scan_layers=False))
+        self.config = engine_config
+        self._pool = None  # device (k, v), kept between calls
+        self.pool: PagePool | None = None
+        self.stats: dict[str, int] = {}
+
+    def _pages_for(self, length: int) -> int:
+        return -(-length // self.config.page_size)
+
+    def _ensure_pool(self, num_pages: int) -> None:
+        if self._pool is None or self._pool[0][0].shape[0] != num_pages:
+            c = self.model.config
+            shape = (num_pages, self.config.page_size, c.num_kv_heads, c.head_dim)
+            zeros = lambda: tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))
+            self._pool = (zeros(), zeros())
+        self.pool = PagePool(num_pages)
+
+    def generate(
+        self,
+        params: Any,
+        prompt_ids: Sequence[Sequence[int]],
+        rng: jax.Array,
+        config: SamplingConfig,
+        row_offset: int = 0,
+        row_order: Sequence[int] | None = None,
+        prompt_width: int = 0,
+    ) -> Rollout:
+        """config.num_samples completions of every prompt (token ids, BOS included),
+        as a Rollout on the host (rows prompt-major, prompts left-padded to the longest).
+        row_offset: the global index of prompt_ids[0], for split-independent randomness.
+        row_order: the order rows wait in (default prompt-major, siblings together,
+        which shares their prompt pages best); it changes no token. prompt_width:
+        the Rollout's prompt columns (at least the longest prompt; 0: the longest)."""
+        ec, k, new = self.config, config.num_samples, config.max_new_tokens
+        if any(len(x) == 0 for x in prompt_ids):
+            raise ValueError("Every prompt needs at least one token.")
+        longest = max(len(x) for x in prompt_ids)
+        table_width = self._pages_for(longest + new)
+        if ec.kv_cache_bytes:
+            num_pages = ec.kv_cache_bytes // ec.page_bytes(self.model.config)
+            if num_pages - 1 < table_width:
+                raise PoolExhausted(
+                    f"kv_cache_bytes={ec.kv_cache_bytes} holds {num_pages} pages of"
+                    f" {ec.page_bytes(self.model.config)} bytes; one row of {longest} prompt"
+                    f" and {new} new tokens needs {table_width} besides the reserved page."
+                )
+        else:
+            num_pages = 1 + ec.slots * table_width
+        self._ensure_pool(num_pages)
+        n_rows = len(prompt_ids) * k
+        window = max([len(s) for s in config.stop_sequences], default=1)
+        slots = {
+            "row": np.full(ec.slots, n_rows, np.int32),
+            "live": np.zeros(ec.slots, bool),
+            "token": np.zeros(ec.slots, np.int32),
+            "position": np.zeros(ec.slots, np.int32),
+            "generated": np.zeros(ec.slots, np.int32),
+            "greedy": np.zeros(ec.slots, bool),
+            "recent": np.full((ec.slots, window), -1, np.int32),
+            "given": np.zeros(ec.slots, bool),
+            "page_table": np.zeros((ec.slots, table_width), np.int32),
+        }
+        results = Results(
+            tokens=jnp.full((n_rows, new), config.pad_id, jnp.int32),
+            logprobs=jnp.zeros((n_rows, new), jnp.float32),
+            sampling_logprobs=jnp.zeros((n_rows, new), jnp.float32),
+            lengths=jnp.zeros((n_rows,), jnp.int32),
+            finish_reason=jnp.full((n_rows,), LENGTH, jnp.int32),
+        )
+        waiting = collections.deque(range(n_rows) if row_order is None else row_order)
+        if sorted(waiting) != list(range(n_rows)):
+            raise ValueError(f"row_order must order the rows 0..{n_rows - 1}.")
+        held: dict[int, _Row] = {}  # slot -> its row
+        admitted_order: list[int] = []  # slots, oldest first (the youngest is preempted)
+        admit_after = ec.admit_after or max(1, ec.slots // 4)
+        self.stats = {
+            "decode_calls": 0,
+            "decode_steps": 0,
+            "prefill_calls": 0,
+            "preempted": 0,
+            "prefilled_tokens": 0,
+            "shared_pages": 0,
+        }
+        row_base = jnp.int32(row_offset * k)
+
+        while waiting or held:
+            self._admit(params, prompt_ids, k, config, slots, held, admitted_order, waiting)
+            if not held:
+                raise PoolExhausted("No sample fits the page pool; raise kv_cache_bytes.")
+            horizon = self._reserve(slots, held, admitted_order, waiting, new, n_rows)
+            target = min(len(waiting), admit_after) if waiting else 0
+            device_slots = Slots(**{name: jnp.asarray(x) for name, x in slots.items()})
+            device_slots, results, self._pool, steps = decode(
+                self.model,
+                config,
+                params,
+                rng,
+                row_base,
+                device_slots,
+                results,
+                self._pool,
+                jnp.int32(horizon),
+                jnp.int32(target),
+            )
+            self.stats["decode_calls"] += 1
+            self.stats["decode_steps"] += int(steps)
+            for name in ("live", "token", "position", "generated", "recent", "given"):
+                slots[name] = np.array(getattr(device_slots, name))
+            for slot in [s for s in held if not slots["live"][s]]:
+                self.pool.release(held.pop(slot).pages)
+                admitted_order.remove(slot)
+                slots["row"][slot] = n_rows
+                slots["page_table"][slot] = 0
+        if not self.pool.all_free():
+            raise RuntimeError("pages still held after every row finished")
+        self.stats["peak_pages"] = self.pool.peak_in_use
+        self.stats["pool_pages"] = num_pages - 1
+        self.pool.forget_prefixes()
+        host = jax.tree.map(np.asarray, results)
+        return self._rollout(prompt_ids, k, host, max(prompt_width, longest), config.pad_id)
+
+    def _admit(self, params, prompt_ids, k, config, slots, held, admitted_order, waiting):
+        """Fills free slots with waiting rows: shared prompt pages looked up, the rest
+        allocated and prefilled (first samples of new prompts first, so that their
+        siblings admitted with them find the pages in the prefix cache)."""
+        page = self.config.page_size
+        free = [s for s in range(self.config.slots) if s not in held]
+        first, later = [], []
+        prompts_now = set()
+        budget = self.pool.available()
+        for slot in free:
+            if not waiting:
+                break
+            row = waiting[0]
+            # Pages for the prompt and a first step (shared ones counted as if not).
+            need = self._pages_for(len(prompt_ids[row // k]))
+            if need > budget:
+                break
+            budget -= need
+            prompt = waiting.popleft() // k
+            (later if prompt in prompts_now else first).append((slot, row))
+            prompts_now.add(prompt)
+        for group in (first, later):
+            chunks = []
+            for slot, row in group:
+                prompt = row // k
+                ids = prompt_ids[prompt]
+                cached = len(ids) - 1
+                keys = prefix_keys(ids, page, cached)
+                shared = self.pool.lookup(keys)
+                own = self.pool.allocate(self._pages_for(cached) - len(shared))
+                pages = shared + own
+                held[slot] = _Row(row=row, pages=pages, prompt_length=len(ids))
+                admitted_order.append(slot)
+                self.stats["shared_pages"] += len(shared)
+                slots["page_table"][slot] = 0
+                slots["page_table"][slot, : len(pages)] = pages
+                start = len(shared) * page
+                if start < cached:
+                    chunks.append((slot, ids, start, cached))
+                slots["row"][slot] = row
+                slots["live"][slot] = True
+                slots["token"][slot] = ids[-1]
+                slots["position"][slot] = len(ids) - 1
+                slots["generated"][slot] = 0
+                slots["greedy"][slot] = row % k == 0
+                slots["recent"][slot] = -1
+                slots["given"][slot] = False
+            self._prefill(params, slots, chunks)
+            for slot, ids, start, cached in chunks:  # now written: shareable
+                pages = held[slot].pages
+                for j, key in enumerate(prefix_keys(ids, page, cached)):
+                    if j * page >= start:
+                        self.pool.register(key, pages[j])
+
+    def _prefill(self, params, slots, chunks):
+        """Prefills (slot, ids, start, end) spans, prefill_chunk tokens per slot and call."""
+        step = self.config.prefill_chunk
+        while chunks:
+            width = _bucket(max(min(end - start, step) for _, _, start, end in chunks), step)
+            batch = _bucket(len(chunks), self.config.slots)
+            tokens = np.zeros((batch, width), np.int32)
+            positions = np.zeros((batch, width), np.int32)
+            mask = np.zeros((batch, width), bool)
+            table = np.zeros((batch, slots["page_table"].shape[1]), np.int32)
+            for i, (slot, ids, start, end) in enumerate(chunks[:batch]):
+                n = min(end - start, width)
+                tokens[i, :n] = ids[start : start + n]
+                positions[i, :n] = np.arange(start, start + n)
+                mask[i, :n] = True
+                table[i] = slots["page_table"][slot]
+                self.stats["prefilled_tokens"] += n
+            self._pool = prefill(self.model, params, self._pool, tokens, positions, mask, table)
+            self.stats["prefill_calls"] += 1
+            rest = [(s, ids, start + width, end) for s, ids, start, end in chunks[:batch]]
+            chunks = [c for c in rest if c[2] < c[3]] + chunks[batch:]
+
+    def _reserve(self, slots, held, admitted_order, waiting, new, n_rows) -> int:
+        """Pages for every live slot's next steps: the longest horizon (halving from
+        decode_horizon) the pool holds; when not even one step fits, the youngest row
+        goes back to the queue (its pages freed; it is recomputed exactly later)."""
+        while True:
+            horizon = self.config.decode_horizon
+            while horizon >= 1:
+                need = {}
+                for slot, info in held.items():
+                    last = min(slots["position"][slot] + horizon, info.prompt_length - 1 + new)
+                    need[slot] = max(0, self._pages_for(last) - len(info.pages))
+                if sum(need.values()) <= self.pool.available():
+                    for slot, n in need.items():
+                        if n:
+                            pages = self.pool.allocate(n)
+                            info = held[slot]
+                            slots["page_table"][slot, len(info.pages) : len(info.pages) + n] = pages
+                            info.pages.extend(pages)
+                    return horizon
+                horizon //= 2
+            if len(held) == 1:
+                raise PoolExhausted("One row does not fit the page pool; raise kv_cache_bytes.")
+            victim = admitted_order.pop()
+            info = held.pop(victim)
+            self.pool.release(info.pages)
+            waiting.appendleft(info.row)
+            slots["live"][victim] = False
+            slots["row"][victim] = n_rows
+            slots["page_table"][victim] = 0
+            self.stats["preempted"] += 1
+
+    def _rollout(self, prompt_ids, k, r: Results, width: int, pad_id: int) -> Rollout:
+        prompt_tokens = np.full((len(prompt_ids), width), pad_id, np.int32)
+        prompt_mask = np.zeros((len(prompt_ids), width), bool)
+        for i, ids in enumerate(prompt_ids):
+            prompt_tokens[i, width - len(ids) :] = ids
+            prompt_mask[i, width - len(ids) :] = True
+        new = r.tokens.shape[1]
+        return Rollout(
+            prompt_tokens=np.repeat(prompt_tokens, k, axis=0),
+            prompt_mask=np.repeat(prompt_mask, k, axis=0),
+            completion_tokens=r.tokens,
+            completion_mask=np.arange(new)[None, :] < r.lengths[:, None],
+            logprobs=r.logprobs,
+            sampling_logprobs=r.sampling_logprobs,
+            lengths=r.lengths,
+            finish_reason=r.finish_reason,
+            decode_steps=r.lengths,
+        )

@@ -1,0 +1,171 @@
+"""The continuous-batching engine: the static sampler's tokens and log-probs, whatever the slots."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_reason.data import synthetic, templates
+from rl_reason.data import tokenizer as tokenizer_lib
+from rl_reason.experiments import config as config_lib
+from rl_reason.experiments.rollout import engine_config
+from rl_reason.models.config import tiny_gemma3, tiny_llama
+from rl_reason.models.transformer import Transformer
+from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.sampling.continuous import Engine, EngineConfig
+from rl_reason.sampling.engine import Sampler
+from rl_reason.sampling.pages import PagePool, PoolExhausted, prefix_keys
+from rl_reason.sampling.sampler import SamplingConfig, sample_jit
+
+# attention_block_k=8: the paged kernel reads two pages per block, so a row spans
+# several blocks; Gemma 3's window of 4 makes whole blocks invisible to local layers.
+CONFIGS = {
+    "llama": tiny_llama(attention_block_k=8),
+    "qwen2": tiny_llama(qkv_bias=True, num_kv_heads=2, attention_block_k=8),
+    "gemma3": tiny_gemma3(num_kv_heads=2, attention_block_k=8),
+}
+
+
+def _params(config, seed=0):
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(seed), tokens, tokens))
+
+
+def _prompt_ids(vocab, lengths=(5, 9, 3, 12, 7, 6), seed=1):
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(3, vocab, 4).tolist()  # a common start: prefix-cache hits
+    return [shared + rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+def _static(config, params, ids, options, seed=0):
+    """The static sampler on the same prompts, left-padded."""
+    width = max(map(len, ids))
+    tokens = np.zeros((len(ids), width), np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for i, x in enumerate(ids):
+        tokens[i, width - len(x) :], mask[i, width - len(x) :] = x, True
+    decoder = Transformer(config.replace(scan_layers=False))
+    out = sample_jit(decoder, params, tokens, mask, jax.random.PRNGKey(seed), options)
+    return jax.tree.map(np.asarray, out)
+
+
+def _engine(config, params, ids, options, seed=0, **engine):
+    engine = Engine(config, EngineConfig(**{"slots": 3, "page_size": 4, **engine}))
+    out = engine.generate(params, ids, jax.random.PRNGKey(seed), options)
+    return out, engine
+
+
+def _assert_same(a, b):
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    np.testing.assert_array_equal(a.finish_reason, b.finish_reason)
+    np.testing.assert_array_equal(a.completion_tokens, b.completion_tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    np.testing.assert_allclose(a.sampling_logprobs, b.sampling_logprobs, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_and_sampled_rows_equal_the_static_sampler(name):
+    config = CONFIGS[name]
+    params = _params(config)
+    ids = _prompt_ids(config.vocab_size)
+    for options in (
+        SamplingConfig(max_new_tokens=14, temperature=0.0, eos_ids=(5,), stop_sequences=((7, 8),)),
+        SamplingConfig(
+            max_new_tokens=14,
+            temperature=1.0,
+            top_p=0.9,
+            num_samples=3,
+            eos_ids=(5,),
+            greedy_first=True,
+        ),
+    ):
+        ours, engine = _engine(config, params, ids, options)
+        _assert_same(ours, _static(config, params, ids, options))
+        assert engine.pool.all_free()
+        assert engine.stats["shared_pages"] > 0  # the common start and siblings were shared
+
+
+def test_a_rows_tokens_do_not_depend_on_slots_order_or_pool_size():
+    config = CONFIGS["llama"]
+    params = _params(config)
+    ids = _prompt_ids(config.vocab_size)
+    options = SamplingConfig(max_new_tokens=16, temperature=1.0, num_samples=4)
+    base, _ = _engine(config, params, ids, options, slots=3)
+    for engine in (dict(slots=1), dict(slots=5, decode_horizon=3, admit_after=1)):
+        _assert_same(_engine(config, params, ids, options, **engine)[0], base)
+    # Rows arriving in another order (longest prompts first, siblings apart) or a
+    # prompt sampled alone (its row_offset kept): the same tokens, row for row.
+    order = sorted(range(len(ids) * 4), key=lambda r: (-len(ids[r // 4]), r % 4, r))
+    engine = Engine(config, EngineConfig(slots=3, page_size=4))  # base's programs
+    shuffled = engine.generate(params, ids, jax.random.PRNGKey(0), options, row_order=order)
+    _assert_same(shuffled, base)
+    one = engine.generate(params, ids[2:3], jax.random.PRNGKey(0), options, row_offset=2)
+    np.testing.assert_array_equal(one.completion_tokens, base.completion_tokens[8:12])
+
+
+def test_a_small_pool_preempts_and_recomputes_exactly():
+    config = CONFIGS["llama"]
+    params = _params(config)
+    ids = _prompt_ids(config.vocab_size)
+    options = SamplingConfig(max_new_tokens=20, temperature=1.0, num_samples=2)
+    base, _ = _engine(config, params, ids, options, slots=6)
+    page_bytes = EngineConfig(page_size=4).page_bytes(config)
+    small, engine = _engine(config, params, ids, options, slots=6, kv_cache_bytes=page_bytes * 16)
+    assert engine.stats["preempted"] > 0 and engine.stats["pool_pages"] == 15
+    _assert_same(small, base)
+    assert engine.pool.all_free()
+    with pytest.raises(PoolExhausted, match="kv_cache_bytes"):
+        _engine(config, params, ids, options, kv_cache_bytes=page_bytes * 4)
+
+
+def test_page_pool_shares_caches_and_evicts_least_recent():
+    pool = PagePool(6)
+    keys = prefix_keys(list(range(10)), 4, 9)  # two full pages
+    a = pool.allocate(3)
+    assert 0 not in a and pool.available() == 2
+    pool.register(keys[0], a[0])
+    pool.register(keys[1], a[1])
+    assert pool.lookup(keys) == a[:2] and pool.refs[a[0]] == 2
+    pool.release(a)
+    assert pool.available() == 3  # a[2] free; a[0], a[1] still held once
+    pool.release(a[:2])
+    assert pool.available() == 5 and pool.lookup(keys[:1]) == a[:1]
+    pool.release(a[:1])
+    got = pool.allocate(5)  # free pages first, then the cached ones, oldest released first
+    assert set(got) == {1, 2, 3, 4, 5} and pool.lookup(keys) == []
+    pool.release(got)
+    assert pool.all_free()
+    with pytest.raises(PoolExhausted):
+        pool.allocate(6)
+
+
+def test_the_text_sampler_with_the_continuous_engine_gives_the_static_texts():
+    texts = [ex["question"] + "\n" + ex["answer"] for ex in synthetic.generate("train", 200)]
+    tokenizer = tokenizer_lib.train_tokenizer(texts, vocab_size=300)
+    config = tiny_llama(vocab_size=len(tokenizer))
+    params = _params(config)
+    prompts = [templates.format_prompt(ex["question"]) for ex in synthetic.generate("test", 5)]
+    static = Sampler(config, tokenizer, batch_size=2, prompt_buckets=(64, 128))
+    paged = Sampler(config, tokenizer, prompt_buckets=(64, 128), engine=EngineConfig(slots=4))
+    rng = jax.random.PRNGKey(3)
+    options = static.sampling_config(max_new_tokens=24, temperature=1.0, num_samples=3)
+    a = static.generate(params, prompts, rng, options, prompt_offset=7)
+    b = paged.generate(params, prompts, rng, options, prompt_offset=7)
+    assert a.texts == b.texts
+    assert a.rollout.prompt_tokens.shape == b.rollout.prompt_tokens.shape  # the bucket's width
+    np.testing.assert_array_equal(a.rollout.prompt_tokens, b.rollout.prompt_tokens)
+    _assert_same(a.rollout, b.rollout)
+    assert paged.engine.stats["shared_pages"] > 0  # the template's common start, the K siblings
+
+
+def test_the_sampling_section_chooses_the_engine():
+    s = config_lib.rl_config("grpo").sampling
+    assert engine_config(s) is None
+    s.engine = "continuous"
+    assert engine_config(s) == EngineConfig(slots=s.slots, page_size=16)
+    s.engine = "paged"
+    with pytest.raises(ValueError, match="static"):
+        engine_config(s)
+    with pytest.raises(ValueError, match="one device"):
+        Sampler(tiny_llama(), None, mesh=mesh_lib.make_mesh((8, 1, 1)), engine=EngineConfig())
