@@ -1,5 +1,6 @@
 """The continuous-batching engine: the static sampler's tokens and log-probs, whatever the slots."""
 
+import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from rl_reason.experiments.rollout import engine_config
 from rl_reason.models.config import tiny_gemma3, tiny_llama
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
-from rl_reason.sampling.continuous import Engine, EngineConfig
+from rl_reason.sampling.continuous import Engine, EngineConfig, Results, Slots, decode
 from rl_reason.sampling.engine import Sampler
 from rl_reason.sampling.pages import PagePool, PoolExhausted, prefix_keys
 from rl_reason.sampling.sampler import SamplingConfig, sample_jit
@@ -92,7 +93,7 @@ def test_a_rows_tokens_do_not_depend_on_slots_order_or_pool_size():
     ids = _prompt_ids(config.vocab_size)
     options = SamplingConfig(max_new_tokens=16, temperature=1.0, num_samples=4)
     base, _ = _engine(config, params, ids, options, slots=3)
-    for engine in (dict(slots=1), dict(slots=5, decode_horizon=3, admit_after=1)):
+    for engine in (dict(slots=1), dict(slots=5, decode_horizon=3, admit_after=1, min_slots=1)):
         _assert_same(_engine(config, params, ids, options, **engine)[0], base)
     # Rows arriving in another order (longest prompts first, siblings apart) or a
     # prompt sampled alone (its row_offset kept): the same tokens, row for row.
@@ -169,3 +170,43 @@ def test_the_sampling_section_chooses_the_engine():
         engine_config(s)
     with pytest.raises(ValueError, match="one device"):
         Sampler(tiny_llama(), None, mesh=mesh_lib.make_mesh((8, 1, 1)), engine=EngineConfig())
+
+
+def test_the_decode_loop_writes_the_page_pool_in_place():
+    # Structural, not a timing: the compiled loop copies no page pool (a copy would
+    # cost the whole pool per layer and step).
+    config = CONFIGS["llama"]
+    params = _params(config)
+    model = Transformer(config.replace(scan_layers=False))
+    slots, pages, rows = 4, 25, 8
+    shape = (pages, 4, config.num_kv_heads, config.head_dim)
+    pool = tuple(tuple(jnp.zeros(shape) for _ in range(config.num_layers)) for _ in range(2))
+    zeros = lambda *s, dtype=jnp.int32: jnp.zeros(s, dtype)
+    state = Slots(
+        row=zeros(slots),
+        live=zeros(slots, dtype=bool),
+        token=zeros(slots),
+        position=zeros(slots),
+        generated=zeros(slots),
+        greedy=zeros(slots, dtype=bool),
+        recent=zeros(slots, 1),
+        given=zeros(slots, dtype=bool),
+        page_table=zeros(slots, 6),
+    )
+    results = Results(
+        tokens=zeros(rows, 10),
+        logprobs=zeros(rows, 10, dtype=jnp.float32),
+        sampling_logprobs=zeros(rows, 10, dtype=jnp.float32),
+        lengths=zeros(rows),
+        finish_reason=zeros(rows),
+    )
+    options = SamplingConfig(max_new_tokens=10)
+    args = (params, jax.random.PRNGKey(0), jnp.int32(0), state, results, pool, jnp.int32(5), 0)
+    hlo = decode.lower(model, options, *args).compile().as_text()
+    pool_shapes = {
+        f"f32[{pages},4,{config.num_kv_heads},{config.head_dim}]",
+        f"f32[{pages * 4},{config.num_kv_heads},{config.head_dim}]",  # the flat view written
+    }
+    copies = re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]*\} copy\(", hlo)
+    assert "while" in hlo and pool_shapes & set(re.findall(r"f32\[[0-9,]+\]", hlo))
+    assert not pool_shapes & set(copies), copies

@@ -455,8 +455,11 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 # --- paged (the continuous-batching engine's KV cache) --------------------------------
 
-# Keys read per block of the paged kernel: PAGED_BLOCK_TOKENS // page_size pages.
-PAGED_BLOCK_TOKENS = 128
+# Keys read per block of the paged kernel: PAGED_BLOCK_TOKENS // page_size pages (at
+# least one). One 16-token page a block was the fastest on CPU (2x fewer seconds than
+# 128-token blocks at 64 rows x 192 keys, BENCHMARKS.md): XLA:CPU's gather copies at
+# about memcpy speed, and a one-page block stays in cache for the two products.
+PAGED_BLOCK_TOKENS = 16
 
 
 def paged_attention(

@@ -67,6 +67,10 @@ class EngineConfig:
     # Return to the host to admit waiting samples once this many slots have
     # finished (0: a quarter of the slots).
     admit_after: int = 0
+    # Once nothing waits, the last rows move to fewer slots (halving, down to this;
+    # 0 never): only their page tables move, not their caches. Each count is a
+    # decode program of its own, compiled once per engine.
+    min_slots: int = 4
 
     def __post_init__(self):
         if min(self.slots, self.page_size, self.prefill_chunk, self.decode_horizon) < 1:
@@ -202,6 +206,30 @@ def decode(
     return slots, results, pool, steps
 
 
+def _slot_counts(slots: int, smallest: int) -> list[int]:
+    """The decode programs' slot counts: slots, then halving down to `smallest`."""
+    counts = [slots]
+    while smallest and counts[-1] // 2 >= smallest:
+        counts.append(counts[-1] // 2)
+    return counts
+
+
+def _compact(slots, held, admitted_order, n_rows):
+    """Moves the held slots' state to slots 0 .. len(held) - 1 (their pages stay where
+    they are: only page tables move). Returns the renumbered (held, admitted_order)."""
+    moves = {old: new for new, old in enumerate(sorted(held))}
+    if all(old == new for old, new in moves.items()):
+        return held, admitted_order
+    for name, x in slots.items():
+        moved = x[list(moves)].copy()
+        x[len(moves) :] = n_rows if name == "row" else 0
+        x[: len(moves)] = moved
+    return (
+        {moves[s]: info for s, info in held.items()},
+        [moves[s] for s in admitted_order],
+    )
+
+
 def _bucket(n: int, cap: int) -> int:
     """The power of two at least n (at most cap, which bounds the compiled shapes)."""
     return min(cap, 1 << max(0, n - 1).bit_length())
@@ -295,6 +323,7 @@ class Engine:
         held: dict[int, _Row] = {}  # slot -> its row
         admitted_order: list[int] = []  # slots, oldest first (the youngest is preempted)
         admit_after = ec.admit_after or max(1, ec.slots // 4)
+        sizes = _slot_counts(ec.slots, ec.min_slots)
         self.stats = {
             "decode_calls": 0,
             "decode_steps": 0,
@@ -310,8 +339,14 @@ class Engine:
             if not held:
                 raise PoolExhausted("No sample fits the page pool; raise kv_cache_bytes.")
             horizon = self._reserve(slots, held, admitted_order, waiting, new, n_rows)
-            target = min(len(waiting), admit_after) if waiting else 0
-            device_slots = Slots(**{name: jnp.asarray(x) for name, x in slots.items()})
+            if waiting:  # every slot decodes; back once admit_after of them are free
+                size, target = ec.slots, min(len(waiting), admit_after)
+            else:  # the last rows: in the fewest slots, back when fewer would do
+                held, admitted_order = _compact(slots, held, admitted_order, n_rows)
+                size = min(s for s in sizes if s >= len(held))
+                smaller = [s for s in sizes if s < size]
+                target = len(held) - max(smaller) if smaller else 0
+            device_slots = Slots(**{name: jnp.asarray(x[:size]) for name, x in slots.items()})
             device_slots, results, self._pool, steps = decode(
                 self.model,
                 config,
@@ -327,7 +362,7 @@ class Engine:
             self.stats["decode_calls"] += 1
             self.stats["decode_steps"] += int(steps)
             for name in ("live", "token", "position", "generated", "recent", "given"):
-                slots[name] = np.array(getattr(device_slots, name))
+                slots[name][:size] = np.asarray(getattr(device_slots, name))
             for slot in [s for s in held if not slots["live"][s]]:
                 self.pool.release(held.pop(slot).pages)
                 admitted_order.remove(slot)
