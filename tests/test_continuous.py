@@ -87,6 +87,21 @@ def test_greedy_and_sampled_rows_equal_the_static_sampler(name):
         assert engine.stats["shared_pages"] > 0  # the common start and siblings were shared
 
 
+def test_step_conditioned_rows_equal_the_static_sampler():
+    # Dense RCRL: after every step start the step token is given, not chosen.
+    config = CONFIGS["llama"]
+    params = _params(config)
+    ids = _prompt_ids(config.vocab_size)
+    starts = tuple(range(3, config.vocab_size, 9))
+    options = SamplingConfig(
+        max_new_tokens=14, temperature=1.0, num_samples=2, step_token=2, step_starts=starts
+    )
+    ours, _ = _engine(config, params, ids, options)
+    static = _static(config, params, ids, options)
+    _assert_same(ours, static)
+    assert (ours.completion_tokens == 2).sum() > 4  # steps were conditioned
+
+
 def test_a_rows_tokens_do_not_depend_on_slots_order_or_pool_size():
     config = CONFIGS["llama"]
     params = _params(config)
