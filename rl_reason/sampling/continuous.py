@@ -214,22 +214,6 @@ def _slot_counts(slots: int, smallest: int) -> list[int]:
     return counts
 
 
-def _compact(slots, held, admitted_order, n_rows):
-    """Moves the held slots' state to slots 0 .. len(held) - 1 (their pages stay where
-    they are: only page tables move). Returns the renumbered (held, admitted_order)."""
-    moves = {old: new for new, old in enumerate(sorted(held))}
-    if all(old == new for old, new in moves.items()):
-        return held, admitted_order
-    for name, x in slots.items():
-        moved = x[list(moves)].copy()
-        x[len(moves) :] = n_rows if name == "row" else 0
-        x[: len(moves)] = moved
-    return (
-        {moves[s]: info for s, info in held.items()},
-        [moves[s] for s in admitted_order],
-    )
-
-
 def _bucket(n: int, cap: int) -> int:
     """The power of two at least n (at most cap, which bounds the compiled shapes)."""
     return min(cap, 1 << max(0, n - 1).bit_length())
@@ -244,6 +228,66 @@ class _Row:
     prompt_length: int
 
 
+@dataclasses.dataclass
+class _Call:
+    """The host's state during one `generate` call."""
+
+    prompt_ids: Sequence[Sequence[int]]
+    k: int  # samples per prompt
+    new: int  # max_new_tokens
+    slots: dict[str, np.ndarray]  # the fields of `Slots`, on the host
+    waiting: collections.deque  # rows not admitted yet, the next first
+    held: dict[int, _Row] = dataclasses.field(default_factory=dict)  # slot -> its row
+    admitted: list[int] = dataclasses.field(default_factory=list)  # slots, oldest first
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.prompt_ids) * self.k
+
+    def free(self, slot: int) -> None:
+        """The slot holds no row (its pages are the caller's to release)."""
+        self.slots["live"][slot] = False
+        self.slots["row"][slot] = self.n_rows
+        self.slots["page_table"][slot] = 0
+
+    def compact(self) -> None:
+        """Moves the held slots' state to slots 0 .. len(held) - 1 (their pages stay
+        where they are: only page tables move)."""
+        moves = {old: new for new, old in enumerate(sorted(self.held))}
+        if all(old == new for old, new in moves.items()):
+            return
+        for name, x in self.slots.items():
+            moved = x[list(moves)].copy()
+            x[len(moves) :] = self.n_rows if name == "row" else 0
+            x[: len(moves)] = moved
+        self.held = {moves[s]: info for s, info in self.held.items()}
+        self.admitted = [moves[s] for s in self.admitted]
+
+
+def _empty_slots(count: int, n_rows: int, table_width: int, window: int) -> dict[str, np.ndarray]:
+    return {
+        "row": np.full(count, n_rows, np.int32),
+        "live": np.zeros(count, bool),
+        "token": np.zeros(count, np.int32),
+        "position": np.zeros(count, np.int32),
+        "generated": np.zeros(count, np.int32),
+        "greedy": np.zeros(count, bool),
+        "recent": np.full((count, window), -1, np.int32),
+        "given": np.zeros(count, bool),
+        "page_table": np.zeros((count, table_width), np.int32),
+    }
+
+
+def _empty_results(rows: int, new: int, pad_id: int) -> Results:
+    return Results(
+        tokens=jnp.full((rows, new), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, new), jnp.float32),
+        sampling_logprobs=jnp.zeros((rows, new), jnp.float32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        finish_reason=jnp.full((rows,), LENGTH, jnp.int32),
+    )
+
+
 class Engine:
     """Continuous-batching generation for one model over a reusable page pool."""
 
@@ -253,17 +297,6 @@ class Engine:
         self._pool = None  # device (k, v), kept between calls
         self.pool: PagePool | None = None
         self.stats: dict[str, int] = {}
-
-    def _pages_for(self, length: int) -> int:
-        return -(-length // self.config.page_size)
-
-    def _ensure_pool(self, num_pages: int) -> None:
-        if self._pool is None or self._pool[0][0].shape[0] != num_pages:
-            c = self.model.config
-            shape = (num_pages, self.config.page_size, c.num_kv_heads, c.head_dim)
-            zeros = lambda: tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))
-            self._pool = (zeros(), zeros())
-        self.pool = PagePool(num_pages)
 
     def generate(
         self,
@@ -286,67 +319,35 @@ class Engine:
             raise ValueError("Every prompt needs at least one token.")
         longest = max(len(x) for x in prompt_ids)
         table_width = self._pages_for(longest + new)
-        if ec.kv_cache_bytes:
-            num_pages = ec.kv_cache_bytes // ec.page_bytes(self.model.config)
-            if num_pages - 1 < table_width:
-                raise PoolExhausted(
-                    f"kv_cache_bytes={ec.kv_cache_bytes} holds {num_pages} pages of"
-                    f" {ec.page_bytes(self.model.config)} bytes; one row of {longest} prompt"
-                    f" and {new} new tokens needs {table_width} besides the reserved page."
-                )
-        else:
-            num_pages = 1 + ec.slots * table_width
-        self._ensure_pool(num_pages)
+        self._start_pool(table_width, longest, new)
         n_rows = len(prompt_ids) * k
-        window = max([len(s) for s in config.stop_sequences], default=1)
-        slots = {
-            "row": np.full(ec.slots, n_rows, np.int32),
-            "live": np.zeros(ec.slots, bool),
-            "token": np.zeros(ec.slots, np.int32),
-            "position": np.zeros(ec.slots, np.int32),
-            "generated": np.zeros(ec.slots, np.int32),
-            "greedy": np.zeros(ec.slots, bool),
-            "recent": np.full((ec.slots, window), -1, np.int32),
-            "given": np.zeros(ec.slots, bool),
-            "page_table": np.zeros((ec.slots, table_width), np.int32),
-        }
-        results = Results(
-            tokens=jnp.full((n_rows, new), config.pad_id, jnp.int32),
-            logprobs=jnp.zeros((n_rows, new), jnp.float32),
-            sampling_logprobs=jnp.zeros((n_rows, new), jnp.float32),
-            lengths=jnp.zeros((n_rows,), jnp.int32),
-            finish_reason=jnp.full((n_rows,), LENGTH, jnp.int32),
-        )
         waiting = collections.deque(range(n_rows) if row_order is None else row_order)
         if sorted(waiting) != list(range(n_rows)):
             raise ValueError(f"row_order must order the rows 0..{n_rows - 1}.")
-        held: dict[int, _Row] = {}  # slot -> its row
-        admitted_order: list[int] = []  # slots, oldest first (the youngest is preempted)
-        admit_after = ec.admit_after or max(1, ec.slots // 4)
-        sizes = _slot_counts(ec.slots, ec.min_slots)
-        self.stats = {
-            "decode_calls": 0,
-            "decode_steps": 0,
-            "prefill_calls": 0,
-            "preempted": 0,
-            "prefilled_tokens": 0,
-            "shared_pages": 0,
-        }
+        window = max([len(s) for s in config.stop_sequences], default=1)
+        call = _Call(
+            prompt_ids, k, new, _empty_slots(ec.slots, n_rows, table_width, window), waiting
+        )
+        results = _empty_results(n_rows, new, config.pad_id)
+        self.stats = dict.fromkeys(
+            (
+                "decode_calls",
+                "decode_steps",
+                "prefill_calls",
+                "prefilled_tokens",
+                "shared_pages",
+                "preempted",
+            ),
+            0,
+        )
         row_base = jnp.int32(row_offset * k)
-
-        while waiting or held:
-            self._admit(params, prompt_ids, k, config, slots, held, admitted_order, waiting)
-            if not held:
+        while call.waiting or call.held:
+            self._admit(params, call)
+            if not call.held:
                 raise PoolExhausted("No sample fits the page pool; raise kv_cache_bytes.")
-            horizon = self._reserve(slots, held, admitted_order, waiting, new, n_rows)
-            if waiting:  # every slot decodes; back once admit_after of them are free
-                size, target = ec.slots, min(len(waiting), admit_after)
-            else:  # the last rows: in the fewest slots, back when fewer would do
-                held, admitted_order = _compact(slots, held, admitted_order, n_rows)
-                size = min(s for s in sizes if s >= len(held))
-                smaller = [s for s in sizes if s < size]
-                target = len(held) - max(smaller) if smaller else 0
-            device_slots = Slots(**{name: jnp.asarray(x[:size]) for name, x in slots.items()})
+            horizon = self._reserve(call)
+            size, target = self._decode_shape(call)
+            device_slots = Slots(**{name: jnp.asarray(x[:size]) for name, x in call.slots.items()})
             device_slots, results, self._pool, steps = decode(
                 self.model,
                 config,
@@ -362,70 +363,99 @@ class Engine:
             self.stats["decode_calls"] += 1
             self.stats["decode_steps"] += int(steps)
             for name in ("live", "token", "position", "generated", "recent", "given"):
-                slots[name][:size] = np.asarray(getattr(device_slots, name))
-            for slot in [s for s in held if not slots["live"][s]]:
-                self.pool.release(held.pop(slot).pages)
-                admitted_order.remove(slot)
-                slots["row"][slot] = n_rows
-                slots["page_table"][slot] = 0
+                call.slots[name][:size] = np.asarray(getattr(device_slots, name))
+            for slot in [s for s in call.held if not call.slots["live"][s]]:
+                self.pool.release(call.held.pop(slot).pages)
+                call.admitted.remove(slot)
+                call.free(slot)
         if not self.pool.all_free():
             raise RuntimeError("pages still held after every row finished")
         self.stats["peak_pages"] = self.pool.peak_in_use
-        self.stats["pool_pages"] = num_pages - 1
+        self.stats["pool_pages"] = self.pool.num_pages - 1
         self.pool.forget_prefixes()
         host = jax.tree.map(np.asarray, results)
-        return self._rollout(prompt_ids, k, host, max(prompt_width, longest), config.pad_id)
+        return _rollout(prompt_ids, k, host, max(prompt_width, longest), config.pad_id)
 
-    def _admit(self, params, prompt_ids, k, config, slots, held, admitted_order, waiting):
+    def _pages_for(self, length: int) -> int:
+        return -(-length // self.config.page_size)
+
+    def _start_pool(self, table_width: int, longest: int, new: int) -> None:
+        """A fresh book of the pool (kv_cache_bytes' worth of pages, or every slot at
+        full length), the device pool reused when its size has not changed."""
+        ec = self.config
+        page_bytes = ec.page_bytes(self.model.config)
+        num_pages = (
+            ec.kv_cache_bytes // page_bytes if ec.kv_cache_bytes else 1 + ec.slots * table_width
+        )
+        if num_pages - 1 < table_width:
+            raise PoolExhausted(
+                f"kv_cache_bytes={ec.kv_cache_bytes} holds {num_pages} pages of {page_bytes}"
+                f" bytes; one row of {longest} prompt and {new} new tokens needs {table_width}"
+                " besides the reserved page."
+            )
+        if self._pool is None or self._pool[0][0].shape[0] != num_pages:
+            c = self.model.config
+            shape = (num_pages, ec.page_size, c.num_kv_heads, c.head_dim)
+            zeros = lambda: tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))
+            self._pool = (zeros(), zeros())
+        self.pool = PagePool(num_pages)
+
+    def _decode_shape(self, call: _Call) -> tuple[int, int]:
+        """(slots the next decode runs, finished rows that end it early; 0: none).
+
+        While rows wait, every slot decodes and the host comes back once admit_after
+        slots are free; then the last rows move to the fewest slots that hold them,
+        and come back when fewer would do."""
+        ec = self.config
+        if call.waiting:
+            return ec.slots, min(len(call.waiting), ec.admit_after or max(1, ec.slots // 4))
+        call.compact()
+        counts = _slot_counts(ec.slots, ec.min_slots)
+        size = min(c for c in counts if c >= len(call.held))
+        smaller = [c for c in counts if c < size]
+        return size, (len(call.held) - max(smaller) if smaller else 0)
+
+    def _admit(self, params, call: _Call) -> None:
         """Fills free slots with waiting rows: shared prompt pages looked up, the rest
         allocated and prefilled (first samples of new prompts first, so that their
         siblings admitted with them find the pages in the prefix cache)."""
-        page = self.config.page_size
-        free = [s for s in range(self.config.slots) if s not in held]
+        page, k, slots = self.config.page_size, call.k, call.slots
         first, later = [], []
         prompts_now = set()
         budget = self.pool.available()
-        for slot in free:
-            if not waiting:
+        for slot in (s for s in range(self.config.slots) if s not in call.held):
+            if not call.waiting:
                 break
-            row = waiting[0]
+            row = call.waiting[0]
             # Pages for the prompt and a first step (shared ones counted as if not).
-            need = self._pages_for(len(prompt_ids[row // k]))
+            need = self._pages_for(len(call.prompt_ids[row // k]))
             if need > budget:
                 break
             budget -= need
-            prompt = waiting.popleft() // k
+            prompt = call.waiting.popleft() // k
             (later if prompt in prompts_now else first).append((slot, row))
             prompts_now.add(prompt)
         for group in (first, later):
             chunks = []
             for slot, row in group:
-                prompt = row // k
-                ids = prompt_ids[prompt]
-                cached = len(ids) - 1
-                keys = prefix_keys(ids, page, cached)
-                shared = self.pool.lookup(keys)
-                own = self.pool.allocate(self._pages_for(cached) - len(shared))
-                pages = shared + own
-                held[slot] = _Row(row=row, pages=pages, prompt_length=len(ids))
-                admitted_order.append(slot)
+                ids = call.prompt_ids[row // k]
+                cached = len(ids) - 1  # the last token is the first decode step's
+                shared = self.pool.lookup(prefix_keys(ids, page, cached))
+                pages = shared + self.pool.allocate(self._pages_for(cached) - len(shared))
+                call.held[slot] = _Row(row=row, pages=pages, prompt_length=len(ids))
+                call.admitted.append(slot)
                 self.stats["shared_pages"] += len(shared)
+                if len(shared) * page < cached:
+                    chunks.append((slot, ids, len(shared) * page, cached))
                 slots["page_table"][slot] = 0
                 slots["page_table"][slot, : len(pages)] = pages
-                start = len(shared) * page
-                if start < cached:
-                    chunks.append((slot, ids, start, cached))
-                slots["row"][slot] = row
-                slots["live"][slot] = True
-                slots["token"][slot] = ids[-1]
-                slots["position"][slot] = len(ids) - 1
-                slots["generated"][slot] = 0
-                slots["greedy"][slot] = row % k == 0
-                slots["recent"][slot] = -1
-                slots["given"][slot] = False
+                slots["row"][slot], slots["live"][slot] = row, True
+                slots["token"][slot], slots["position"][slot] = ids[-1], len(ids) - 1
+                slots["generated"][slot], slots["greedy"][slot] = 0, row % k == 0
+                slots["recent"][slot], slots["given"][slot] = -1, False
             self._prefill(params, slots, chunks)
             for slot, ids, start, cached in chunks:  # now written: shareable
-                pages = held[slot].pages
+                pages = call.held[slot].pages
                 for j, key in enumerate(prefix_keys(ids, page, cached)):
                     if j * page >= start:
                         self.pool.register(key, pages[j])
@@ -452,52 +482,53 @@ class Engine:
             rest = [(s, ids, start + width, end) for s, ids, start, end in chunks[:batch]]
             chunks = [c for c in rest if c[2] < c[3]] + chunks[batch:]
 
-    def _reserve(self, slots, held, admitted_order, waiting, new, n_rows) -> int:
+    def _reserve(self, call: _Call) -> int:
         """Pages for every live slot's next steps: the longest horizon (halving from
         decode_horizon) the pool holds; when not even one step fits, the youngest row
         goes back to the queue (its pages freed; it is recomputed exactly later)."""
+        slots = call.slots
         while True:
             horizon = self.config.decode_horizon
             while horizon >= 1:
                 need = {}
-                for slot, info in held.items():
-                    last = min(slots["position"][slot] + horizon, info.prompt_length - 1 + new)
+                for slot, info in call.held.items():
+                    last = min(slots["position"][slot] + horizon, info.prompt_length - 1 + call.new)
                     need[slot] = max(0, self._pages_for(last) - len(info.pages))
                 if sum(need.values()) <= self.pool.available():
                     for slot, n in need.items():
                         if n:
+                            info = call.held[slot]
                             pages = self.pool.allocate(n)
-                            info = held[slot]
                             slots["page_table"][slot, len(info.pages) : len(info.pages) + n] = pages
                             info.pages.extend(pages)
                     return horizon
                 horizon //= 2
-            if len(held) == 1:
+            if len(call.held) == 1:
                 raise PoolExhausted("One row does not fit the page pool; raise kv_cache_bytes.")
-            victim = admitted_order.pop()
-            info = held.pop(victim)
+            victim = call.admitted.pop()
+            info = call.held.pop(victim)
             self.pool.release(info.pages)
-            waiting.appendleft(info.row)
-            slots["live"][victim] = False
-            slots["row"][victim] = n_rows
-            slots["page_table"][victim] = 0
+            call.waiting.appendleft(info.row)
+            call.free(victim)
             self.stats["preempted"] += 1
 
-    def _rollout(self, prompt_ids, k, r: Results, width: int, pad_id: int) -> Rollout:
-        prompt_tokens = np.full((len(prompt_ids), width), pad_id, np.int32)
-        prompt_mask = np.zeros((len(prompt_ids), width), bool)
-        for i, ids in enumerate(prompt_ids):
-            prompt_tokens[i, width - len(ids) :] = ids
-            prompt_mask[i, width - len(ids) :] = True
-        new = r.tokens.shape[1]
-        return Rollout(
-            prompt_tokens=np.repeat(prompt_tokens, k, axis=0),
-            prompt_mask=np.repeat(prompt_mask, k, axis=0),
-            completion_tokens=r.tokens,
-            completion_mask=np.arange(new)[None, :] < r.lengths[:, None],
-            logprobs=r.logprobs,
-            sampling_logprobs=r.sampling_logprobs,
-            lengths=r.lengths,
-            finish_reason=r.finish_reason,
-            decode_steps=r.lengths,
-        )
+
+def _rollout(prompt_ids, k, r: Results, width: int, pad_id: int) -> Rollout:
+    """The call's results as the static sampler's Rollout (prompts left-padded to width)."""
+    prompt_tokens = np.full((len(prompt_ids), width), pad_id, np.int32)
+    prompt_mask = np.zeros((len(prompt_ids), width), bool)
+    for i, ids in enumerate(prompt_ids):
+        prompt_tokens[i, width - len(ids) :] = ids
+        prompt_mask[i, width - len(ids) :] = True
+    new = r.tokens.shape[1]
+    return Rollout(
+        prompt_tokens=np.repeat(prompt_tokens, k, axis=0),
+        prompt_mask=np.repeat(prompt_mask, k, axis=0),
+        completion_tokens=r.tokens,
+        completion_mask=np.arange(new)[None, :] < r.lengths[:, None],
+        logprobs=r.logprobs,
+        sampling_logprobs=r.sampling_logprobs,
+        lengths=r.lengths,
+        finish_reason=r.finish_reason,
+        decode_steps=r.lengths,
+    )
