@@ -456,10 +456,10 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 # --- paged (the continuous-batching engine's KV cache) --------------------------------
 
 # Keys read per block of the paged kernel: PAGED_BLOCK_TOKENS // page_size pages (at
-# least one). One 16-token page a block was the fastest on CPU (2x fewer seconds than
-# 128-token blocks at 64 rows x 192 keys, BENCHMARKS.md): XLA:CPU's gather copies at
-# about memcpy speed, and a one-page block stays in cache for the two products.
-PAGED_BLOCK_TOKENS = 16
+# least one). XLA:CPU gathers each block out of the pool at about memcpy speed; small
+# blocks stay in cache for the two products. 32 tokens was the fastest at 4 KV heads
+# (at or under the dense cache's time), 16 at 12 (benchmarks/paged_attention.py).
+PAGED_BLOCK_TOKENS = 32
 
 
 def paged_attention(
