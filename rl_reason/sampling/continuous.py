@@ -87,7 +87,7 @@ class EngineConfig:
 class Slots:
     """Every slot's decoding state; row = N marks an empty slot."""
 
-    row: jax.Array  # [S] the row (prompt * K + k, global) the slot decodes
+    row: jax.Array  # [S] the row within the call (prompt * K + k; row_base + row: global)
     live: jax.Array  # [S]
     token: jax.Array  # [S] the token the next step feeds
     position: jax.Array  # [S] its position
