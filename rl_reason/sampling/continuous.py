@@ -48,8 +48,7 @@ from rl_reason.sampling.sampler import (
     STOP,
     Rollout,
     SamplingConfig,
-    _ends_with_stop,
-    choose_tokens,
+    next_tokens,
 )
 
 
@@ -144,8 +143,6 @@ def decode(
     finished in this call (0: never for that). Returns (slots, results, pool, steps)."""
     params = _unrolled(params)
     n_rows = results.lengths.shape[0]
-    stops = jnp.asarray(config.eos_ids, jnp.int32)
-    starts = jnp.asarray(config.step_starts, jnp.int32)
     was_live = slots.live
 
     def cond(carry):
@@ -166,17 +163,9 @@ def decode(
         logits = model.apply(params, out.hidden[:, -1], method=Transformer.logits)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_base + s.row)
         keys = jax.vmap(jax.random.fold_in)(row_keys, s.generated)
-        greedy_rows = s.greedy if config.greedy_first else None
-        token, policy_lp, sampling_lp = choose_tokens(logits, keys, config, greedy_rows)
-        if config.step_token >= 0:
-            token = jnp.where(s.given, config.step_token, token)
-            policy_lp, sampling_lp = (jnp.where(s.given, 0.0, x) for x in (policy_lp, sampling_lp))
-        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
-        if config.step_token >= 0:
-            recent = jnp.where(s.given[:, None], s.recent, recent)
-        hit_eos = jnp.isin(token, stops) & s.live
-        hit_stop = _ends_with_stop(recent, config) & s.live & ~hit_eos & ~s.given
-        starts_step = jnp.isin(token, starts) & ~s.given
+        token, policy_lp, sampling_lp, recent, hit_eos, hit_stop, starts_step = next_tokens(
+            logits, keys, config, live=s.live, greedy=s.greedy, given=s.given, recent=s.recent
+        )
         rows = jnp.where(s.live, s.row, n_rows)  # out of range: dropped
         write = lambda buf, value: buf.at[rows, s.generated].set(value, mode="drop")
         generated = s.generated + s.live

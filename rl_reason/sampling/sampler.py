@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -241,6 +241,39 @@ def choose_tokens(
     return tokens.astype(jnp.int32), policy_lp, sampling
 
 
+class NextTokens(NamedTuple):
+    token: jax.Array  # [N], pad_id for rows no longer live
+    policy_lp: jax.Array  # [N]
+    sampling_lp: jax.Array  # [N]
+    recent: jax.Array  # [N, M] the stop-sequence window with the chosen token
+    hit_eos: jax.Array  # [N]
+    hit_stop: jax.Array  # [N] a stop sequence ended (not by EOS)
+    starts_step: jax.Array  # [N] the token starts a step (the next one is given)
+
+
+def next_tokens(logits, keys, config: SamplingConfig, *, live, greedy, given, recent) -> NextTokens:
+    """One decode step's choice for every row, and what it ends: the step every
+    decode loop takes (`sample`'s and the continuous engine's).
+
+    greedy: rows that take the argmax under config.greedy_first; given: rows whose
+    token is config.step_token, not chosen (scored 0, invisible to stop sequences).
+    """
+    greedy_rows = greedy if config.greedy_first else None
+    token, policy_lp, sampling_lp = choose_tokens(logits, keys, config, greedy_rows)
+    conditioned = config.step_token >= 0
+    if conditioned:
+        token = jnp.where(given, config.step_token, token)
+        policy_lp, sampling_lp = (jnp.where(given, 0.0, x) for x in (policy_lp, sampling_lp))
+    token = jnp.where(live, token, config.pad_id)
+    window = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+    if conditioned:  # a given token is invisible to stop sequences ("\n<|good|>Question:")
+        window = jnp.where(given[:, None], recent, window)
+    hit_eos = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) & live
+    hit_stop = _ends_with_stop(window, config) & live & ~hit_eos & ~given
+    starts_step = jnp.isin(token, jnp.asarray(config.step_starts, jnp.int32)) & ~given
+    return NextTokens(token, policy_lp, sampling_lp, window, hit_eos, hit_stop, starts_step)
+
+
 def _ends_with_stop(recent: jax.Array, config: SamplingConfig) -> jax.Array:
     """Whether each row's latest tokens (recent [N, M], newest last) end with a stop sequence."""
     hit = jnp.zeros(recent.shape[0], bool)
@@ -413,19 +446,9 @@ def sample(
 
     def body(s: _LoopState) -> _LoopState:
         keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
-        greedy_rows = s.greedy if config.greedy_first else None
-        token, policy_lp, sampling_lp = choose_tokens(s.logits, keys, config, greedy_rows)
-        conditioned = config.step_token >= 0
-        if conditioned:
-            token = jnp.where(s.given, config.step_token, token)
-            policy_lp, sampling_lp = (jnp.where(s.given, 0.0, x) for x in (policy_lp, sampling_lp))
-        token = jnp.where(s.live, token, config.pad_id)
-        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
-        if conditioned:  # a given token is invisible to stop sequences ("\n<|good|>Question:")
-            recent = jnp.where(s.given[:, None], s.recent, recent)
-        hit_eos = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) & s.live
-        hit_stop = _ends_with_stop(recent, config) & s.live & ~hit_eos & ~s.given
-        starts_step = jnp.isin(token, jnp.asarray(config.step_starts, jnp.int32)) & ~s.given
+        token, policy_lp, sampling_lp, recent, hit_eos, hit_stop, starts_step = next_tokens(
+            s.logits, keys, config, live=s.live, greedy=s.greedy, given=s.given, recent=s.recent
+        )
         out = model.apply(
             params, token[:, None], s.positions[:, None], s.live[:, None], s.cache, shared
         )
