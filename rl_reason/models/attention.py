@@ -204,20 +204,25 @@ def _segment_forward(qb, qpos, k, v, kpos, window, scale, block_k):
         mask = _visible(qpos, pos, window)  # [B, tq, s]
 
         def compute(carry):
-            m, l, acc = carry
             s = jnp.einsum(p["qk"], qb, kb, preferred_element_type=jnp.float32) * scale
             s = jnp.where(mask[:, None, None], s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-            alpha = jnp.exp(m - m_safe)
-            probs = jnp.exp(s - m_safe[..., None])
-            l = alpha * l + jnp.sum(probs, axis=-1)
-            pv = jnp.einsum(p["pv"], probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-            return m_new, l, alpha[..., None] * acc + pv
+            return _online_softmax(carry, s, vb, p["pv"])
 
         return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
 
     return _over_key_blocks(block, init, s_len, block_k)
+
+
+def _online_softmax(carry, s, vb, pv_spec: str):
+    """Folds one block of logits s (-inf where unseen) and its values into the running
+    (max, sum of exp(logit - max), weighted values), all float32."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    probs = jnp.exp(s - m_safe[..., None])
+    pv = jnp.einsum(pv_spec, probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return m_new, alpha * l + jnp.sum(probs, axis=-1), alpha[..., None] * acc + pv
 
 
 def _over_key_blocks(block, carry, s_len: int, block_k: int):
@@ -500,25 +505,16 @@ def paged_attention(
     blocks = jnp.minimum((jnp.max(query_positions) + span) // span, table.shape[1] // per_block)
 
     def block(i, carry):
-        m, l, acc = carry
         kpos = jnp.broadcast_to(i * span + jnp.arange(span), (b, span))
         mask = layers.attention_mask(query_positions, kpos, window)  # [B, T, span]
 
         def compute(carry):
-            m, l, acc = carry
             ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)
             kb = k_pages[ids].reshape(b, span, kv_heads, d)
             vb = v_pages[ids].reshape(b, span, kv_heads, d)
             s = jnp.einsum("bkgtd,bskd->bkgts", qb, kb, preferred_element_type=jnp.float32)
             s = jnp.where(mask[:, None, None], s * scale, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-            alpha = jnp.exp(m - m_safe)
-            probs = jnp.exp(s - m_safe[..., None])
-            pv = jnp.einsum(
-                "bkgts,bskd->bkgtd", probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32
-            )
-            return m_new, alpha * l + jnp.sum(probs, axis=-1), alpha[..., None] * acc + pv
+            return _online_softmax(carry, s, vb, "bkgts,bskd->bkgtd")
 
         return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
 
