@@ -92,6 +92,12 @@ class PagedKV:
     def page_size(self) -> int:
         return self.k[0].shape[1]
 
+    def slots(self, key_positions: jax.Array) -> jax.Array:
+        """[B, T] each token's slot in the flattened pool (page 0's first for padding, -1)."""
+        index = jnp.maximum(key_positions, 0)
+        page = jnp.take_along_axis(self.page_table, index // self.page_size, axis=1)
+        return jnp.where(key_positions >= 0, page * self.page_size + index % self.page_size, 0)
+
 
 @flax.struct.dataclass
 class TransformerOutput:
@@ -314,31 +320,8 @@ class Transformer(nn.Module):
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_dim**0.5, c.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        rope_global = layers.rope_tables(positions, layers.global_rope_frequencies(c))
-        rope_local = (
-            layers.rope_tables(positions, layers.rope_frequencies(c.head_dim, c.rope_local_base))
-            if any(c.local_layers)
-            else rope_global
-        )
-        ctx = _LayerContext(
-            query_positions=positions,
-            key_positions=key_positions,
-            cached_key_positions=None if cache is None else cache.positions,
-            rope_global=rope_global,
-            rope_local=rope_local,
-            cache_index=None if cache is None else cache.index,
-            shared_key_positions=None if shared is None else shared.positions,
-        )
+        ctx = self._layer_context(positions, key_positions, cache, shared, paged)
         if paged is not None:
-            if c.scan_layers or cache is not None or shared is not None:
-                raise ValueError("A PagedKV needs the unrolled model and no other cache.")
-            page = paged.page_size
-            index = jnp.maximum(key_positions, 0)
-            slots = jnp.take_along_axis(paged.page_table, index // page, axis=1) * page
-            ctx = ctx.replace(
-                page_table=paged.page_table,
-                page_slots=jnp.where(input_mask, slots + index % page, 0),
-            )
             kv = (paged.k, paged.v)
         if c.scan_layers:
             per_layer = {
@@ -379,6 +362,30 @@ class Transformer(nn.Module):
             for name, head in self.scalar_heads.items()
         }
         return TransformerOutput(hidden=hidden, cache=cache, heads=heads)
+
+    def _layer_context(self, positions, key_positions, cache, shared, paged) -> _LayerContext:
+        """What every layer shares: positions, RoPE tables, where the cache is written."""
+        c = self.config
+        rope_global = layers.rope_tables(positions, layers.global_rope_frequencies(c))
+        rope_local = (
+            layers.rope_tables(positions, layers.rope_frequencies(c.head_dim, c.rope_local_base))
+            if any(c.local_layers)
+            else rope_global
+        )
+        ctx = _LayerContext(
+            query_positions=positions,
+            key_positions=key_positions,
+            cached_key_positions=None if cache is None else cache.positions,
+            rope_global=rope_global,
+            rope_local=rope_local,
+            cache_index=None if cache is None else cache.index,
+            shared_key_positions=None if shared is None else shared.positions,
+        )
+        if paged is None:
+            return ctx
+        if c.scan_layers or cache is not None or shared is not None:
+            raise ValueError("A PagedKV needs the unrolled model and no other cache.")
+        return ctx.replace(page_table=paged.page_table, page_slots=paged.slots(key_positions))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Unembeds hidden [..., E] into float32 logits [..., V].
