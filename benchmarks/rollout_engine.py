@@ -36,7 +36,7 @@ from benchlib import init_params, load_average, matmul_peak_flops
 from rl_reason.models.config import llama_125m
 from rl_reason.models.transformer import Transformer
 from rl_reason.sampling.continuous import Engine, EngineConfig
-from rl_reason.sampling.sampler import SamplingConfig, sample_jit
+from rl_reason.sampling.sampler import SamplingConfig, left_pad, sample_jit
 
 
 def workload(config, prompts: int, seed: int) -> list[list[int]]:
@@ -60,10 +60,7 @@ class Static:
         for start in range(0, len(ids), self.prompts_per_call):
             batch = ids[start : start + self.prompts_per_call]
             width = max(map(len, batch))
-            tokens = np.zeros((len(batch), width), np.int32)
-            mask = np.zeros((len(batch), width), bool)
-            for i, x in enumerate(batch):
-                tokens[i, width - len(x) :], mask[i, width - len(x) :] = x, True
+            tokens, mask = left_pad(batch, width)
             out = sample_jit(self.model, self.params, tokens, mask, rng, options, np.int32(start))
             out = jax.tree.map(np.asarray, out)
             rows = len(batch) * options.num_samples

@@ -17,7 +17,7 @@ from rl_reason.parallel import mesh as mesh_lib
 from rl_reason.sampling.continuous import Engine, EngineConfig, Results, Slots, decode
 from rl_reason.sampling.engine import Sampler
 from rl_reason.sampling.pages import PagePool, PoolExhausted, prefix_keys
-from rl_reason.sampling.sampler import SamplingConfig, sample_jit
+from rl_reason.sampling.sampler import SamplingConfig, left_pad, sample_jit
 
 # attention_block_k=8: the paged kernel reads two pages per block, so a row spans
 # several blocks; Gemma 3's window of 4 makes whole blocks invisible to local layers.
@@ -39,13 +39,14 @@ def _prompt_ids(vocab, lengths=(5, 9, 3, 12, 7, 6), seed=1):
     return [shared + rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
+def _llama_case():
+    config = CONFIGS["llama"]
+    return config, _params(config), _prompt_ids(config.vocab_size)
+
+
 def _static(config, params, ids, options, seed=0):
     """The static sampler on the same prompts, left-padded."""
-    width = max(map(len, ids))
-    tokens = np.zeros((len(ids), width), np.int32)
-    mask = np.zeros((len(ids), width), bool)
-    for i, x in enumerate(ids):
-        tokens[i, width - len(x) :], mask[i, width - len(x) :] = x, True
+    tokens, mask = left_pad(ids, max(map(len, ids)))
     decoder = Transformer(config.replace(scan_layers=False))
     out = sample_jit(decoder, params, tokens, mask, jax.random.PRNGKey(seed), options)
     return jax.tree.map(np.asarray, out)
@@ -89,9 +90,7 @@ def test_greedy_and_sampled_rows_equal_the_static_sampler(name):
 
 def test_step_conditioned_rows_equal_the_static_sampler():
     # Dense RCRL: after every step start the step token is given, not chosen.
-    config = CONFIGS["llama"]
-    params = _params(config)
-    ids = _prompt_ids(config.vocab_size)
+    config, params, ids = _llama_case()
     starts = tuple(range(3, config.vocab_size, 9))
     options = SamplingConfig(
         max_new_tokens=14, temperature=1.0, num_samples=2, step_token=2, step_starts=starts
@@ -103,9 +102,7 @@ def test_step_conditioned_rows_equal_the_static_sampler():
 
 
 def test_a_rows_tokens_do_not_depend_on_slots_order_or_pool_size():
-    config = CONFIGS["llama"]
-    params = _params(config)
-    ids = _prompt_ids(config.vocab_size)
+    config, params, ids = _llama_case()
     options = SamplingConfig(max_new_tokens=16, temperature=1.0, num_samples=4)
     base, _ = _engine(config, params, ids, options, slots=3)
     for engine in (dict(slots=1), dict(slots=5, decode_horizon=3, admit_after=1, min_slots=1)):
@@ -121,9 +118,7 @@ def test_a_rows_tokens_do_not_depend_on_slots_order_or_pool_size():
 
 
 def test_a_small_pool_preempts_and_recomputes_exactly():
-    config = CONFIGS["llama"]
-    params = _params(config)
-    ids = _prompt_ids(config.vocab_size)
+    config, params, ids = _llama_case()
     options = SamplingConfig(max_new_tokens=20, temperature=1.0, num_samples=2)
     base, _ = _engine(config, params, ids, options, slots=6)
     page_bytes = EngineConfig(page_size=4).page_bytes(config)

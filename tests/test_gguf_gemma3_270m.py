@@ -123,7 +123,7 @@ def test_continuous_engine_equals_the_static_sampler_on_the_real_model():
     """Greedy and sampled rows of the paged engine (rows refilled, prompt pages shared)
     against the static sampler, on the real weights and GSM8K/SVAMP-style questions."""
     from rl_reason.sampling.continuous import Engine, EngineConfig
-    from rl_reason.sampling.sampler import SamplingConfig, sample_jit
+    from rl_reason.sampling.sampler import SamplingConfig, left_pad, sample_jit
 
     loaded = load_gemma3_270m()
     questions = [
@@ -132,11 +132,7 @@ def test_continuous_engine_equals_the_static_sampler_on_the_real_model():
         "Question: Each box holds 6 pens. How many pens are in 7 boxes?\nAnswer:",
     ]
     ids = [loaded.tokenizer(q)["input_ids"] for q in questions]
-    width = max(map(len, ids))
-    tokens = np.zeros((len(ids), width), np.int32)
-    mask = np.zeros((len(ids), width), bool)
-    for i, x in enumerate(ids):
-        tokens[i, width - len(x) :], mask[i, width - len(x) :] = x, True
+    tokens, mask = left_pad(ids, max(map(len, ids)))
     decoder = Transformer(loaded.config.replace(scan_layers=False))
     engine = Engine(loaded.config, EngineConfig(slots=2, page_size=16))
     eos = (loaded.tokenizer.eos_token_id,)

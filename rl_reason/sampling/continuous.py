@@ -48,6 +48,7 @@ from rl_reason.sampling.sampler import (
     STOP,
     Rollout,
     SamplingConfig,
+    left_pad,
     next_tokens,
 )
 
@@ -504,11 +505,7 @@ class Engine:
 
 def _rollout(prompt_ids, k, r: Results, width: int, pad_id: int) -> Rollout:
     """The call's results as the static sampler's Rollout (prompts left-padded to width)."""
-    prompt_tokens = np.full((len(prompt_ids), width), pad_id, np.int32)
-    prompt_mask = np.zeros((len(prompt_ids), width), bool)
-    for i, ids in enumerate(prompt_ids):
-        prompt_tokens[i, width - len(ids) :] = ids
-        prompt_mask[i, width - len(ids) :] = True
+    prompt_tokens, prompt_mask = left_pad(prompt_ids, width, pad_id)
     new = r.tokens.shape[1]
     return Rollout(
         prompt_tokens=np.repeat(prompt_tokens, k, axis=0),

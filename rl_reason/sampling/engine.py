@@ -31,6 +31,7 @@ from rl_reason.sampling.sampler import (
     Rollout,
     SamplingConfig,
     jit_sample,
+    left_pad,
     prefill_prefix_jit,
 )
 
@@ -160,14 +161,8 @@ class Sampler:
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Token id lists, left-padded to the smallest bucket that holds them all."""
         ids, length = self._fit(ids)
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        tokens = np.full((len(ids), length), pad, np.int32)
-        mask = np.zeros((len(ids), length), bool)
-        for row, x in enumerate(ids):
-            tokens[row, length - len(x) :] = x
-            mask[row, length - len(x) :] = True
-        return tokens, mask
+        pad = self.tokenizer.pad_token_id
+        return left_pad(ids, length, pad if pad is not None else 0)
 
     def _fit(self, ids: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], int]:
         """(ids with over-long starts cut when truncation is on, the bucket that holds them)."""

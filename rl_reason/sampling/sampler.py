@@ -23,6 +23,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rl_reason.models.transformer import (
     KEY_CACHE_AXES,
@@ -124,6 +125,17 @@ class Rollout:
         `rollout_correction` compares with the learner's old log-probs."""
         prompt = jnp.zeros(self.prompt_tokens.shape, jnp.float32)
         return jnp.concatenate([prompt, jnp.asarray(self.logprobs, jnp.float32)], axis=1)
+
+
+def left_pad(ids, width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists (each at most width long) as left-padded [N, width] tokens and
+    their mask: the layout `sample` takes and `Rollout.prompt_tokens` holds."""
+    tokens = np.full((len(ids), width), pad_id, np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for row, x in enumerate(ids):
+        tokens[row, width - len(x) :] = x
+        mask[row, width - len(x) :] = True
+    return tokens, mask
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
