@@ -17,7 +17,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (and imports rl_reason) as soon as the flag is defined.
 sys.path.insert(0, _ROOT)
 
-from rl_reason.experiments import cli  # noqa: E402 (after the path is set)
+from rl_reason import process_setup  # noqa: E402 (after the path is set)
+
+process_setup.use_huge_page_malloc()  # restarts this process once, before anything is loaded
+
+from rl_reason.experiments import cli  # noqa: E402
 
 cli.define_config_flag(
     "config", os.path.join(_ROOT, "configs", "synthetic_eval.py"), "Evaluation config file."
@@ -31,6 +35,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # Orbax reports every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
     from rl_reason.experiments import evaluate
+
+    process_setup.use_compilation_cache(flags.FLAGS.workdir)
 
     cli.run_reporting_errors(evaluate.run, flags.FLAGS.config, flags.FLAGS.workdir)
     import jax

@@ -22,7 +22,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # as soon as the flag is defined, so the path must be set first.
 sys.path.insert(0, _ROOT)
 
-from rl_reason.experiments import cli  # noqa: E402 (after the path is set)
+from rl_reason import process_setup  # noqa: E402 (after the path is set)
+
+process_setup.use_huge_page_malloc()  # restarts this process once, before anything is loaded
+
+from rl_reason.experiments import cli  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "study_mini.py")
 
@@ -38,6 +42,7 @@ def main(argv):
     from rl_reason.experiments import registry
 
     config = flags.FLAGS.config
+    process_setup.use_compilation_cache(flags.FLAGS.workdir)
     metrics = cli.run_reporting_errors(registry.trainer(config), config, flags.FLAGS.workdir)
     print("final metrics:", metrics)
 
