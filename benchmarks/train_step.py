@@ -33,19 +33,28 @@ On a loaded machine (load average above the core count) PyTorch's OpenMP
 thread team can stall at its barriers on every small op: its step time then
 jumps by an order of magnitude on small models, and the ratio reflects the
 load, not the steps; compare with --torch-threads=1 before reading it.
+Also per step: minor page faults (memory the kernel hands over afresh) and
+kernel CPU time. Like the launchers, the benchmark runs with glibc's
+huge-page malloc (`rl_reason.process_setup`); `RL_REASON_HUGE_PAGE_MALLOC=0`
+measures both steps without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from benchlib import load_average, matmul_peak_flops, train_flops_per_token  # sets the path first
+
+from rl_reason import process_setup
+
+process_setup.use_huge_page_malloc()  # as the launchers run (restarts this process once)
 
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts
@@ -163,10 +172,19 @@ def build_torch(config: ModelConfig, batch: int, length: int) -> Step:
     return one_step
 
 
-def timed(step: Step) -> float:
+class Timing(NamedTuple):
+    seconds: float  # wall time of the step, to its completion
+    faults: int  # minor page faults in it: memory the kernel handed over afresh
+    kernel_seconds: float  # CPU time spent in the kernel (page faults, thread wake-ups)
+
+
+def timed(step: Step) -> Timing:
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     step()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Timing(seconds, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime)
 
 
 def main():
@@ -238,12 +256,12 @@ def main():
         systems[theirs] = build_torch(config, batch, length)
     first = {}  # the first call: compilation (ours) and the allocator's first pass
     for k, step in systems.items():
-        first[k] = timed(step)
+        first[k] = timed(step).seconds
         for _ in range(args.warmup - 1):
             step()
 
     peaks = [matmul_peak_flops()]
-    times: dict[str, list[float]] = {k: [] for k in systems}
+    times: dict[str, list[Timing]] = {k: [] for k in systems}
     for _ in range(args.steps):
         for k, step in systems.items():
             times[k].append(timed(step))
@@ -266,15 +284,20 @@ def main():
         f" {flops / 1e6:.0f} MFLOP per token"
     )
     print(
-        "| step | first call (s) | median step (s) | min / max (s) | tokens/s | MFU |\n"
-        "|---|---|---|---|---|---|"
+        "| step | first call (s) | median step (s) | min / max (s) | tokens/s | MFU |"
+        " page faults / step | kernel CPU s / step |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     medians = {}
-    for k, ts_ in times.items():
-        medians[k] = m = statistics.median(ts_)
+    for k, timings in times.items():
+        seconds = [t.seconds for t in timings]
+        medians[k] = m = statistics.median(seconds)
+        faults = statistics.median(t.faults for t in timings)
+        kernel = statistics.median(t.kernel_seconds for t in timings)
         print(
-            f"| {k} | {first[k]:.2f} | {m:.3f} | {min(ts_):.3f} / {max(ts_):.3f} |"
-            f" {tokens / m:.0f} | {100 * tokens * flops / m / peak:.1f}% |"
+            f"| {k} | {first[k]:.2f} | {m:.3f} | {min(seconds):.3f} / {max(seconds):.3f} |"
+            f" {tokens / m:.0f} | {100 * tokens * flops / m / peak:.1f}% | {faults:,.0f} |"
+            f" {kernel:.3f} |"
         )
     for k in medians:
         if k.startswith(ours) and k != ours:

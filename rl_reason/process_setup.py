@@ -34,6 +34,10 @@ COMPILATION_CACHE_DIR = "compilation_cache"  # under the workdir
 # Programs that compile faster than this are not worth a file (XLA:CPU compiles the
 # study's small helper programs in a few milliseconds; its steps and samplers in seconds).
 _MIN_COMPILE_SECONDS = 0.2
+# A bound on the cache's size (least recently used entries go first); it also turns on
+# JAX's file lock around every read and write, so that processes of one host sharing a
+# workdir never read an entry another is still writing.
+_MAX_CACHE_BYTES = 4 << 30
 
 
 def _huge_pages_available() -> bool:
@@ -45,22 +49,39 @@ def _huge_pages_available() -> bool:
         return False
 
 
-def use_huge_page_malloc() -> None:
-    """Restarts this process with glibc's huge-page malloc, once; a no-op where it is on
-    already, turned off, or not available (not Linux, not glibc, no transparent huge pages)."""
+def _tunables_with_huge_pages() -> str | None:
+    """GLIBC_TUNABLES with huge-page malloc added; None where it is chosen already (on or
+    off), turned off here, or not available (not Linux, not glibc, no transparent huge pages)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (
         os.environ.get("RL_REASON_HUGE_PAGE_MALLOC", "1") == "0"
-        or "glibc.malloc.hugetlb" in tunables  # set by us before the restart, or by the user
+        or "glibc.malloc.hugetlb" in tunables  # set by us before a restart, or by the user
         or sys.platform != "linux"
         or platform.libc_ver()[0] != "glibc"
         or not _huge_pages_available()
     ):
+        return None
+    return ":".join(t for t in (tunables, HUGE_PAGE_TUNABLE) if t)
+
+
+def use_huge_page_malloc() -> None:
+    """Restarts this process with glibc's huge-page malloc, once (a no-op where
+    `_tunables_with_huge_pages` says so): the launchers' first call."""
+    tunables = _tunables_with_huge_pages()
+    if tunables is None:
         return
-    os.environ["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGE_PAGE_TUNABLE) if t)
+    os.environ["GLIBC_TUNABLES"] = tunables
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def use_huge_page_malloc_in_new_processes() -> None:
+    """Huge-page malloc for the processes this one starts (they inherit the environment),
+    without restarting this one: pytest's workers and the launchers the tests start."""
+    tunables = _tunables_with_huge_pages()
+    if tunables is not None:
+        os.environ["GLIBC_TUNABLES"] = tunables
 
 
 def use_compilation_cache(workdir: str) -> None:
@@ -74,3 +95,4 @@ def use_compilation_cache(workdir: str) -> None:
         return
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, COMPILATION_CACHE_DIR))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+    jax.config.update("jax_compilation_cache_max_size", _MAX_CACHE_BYTES)

@@ -19,6 +19,12 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # of the installed package: the tests import them from here, however pytest was started.
 sys.path.insert(0, str(REPO_ROOT))
 
+# glibc's huge-page malloc, as the launchers run, for pytest-xdist's workers and every
+# process a test starts (they inherit the environment; this process keeps its own malloc).
+from rl_reason import process_setup  # noqa: E402
+
+process_setup.use_huge_page_malloc_in_new_processes()
+
 # One persistent JAX compilation cache for the whole session, this process and every
 # process a test starts (they inherit the environment): a program compiles once,
 # however many tests, modules (whose in-memory caches are dropped below) or killed
