@@ -20,6 +20,7 @@ sys.path.insert(0, _ROOT)
 from rl_reason import process_setup  # noqa: E402 (after the path is set)
 
 process_setup.use_huge_page_malloc()  # restarts this process once, before anything is loaded
+process_setup.fit_cpus_to_quota()  # before JAX sizes its thread pools
 
 from rl_reason.experiments import cli  # noqa: E402
 
