@@ -35,8 +35,9 @@ jumps by an order of magnitude on small models, and the ratio reflects the
 load, not the steps; compare with --torch-threads=1 before reading it.
 Also per step: minor page faults (memory the kernel hands over afresh) and
 kernel CPU time. Like the launchers, the benchmark runs with glibc's
-huge-page malloc (`rl_reason.process_setup`); `RL_REASON_HUGE_PAGE_MALLOC=0`
-measures both steps without it.
+huge-page malloc and, under a CPU quota, on as many cores as the quota has
+(`rl_reason.process_setup`); `RL_REASON_HUGE_PAGE_MALLOC=0` and
+`RL_REASON_FIT_CPUS_TO_QUOTA=0` measure both steps without them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from benchlib import load_average, matmul_peak_flops, train_flops_per_token  # s
 from rl_reason import process_setup
 
 process_setup.use_huge_page_malloc()  # as the launchers run (restarts this process once)
+process_setup.fit_cpus_to_quota()
 
 from rl_reason.algorithms import optimizer, sft
 from rl_reason.algorithms import train_state as ts

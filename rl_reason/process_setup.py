@@ -1,4 +1,4 @@
-"""Process-wide settings the launchers apply before any work: faster, never a different number.
+"""Process-wide settings the launchers apply before any work, to run faster on the same machine.
 
     from rl_reason import process_setup
 
@@ -15,7 +15,7 @@ number bitwise as it was; the second changes a run's last bits as any other core
   memory back to the kernel when it is freed (per-thread arenas, mmap'd blocks), so every
   step faults its pages in again: 4.3 million minor faults in 150 of the study's pretraining
   steps, 15% of their CPU time spent in the kernel. glibc's `glibc.malloc.hugetlb=1` tunable
-  backs malloc's memory with transparent huge pages (512 times fewer faults). Tunables are
+  backs malloc's memory with transparent huge pages (62 times fewer faults a step). Tunables are
   read when a process starts, so `use_huge_page_malloc` re-executes the launcher once with
   the tunable set. `RL_REASON_HUGE_PAGE_MALLOC=0` turns it off (under a debugger, say).
 - A CPU quota (a container's CPU limit, a cgroup's `cpu.max`) below the cores a process may
@@ -25,9 +25,9 @@ number bitwise as it was; the second changes a run's last bits as any other core
   core. `fit_cpus_to_quota` confines the process to as many cores as the quota has (rounded
   up), as Go's and Java's runtimes size themselves to a container;
   `RL_REASON_FIT_CPUS_TO_QUOTA=0` keeps every core.
-- JAX's persistent compilation cache: the study compiles the same samplers and steps in many
-  stages, and a resumed run compiles everything it compiled before the interruption.
-  `use_compilation_cache` keeps compiled programs under the workdir unless the user chose a
+- JAX's persistent compilation cache: a resumed or rerun job compiles nothing again (within
+  one job it finds little: the stages' programs differ, and the repeated ones are shared in
+  memory; 8 of the study's 125 compilations). `use_compilation_cache` keeps compiled programs under the workdir unless the user chose a
   cache of their own (`JAX_COMPILATION_CACHE_DIR`); `RL_REASON_COMPILATION_CACHE=0` turns it off.
 """
 

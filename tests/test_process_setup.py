@@ -114,3 +114,49 @@ def test_new_processes_inherit_huge_page_malloc(monkeypatch):
     assert os.environ["GLIBC_TUNABLES"] == process_setup.HUGE_PAGE_TUNABLE
     starts, seen = _child({})  # a process started now: no restart needed
     assert starts == 1 and seen["tunables"] == process_setup.HUGE_PAGE_TUNABLE
+
+
+def _cgroup_tree(tmp_path, proc_lines: str, files: dict) -> tuple:
+    (tmp_path / "proc_cgroup").write_text(proc_lines)
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    roots = dict(roots_v1=(str(tmp_path / "v1"),), roots_v2=(str(tmp_path / "v2"),))
+    return str(tmp_path / "proc_cgroup"), roots
+
+
+def test_cpu_quota_of_a_cgroup_v1_is_the_smallest_on_the_way_to_the_root(tmp_path):
+    proc, roots = _cgroup_tree(
+        tmp_path,
+        "4:memory:/x\n1:cpu,cpuacct:/slow/job\n",
+        {
+            "v1/cpu.cfs_quota_us": "-1\n",  # the root: no limit
+            "v1/cpu.cfs_period_us": "100000\n",
+            "v1/slow/cpu.cfs_quota_us": "83000\n",
+            "v1/slow/cpu.cfs_period_us": "100000\n",
+            "v1/slow/job/cpu.cfs_quota_us": "150000\n",  # looser than its parent's
+            "v1/slow/job/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert process_setup.cpu_quota_cores(proc, **roots) == pytest.approx(0.83)
+
+
+def test_cpu_quota_of_a_cgroup_v2_and_none_without_a_limit(tmp_path):
+    proc, roots = _cgroup_tree(
+        tmp_path,
+        "0::/pod/container\n",
+        {"v2/cpu.max": "max 100000\n", "v2/pod/cpu.max": "250000 100000\n"},
+    )
+    assert process_setup.cpu_quota_cores(proc, **roots) == pytest.approx(2.5)
+    (tmp_path / "v2" / "pod" / "cpu.max").write_text("max 100000\n")
+    assert process_setup.cpu_quota_cores(proc, **roots) is None
+    assert process_setup.cpu_quota_cores(str(tmp_path / "missing"), **roots) is None
+
+
+def test_cpus_for_a_quota():
+    assert process_setup.cpus_for_quota(None, [0, 1], pid=7) == [0, 1]
+    assert process_setup.cpus_for_quota(2.0, [0, 1], pid=7) == [0, 1]  # as many as allowed
+    assert process_setup.cpus_for_quota(0.83, [0, 1], pid=6) == [0]
+    assert process_setup.cpus_for_quota(0.83, [0, 1], pid=7) == [1]  # spread by pid
+    assert process_setup.cpus_for_quota(2.5, [2, 4, 6, 8, 10], pid=0) == [2, 4, 6]
