@@ -24,6 +24,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from rl_reason import process_setup  # noqa: E402
 
 process_setup.use_huge_page_malloc_in_new_processes()
+# Launchers started by tests keep every core even under a CPU quota: tests compare them
+# bit for bit with runs in this process, and a core count of their own changes last bits.
+os.environ.setdefault("RL_REASON_FIT_CPUS_TO_QUOTA", "0")
 
 # One persistent JAX compilation cache for the whole session, this process and every
 # process a test starts (they inherit the environment): a program compiles once,
