@@ -174,27 +174,23 @@ def test_overrunning_worker_is_killed_and_replaced_in_the_background():
         first = set(checker.pids)
         # Passes the structural check, but sympy expands it for far longer than 0.5 s.
         hostile = "(x+y+z+1)^{60}"
-        begin = time.perf_counter()
         assert not checker.equivalent(hostile, "(1+x+y+z)^{61}")
-        elapsed = time.perf_counter() - begin
-        assert elapsed < 0.5 + 1.0  # the limit plus a generous margin for a loaded machine
+        # Cut off at the limit (not answered late), without waiting for the replacement.
         assert checker.stats.timeouts == 1 and checker.stats.restarts == 1
+        assert checker.stats.waits_for_a_start == 0
         assert len(first - set(checker.pids)) == 1  # the overrunning worker is gone
         checker.timeout = 10.0  # room to wait for a restart, were there one to wait for
-        begin = time.perf_counter()
-        assert checker.equivalent("\\sqrt{4}", "2")  # a ready worker answers at once
-        assert time.perf_counter() - begin < 1.0  # a restart takes 1-3 s on this machine
+        assert checker.equivalent("\\sqrt{4}", "2")  # a ready worker answers at once:
+        assert checker.stats.waits_for_a_start == 0  # no wait for the restarting one
     assert checker.pids == []
 
 
 def test_checks_run_on_every_worker_at_once():
     with LatexChecker(timeout=0.5, workers=2) as checker:
         checker.start()
-        begin = time.perf_counter()
         results = checker.equivalent_many([("(x+y+z+1)^{60}", "(1+x+y+z)^{61}")] * 2)
-        elapsed = time.perf_counter() - begin
-    assert results == [False, False]
-    assert elapsed < 2 * 0.5  # two overruns side by side: one after the other would take 1 s
+    assert results == [False, False] and checker.stats.timeouts == 2
+    assert checker.stats.most_at_once == 2  # two overruns side by side, not one after the other
 
 
 def test_overlong_answers_are_not_sent(checker):

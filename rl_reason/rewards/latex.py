@@ -69,6 +69,8 @@ class CheckerStats:
     restarts: int = 0  # workers started after the first ones
     seconds: float = 0.0  # wall time spent inside equivalent / equivalent_many
     slowest: float = 0.0  # the longest single comparison, in seconds
+    most_at_once: int = 0  # the most comparisons checked at the same time
+    waits_for_a_start: int = 0  # waits of queued comparisons for a worker still starting
 
     def minus(self, earlier: CheckerStats) -> CheckerStats:
         return CheckerStats(
@@ -78,6 +80,8 @@ class CheckerStats:
             self.restarts - earlier.restarts,
             self.seconds - earlier.seconds,
             self.slowest,
+            self.most_at_once,
+            self.waits_for_a_start - earlier.waits_for_a_start,
         )
 
 
@@ -310,6 +314,10 @@ class LatexChecker:
                         self._replace(worker)
                         break
                     worker.key = key
+            busy = sum(w.job is not None for w in self._pool)
+            self.stats.most_at_once = max(self.stats.most_at_once, busy)
+            if queue and busy < self.workers:  # no ready worker free: the queue waits for a start
+                self.stats.waits_for_a_start += 1
             now = time.monotonic()
             ends = [w.sent + self.timeout for w in self._pool if w.job is not None]
             ends += [w.started + self.startup_timeout for w in self._pool if not w.ready]
