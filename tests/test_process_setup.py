@@ -94,7 +94,8 @@ def test_compilation_cache_goes_under_the_workdir():
         {"JAX_COMPILATION_CACHE_DIR": None, "RL_REASON_COMPILATION_CACHE": None}, _CACHE
     )
     assert seen["cache"] == os.path.join("/tmp/some-run", process_setup.COMPILATION_CACHE_DIR)
-    assert seen["min_seconds"] < 1.0 and seen["max_size"] > 0
+    assert seen["min_seconds"] == process_setup._MIN_COMPILE_SECONDS
+    assert seen["max_size"] == process_setup._MAX_CACHE_BYTES
 
 
 def test_compilation_cache_of_the_users_own_or_none_is_left_alone(tmp_path):
