@@ -593,19 +593,33 @@ def _group_problems(rl: ml_collections.ConfigDict) -> list[str]:
 
 def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ValueError naming every problem of an RL config before anything compiles."""
-    from rl_reason.algorithms.advantages import estimator_names
-    from rl_reason.algorithms.kl import KL_ESTIMATORS
     from rl_reason.algorithms.ppo import PPOConfig
-    from rl_reason.rewards import registry
 
     problems = []
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    rl = config.rl
     try:
         pc = PPOConfig(**config.ppo.to_dict())
     except (ValueError, TypeError) as e:
         problems.append(str(e))
         pc = None
+    problems += _objective_problems(config, pc)
+    problems += _critic_problems(config, pc)
+    problems += _group_problems(config.rl)
+    problems += _reward_problems(config.rl)
+    problems += _batch_problems(config, pc, num_devices)
+    if not config.model_source.path and config.model_source.kind != "gguf":
+        problems.append(
+            f"model_source.path is empty: give the start model (kind={config.model_source.kind!r})."
+        )
+    if problems:
+        raise InvalidConfigError(problems)
+
+
+def _objective_problems(config, pc) -> list[str]:
+    """The advantage, the value it needs, the KL estimator and the rollout correction."""
+    from rl_reason.algorithms.advantages import estimator_names
+    from rl_reason.algorithms.kl import KL_ESTIMATORS
+
+    problems, rl = [], config.rl
     if rl.advantage not in estimator_names():
         problems.append(f"rl.advantage={rl.advantage!r} not in {estimator_names()}.")
     if pc is not None and rl.advantage == "gae" and not pc.use_value:
@@ -627,8 +641,13 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
             problems.append(f"rollout_correction.cap={correction.cap} must be >= 1 (0: default).")
     if rl.kl_estimator not in KL_ESTIMATORS:
         problems.append(f"rl.kl_estimator={rl.kl_estimator!r} not in {KL_ESTIMATORS}.")
+    return problems
+
+
+def _critic_problems(config, pc) -> list[str]:
+    """LoRA, the critic and the rematerialisation policy of the learner's model."""
     critic = config.get("critic", {}).get("kind", "")
-    problems += lora_problems(config)
+    problems = lora_problems(config)
     if config.get("lora", {}).get("rank") and critic:
         problems.append(
             f"lora.rank > 0 with critic.kind={critic!r}: LoRA trains the policy's value head,"
@@ -643,12 +662,25 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
     name, remat = setting(config, "train.remat")
     if remat and remat not in REMAT_POLICIES:
         problems.append(f"{name}={remat!r} not in {REMAT_POLICIES} (or '': the start's).")
-    problems += _group_problems(rl)
+    return problems
+
+
+def _reward_problems(rl) -> list[str]:
+    from rl_reason.rewards import registry
+
+    problems = []
     for name in rl.rewards:
         if name not in registry.names():
             problems.append(f"rl.rewards names {name!r}; known rewards: {registry.names()}.")
         elif name.startswith("orm_") and not rl.get("orm_source"):
             problems.append(f"rl.rewards names {name!r}: give the ORM run as rl.orm_source.")
+    return problems
+
+
+def _batch_problems(config, pc, num_devices: int | None) -> list[str]:
+    """An iteration's samples must split into minibatches x microbatches x batch shards."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    problems, rl = [], config.rl
     try:
         shape = mesh_lib.resolve_mesh_shape(config.mesh.shape, num_devices)
         shards = math.prod(
@@ -666,12 +698,7 @@ def validate_rl(config: ml_collections.ConfigDict, num_devices: int | None = Non
             problems.append(f"{name}={batch} is not divisible by the mesh's {shards} batch shards.")
     except ValueError as e:
         problems.append(str(e))
-    if not config.model_source.path and config.model_source.kind != "gguf":
-        problems.append(
-            f"model_source.path is empty: give the start model (kind={config.model_source.kind!r})."
-        )
-    if problems:
-        raise InvalidConfigError(problems)
+    return problems
 
 
 def gemma3_270m_few_shot_config(task: str, num_examples: int) -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -150,108 +150,129 @@ def findings(rows, config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
     the evaluation's number of questions).
     """
     groups = grouped(rows)
-    k = num_samples(config)
-    n = int(rows[0][1]["num_questions"]) if rows else 0
-    out = []
-    maj = lambda key: _mean(groups, key, "maj@1")  # noqa: E731
-    pass_k = lambda key: _mean(groups, key, f"pass@{k}")  # noqa: E731
+    ctx = _Context(
+        groups=groups,
+        k=num_samples(config),
+        n=int(rows[0][1]["num_questions"]) if rows else 0,
+        maj=lambda key: _mean(groups, key, "maj@1"),
+    )
+    out = [finding(ctx) for finding in _FINDINGS]
+    return [f for f in out if f is not None]
 
-    # 1. Expert Iteration is competitive with PPO.
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    groups: dict
+    k: int
+    n: int
+    maj: Callable
+
+
+def _verdict(verdicts: list[bool]) -> str:
+    return "agrees" if all(verdicts) else "does not agree"
+
+
+def _ei_competes_with_ppo(c: _Context) -> tuple[str, str] | None:
     parts, verdicts = [], []
     for start in ("sft", "pretrained"):
-        ei, ppo = maj((start, "ei", "sparse")), maj((start, "ppo", "sparse"))
+        ei, ppo = c.maj((start, "ei", "sparse")), c.maj((start, "ppo", "sparse"))
         if ei is None or ppo is None:
             continue
-        tolerance = 2 * _se((ei + ppo) / 2, n)
+        tolerance = 2 * _se((ei + ppo) / 2, c.n)
         verdicts.append(ei >= ppo - tolerance)
         parts.append(
             f"from the {start} start EI reaches {_pct(ei)} maj@1 and PPO {_pct(ppo)}"
             f" ({100 * (ei - ppo):+.1f} points; noise ±{100 * tolerance:.1f})"
         )
-    if parts:
-        agree = "agrees" if all(verdicts) else "does not agree"
-        out.append(
-            (
-                "Expert Iteration is competitive with PPO",
-                f"This run {agree}: {'; '.join(parts)}. EI counts as competitive when it is"
-                " no more than two standard errors below PPO.",
-            )
-        )
+    if not parts:
+        return None
+    return (
+        "Expert Iteration is competitive with PPO",
+        f"This run {_verdict(verdicts)}: {'; '.join(parts)}. EI counts as competitive when it is"
+        " no more than two standard errors below PPO.",
+    )
 
-    # 2. RL shrinks the gap between the pretrained and the SFT start.
-    before_sft, before_pre = maj(("sft", "", "")), maj(("pretrained", "", ""))
-    parts, verdicts = [], []
-    if before_sft is not None and before_pre is not None:
-        for algorithm in ("ei", "ppo", "grpo", "rcrl"):
-            after_sft = maj(("sft", algorithm, "sparse"))
-            after_pre = maj(("pretrained", algorithm, "sparse"))
-            if after_sft is None or after_pre is None:
-                continue
-            gap = after_sft - after_pre
-            verdicts.append(gap < before_sft - before_pre)
-            parts.append(
-                f"after {algorithm.upper()} the SFT start's run leads by {100 * gap:.1f} points"
-                f" ({_pct(after_sft)} against {_pct(after_pre)})"
-            )
-    if parts:
-        agree = "agrees" if all(verdicts) else "does not agree"
-        out.append(
-            (
-                "RL shrinks the gap between the pretrained and the SFT start",
-                f"This run {agree}: before RL the SFT model leads the pretrained one by"
-                f" {100 * (before_sft - before_pre):.1f} points of maj@1 ({_pct(before_sft)}"
-                f" against {_pct(before_pre)}); {'; '.join(parts)}.",
-            )
-        )
 
-    # 3. Dense (and ORM) rewards do not improve the final score.
+def _rl_shrinks_the_start_gap(c: _Context) -> tuple[str, str] | None:
+    before_sft, before_pre = c.maj(("sft", "", "")), c.maj(("pretrained", "", ""))
+    if before_sft is None or before_pre is None:
+        return None
     parts, verdicts = [], []
-    for start, algorithm, reward in groups:
-        if reward in ("", "sparse") or (start, algorithm, "sparse") not in groups:
+    for algorithm in ("ei", "ppo", "grpo", "rcrl"):
+        after_sft = c.maj(("sft", algorithm, "sparse"))
+        after_pre = c.maj(("pretrained", algorithm, "sparse"))
+        if after_sft is None or after_pre is None:
             continue
-        other, sparse = maj((start, algorithm, reward)), maj((start, algorithm, "sparse"))
-        tolerance = 2 * _se((other + sparse) / 2, n)
+        gap = after_sft - after_pre
+        verdicts.append(gap < before_sft - before_pre)
+        parts.append(
+            f"after {algorithm.upper()} the SFT start's run leads by {100 * gap:.1f} points"
+            f" ({_pct(after_sft)} against {_pct(after_pre)})"
+        )
+    if not parts:
+        return None
+    return (
+        "RL shrinks the gap between the pretrained and the SFT start",
+        f"This run {_verdict(verdicts)}: before RL the SFT model leads the pretrained one by"
+        f" {100 * (before_sft - before_pre):.1f} points of maj@1 ({_pct(before_sft)}"
+        f" against {_pct(before_pre)}); {'; '.join(parts)}.",
+    )
+
+
+def _dense_rewards_do_not_help(c: _Context) -> tuple[str, str] | None:
+    parts, verdicts = [], []
+    for start, algorithm, reward in c.groups:
+        if reward in ("", "sparse") or (start, algorithm, "sparse") not in c.groups:
+            continue
+        other, sparse = c.maj((start, algorithm, reward)), c.maj((start, algorithm, "sparse"))
+        tolerance = 2 * _se((other + sparse) / 2, c.n)
         verdicts.append(other <= sparse + tolerance)
         parts.append(
             f"{algorithm.upper()} from the {start} start: {reward} {_pct(other)} against sparse"
             f" {_pct(sparse)} ({100 * (other - sparse):+.1f} points; noise ±{100 * tolerance:.1f})"
         )
-    if parts:
-        agree = "agrees" if all(verdicts) else "does not agree"
-        out.append(
-            (
-                "Dense rewards do not improve the final score",
-                f"This run {agree}: {'; '.join(parts)}. A dense or ORM reward counts as an"
-                " improvement when it beats its sparse twin by more than two standard errors.",
-            )
-        )
+    if not parts:
+        return None
+    return (
+        "Dense rewards do not improve the final score",
+        f"This run {_verdict(verdicts)}: {'; '.join(parts)}. A dense or ORM reward counts as an"
+        " improvement when it beats its sparse twin by more than two standard errors.",
+    )
 
-    # 4. pass@K saturates early while maj@1 rises.
+
+def _pass_at_k_saturates(c: _Context) -> tuple[str, str] | None:
+    pass_k = lambda key: _mean(c.groups, key, f"pass@{c.k}")  # noqa: E731
     parts, verdicts = [], []
-    for start, algorithm, reward in groups:
-        if not algorithm or (start, "", "") not in groups:
+    for start, algorithm, reward in c.groups:
+        if not algorithm or (start, "", "") not in c.groups:
             continue
-        d_maj = maj((start, algorithm, reward)) - maj((start, "", ""))
+        d_maj = c.maj((start, algorithm, reward)) - c.maj((start, "", ""))
         d_pass = pass_k((start, algorithm, reward)) - pass_k((start, "", ""))
         if d_maj <= 0:
             continue  # a run that did not raise maj@1 says nothing about this finding
         verdicts.append(d_pass < d_maj)
         parts.append(
             f"{start} / {algorithm.upper()} / {reward}: maj@1 {100 * d_maj:+.1f},"
-            f" pass@{k} {100 * d_pass:+.1f} points"
+            f" pass@{c.k} {100 * d_pass:+.1f} points"
         )
-    if parts:
-        agree = "agrees" if all(verdicts) else "does not agree"
-        share = sum(verdicts)
-        out.append(
-            (
-                f"pass@{k} saturates early while maj@1 rises",
-                f"This run {agree} ({share} of {len(verdicts)} runs that raised maj@1 raised"
-                f" pass@{k} by less): {'; '.join(parts)}. RL mostly makes the model choose"
-                " what it could already find among K samples, rather than find new solutions.",
-            )
-        )
-    return out
+    if not parts:
+        return None
+    return (
+        f"pass@{c.k} saturates early while maj@1 rises",
+        f"This run {_verdict(verdicts)} ({sum(verdicts)} of {len(verdicts)} runs that raised"
+        f" maj@1 raised pass@{c.k} by less): {'; '.join(parts)}. RL mostly makes the model choose"
+        " what it could already find among K samples, rather than find new solutions.",
+    )
+
+
+# The study's findings in the paper's order: EI ~ PPO; RL closes the SFT-vs-pretrained gap;
+# dense rewards do not help; exploration stays within what the start could already sample.
+_FINDINGS = (
+    _ei_competes_with_ppo,
+    _rl_shrinks_the_start_gap,
+    _dense_rewards_do_not_help,
+    _pass_at_k_saturates,
+)
 
 
 def _curves(workdir: str, plan: Sequence[Stage]):

@@ -426,23 +426,43 @@ def sample(
     if "layers" in params["params"]:
         params = unstack_layers(params)
     batch, prompt_len = prompt_tokens.shape
-    k, new = config.num_samples, config.max_new_tokens
-    rows = batch * k
+    rows = batch * config.num_samples
 
     prefix_len, shared = (0, None) if prefix is None else (prefix.length, prefix.cache)
-    cache = _constrain_cache(KVCache.init(model.config, batch, prompt_len + new))
+    cache = _constrain_cache(KVCache.init(model.config, batch, prompt_len + config.max_new_tokens))
     positions = prefix_len + default_positions(prompt_mask)
     prefill = model.apply(params, prompt_tokens, positions, prompt_mask, cache=cache, shared=shared)
     logits = model.apply(params, prefill.hidden[:, -1], method=Transformer.logits)
+    state = _initial_state(prefill.cache, logits, positions, prompt_mask, rng, row_offset, config)
 
+    def body(s: _LoopState) -> _LoopState:
+        return _decode_step(model, params, shared, config, s)
+
+    sizes = _decode_batch_sizes(rows, config.min_rows)
+    for size, next_size in zip(sizes, [*sizes[1:], 0]):
+        if size < rows:
+            state = _shrink(state, size, rows)
+
+        def cond(s: _LoopState, next_size=next_size):
+            return (s.step < config.max_new_tokens) & (jnp.sum(s.live) > next_size)
+
+        state = jax.lax.while_loop(cond, body, state)
+    return _rollout(state, prompt_tokens, prompt_mask, prefix, config)
+
+
+def _initial_state(cache, logits, positions, prompt_mask, rng, row_offset, config) -> _LoopState:
+    """The decode loop's state after the prefill: every prompt row repeated K times."""
+    batch = prompt_mask.shape[0]
+    k, new = config.num_samples, config.max_new_tokens
+    rows = batch * k
     repeat = lambda x: jnp.repeat(x, k, axis=0)
     row_ids = row_offset * k + jnp.arange(rows)
     window = max([len(s) for s in config.stop_sequences], default=1)
-    state = _LoopState(
+    return _LoopState(
         step=jnp.zeros((), jnp.int32),
         rows=jnp.arange(rows),
         live=repeat(jnp.any(prompt_mask, axis=1)),  # empty filler rows never start
-        cache=_map_rows(prefill.cache, repeat),
+        cache=_map_rows(cache, repeat),
         logits=repeat(logits),
         positions=repeat(positions[:, -1] + 1),
         keys=jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids),
@@ -456,45 +476,43 @@ def sample(
         finish_reason=jnp.full((rows,), LENGTH, jnp.int32),
     )
 
-    def body(s: _LoopState) -> _LoopState:
-        keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
-        token, policy_lp, sampling_lp, recent, hit_eos, hit_stop, starts_step = next_tokens(
-            s.logits, keys, config, live=s.live, greedy=s.greedy, given=s.given, recent=s.recent
-        )
-        out = model.apply(
-            params, token[:, None], s.positions[:, None], s.live[:, None], s.cache, shared
-        )
-        # Results go to the rows' places in the batch; empty slots (row N) are dropped.
-        write = lambda buf, value: buf.at[s.rows, s.step].set(value, mode="drop")
-        reason = s.finish_reason.at[s.rows].get(mode="fill", fill_value=LENGTH)
-        reason = jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, reason))
-        return s.replace(
-            step=s.step + 1,
-            live=s.live & ~hit_eos & ~hit_stop,
-            cache=out.cache,
-            logits=model.apply(params, out.hidden[:, -1], method=Transformer.logits),
-            positions=s.positions + 1,
-            recent=recent,
-            given=starts_step & s.live & ~hit_eos & ~hit_stop,
-            tokens=write(s.tokens, token),
-            logprobs=write(s.logprobs, jnp.where(s.live, policy_lp, 0.0)),
-            sampling_logprobs=write(s.sampling_logprobs, jnp.where(s.live, sampling_lp, 0.0)),
-            lengths=s.lengths.at[s.rows].add(s.live.astype(jnp.int32), mode="drop"),
-            finish_reason=s.finish_reason.at[s.rows].set(reason, mode="drop"),
-        )
 
-    sizes = _decode_batch_sizes(rows, config.min_rows)
-    for size, next_size in zip(sizes, [*sizes[1:], 0]):
-        if size < rows:
-            state = _shrink(state, size, rows)
+def _decode_step(model, params, shared, config: SamplingConfig, s: _LoopState) -> _LoopState:
+    """One token for every live row: choose it, run it through the model, record it."""
+    keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
+    token, policy_lp, sampling_lp, recent, hit_eos, hit_stop, starts_step = next_tokens(
+        s.logits, keys, config, live=s.live, greedy=s.greedy, given=s.given, recent=s.recent
+    )
+    out = model.apply(
+        params, token[:, None], s.positions[:, None], s.live[:, None], s.cache, shared
+    )
+    # Results go to the rows' places in the batch; empty slots (row N) are dropped.
+    write = lambda buf, value: buf.at[s.rows, s.step].set(value, mode="drop")
+    reason = s.finish_reason.at[s.rows].get(mode="fill", fill_value=LENGTH)
+    reason = jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, reason))
+    return s.replace(
+        step=s.step + 1,
+        live=s.live & ~hit_eos & ~hit_stop,
+        cache=out.cache,
+        logits=model.apply(params, out.hidden[:, -1], method=Transformer.logits),
+        positions=s.positions + 1,
+        recent=recent,
+        given=starts_step & s.live & ~hit_eos & ~hit_stop,
+        tokens=write(s.tokens, token),
+        logprobs=write(s.logprobs, jnp.where(s.live, policy_lp, 0.0)),
+        sampling_logprobs=write(s.sampling_logprobs, jnp.where(s.live, sampling_lp, 0.0)),
+        lengths=s.lengths.at[s.rows].add(s.live.astype(jnp.int32), mode="drop"),
+        finish_reason=s.finish_reason.at[s.rows].set(reason, mode="drop"),
+    )
 
-        def cond(s: _LoopState, next_size=next_size):
-            return (s.step < new) & (jnp.sum(s.live) > next_size)
 
-        state = jax.lax.while_loop(cond, body, state)
-    completion_mask = jnp.arange(new)[None, :] < state.lengths[:, None]
+def _rollout(state: _LoopState, prompt_tokens, prompt_mask, prefix, config) -> Rollout:
+    """The finished loop as a Rollout, each prompt row repeated for its K samples."""
+    batch = prompt_tokens.shape[0]
+    repeat = lambda x: jnp.repeat(x, config.num_samples, axis=0)
+    completion_mask = jnp.arange(config.max_new_tokens)[None, :] < state.lengths[:, None]
     if prefix is not None:
-        every_row = lambda x: jnp.broadcast_to(x, (batch, prefix_len))
+        every_row = lambda x: jnp.broadcast_to(x, (batch, prefix.length))
         prompt_tokens = jnp.concatenate([every_row(prefix.tokens), prompt_tokens], axis=1)
         prompt_mask = jnp.concatenate([every_row(True), prompt_mask], axis=1)
     return Rollout(
@@ -506,7 +524,7 @@ def sample(
         sampling_logprobs=state.sampling_logprobs,
         lengths=state.lengths,
         finish_reason=state.finish_reason,
-        decode_steps=jnp.full((rows,), state.step),
+        decode_steps=jnp.full((batch * config.num_samples,), state.step),
     )
 
 
