@@ -396,6 +396,27 @@ def test_engine_rejects_min_rows_that_do_not_split_over_the_mesh(tokenizer):
         engine.generate(params, PROMPTS, jax.random.PRNGKey(0), config)
 
 
+def test_a_policy_with_a_value_head_samples_with_its_starts_program(tokenizer):
+    """Sampling reads only the logits: a PPO policy (its start plus a value head) draws
+    what its start draws, with the program compiled for the start (the study in
+    miniature compiled each sampling program again for every model with a head)."""
+    from rl_reason.algorithms.orm import add_head
+
+    start, params = _engine_setup(tokenizer, batch_size=4, prompt_buckets=(64,))
+    with_head, policy_config = add_head(params, start.model_config, "value", jax.random.PRNGKey(9))
+    policy = Sampler(
+        policy_config, tokenizer, batch_size=4, prompt_buckets=(64,), truncate_prompts=True
+    )
+    config = start.sampling_config(max_new_tokens=5, temperature=1.0, num_samples=2)
+    rng = jax.random.PRNGKey(4)
+    want = start.generate(params, PROMPTS[:4], rng, config)
+    programs = sample_jit._cache_size()
+    got = policy.generate(with_head, PROMPTS[:4], rng, config)
+    assert sample_jit._cache_size() == programs
+    for field in ("completion_tokens", "logprobs", "sampling_logprobs", "lengths"):
+        np.testing.assert_array_equal(getattr(got.rollout, field), getattr(want.rollout, field))
+
+
 def test_engine_compiler_options_reach_the_sampler_and_keep_its_results(tokenizer):
     plain, params = _engine_setup(tokenizer, batch_size=4, prompt_buckets=(64,))
     # XLA:CPU's other matmul library (BENCHMARKS.md): the same program, other kernels.

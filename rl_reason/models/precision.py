@@ -50,6 +50,7 @@ small learning rates unless memory forces the choice.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -72,12 +73,28 @@ cast_floating_jit = jax.jit(cast_floating, static_argnums=1)
 
 
 def sampler_config(config: ModelConfig, dtype: str | None = None) -> ModelConfig:
-    """The config a sampler computes with: unrolled layers (decoding) and, when dtype
-    is given, that compute dtype, parameter dtype and KV-cache dtype."""
-    changes: dict[str, Any] = {"scan_layers": False}
+    """The config a sampler computes with: unrolled layers (decoding), no scalar heads
+    (sampling reads only the logits, and a policy with a value head then shares its
+    compiled sampler with the model it started from) and, when dtype is given, that
+    compute dtype, parameter dtype and KV-cache dtype."""
+    changes: dict[str, Any] = {"scan_layers": False, "heads": ()}
     if dtype is not None:
         changes.update(dtype=str(jnp.dtype(dtype)), param_dtype=str(jnp.dtype(dtype)))
     return config.replace(**changes)
+
+
+def without_heads(params: Any) -> Any:
+    """params without the scalar heads' weights (Transformer.scalar_heads), for a
+    model built from `sampler_config`; params without heads are returned as they are."""
+    inner = params.get("params", {}) if isinstance(params, Mapping) else {}
+    if not any(str(k).startswith(HEADS_PREFIX) for k in inner):
+        return params
+    kept = {k: v for k, v in inner.items() if not str(k).startswith(HEADS_PREFIX)}
+    return {**params, "params": kept}
+
+
+# Where Transformer keeps its scalar heads' Dense params (`scalar_heads_<name>`).
+HEADS_PREFIX = "scalar_heads"
 
 
 def needs_cast(config: ModelConfig, dtype: str | None) -> bool:

@@ -242,12 +242,13 @@ class Sampler:
         return Samples(rollout, self.decode(rollout), config.num_samples)
 
     def sampling_params(self, params: Any) -> Any:
-        """The weights the sampler computes with: a copy in its dtype when it has one
-        that differs from the model config's param dtype, else `params` themselves.
+        """The weights the sampler computes with: without scalar heads, and a copy in
+        its dtype when it has one that differs from the model config's param dtype.
 
         Weights already in the sampler's dtype are used as given, so a loop that
         samples in chunks can cast once and pass the copy to every `generate`.
         """
+        params = precision.without_heads(params)
         if not precision.needs_cast(self.model_config, self.dtype):
             return params
         floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
