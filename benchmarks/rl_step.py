@@ -3,6 +3,7 @@
     /work/venv-bench/bin/python benchmarks/rl_step.py                 # 4x2 and 16x4, 3 timed each
     /work/venv-bench/bin/python benchmarks/rl_step.py --rows 4x2 --iterations 5
     /work/venv-bench/bin/python benchmarks/rl_step.py --quick         # 2 layers, 16+16 tokens
+    /work/venv-bench/bin/python benchmarks/rl_step.py --systems ours,ours_continuous,tunix
 
 The venv holds tunix beside our pinned stack (see benchmarks/requirements.txt).
 
@@ -19,6 +20,8 @@ mean of token means). Both start from the same random Llama-style weights
   `rollout.collect` (engine `Sampler` on the learner's params, decode,
   rewards), `ppo.score` + `on_policy.advantages_and_rewards` (one jit each),
   the jitted, donated `ppo_update` with `grpo.grpo_ppo_config`.
+- ours_continuous: the same with `sampling.engine="continuous"`: the
+  continuous-batching engine over its paged KV cache, one slot per row.
 - tunix: `GRPOLearner` over an `RLCluster` (vanilla rollout, actor, rollout
   and reference colocated on one mesh), driven one global step at a time
   exactly as `RLLearner.train` drives it; its phases are timed by wrapping
@@ -130,7 +133,13 @@ def grpo_config(*, prompts, samples, prompt_len, new_tokens, temperature, lr, ch
 class Ours:
     """The on-policy loop's pieces (experiments/on_policy.py) on a (1, 1, 1) mesh."""
 
-    def __init__(self, config, params, run_config):
+    def __init__(self, config, params, run_config, engine="static"):
+        if engine != "static":  # every row of an iteration in a slot of its own
+            run_config = run_config.copy_and_resolve_references()
+            rl = run_config.rl
+            run_config.sampling.update(
+                engine=engine, slots=rl.prompts_per_iteration * rl.num_samples
+            )
         mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
         start = sources.LoadedModel(config, params, IdTokenizer())
         reward = Composite((("even_fraction", 1.0, _EvenFraction()),))
@@ -294,10 +303,14 @@ def iteration_flops(config: ModelConfig, prompts: int, samples: int, prompt_len:
     return {"generate": generate, "reference": reference, "update": 3 * reference}
 
 
+# ours_continuous: ours with sampling.engine="continuous" (a slot per row of the iteration).
+SYSTEMS = ("ours", "ours_continuous", "tunix")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="4x2,16x4", help="prompts x samples per iteration")
-    parser.add_argument("--systems", default="ours,tunix")
+    parser.add_argument("--systems", default="ours,tunix", help=f"among {SYSTEMS}")
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per system")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -312,8 +325,8 @@ def main():
     if args.quick:
         args.prompt_len, args.new_tokens, args.iterations = 16, 16, 1
     systems = args.systems.split(",")
-    if not set(systems) <= {"ours", "tunix"}:
-        parser.error("systems are ours and/or tunix")
+    if not set(systems) <= set(SYSTEMS):
+        parser.error(f"systems are among {SYSTEMS}")
     shapes = [tuple(int(x) for x in row.split("x")) for row in args.rows.split(",")]
     config = model_config(args.quick)
 
@@ -347,7 +360,11 @@ def main():
         )
         runners = {}
         for name in systems:
-            runners[name] = (Ours if name == "ours" else Tunix)(config, params, run_config)
+            if name == "tunix":
+                runners[name] = Tunix(config, params, run_config)
+            else:
+                engine = "continuous" if name == "ours_continuous" else "static"
+                runners[name] = Ours(config, params, run_config, engine)
         timings = {name: [] for name in systems}
         for i in range(args.iterations + 1):  # the first is the warm-up (compilation)
             prompt_ids = make_prompts(config, prompts, args.prompt_len, args.seed + 1 + i)
@@ -387,13 +404,14 @@ def main():
             cells.append(f"{100 * sum(flops.values()) / peak / m['total']:.0f}%")
             cells += [f"{100 * flops[p] / peak / m[p]:.0f}%" if m.get(p) else "-" for p in PHASES]
             print(f"| {prompts} x {samples} | {name} | {' | '.join(cells)} |")
-        if {"ours", "tunix"} <= set(medians):
-            ours, tunix = medians["ours"], medians["tunix"]
+        for name in [n for n in ("ours", "ours_continuous") if "tunix" in medians and n in medians]:
+            ours, tunix = medians[name], medians["tunix"]
             ratios = ", ".join(
                 f"{p} {tunix[p] / ours[p]:.2f}x" for p in PHASES if ours.get(p) and tunix.get(p)
             )
             print(
-                f"  {prompts} x {samples}: ours {tunix['total'] / ours['total']:.2f}x tunix ({ratios})"
+                f"  {prompts} x {samples}: {name} {tunix['total'] / ours['total']:.2f}x tunix"
+                f" ({ratios})"
             )
     print(
         f"\nf32 matmul peak (GFLOP/s) {', '.join(f'{p / 1e9:.0f}' for p in peaks)} (roofline uses"

@@ -1,6 +1,8 @@
 """One `sample()` call of a preset: prefill and per-step decode time, and where a step goes.
 
     python benchmarks/sample_call.py --preset llama_125m --prompts 32 --prompt-len 64 --new 128
+    python benchmarks/sample_call.py --preset study_mini --prompts 32 --samples 4 --prompt-len 128 \\
+        --new 48 --temperature 1 --profile          # the default job's EI/ORM sampling call
     python benchmarks/sample_call.py --preset gemma3_270m --prompts 16 --samples 5 \\
         --prefix 768 --prompt-len 128 --new 32 --temperature 0.7 --profile
 
@@ -28,6 +30,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from benchlib import load_average, matmul_peak_flops  # benchmarks/ is on the path; sets ours first
 
 from rl_reason.models import config as config_lib
 from rl_reason.models.transformer import Transformer
@@ -38,7 +41,9 @@ def top_ops(trace_dir: str, hlo_text: str, steps: int, count: int) -> list[str]:
     shapes = dict(re.findall(r"%(\S+) = (\S+\[[^\]]*\])", hlo_text))
     trace = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
     total, calls = collections.Counter(), collections.Counter()
-    for event in json.load(gzip.open(trace))["traceEvents"]:
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    for event in events:
         op = event.get("args", {}).get("hlo_op") if event.get("ph") == "X" else None
         if op:
             name = re.sub(r"[.]\d+$", "", op)
@@ -51,9 +56,19 @@ def top_ops(trace_dir: str, hlo_text: str, steps: int, count: int) -> list[str]:
     ]
 
 
+def preset_config(name: str) -> config_lib.ModelConfig:
+    """A preset of models/config.py, or "study_mini": the default job's 0.8M model."""
+    if name == "study_mini":
+        from configs import sft_synthetic
+
+        model = sft_synthetic.get_config().model.to_dict()
+        return config_lib.ModelConfig.from_dict({**model, "vocab_size": 384})
+    return config_lib.PRESETS[name]()
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="llama_125m")
+    parser.add_argument("--preset", default="llama_125m", help="a model preset or study_mini")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=1, help="K per prompt")
     parser.add_argument("--prefix", type=int, default=0, help="prompt tokens all rows share")
@@ -64,11 +79,11 @@ def main():
     parser.add_argument("--top", type=int, default=14)
     args = parser.parse_args()
 
-    config = getattr(config_lib, args.preset)().replace(scan_layers=False)
+    config = preset_config(args.preset).replace(scan_layers=False)
     model = Transformer(config)
     one = jnp.zeros((1, 1), jnp.int32)
     params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), one, one)))()
-    token_ids = lambda n, stride: (jnp.arange(n) * stride) % 1000 + 5
+    token_ids = lambda n, stride: (jnp.arange(n) * stride) % min(1000, config.vocab_size - 5) + 5
     prefix = None
     if args.prefix:
         prefix = prefill_prefix_jit(model, params, token_ids(args.prefix, 3).astype(jnp.int32))
@@ -91,6 +106,7 @@ def main():
         jax.block_until_ready(call(config))
         return time.perf_counter() - start
 
+    load, peak = load_average(), matmul_peak_flops()
     first = seconds(dataclasses.replace(sampling, max_new_tokens=1))
     full = seconds(sampling)
     rows = args.prompts * args.samples
@@ -98,7 +114,8 @@ def main():
     print(
         f"{args.preset}: {rows} rows, {args.prefix} shared + {args.prompt_len} prompt tokens,"
         f" {args.new} new: call {full:.2f} s, prefill + first token {first:.2f} s,"
-        f" decode {step * 1e3:.0f} ms/step = {rows / step:.1f} tokens/s"
+        f" decode {step * 1e3:.1f} ms/step = {rows / step:.1f} tokens/s"
+        f" (f32 matmul peak {peak / 1e9:.0f} GFLOP/s; load average {load:.2f} -> {load_average():.2f})"
     )
     if args.profile:
         hlo = sample_jit.lower(model, params, tokens, mask, rng, sampling, 0, prefix)

@@ -13,7 +13,8 @@ call, prompt ids on the host in, token ids on the host out, prefill included;
 each cell is the best of --repeats calls after an untimed warm-up (compilation)
 call, the systems' calls interleaved so that load from other work hits all of
 them. The roofline fraction is 2 x params x tokens/s over the f32 matmul peak
-that this run measures (before and after; the better of the two).
+that this run measures (before and after; the better of the two). The process
+runs as the launchers do (huge-page malloc, CPUs fitted to a quota: `rl_reason.process_setup`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from benchlib import (  # benchmarks/ is on the path when run as a script; sets 
     matmul_peak_flops,
     tunix_llama3,
 )
+
+from rl_reason import process_setup
+
+process_setup.use_huge_page_malloc()  # as the launchers run (restarts this process once)
+process_setup.fit_cpus_to_quota()
 
 from rl_reason.models.config import ModelConfig, llama_125m
 from rl_reason.models.hf_config import hf_config_dict

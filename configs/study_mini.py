@@ -44,7 +44,10 @@ def get_config():
     stages.sft.optim.update(lr=1e-3, final_lr_fraction=0.775)
 
     rl_data = dict(num_train=512, num_validation=64, num_eval=128)
-    sampling = dict(batch_size=32, prompt_buckets=(64, 128), chunk=512)
+    # Decode batches shrink to 32 rows at the least, not 8: every smaller batch is one
+    # more decode step to compile (1.5-2 s each at 200 GFLOP/s), and below 32 rows this
+    # model's step costs about the same (BENCHMARKS.md, issue 26). The tokens are the same.
+    sampling = dict(batch_size=32, prompt_buckets=(64, 128), chunk=512, min_rows=32)
 
     stages.orm.data.update(num_train=512, num_validation=0, num_eval=128)
     stages.orm.orm.update(
@@ -68,7 +71,7 @@ def get_config():
         num_iterations=12, prompts_per_iteration=32, num_samples=8, temperature=1.0,
         eval_every=6, max_new_tokens=48,
     )
-    stages.ppo.sampling.update(batch_size=32, prompt_buckets=(128,))
+    stages.ppo.sampling.update(batch_size=32, prompt_buckets=(128,), min_rows=32)
     stages.ppo.ppo.update(num_epochs=1, num_minibatches=2, vf_coef=0.5, entropy_coef=0.0)
     stages.ppo.optim.lr = 1e-4
     stages.ppo.eval.update(num_examples=128, max_new_tokens=48)
@@ -86,7 +89,7 @@ def get_config():
         num_examples=128, num_samples=16, ks=(1, 2, 4, 8, 16), temperature=0.7,
         max_new_tokens=48,
     )
-    stages.eval.sampling.prompt_buckets = (64, 128)
+    stages.eval.sampling.update(prompt_buckets=(64, 128), min_rows=32)
     for stage in stages.values():
         stage.logging.progress_bar = False
     return config

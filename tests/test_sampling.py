@@ -389,6 +389,20 @@ def test_sharded_sampling_equals_unsharded(tokenizer, mesh_shape):
     assert lengths[3] < lengths[-1], "fewer than 4 rows ended early: the batch never shrank"
 
 
+def test_the_run_config_sets_where_the_decode_batch_stops_shrinking(tokenizer):
+    from rl_reason.experiments import config as config_lib, rollout
+
+    config = config_lib.rl_config("grpo")
+    config.sampling.min_rows = 32
+    model_config = tiny_llama(vocab_size=len(tokenizer))
+    sampler = rollout.run_sampler(config, model_config, tokenizer, None, None)
+    assert sampler.sampling_config().min_rows == 32
+    mesh = mesh_lib.make_mesh((8, 1, 1))  # 8 batch shards: a multiple of them
+    config.sampling.update(min_rows=12, batch_size=8)
+    sampler = rollout.run_sampler(config, model_config, tokenizer, mesh, None)
+    assert sampler.sampling_config().min_rows == 24
+
+
 def test_engine_rejects_min_rows_that_do_not_split_over_the_mesh(tokenizer):
     engine, params = _engine_setup(tokenizer, batch_size=8, mesh=mesh_lib.make_mesh((2, 2, 2)))
     config = dataclasses.replace(engine.sampling_config(max_new_tokens=2), min_rows=6)

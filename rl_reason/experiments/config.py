@@ -141,6 +141,9 @@ def _sampling(
     # A prompt longer than the largest bucket: cut its start with a warning (True, what
     # runs have always done) or stop with an error naming it (False, the Sampler's default).
     s.truncate_prompts = True
+    # The static batch shrinks as its rows end, to a quarter at a time, in multiples of
+    # min_rows (0: never): each smaller batch is one more decode step to compile.
+    s.min_rows = 8
     # "continuous": the continuous-batching engine over a paged KV cache
     # (sampling/continuous.py) decodes `slots` rows at once and refills a slot as
     # soon as its row ends; "static": batches of batch_size prompts x K rows.

@@ -162,6 +162,7 @@ def run_sampler(config, model_config, tokenizer, mesh, rules, **options) -> Samp
         dtype=s.get("dtype") or None,
         truncate_prompts=s.get("truncate_prompts", True),
         engine=engine_config(s),
+        min_rows=s.get("min_rows", SamplingConfig.min_rows),
     )
     return Sampler(model_config, tokenizer, **{**settings, **options})
 

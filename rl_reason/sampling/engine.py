@@ -91,6 +91,7 @@ class Sampler:
         dtype: str | None = None,
         truncate_prompts: bool = False,
         engine: EngineConfig | None = None,
+        min_rows: int = SamplingConfig.min_rows,
     ):
         """stop_strings: the texts that end a sample (None: the task template's,
         `templates.STOP_SEQUENCES`; () for none). truncate_prompts: a prompt longer
@@ -102,6 +103,9 @@ class Sampler:
         the learner's: each `generate` computes with a copy of the weights cast
         to it and a KV cache in it; None computes as model_config says, with
         the weights as given (see rl_reason/models/precision.py).
+        min_rows: the static decode batch shrinks, as rows end, to multiples of this
+        (`SamplingConfig.min_rows`; rounded up to the mesh's batch shards). Each
+        smaller batch is one more copy of the decode step to compile.
         engine: decode with the continuous-batching engine over a paged KV cache
         (sampling/continuous.py: `engine.slots` rows at once, each finished row's
         slot refilled at once) instead of static batches of batch_size prompts."""
@@ -119,6 +123,7 @@ class Sampler:
         self.truncate_prompts = truncate_prompts
         self.progress = progress
         self.min_shared_prefix = min_shared_prefix
+        self.min_rows = min_rows
         self._sample = jit_sample(compiler_options)
         self.engine = None
         if engine is not None:
@@ -146,7 +151,7 @@ class Sampler:
             "eos_ids": (tok.eos_token_id,) if tok.eos_token_id is not None else (),
             "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0,
             "stop_sequences": stops,
-            "min_rows": math.lcm(SamplingConfig.min_rows, shards),
+            "min_rows": math.lcm(self.min_rows, shards),
         }
         return SamplingConfig(**{**defaults, **options})
 
