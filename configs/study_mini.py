@@ -45,8 +45,8 @@ def get_config():
 
     rl_data = dict(num_train=512, num_validation=64, num_eval=128)
     # Decode batches shrink to 32 rows at the least, not 8: every smaller batch is one
-    # more decode step to compile (1.5-2 s each at 200 GFLOP/s), and below 32 rows this
-    # model's step costs about the same (BENCHMARKS.md, issue 26). The tokens are the same.
+    # more decode step to compile (1.5-2 s each at 200 GFLOP/s); the samples are the same
+    # and the evaluations took no longer (BENCHMARKS.md, "Fewer programs to compile").
     sampling = dict(batch_size=32, prompt_buckets=(64, 128), chunk=512, min_rows=32)
 
     stages.orm.data.update(num_train=512, num_validation=0, num_eval=128)
