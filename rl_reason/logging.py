@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from rl_reason.files import fsync_path
+
 
 def _scalar(value: Any) -> Any:
     value = np.asarray(value)
@@ -105,7 +107,7 @@ class MetricWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_directory(os.path.dirname(self.path))
+        fsync_path(os.path.dirname(self.path), missing_ok=True)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
@@ -147,19 +149,6 @@ def _parse(line: str, path: str = "metrics.jsonl", number: int = 0) -> Optional[
             f" \"step\"): {line.strip()[:120]!r}. Remove or fix that line."
         )
     return record
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -21,6 +21,8 @@ import transformers
 from absl import logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from rl_reason.files import fsync_path
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 # A Hugging Face tokenizer directory holds its vocabulary in one of these.
@@ -127,7 +129,7 @@ def _move_into_place(staging: str, directory: str) -> None:
         )
         os.rename(directory, aside)
         os.rename(staging, directory)
-    _fsync(os.path.dirname(directory))
+    fsync_path(os.path.dirname(directory))
 
 
 def load_tokenizer(directory: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
@@ -201,16 +203,8 @@ def _umask() -> int:
     return umask
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sync_directory_tree(directory: str) -> None:
     for root, _, files in os.walk(directory):
         for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)

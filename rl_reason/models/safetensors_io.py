@@ -27,6 +27,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from rl_reason.files import fsync_path
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -257,16 +259,6 @@ def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, st
     os.chmod(path, _default_file_mode())
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(
     directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], max_shard_bytes: int
 ) -> list[str]:
@@ -311,7 +303,7 @@ def write_checkpoint(
                 json.dump(index, f, indent=2)
             names.append(INDEX_FILE)
         for name in names:
-            _fsync(os.path.join(staging, name))
+            fsync_path(os.path.join(staging, name))
         previous = [
             name
             for name in os.listdir(directory)
@@ -324,7 +316,7 @@ def write_checkpoint(
         for name in previous:  # a previous export's files would shadow or mix in
             if name not in names and os.path.exists(os.path.join(directory, name)):
                 os.remove(os.path.join(directory, name))
-        _fsync(directory)
+        fsync_path(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return names
