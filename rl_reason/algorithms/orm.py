@@ -36,7 +36,7 @@ from rl_reason.algorithms.train_state import TrainState
 from rl_reason.data import sft as sft_data
 from rl_reason.evaluation.evaluate import evaluate as score_samples
 from rl_reason.models.config import ModelConfig
-from rl_reason.models.transformer import Transformer, default_positions
+from rl_reason.models.transformer import SCALAR_HEADS, Transformer, default_positions
 from rl_reason.parallel import sharding as shd
 from rl_reason.rewards.functions import Batch as RewardBatch
 from rl_reason.rewards.functions import column
@@ -486,7 +486,7 @@ class BatchedOrmScorer:
 
 def head_param_name(name: str) -> str:
     """Where Transformer keeps scalar head ``name``'s Dense params (a dict attribute in setup)."""
-    return f"scalar_heads_{name}"
+    return f"{SCALAR_HEADS}_{name}"
 
 
 def add_head(

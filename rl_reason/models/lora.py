@@ -41,12 +41,12 @@ import numpy as np
 import optax
 
 from rl_reason.models import layers
-from rl_reason.models.transformer import Transformer, init_params
+from rl_reason.models.transformer import SCALAR_HEADS, Transformer, init_params
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _IN_DIMS = {"o_proj": 2}  # [heads, head_dim, embed]; every other kernel has one input dim
 _BLOCKS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn"}
-_HEADS = "scalar_heads"
+_HEADS = SCALAR_HEADS
 
 
 @dataclasses.dataclass(frozen=True)

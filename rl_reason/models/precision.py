@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from rl_reason.models.config import ModelConfig
+from rl_reason.models.transformer import SCALAR_HEADS
 
 
 def cast_floating(tree: Any, dtype) -> Any:
@@ -87,14 +88,10 @@ def without_heads(params: Any) -> Any:
     """params without the scalar heads' weights (Transformer.scalar_heads), for a
     model built from `sampler_config`; params without heads are returned as they are."""
     inner = params.get("params", {}) if isinstance(params, Mapping) else {}
-    if not any(str(k).startswith(HEADS_PREFIX) for k in inner):
+    if not any(str(k).startswith(SCALAR_HEADS) for k in inner):
         return params
-    kept = {k: v for k, v in inner.items() if not str(k).startswith(HEADS_PREFIX)}
+    kept = {k: v for k, v in inner.items() if not str(k).startswith(SCALAR_HEADS)}
     return {**params, "params": kept}
-
-
-# Where Transformer keeps its scalar heads' Dense params (`scalar_heads_<name>`).
-HEADS_PREFIX = "scalar_heads"
 
 
 def needs_cast(config: ModelConfig, dtype: str | None) -> bool:

@@ -31,6 +31,11 @@ from rl_reason.models.config import ModelConfig
 KEY_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 VALUE_CACHE_AXES = ("batch", "kv_heads", "head_dim", "length")
 
+# Scalar head `name`'s Dense params sit under `f"{SCALAR_HEADS}_{name}"` (flax names a
+# dict attribute's entries so): what LoRA trains beside its adapters, what the ORM adds,
+# what a sampler leaves out.
+SCALAR_HEADS = "scalar_heads"
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -278,7 +283,7 @@ class Transformer(nn.Module):
                 (c.hidden_dim, c.vocab_size),
                 c.weights_dtype,
             )
-        self.scalar_heads = {
+        self.scalar_heads = {  # params: SCALAR_HEADS + "_" + name
             name: nn.Dense(
                 1,
                 kernel_init=nn.with_logical_partitioning(
