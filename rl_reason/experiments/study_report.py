@@ -16,7 +16,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -149,12 +149,10 @@ def findings(rows, config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
     "Within noise" is two standard errors of the held-out maj@1 (binomial, on
     the evaluation's number of questions).
     """
-    groups = grouped(rows)
     ctx = _Context(
-        groups=groups,
+        groups=grouped(rows),
         k=num_samples(config),
         n=int(rows[0][1]["num_questions"]) if rows else 0,
-        maj=lambda key: _mean(groups, key, "maj@1"),
     )
     out = [finding(ctx) for finding in _FINDINGS]
     return [f for f in out if f is not None]
@@ -162,10 +160,18 @@ def findings(rows, config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
+    """What every finding reads: the runs by (start, algorithm, reward), K and the
+    number of held-out questions."""
+
     groups: dict
     k: int
     n: int
-    maj: Callable
+
+    def maj(self, key) -> float | None:
+        return _mean(self.groups, key, "maj@1")
+
+    def pass_k(self, key) -> float | None:
+        return _mean(self.groups, key, f"pass@{self.k}")
 
 
 def _verdict(verdicts: list[bool]) -> str:
@@ -241,13 +247,12 @@ def _dense_rewards_do_not_help(c: _Context) -> tuple[str, str] | None:
 
 
 def _pass_at_k_saturates(c: _Context) -> tuple[str, str] | None:
-    pass_k = lambda key: _mean(c.groups, key, f"pass@{c.k}")  # noqa: E731
     parts, verdicts = [], []
     for start, algorithm, reward in c.groups:
         if not algorithm or (start, "", "") not in c.groups:
             continue
         d_maj = c.maj((start, algorithm, reward)) - c.maj((start, "", ""))
-        d_pass = pass_k((start, algorithm, reward)) - pass_k((start, "", ""))
+        d_pass = c.pass_k((start, algorithm, reward)) - c.pass_k((start, "", ""))
         if d_maj <= 0:
             continue  # a run that did not raise maj@1 says nothing about this finding
         verdicts.append(d_pass < d_maj)
