@@ -48,7 +48,7 @@ def test_unbiased_pass_at_k_by_hand(n, c, k, expected):
     assert metrics.pass_at_k_unbiased(n, c, k) == pytest.approx(expected)
 
 
-@settings(max_examples=100, deadline=1000)
+@settings(max_examples=100, deadline=None)
 @given(
     st.integers(1, 8).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n)))
 )

@@ -3,6 +3,7 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from work_counter import PythonLines, text_budget
 
 from rl_reason.rewards.extraction import extract_answer, last_number
 
@@ -49,7 +50,8 @@ _PIECES = [
 ]  # fmt: skip
 
 
-@settings(max_examples=300, deadline=1000)
+@pytest.mark.timeout(120)  # a hang guard, not a speed assertion
+@settings(max_examples=300, deadline=None)
 @given(
     st.one_of(
         st.text(max_size=500),
@@ -58,7 +60,7 @@ _PIECES = [
     st.sampled_from(["strict", "flexible"]),
 )
 def test_never_raises_and_answer_comes_from_the_text(text, mode):
-    answer = extract_answer(text, mode)
+    answer = PythonLines(budget=text_budget(text))(extract_answer, text, mode)
     assert answer is None or (answer and answer.strip() == answer)
     if mode == "flexible" and answer is None:
         assert last_number(text) is None
