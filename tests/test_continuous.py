@@ -14,6 +14,7 @@ from rl_reason.experiments.rollout import engine_config
 from rl_reason.models.config import tiny_gemma3, tiny_llama
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
+from rl_reason.parallel import sharding as shd
 from rl_reason.sampling.continuous import Engine, EngineConfig, Results, Slots, decode
 from rl_reason.sampling.engine import Sampler
 from rl_reason.sampling.pages import PagePool, PoolExhausted, prefix_keys
@@ -130,6 +131,32 @@ def test_a_small_pool_preempts_and_recomputes_exactly():
         _engine(config, params, ids, options, kv_cache_bytes=page_bytes * 4)
 
 
+def test_slots_split_over_the_mesh_give_the_single_device_rows():
+    # 4 batch shards (data x fsdp), each with 2 slots and a pool of its own; the tensor
+    # axis's 2 devices compute the same rows. The weights come sharded as the learner
+    # holds them. Tokens and log-probs are the one-device engine's, row for row.
+    config, params, ids = _llama_case()
+    mesh = mesh_lib.make_mesh((2, 2, 2))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    init = lambda rng: Transformer(config).init(rng, tokens, tokens)
+    params_on_mesh = jax.device_put(params, shd.param_shardings(init, mesh, shd.DEFAULT_RULES))
+    options = SamplingConfig(
+        max_new_tokens=14, temperature=1.0, top_p=0.9, num_samples=3, eos_ids=(5,),
+        stop_sequences=((7, 8),), greedy_first=True,
+    )  # fmt: skip
+    base, _ = _engine(config, params, ids, options)
+    page_bytes = EngineConfig(page_size=4).page_bytes(config)
+    for pool_bytes in (0, 10 * page_bytes):  # room for every slot; room to preempt
+        engine = Engine(
+            config, EngineConfig(slots=8, page_size=4, kv_cache_bytes=pool_bytes), mesh=mesh
+        )
+        got = engine.generate(params_on_mesh, ids, jax.random.PRNGKey(0), options)
+        _assert_same(got, base)
+        assert len(engine.pools) == 4 and all(pool.all_free() for pool in engine.pools)
+        assert engine.stats["shared_pages"] > 0  # each shard's prefix cache: the K siblings
+    assert engine.stats["preempted"] > 0 and engine.stats["pool_pages"] == 4 * 9
+
+
 def test_page_pool_shares_caches_and_evicts_least_recent():
     pool = PagePool(6)
     keys = prefix_keys(list(range(10)), 4, 9)  # two full pages
@@ -178,8 +205,8 @@ def test_the_sampling_section_chooses_the_engine():
     s.engine = "paged"
     with pytest.raises(ValueError, match="static"):
         engine_config(s)
-    with pytest.raises(ValueError, match="one device"):
-        Sampler(tiny_llama(), None, mesh=mesh_lib.make_mesh((8, 1, 1)), engine=EngineConfig())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Sampler(tiny_llama(), None, mesh=mesh_lib.make_mesh((8, 1, 1)), engine=EngineConfig(6))
 
 
 def test_the_decode_loop_writes_the_page_pool_in_place():
@@ -194,6 +221,7 @@ def test_the_decode_loop_writes_the_page_pool_in_place():
     zeros = lambda *s, dtype=jnp.int32: jnp.zeros(s, dtype)
     state = Slots(
         row=zeros(slots),
+        result_row=zeros(slots),
         live=zeros(slots, dtype=bool),
         token=zeros(slots),
         position=zeros(slots),

@@ -102,9 +102,16 @@ def _assert_same_run(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", [arith_ppo, arith_grpo], ids=["ppo", "grpo"])
-def test_on_policy_run_logs_and_resumes_exactly(tiny_sft_run, tmp_path, monkeypatch, module):
+@pytest.mark.parametrize(
+    "module, engine",
+    [(arith_ppo, "static"), (arith_grpo, "static"), (arith_grpo, "continuous")],
+    ids=["ppo", "grpo", "grpo-continuous"],  # the engine's slots over the 8 batch shards
+)
+def test_on_policy_run_logs_and_resumes_exactly(
+    tiny_sft_run, tmp_path, monkeypatch, module, engine
+):
     config = _on_policy_config(module, tiny_sft_run)
+    config.sampling.engine = engine
     straight = on_policy.train(config, str(tmp_path / "straight"))
     for key in (
         "reward_mean",

@@ -126,13 +126,8 @@ class Sampler:
         self.min_rows = min_rows
         self._sample = jit_sample(compiler_options)
         self.engine = None
-        if engine is not None:
-            if mesh is not None and mesh.size > 1:
-                raise ValueError(
-                    "The continuous engine runs on one device for now (its slots are not"
-                    " yet sharded over a mesh); use sampling.engine='static' with a mesh."
-                )
-            self.engine = Engine(self.model.config, engine)
+        if engine is not None:  # on a mesh, its slots split over the batch shards
+            self.engine = Engine(self.model.config, engine, mesh=mesh)
         if mesh is not None:
             shd.check_batch_divides(batch_size, mesh, "sampling batch")
 
