@@ -416,6 +416,9 @@ def runs(tmp_path_factory):
         _ok(run[name]([*_ppo(start), f"--workdir={out[name] / 'ppo'}"]))
         _ok(run[name]([*_expert_iteration(start), f"--workdir={out[name] / 'ei'}"]))
         _ok(run[name]([*_evaluation(start), f"--workdir={out[name] / 'eval'}"], "evaluate.py"))
+        engine = ["--config.sampling.engine=continuous", "--config.sampling.slots=16"]
+        evaluation = [*_evaluation(start), *engine, f"--workdir={out[name] / 'eval-engine'}"]
+        _ok(run[name](evaluation, "evaluate.py"))
     out["root"] = root
     return out
 
@@ -438,6 +441,9 @@ def test_sampled_completions_across_two_processes_equal_one_process(runs):
     assert len(one) == 16 and one == two
     assert all(len(row["samples"]) == 4 for row in one)
     assert len({text for row in one for text in row["samples"]}) > 16  # draws, not one text
+    # The continuous engine, its 16 slots split over the 8 batch shards of the two
+    # processes (each with its own pages and book): the static sampler's samples.
+    assert samples(runs["two"] / "eval-engine") == one == samples(runs["one"] / "eval-engine")
 
 
 @pytest.mark.slow
