@@ -300,7 +300,6 @@ class _Call:
     slots: dict[str, np.ndarray]  # the fields of `Slots`, on the host
     waiting: collections.deque  # rows not admitted yet, the next first
     pool: PagePool  # this shard's pages
-    shard: int = 0
     shards: int = 1
     held: dict[int, _Row] = dataclasses.field(default_factory=dict)  # slot -> its row
     admitted: list[int] = dataclasses.field(default_factory=list)  # slots, oldest first
@@ -359,7 +358,9 @@ def _empty_results(rows: int, new: int, pad_id: int) -> Results:
     )
 
 
-_STATS = ("decode_calls", "decode_steps", "prefill_calls", "prefilled_tokens", "shared_pages")
+_STATS = (
+    "decode_calls", "decode_steps", "prefill_calls", "prefilled_tokens", "shared_pages", "preempted"
+)  # fmt: skip
 
 
 class Engine:
@@ -429,14 +430,13 @@ class Engine:
                 slots=_empty_slots(self.slots, n_rows, table_width, window),
                 waiting=collections.deque(r for r in order if r // k % self.shards == shard),
                 pool=pool,
-                shard=shard,
                 shards=self.shards,
             )
             for shard, pool in enumerate(self.pools)
         ]
         rows_per_shard = -(-len(prompt_ids) // self.shards) * k
         results = self._put(_empty_results(self.shards * rows_per_shard, new, config.pad_id))
-        self.stats = dict.fromkeys((*_STATS, "preempted"), 0)
+        self.stats = dict.fromkeys(_STATS, 0)
         row_base = jnp.int32(row_offset * k)
         while any(call.waiting or call.held for call in calls):
             self._admit(params, calls)

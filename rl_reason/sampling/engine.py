@@ -108,7 +108,8 @@ class Sampler:
         smaller batch is one more copy of the decode step to compile.
         engine: decode with the continuous-batching engine over a paged KV cache
         (sampling/continuous.py: `engine.slots` rows at once, each finished row's
-        slot refilled at once) instead of static batches of batch_size prompts."""
+        slot refilled at once; on a mesh, split over its batch shards) instead of
+        static batches of batch_size prompts."""
         self.model_config = model_config
         self.dtype = None if dtype is None else str(jax.numpy.dtype(dtype))
         self.model = Transformer(precision.sampler_config(model_config, self.dtype))
