@@ -46,7 +46,6 @@ from rl_reason.models.transformer import SCALAR_HEADS, Transformer, init_params
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _IN_DIMS = {"o_proj": 2}  # [heads, head_dim, embed]; every other kernel has one input dim
 _BLOCKS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn"}
-_HEADS = SCALAR_HEADS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +146,7 @@ def with_factors(base_params: dict, adapters: dict) -> dict:
 
 
 def _is_head(path) -> bool:
-    return any(str(getattr(p, "key", "")).startswith(_HEADS) for p in path)
+    return any(str(getattr(p, "key", "")).startswith(SCALAR_HEADS) for p in path)
 
 
 def frozen(base_params: dict) -> dict:
@@ -209,7 +208,7 @@ def trained_part(params: dict) -> dict:
     inner = params["base"]["params"]
     return {
         "lora": params["lora"],
-        "heads": {k: v for k, v in inner.items() if k.startswith(_HEADS)},
+        "heads": {k: v for k, v in inner.items() if k.startswith(SCALAR_HEADS)},
     }
 
 

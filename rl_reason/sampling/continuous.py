@@ -213,7 +213,6 @@ def _decode(
 
 
 decode = jax.jit(_decode, static_argnames=("model", "config"), donate_argnames=("results", "pool"))
-decode.__doc__ = _decode.__doc__
 
 
 # The sharded programs below run the model's code per shard unchanged; shard_map's
@@ -358,6 +357,8 @@ def _empty_results(rows: int, new: int, pad_id: int) -> Results:
     )
 
 
+# The slot fields a decode call changes: all the host reads back.
+_DECODED = ("live", "token", "position", "generated", "recent", "given")
 _STATS = (
     "decode_calls", "decode_steps", "prefill_calls", "prefilled_tokens", "shared_pages", "preempted"
 )  # fmt: skip
@@ -455,10 +456,10 @@ class Engine:
             )  # fmt: skip
             self.stats["decode_calls"] += 1
             self.stats["decode_steps"] += int(np.sum(shd.to_host(steps)))
-            host = shd.to_host(device_slots)
+            host = shd.to_host({name: getattr(device_slots, name) for name in _DECODED})
             for shard, call in enumerate(calls):
-                for name in ("live", "token", "position", "generated", "recent", "given"):
-                    call.slots[name][:size] = getattr(host, name)[shard * size : (shard + 1) * size]
+                for name, x in host.items():
+                    call.slots[name][:size] = x[shard * size : (shard + 1) * size]
                 for slot in [s for s in call.held if not call.slots["live"][s]]:
                     call.pool.release(call.held.pop(slot).pages)
                     call.admitted.remove(slot)
