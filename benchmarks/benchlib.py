@@ -43,6 +43,20 @@ def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> flo
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def median_ms(calls: dict[str, tuple], repeats: int = 7) -> dict[str, float]:
+    """Median wall time in ms of each (jitted fn, args) after a warm-up call, the calls
+    interleaved so that a drift of the machine falls on all of them alike."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
 def load_average() -> float:
     """The 1-minute load average: how many runnable processes shared the cores."""
     return os.getloadavg()[0]

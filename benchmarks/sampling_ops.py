@@ -11,15 +11,11 @@ warm-up call.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
+from benchlib import median_ms  # benchmarks/ is on the path when run as a script
 
 from rl_reason.sampling.sampler import SamplingConfig, choose_tokens
-
-REPEATS = 7
 
 
 def textbook_choice(logits, keys, config: SamplingConfig):
@@ -41,19 +37,6 @@ def textbook_choice(logits, keys, config: SamplingConfig):
             filtered = jnp.where(filtered < cutoff, -jnp.inf, filtered)
         tokens = jax.vmap(jax.random.categorical)(keys, filtered)
     return tokens, jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
-
-
-def median_ms(calls: dict[str, tuple]) -> dict[str, float]:
-    """Median wall time of each (jitted fn, args), calls interleaved."""
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
-    for _ in range(REPEATS):
-        for name, (fn, args) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def token_choice_table() -> list[str]:
