@@ -186,7 +186,8 @@ def test_dispatch():
     assert choose("auto", 256, 256, jnp.float32) == "xla"
     assert choose("auto", 512, 512, jnp.float32) == "blockwise"
     assert choose("auto", 1, 1024, jnp.float32) == "xla"
-    assert choose("auto", 1, 16384, jnp.float32) == "blockwise"
+    assert choose("auto", 1, 16384, jnp.float32) == "xla"  # decode: dense at every length
+    assert choose("auto", 2, 16384, jnp.float32) == "blockwise"
     for forced in ("xla", "blockwise", "cudnn", "splash"):
         assert choose(forced, 128, 128, jnp.float32) == forced
     with pytest.raises(ValueError, match="attention="):

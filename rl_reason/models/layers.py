@@ -145,19 +145,19 @@ def dot_product_attention(q, segments, scale: float) -> jax.Array:
     q = jnp.transpose(q.reshape(b, t, kv_heads, h // kv_heads, d), (0, 2, 3, 1, 4))
     logits = []
     for k, _, mask in segments:
-        part = _scores(q, k)
+        part = attention_scores(q, k)
         logits.append(jnp.where(mask[:, None, None], part, _MASKED_LOGIT))
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1) * scale, axis=-1)
     out, start = 0.0, 0
     for _, v, _ in segments:
         length = v.shape[-1]
-        out += _weighted_values(probs[..., start : start + length].astype(v.dtype), v)
+        out += attention_values(probs[..., start : start + length].astype(v.dtype), v)
         start += length
     out = jnp.transpose(out.astype(q.dtype), (0, 3, 1, 2, 4))  # [B, T, K, G, D]
     return out.reshape(b, t, h, d)
 
 
-def _scores(q, k):
+def attention_scores(q, k):
     """q [B, K, G, T, D] . k [B, K, S, D] (or [K, S, D]) -> float32 [B, K, G, T, S].
 
     A decode step (T == 1) reads the whole cache for a handful of query columns:
@@ -171,9 +171,9 @@ def _scores(q, k):
     return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
 
 
-def _weighted_values(probs, v):
+def attention_values(probs, v):
     """probs [B, K, G, T, S] . v [B, K, D, S] (or [K, D, S]) -> float32 [B, K, G, T, D];
-    cache-first in a decode step, as `_scores`."""
+    cache-first in a decode step, as `attention_scores`."""
     if probs.shape[3] == 1 and v.ndim == 4:
         part = jnp.einsum("bkds,bkgts->bkdgt", v, probs, preferred_element_type=jnp.float32)
         return jnp.moveaxis(part, 2, -1)
