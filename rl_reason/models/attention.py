@@ -164,13 +164,13 @@ def _kslice(x, start, size, axis):
 
 
 def _segment_parts(k, v, kpos):
-    """Axis of the length in k and v, and the einsum specs for a batched or shared segment."""
+    """Axis of the length in k and v, and the backward products' einsum specs, for a batched
+    or shared segment (q.K and p.V are `layers.attention_scores` and `attention_values`)."""
     shared = k.ndim == 3
     b = "" if shared else "b"
     return dict(
         k_axis=k.ndim - 2,
         v_axis=v.ndim - 1,
-        qk=f"bkgtd,{b}ksd->bkgts",
         dq=f"bkgts,{b}ksd->bkgtd",
         dk=f"bkgts,bkgtd->{b}ksd",
         dv=f"bkgts,bkgtd->{b}kds",
@@ -346,7 +346,7 @@ def _segment_backward(qb, dob, delta, lse, qpos, k, v, kpos, window, scale, bloc
 
         def compute(carry):
             dq, dk, dv = carry
-            s = jnp.einsum(p["qk"], qb, kb, preferred_element_type=jnp.float32) * scale
+            s = layers.attention_scores(qb, kb) * scale  # the forward pass's products
             probs = jnp.where(mask[:, None, None], jnp.exp(s - lse[..., None]), 0.0)
             dvb = jnp.einsum(
                 p["dv"], probs.astype(vb.dtype), dob, preferred_element_type=jnp.float32
