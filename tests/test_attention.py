@@ -326,3 +326,31 @@ def test_greedy_sampling_is_the_same_with_either_kernel(name):
     }
     copies = re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]*\} copy\(", hlo)
     assert not cache_shapes & set(copies), copies
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_decode_products_cache_first_are_the_same_sums(t):
+    """`attention_scores`/`attention_values` write one query a row cache-first (a faster
+    order for XLA:CPU): the same products as the query-first einsums, to rounding; with
+    more queries, or a shared segment, they are those einsums exactly."""
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q, k, v = normal(3, 2, 3, t, 16), normal(3, 2, 40, 16), normal(3, 2, 16, 40)
+    probs = jax.nn.softmax(normal(3, 2, 3, t, 40), axis=-1)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k)
+    values = jnp.einsum("bkgts,bkds->bkgtd", probs, v)
+    exact = t > 1
+    for got, want in ((layers.attention_scores(q, k), scores),
+                      (layers.attention_values(probs, v), values)):  # fmt: skip
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        if exact:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    shared_k, shared_v = k[0], v[0]
+    np.testing.assert_array_equal(
+        layers.attention_scores(q, shared_k), jnp.einsum("bkgtd,ksd->bkgts", q, shared_k)
+    )
+    np.testing.assert_array_equal(
+        layers.attention_values(probs, shared_v), jnp.einsum("bkgts,kds->bkgtd", probs, shared_v)
+    )
