@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py ops                 # attention alone, fwd + bwd, block sweep
     python benchmarks/attention.py decode              # one decode step's attention over a cache
+    python benchmarks/attention.py decode --written 0.1,0.5,0.9   # with more or less of it written
     python benchmarks/attention.py step                # the SFT step, 128/256/512 tokens, and 4,096
     python benchmarks/attention.py memory              # Gemma 3 270M training step, peak RSS
     python benchmarks/attention.py decode-memory       # Gemma 3 270M prefill + decode, peak RSS
@@ -22,6 +23,7 @@ step itself needs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -106,19 +108,24 @@ def ops(args):
 
 
 def decode(args):
-    """One decode step's attention (one query per row) over a cache of which half is written."""
+    """One decode step's attention (one query per row) over a cache of which a fraction
+    (`--written`, default a half; several: "0.1,0.5,0.9") is written."""
     print(f"# decode attention alone (forward), before: {machine()}")
     rng = np.random.default_rng(0)
-    for heads, kv_heads, dim, batch, slots in (
-        (4, 2, 32, 32, 640),
-        (12, 4, 64, 32, 640),
-        (12, 4, 64, 32, 4096),
-        (4, 1, 256, 1, 16384),
+    fractions = [float(f) for f in args.written.split(",")]
+    for (heads, kv_heads, dim, batch, slots), fraction in itertools.product(
+        (
+            (4, 2, 32, 32, 640),
+            (12, 4, 64, 32, 640),
+            (12, 4, 64, 32, 4096),
+            (4, 1, 256, 1, 16384),
+        ),
+        fractions,
     ):
         f32 = lambda *s: jnp.asarray(rng.standard_normal(s, dtype=np.float32))
         q = f32(batch, 1, heads, dim)
         k, v = f32(batch, kv_heads, slots, dim), f32(batch, kv_heads, dim, slots)
-        written = slots // 2
+        written = int(slots * fraction)
         cache_pos = jnp.where(jnp.arange(slots) < written, jnp.arange(slots), -1)
         cache_pos = jnp.broadcast_to(cache_pos.astype(jnp.int32), (batch, slots))
         qpos = jnp.full((batch, 1), written, jnp.int32)
@@ -389,6 +396,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=256, help="loss chunk (positions)")
     parser.add_argument("--steps", type=int, default=50, help="curve: SFT steps")
     parser.add_argument("--new", type=int, default=512, help="decode steps")
+    parser.add_argument("--written", default="0.5", help="decode: fractions of the cache written")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--impl", default="blockwise")
     parser.add_argument("--length", type=int, default=0)

@@ -55,8 +55,9 @@ DECODE_MAX_QUERIES = 16
 # at 256, 1.84-2.26x at 512), up to DECODE_BLOCK_K cache slots for a few queries
 # (one chunk: a tie), and at every length for one query a row (a decode step):
 # its scratch is [B, H, S], linear in the cache, and with the cache-first
-# products (layers.attention_scores) it ran 1.7-2.9x the blockwise kernel's
-# speed from 2,048 to 16,384 slots, even with a tenth of the cache written.
+# products (layers.attention_scores) it ran 1.6-2.7x the blockwise kernel's
+# speed at 4,096 and 16,384 slots, with a tenth to nine tenths of the cache
+# written (benchmarks/attention.py decode --written 0.1,0.5,0.9).
 AUTO_DENSE_MAX_KEYS = 256
 AUTO_DENSE_MAX_DECODE_KEYS = DECODE_BLOCK_K
 
