@@ -686,10 +686,18 @@ class PreemptionGuard:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    # A signal a process took before its run's guard was set up (a study worker's handler
+    # notes it here), which that guard acts on as if it had come after.
+    early_signal: Optional[int] = None
 
     def __init__(self):
-        self.signal_received: Optional[int] = None
+        self.signal_received: Optional[int] = PreemptionGuard.early_signal
         self._previous: dict[int, Any] = {}
+
+    @staticmethod
+    def note_early_signal(signum, frame) -> None:
+        del frame
+        PreemptionGuard.early_signal = signum
 
     def __enter__(self) -> "PreemptionGuard":
         if jax.process_count() == 1:

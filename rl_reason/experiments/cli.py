@@ -204,14 +204,9 @@ def _config_argument(name: str, default: str, argv: Sequence[str]) -> str:
     return value
 
 
-def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args), with the errors a user can act on printed as one paragraph.
-
-    A run stopped by a preemption signal after saving exits with status 75
-    (rerun to resume); a config, model source, checkpoint, non-finite step or
-    multi-host start-up problem exits with status 1 and its message, no
-    traceback. Anything else is a bug and keeps its traceback.
-    """
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can act on from one paragraph (no traceback): a config, model
+    source, checkpoint, non-finite step, workdir or multi-host start-up problem."""
     from rl_reason import checkpointing, workdir_lock
     from rl_reason.data.tokenizer import IncompleteTokenizerError
     from rl_reason.experiments import runs
@@ -220,12 +215,7 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     from rl_reason.models.safetensors_io import CheckpointFormatError
     from rl_reason.parallel.distributed import DistributedStartupError
 
-    try:
-        return fn(*args)
-    except checkpointing.Preempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
-    except (
+    return (
         InvalidConfigError,
         runs.ResumeConfigError,
         runs.NonFiniteStepError,
@@ -236,7 +226,32 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
         workdir_lock.WorkdirStorageError,
         IncompleteTokenizerError,
         DistributedStartupError,
-    ) as e:
+    )
+
+
+def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), with the errors a user can act on printed as one paragraph.
+
+    A run stopped by a preemption signal after saving exits with status 75
+    (rerun to resume); a `user_errors()` problem exits with status 1 and its
+    message, no traceback, and so does a study stage that failed with one in a
+    worker process (a stage's bug prints the worker's traceback first).
+    Anything else is a bug and keeps its traceback.
+    """
+    from rl_reason import checkpointing
+    from rl_reason.experiments.study_workers import StageFailedError
+
+    try:
+        return fn(*args)
+    except checkpointing.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
+    except StageFailedError as e:
+        if e.details:
+            print(e.details, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

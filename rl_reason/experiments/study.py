@@ -46,7 +46,7 @@ import ml_collections
 import tqdm
 
 from rl_reason import checkpointing
-from rl_reason.experiments import registry, runs, study_report
+from rl_reason.experiments import registry, runs, study_report, study_workers
 from rl_reason.experiments.study_plan import Stage, stages
 
 STAGE_RECORD = "stage.json"  # a finished stage's config and final metrics
@@ -66,12 +66,13 @@ def stage_record(workdir: str, stage: Stage) -> dict[str, Any] | None:
     return record if record.get("config") == runs.config_dict(stage.config) else None
 
 
-def _run_stage(stage: Stage, directory: str) -> dict[str, Any]:
-    if stage.kind == "evaluate":
+def run_stage(kind: str, config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
+    """One stage (a plan's `Stage.kind` and `config`) in `directory`: its final metrics."""
+    if kind == "evaluate":
         from rl_reason.experiments import evaluate
 
-        return evaluate.run(stage.config, directory)
-    return registry.trainer(stage.config)(stage.config, directory)
+        return evaluate.run(config, directory)
+    return registry.trainer(config)(config, directory)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -98,25 +99,44 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ticking = threading.Event()  # the bar's clock moves while a stage runs
     if not quiet:
         threading.Thread(target=_tick, args=(bar, ticking), daemon=True).start()
-    for index, stage in enumerate(plan, 1):
-        head = f"[{index}/{len(plan)}] {stage.name}: {stage.description}"
-        bar.set_postfix_str(stage.name)
+    index = {stage.name: i for i, stage in enumerate(plan, 1)}
+    head = lambda stage: f"[{index[stage.name]}/{len(plan)}] {stage.name}: {stage.description}"
+
+    def started(stage: Stage) -> None:
+        say(f"{head(stage)} ...")
+
+    def finished(stage: Stage, metrics: dict[str, Any], seconds: float) -> None:
+        record = {"config": runs.config_dict(stage.config), "metrics": metrics}
+        timings[stage.name] = timings.get(stage.name, 0.0) + seconds
+        if lead:
+            path = os.path.join(workdir, stage.name, STAGE_RECORD)
+            checkpointing.write_json_atomic(path, record)
+            checkpointing.write_json_atomic(timings_path, timings)
+        say(f"{head(stage)}: done in {seconds:.0f} s; {study_report.summary(stage, record)}")
+        bar.update(1)
+
+    pending = []
+    for stage in plan:
         record = stage_record(workdir, stage)
         if record is None:
-            say(f"{head} ...")
-            began = time.perf_counter()
-            metrics = _run_stage(stage, os.path.join(workdir, stage.name))
-            seconds = time.perf_counter() - began
-            record = {"config": runs.config_dict(stage.config), "metrics": metrics}
-            timings[stage.name] = timings.get(stage.name, 0.0) + seconds
-            if lead:
-                path = os.path.join(workdir, stage.name, STAGE_RECORD)
-                checkpointing.write_json_atomic(path, record)
-                checkpointing.write_json_atomic(timings_path, timings)
-            say(f"{head}: done in {seconds:.0f} s; {study_report.summary(stage, record)}")
+            pending.append(stage)
         else:
-            say(f"{head}: done before; {study_report.summary(stage, record)}")
-        bar.update(1)
+            say(f"{head(stage)}: done before; {study_report.summary(stage, record)}")
+            bar.update(1)
+    workers = study_workers.default_workers(config.study.workers)
+    # Stages nothing can run beside (pretraining) run here, on every CPU; with one worker,
+    # every stage does (the job as it ran before workers: its numbers are that job's).
+    here = pending if workers <= 1 else study_workers.leading_stages(pending)
+    for stage in here:
+        bar.set_postfix_str(stage.name)
+        started(stage)
+        began = time.perf_counter()
+        metrics = run_stage(stage.kind, stage.config, os.path.join(workdir, stage.name))
+        finished(stage, metrics, time.perf_counter() - began)
+    rest = pending[len(here) :]
+    if rest:
+        bar.set_postfix_str(f"{min(workers, len(rest))} workers")
+        study_workers.StagePool(workers).run(rest, workdir, started, finished)
     ticking.set()
     bar.close()
     if not lead:

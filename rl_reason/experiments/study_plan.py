@@ -60,6 +60,7 @@ class Stage:
     description: str
     row: Row | None = None  # the table row an evaluation stage fills
     model_stage: str = ""  # for an evaluation, the stage whose model it evaluates
+    needs: tuple[str, ...] = ()  # the stages whose models it reads (they finish first)
 
 
 def parse_run(spec: str) -> tuple[str, str, str]:
@@ -132,13 +133,20 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
     pretrain = _copy(config.stages.pretrain)
     sft = _from(config.stages.sft, path("pretrain"))
     orm = _from(config.stages.orm, path("sft"))
+    reranked = ("orm",) if config.study.rerank else ()  # what an evaluation reads beside its model
     out = [
         Stage("pretrain", "train", pretrain, "pretraining on arithmetic text"),
-        Stage("sft", "train", sft, "SFT of the pretrained model on the reference solutions"),
+        Stage(
+            "sft",
+            "train",
+            sft,
+            "SFT of the pretrained model on the reference solutions",
+            needs=("pretrain",),
+        ),
     ]
     if config.study.rerank or any(reward == "orm" for _, _, reward in specs):
         what = "the outcome reward model on the SFT model's samples"
-        out.append(Stage("orm", "train", orm, what))
+        out.append(Stage("orm", "train", orm, what, needs=("sft",)))
     for start in STARTS:  # both, always: the table's first finding is the gap between them
         out.append(
             Stage(
@@ -148,6 +156,7 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
                 f"evaluation of the {start} start",
                 row=Row(start),
                 model_stage=START_DIRS[start],
+                needs=(START_DIRS[start], *reranked),
             )
         )
     for start, algorithm, reward in specs:
@@ -157,7 +166,8 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
             rl = _rl_config(config, algorithm, reward, seed, path(START_DIRS[start]), path("orm"))
             what = f"{algorithm.upper()} from the {start} model, {reward} reward"
             what += f", seed {seed}" if len(seeds) > 1 else ""
-            out.append(Stage(name, "train", rl, what))
+            reads = (START_DIRS[start], *(("orm",) if reward == "orm" else ()))
+            out.append(Stage(name, "train", rl, what, needs=reads))
             out.append(
                 Stage(
                     f"eval-{name}",
@@ -166,6 +176,7 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
                     f"evaluation of {name}",
                     row=row,
                     model_stage=name,
+                    needs=(name, *reranked),
                 )
             )
     return out
