@@ -136,3 +136,10 @@ def test_a_stage_config_crosses_the_pipe_as_it_was(tmp_path):
         back = study_workers.decode(sent)
         assert runs.config_dict(back) == runs.config_dict(stage.config)
         assert back.to_dict() == stage.config.to_dict()  # tuples stay tuples
+
+
+def test_the_number_of_workers():
+    assert study_workers.default_workers(3) == 3
+    assert study_workers.default_workers(0) == len(os.sched_getaffinity(0))  # a CPU host
+    with pytest.raises(ValueError, match="study.workers is -1"):
+        study_workers.default_workers(-1)

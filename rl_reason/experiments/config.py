@@ -860,10 +860,10 @@ def study_config() -> ml_collections.ConfigDict:
     # PPO/GRPO's dense variant: the study's step-match heuristic beside correctness.
     c.study.dense_rewards = ml_collections.ConfigDict({"correctness": 1.0, "step_match": 0.5})
     c.study.rerank = True  # train the ORM and report rerank@K (it is trained for an orm reward too)
-    # Stages run side by side in this many worker processes, one CPU each
-    # (`experiments/study_workers.py`); 0: one per CPU on a CPU-only single-process run,
-    # else 1. 1 runs every stage in the launching process on every CPU (a stage's last
-    # bits depend on its CPU count, so 1 and >1 part there; >1 are all the same).
+    # Stages side by side in this many worker processes, one CPU each, after pretraining
+    # (`experiments/study_workers.py`); 0: one per CPU on a CPU host, 1 on accelerators.
+    # 1 runs every stage in the launching process on every CPU, as before workers. A
+    # stage's last bits depend on its CPU count: 1 and 2 part there, 2 and 8 do not.
     c.study.workers = 0
 
     c.stages = ml_collections.ConfigDict()

@@ -81,6 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Returns {row label: held-out maj@1}. A preemption signal inside
     a stage saves that stage and exits with status 75, like any run.
     """
+    began = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     plan = stages(config, workdir)
     lead = jax.process_index() == 0  # every process runs each stage; one writes the records
@@ -130,9 +131,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for stage in here:
         bar.set_postfix_str(stage.name)
         started(stage)
-        began = time.perf_counter()
+        stage_began = time.perf_counter()
         metrics = run_stage(stage.kind, stage.config, os.path.join(workdir, stage.name))
-        finished(stage, metrics, time.perf_counter() - began)
+        finished(stage, metrics, time.perf_counter() - stage_began)
     rest = pending[len(here) :]
     if rest:
         bar.set_postfix_str(f"{min(workers, len(rest))} workers")
@@ -143,9 +144,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return {}
     rows = study_report.write_report(config, workdir, plan)
     print(study_report.terminal_table(rows, config))
+    clock = (time.perf_counter() - began) / 60  # side by side, less than the stages' sum
     print(
-        f"report: {os.path.join(workdir, 'report.md')} "
-        f"(stages took {sum(timings.values()) / 60:.1f} min in all)"
+        f"report: {os.path.join(workdir, 'report.md')} (stages took"
+        f" {sum(timings.values()) / 60:.1f} min in all; this run {clock:.1f} min on the clock,"
+        f" {workers} worker{'s' if workers > 1 else ''})"
     )
     if "wandb" in config.logging.get("backends", ()):  # the report's table and plots too
         study_report.log_to_wandb(config, workdir, rows)

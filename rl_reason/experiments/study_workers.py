@@ -38,6 +38,7 @@ from typing import Any
 
 import ml_collections
 
+from rl_reason.experiments.config import InvalidConfigError
 from rl_reason.experiments.study_plan import Stage
 
 RUN_STAGE = ("rl_reason.experiments.study", "run_stage")  # (module, function) workers call
@@ -70,6 +71,8 @@ def default_workers(requested: int) -> int:
     CPU host, 1 on an accelerator (a stage has the devices to itself)."""
     import jax
 
+    if requested < 0:
+        raise InvalidConfigError([f"study.workers is {requested}: give 0 (one per CPU) or more."])
     if jax.process_count() > 1:
         return 1
     if requested > 0:
