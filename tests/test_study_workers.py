@@ -143,3 +143,18 @@ def test_the_number_of_workers():
     assert study_workers.default_workers(0) == len(os.sched_getaffinity(0))  # a CPU host
     with pytest.raises(ValueError, match="study.workers is -1"):
         study_workers.default_workers(-1)
+
+
+def test_the_launcher_reports_a_failed_stage_in_one_paragraph_after_its_traceback(capsys):
+    from rl_reason.experiments import cli
+
+    def fails(details):
+        raise study_workers.StageFailedError("sft", "ValueError", "a bug", details)
+
+    for details in ("Traceback (most recent call last): ...", ""):
+        with pytest.raises(SystemExit) as e:
+            cli.run_reporting_errors(fails, details)
+        assert e.value.code == 1
+        err = capsys.readouterr().err
+        assert err.endswith("error: stage sft failed: ValueError: a bug\n")
+        assert ("Traceback" in err) == bool(details)

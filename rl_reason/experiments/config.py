@@ -863,7 +863,8 @@ def study_config() -> ml_collections.ConfigDict:
     # Stages side by side in this many worker processes, one CPU each, after pretraining
     # (`experiments/study_workers.py`); 0: one per CPU on a CPU host, 1 on accelerators.
     # 1 runs every stage in the launching process on every CPU, as before workers. A
-    # stage's last bits depend on its CPU count: 1 and 2 part there, 2 and 8 do not.
+    # stage's last bits depend on its CPU count: 1 and 2 workers part there, 2 and 8 do
+    # not (given the same pretraining, which runs on every CPU either way).
     c.study.workers = 0
 
     c.stages = ml_collections.ConfigDict()

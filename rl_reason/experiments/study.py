@@ -23,7 +23,10 @@ and then writes `report.md`, its plots and `study.json`
 (`study_report.write_report`). Every stage is resumable on its own, and a
 finished stage leaves `stage.json` (its config and final metrics), so a
 killed job rerun with the same command skips what is done, resumes the
-stage it was in, and ends with the same report.
+stage it was in, and ends with the same report. On a CPU host the stages
+after pretraining run side by side, one worker process per CPU, each
+stage as soon as the stages it reads have finished (`study.workers`,
+`study_workers.py`).
 
 The config holds one template per kind of stage (`stages.pretrain`,
 `stages.sft`, `stages.orm`, `stages.ei`, `stages.ppo`, `stages.rcrl`,

@@ -3,11 +3,11 @@
 A small model's step gains little from a second CPU (XLA:CPU's threads meet at every
 op: the study's PPO stage ran 1.49x faster on two CPUs than on one), so on a CPU host
 two stages at once, one CPU each, do more in the same time. Each worker is pinned to
-one CPU before JAX starts, so every stage it runs computes with one thread: a stage's
-numbers are the same whatever the number of workers, the machine's core count or the
-order the stages ran in. Stages that every other stage waits for (pretraining) run
-first in the calling process, on every CPU, as the whole job did before
-(`leading_stages`).
+one CPU before JAX starts, so every stage it runs computes with one thread: its numbers
+are the same whatever the number of workers, the machine's core count or the order
+the stages ran in. Stages that every other stage waits for (pretraining) run first in
+the calling process, on every CPU, as the whole job did before (`leading_stages`):
+their numbers, and so the later stages' inputs, still depend on the core count.
 
     pool = StagePool(workers=2)        # `study.workers`; see `default_workers`
     pool.run(pending, workdir, on_start=..., on_done=...)
@@ -140,6 +140,9 @@ class StagePool:
         finally:
             forwarder.restore()
             for worker in workers:
+                if worker.stage is not None:  # this process failed: the stage saves first
+                    worker.signal(signal.SIGTERM)
+            for worker in workers:
                 worker.close()
 
 
@@ -186,8 +189,13 @@ def _schedule(pending, workdir, workers, on_start, on_done, forwarder) -> None:
     if preempted or forwarder.signalled:
         from rl_reason import checkpointing
 
-        step, directory = preempted[0] if preempted else (0, workdir)
-        raise checkpointing.Preempted(step, directory)
+        if preempted:
+            raise checkpointing.Preempted(*preempted[0])
+        stopped = checkpointing.Preempted(0, workdir)
+        stopped.args = (
+            f"Preempted between stages. Run the same command with --workdir={workdir} to resume.",
+        )
+        raise stopped
     if len(finished) < len(pending):
         left = ", ".join(s.name for s in pending if s.name not in finished)
         raise StageFailedError(left, "WorkerDied", "every worker stopped before these stages")
