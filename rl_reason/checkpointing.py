@@ -691,7 +691,7 @@ class PreemptionGuard:
     early_signal: Optional[int] = None
 
     def __init__(self):
-        self.signal_received: Optional[int] = PreemptionGuard.early_signal
+        self.signal_received: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
     @staticmethod
@@ -705,6 +705,8 @@ class PreemptionGuard:
                 self._previous[sig] = signal.signal(sig, self._handle)
         else:
             self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup_as_term)
+        if self.signal_received is None:  # read after the handlers are in: none is lost
+            self.signal_received = PreemptionGuard.early_signal
         return self
 
     def _handle(self, signum, frame) -> None:

@@ -27,6 +27,13 @@ def run_stage(kind, config, directory):
     act = config.act
     if act == "sleep":
         time.sleep(config.seconds)
+    elif act == "meet":  # runs until `config.partner` has begun too: the two ran at once
+        partner = os.path.join(os.path.dirname(directory), config.partner)
+        deadline = time.time() + 120
+        while not os.path.exists(partner):
+            if time.time() > deadline:
+                raise TimeoutError(f"{config.partner} never ran beside this stage")
+            time.sleep(0.02)
     elif act == "wait_for_signal":  # a run's loop: save and stop when its guard says so
         with checkpointing.PreemptionGuard() as guard:
             for step in range(2000):

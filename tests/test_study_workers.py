@@ -30,8 +30,10 @@ def _fakes_importable(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
 
 
-def _stage(name, act="sleep", seconds=0.0, needs=(), kind="train"):
-    config = ml_collections.ConfigDict({"act": act, "seconds": seconds, "buckets": (64, 128)})
+def _stage(name, act="sleep", seconds=0.0, needs=(), kind="train", partner=""):
+    config = ml_collections.ConfigDict(
+        {"act": act, "seconds": seconds, "buckets": (64, 128), "partner": partner}
+    )
     return Stage(name, kind, config, f"the stand-in {name}", needs=tuple(needs))
 
 
@@ -41,36 +43,42 @@ def _record(workdir, name):
 
 
 def _run(stages, workdir, workers=2):
-    started, done = [], {}
+    """(the pool's events in order: ("start" | "done", name), {name: metrics})."""
+    events, done = [], {}
+
+    def finished(stage, metrics, seconds):
+        events.append(("done", stage.name))
+        done[stage.name] = metrics
+
     pool = study_workers.StagePool(workers, run_stage=FAKES)
-    pool.run(stages, str(workdir), lambda s: started.append(s.name),
-             lambda s, metrics, seconds: done.update({s.name: metrics}))  # fmt: skip
-    return started, done
+    pool.run(stages, str(workdir), lambda s: events.append(("start", s.name)), finished)
+    return events, done
 
 
 def test_stages_run_side_by_side_after_what_they_need_each_on_one_cpu(tmp_path):
     stages = [
-        _stage("a", seconds=1.0),
-        _stage("b", seconds=1.0),
+        _stage("a", "meet", partner="b"),  # each waits until the other has begun
+        _stage("b", "meet", partner="a"),
         _stage("eval-a", seconds=0.2, needs=("a",), kind="evaluate"),
         _stage("c", seconds=0.2, needs=("a", "b")),
         _stage("d", seconds=0.2, needs=("gone",)),  # finished before this run: not waited for
     ]
-    started, done = _run(stages, tmp_path)
+    events, done = _run(stages, tmp_path)
     assert sorted(done) == sorted(s.name for s in stages)
     assert done["c"] == {"kind": "train", "buckets": "tuple", "seconds": 0.2}  # as sent
-    assert started.index("eval-a") > started.index("c") or _record(tmp_path, "c")["began"] < (
-        _record(tmp_path, "eval-a")["began"]
-    )  # training stages are handed out first once ready
+    # Training stages go first among the ready ones: the evaluation started before c only
+    # if c was still waiting for b then.
+    before_eval = events[: events.index(("start", "eval-a"))]
+    assert ("start", "c") in before_eval or ("done", "b") not in before_eval
     records = {s.name: _record(tmp_path, s.name) for s in stages}
     for stage in stages:
         for need in stage.needs:
             if need in records:
                 assert records[need]["ended"] <= records[stage.name]["began"], stage.name
         assert len(records[stage.name]["cpus"]) == 1
-    # a and b overlapped, on two processes pinned to different CPUs where there are two.
+    # a and b ran at once (each waited for the other), in two processes pinned to
+    # different CPUs where there are two.
     assert records["a"]["pid"] != records["b"]["pid"]
-    assert records["b"]["began"] < records["a"]["ended"]
     if len(os.sched_getaffinity(0)) > 1:
         assert records["a"]["cpus"] != records["b"]["cpus"]
 

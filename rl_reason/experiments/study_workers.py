@@ -208,7 +208,9 @@ class _Worker:
         to_worker, self._task_end = os.pipe()
         self._result_end, from_worker = os.pipe()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        boot = (
+        boot = (  # signals held from the first line until `_serve` has its handlers
+            "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, (1, 2, 15)); "
+            f"import os; hasattr(os, 'sched_setaffinity') and os.sched_setaffinity(0, {{{cpu}}}); "
             f"import sys; sys.path.insert(0, {root!r}); "
             "from rl_reason.experiments.study_workers import _serve; "
             f"_serve({to_worker}, {from_worker}, {cpu}, {os.getpid()}, {json.dumps(_settings())!r}, "
@@ -330,11 +332,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _serve(tasks_fd, results_fd, cpu, parent, settings, run_stage) -> None:
-    """A worker's life: pinned to `cpu` before JAX starts (XLA sizes its thread pools by
-    the CPUs a process may use), then one stage per task line until the pipe closes."""
+    """A worker's life, pinned to `cpu` by its boot line before JAX is imported (XLA sizes
+    its thread pools by the CPUs a process may use): one stage per task line until the
+    pipe closes."""
+    del cpu  # the boot line pinned the process before anything was imported
     _die_with_parent(parent)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
     import jax
     from absl import logging
 
@@ -345,6 +347,7 @@ def _serve(tasks_fd, results_fd, cpu, parent, settings, run_stage) -> None:
     # saves at the next step (the pool gives no stage after a signal).
     for sig in _SIGNALS:
         signal.signal(sig, checkpointing.PreemptionGuard.note_early_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # what came while booting lands now
     settings = json.loads(settings)
 
     for name, value in settings["jax"].items():
