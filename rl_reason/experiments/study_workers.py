@@ -233,8 +233,11 @@ class _Worker:
     def give(self, stage: Stage, directory: str) -> None:
         self.stage, self.began = stage, time.perf_counter()
         task = {"kind": stage.kind, "config": encode(stage.config), "directory": directory}
-        self._tasks.write(json.dumps(task) + "\n")
-        self._tasks.flush()
+        try:
+            self._tasks.write(json.dumps(task) + "\n")
+            self._tasks.flush()
+        except OSError:  # it died booting: `receive` reads its end and reports it
+            pass
 
     def receive(self) -> list[Any]:
         """The worker's answer to its stage; a worker that died is a failure."""
