@@ -38,6 +38,7 @@ from typing import Any
 
 import ml_collections
 
+from rl_reason import checkpointing
 from rl_reason.experiments.config import InvalidConfigError
 from rl_reason.experiments.study_plan import Stage
 
@@ -52,7 +53,7 @@ _JAX_SETTINGS = (
     "jax_enable_x64",
     "jax_debug_nans",
 )
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SIGNALS = checkpointing.PreemptionGuard.SIGNALS  # what a run saves on, and the pool passes on
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
@@ -187,8 +188,6 @@ def _schedule(pending, workdir, workers, on_start, on_done, forwarder) -> None:
     if failure is not None:
         raise failure
     if preempted or forwarder.signalled:
-        from rl_reason import checkpointing
-
         if preempted:
             raise checkpointing.Preempted(*preempted[0])
         stopped = checkpointing.Preempted(0, workdir)
@@ -209,7 +208,7 @@ class _Worker:
         self._result_end, from_worker = os.pipe()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         boot = (  # signals held from the first line until `_serve` has its handlers
-            "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, (1, 2, 15)); "
+            f"import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {[int(s) for s in _SIGNALS]}); "
             f"import os; hasattr(os, 'sched_setaffinity') and os.sched_setaffinity(0, {{{cpu}}}); "
             f"import sys; sys.path.insert(0, {root!r}); "
             "from rl_reason.experiments.study_workers import _serve; "
@@ -343,7 +342,6 @@ def _serve(tasks_fd, results_fd, cpu, parent, settings, run_stage) -> None:
     import jax
     from absl import logging
 
-    from rl_reason import checkpointing
     from rl_reason.experiments import cli
 
     # A signal is kept for the stage running or about to: its run's guard, once set up,
