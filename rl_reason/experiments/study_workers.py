@@ -212,7 +212,7 @@ class _Worker:
             f"import os; hasattr(os, 'sched_setaffinity') and os.sched_setaffinity(0, {{{cpu}}}); "
             f"import sys; sys.path.insert(0, {root!r}); "
             "from rl_reason.experiments.study_workers import _serve; "
-            f"_serve({to_worker}, {from_worker}, {cpu}, {os.getpid()}, {json.dumps(_settings())!r}, "
+            f"_serve({to_worker}, {from_worker}, {os.getpid()}, {json.dumps(_settings())!r}, "
             f"{list(run_stage)!r})"
         )
         self.process = subprocess.Popen(
@@ -333,11 +333,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _serve(tasks_fd, results_fd, cpu, parent, settings, run_stage) -> None:
-    """A worker's life, pinned to `cpu` by its boot line before JAX is imported (XLA sizes
-    its thread pools by the CPUs a process may use): one stage per task line until the
-    pipe closes."""
-    del cpu  # the boot line pinned the process before anything was imported
+def _serve(tasks_fd, results_fd, parent, settings, run_stage) -> None:
+    """A worker's life, pinned to its CPU by its boot line before JAX is imported (XLA
+    sizes its thread pools by the CPUs a process may use): one stage per task line until
+    the pipe closes."""
     _die_with_parent(parent)
     import jax
     from absl import logging
