@@ -20,6 +20,7 @@ from rl_reason.algorithms.logprobs import (
     chunked_target_scores,
     score_tokens,
 )
+from rl_reason.experiments import rollout
 from rl_reason.models.config import tiny_llama
 from rl_reason.models.transformer import Transformer
 from rl_reason.parallel import mesh as mesh_lib
@@ -347,6 +348,50 @@ def _update_on_mesh(batch, mesh_shape, config):
 @pytest.fixture(scope="module")
 def reference_update(initial_state, batch):
     return _update_on_one_device(initial_state, batch, UPDATE)
+
+
+def test_token_span_keeps_every_token_column_in_a_multiple_of_the_width():
+    mask = np.zeros((3, 12), bool)
+    mask[0, 5:9], mask[1, 6:10], mask[2, 7:8] = True, True, True  # tokens in columns 5..9
+    assert rollout.token_span(mask, 1) == slice(5, 10)
+    assert rollout.token_span(mask, 4) == slice(2, 10)  # widened into the prompt padding
+    assert rollout.token_span(mask, 8) == slice(2, 10)
+    assert rollout.token_span(mask, 16) == slice(0, 12)  # never wider than the rollout
+    assert rollout.token_span(mask, 0) == slice(0, 12)  # 0: every column
+    mask[:, :2] = True  # a width of 10 columns: widened to 12, the whole rollout
+    assert rollout.token_span(mask, 4) == slice(0, 12)
+    assert rollout.token_span(np.zeros((2, 6), bool), 4) == slice(0, 6)
+
+
+def test_cutting_the_padding_columns_changes_no_score_and_no_update(params, initial_state, batch):
+    """What the on-policy learner does with `rl.pad_to_multiple`: the rollout's columns
+    that hold no token of any row are left out of scoring and the update."""
+    seqs = {k: batch[k] for k in ("tokens", "input_mask", "loss_mask")}
+    wide = {k: np.pad(v, ((0, 0), (3, 5))) for k, v in seqs.items()}  # bucket and budget padding
+    span = rollout.token_span(wide["input_mask"], 2)
+    assert span.stop - span.start < wide["tokens"].shape[1]
+    cut = {k: v[:, span] for k, v in wide.items()}
+    ref_params = jax.tree.map(lambda x: x * 1.05, params)
+    full, part = SCORE(params, ref_params, wide), SCORE(params, ref_params, cut)
+    for name in full:
+        np.testing.assert_allclose(part[name], full[name][:, span], atol=1e-6)
+        outside = np.delete(np.asarray(full[name]), np.arange(span.start, span.stop), axis=1)
+        assert not outside.any(), name
+
+    def update_on(sequences, scored):
+        valid = sequences["loss_mask"]
+        last = valid & ~np.pad(valid[:, 1:], ((0, 0), (0, 1)))
+        rewards = kl.token_rewards_with_kl(
+            jnp.asarray(last * 1.0), scored["old_logprobs"], scored["ref_logprobs"], valid, 0.05
+        )
+        advantages, returns = adv.gae(rewards, scored["old_values"], valid, 1.0, 0.95)
+        step = {**sequences, **scored, "advantages": advantages, "returns": returns}
+        return _update_on_one_device(initial_state, step, UPDATE)
+
+    state_full, metrics_full = update_on(wide, full)
+    state_cut, metrics_cut = update_on(cut, part)
+    _assert_trees_close(state_cut.params, state_full.params, atol=1e-6)
+    _assert_trees_close(metrics_cut, metrics_full, atol=1e-5)
 
 
 def test_update_counts_steps_and_reports_finite_metrics(reference_update, params):

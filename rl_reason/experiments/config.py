@@ -358,6 +358,10 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     # rows padded to the smallest of rl.orm_length_buckets that holds them.
     c.rl.orm_source = ""
     c.rl.orm_length_buckets = (128, 256, 512, 1024)
+    # Scoring and the update read only the columns that hold a token (the sampler pads
+    # prompts to their bucket and completions to max_new_tokens), rounded up to a
+    # multiple of this: one program per width. 0: the sampler's whole width.
+    c.rl.pad_to_multiple = 16
     # "gae" (PPO), a group baseline ("grpo", "grpo_no_std", "rloo", "dr_grpo") or
     # REINFORCE++'s global whitening ("reinforce_pp", "reinforce_pp_baseline").
     c.rl.advantage = "gae"

@@ -250,8 +250,10 @@ class OnPolicyLearner:
         totals, token_scores, keep, shaping_stats = self.shaped_rewards(batch)
         phase_done("generate")
 
-        sequences = shd.shard_batch(batch.sequences, mesh)
-        token_scores, rewards = shd.shard_batch((token_scores, totals), mesh)
+        # Scoring and the update see the columns that hold tokens, not the sampler's padding.
+        span = rollout.token_span(batch.sequences["input_mask"], self.config.rl.pad_to_multiple)
+        sequences = shd.shard_batch({k: v[:, span] for k, v in batch.sequences.items()}, mesh)
+        token_scores, rewards = shd.shard_batch((token_scores[:, span], totals), mesh)
         with shd.activation_sharding(mesh, rules):
             scored = self.score(state.params, self.reference(state), sequences)
             estimates = self.estimate(
@@ -261,7 +263,8 @@ class OnPolicyLearner:
 
         correction, mismatch = None, {}
         if self.correction is not None:
-            sampler_logprobs = shd.shard_batch(batch.samples.rollout.sequence_logprobs(), mesh)
+            sampler_logprobs = batch.samples.rollout.sequence_logprobs()[:, span]
+            sampler_logprobs = shd.shard_batch(sampler_logprobs, mesh)
             with shd.activation_sharding(mesh, rules):
                 correction, mismatch = self.measure(
                     scored["old_logprobs"], sampler_logprobs, sequences

@@ -98,6 +98,27 @@ class RolloutBatch:
         )
 
 
+def token_span(input_mask: np.ndarray, multiple: int) -> slice:
+    """The columns of a rollout's [N, L] arrays that the learner needs: from the first
+    column any row has a token in to the last, widened to a multiple of `multiple`
+    (one program per width: a few widths, not one a batch) and at most L.
+
+    Prompts are left-padded to the sampler's bucket and completions right-padded to
+    the budget, so a batch whose longest prompt is shorter than its bucket, or whose
+    rows all stopped early, carries columns of padding only; scoring and the update
+    cost what they hold. Cutting them changes no token's position (positions count
+    the input mask) nor what any token attends to. `multiple` <= 0: every column.
+    """
+    width = input_mask.shape[1]
+    used = np.flatnonzero(np.asarray(input_mask).any(axis=0))
+    if multiple <= 0 or used.size == 0:
+        return slice(0, width)
+    first, end = int(used[0]), int(used[-1]) + 1
+    span = min(-(-(end - first) // multiple) * multiple, width)
+    start = max(end - span, 0)  # widened to the left (prompt padding) first
+    return slice(start, start + span)
+
+
 def concatenate(batches: Sequence[RolloutBatch]) -> RolloutBatch:
     """One batch of several rollouts' rows, in order (DAPO's refills). Prompt-side arrays
     are left-padded and completion-side arrays right-padded to the widest batch's."""
