@@ -354,3 +354,32 @@ def test_decode_products_cache_first_are_the_same_sums(t):
     np.testing.assert_array_equal(
         layers.attention_values(probs, shared_v), jnp.einsum("bkgts,kds->bkgtd", probs, shared_v)
     )
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_a_grouped_segment_equals_its_keys_repeated_for_each_row(t):
+    """A prompt cache held once for each group of consecutive rows (the K samples of a
+    prompt in the sampler) attends as the same keys copied to every row would, in the
+    dense products (read in place) and in the kernels that take it repeated."""
+    rng = np.random.default_rng(1)
+    rows, groups, kv_heads, heads, dim, prompt = 6, 2, 2, 4, 8, 5
+    q = _f32(rng, rows, t, heads, dim)
+    group_k = _f32(rng, groups, kv_heads, prompt, dim)
+    group_v = _f32(rng, groups, kv_heads, dim, prompt)
+    group_pos = np.tile(np.arange(prompt), (groups, 1))
+    group_pos[1, :2] = -1  # the second prompt is left-padded
+    own_k, own_v = _f32(rng, rows, kv_heads, t, dim), _f32(rng, rows, kv_heads, dim, t)
+    qpos = jnp.asarray(prompt + np.tile(np.arange(t), (rows, 1)), jnp.int32)
+    per_row = lambda x: jnp.repeat(x, rows // groups, axis=0)  # noqa: E731
+    positions = jnp.asarray(per_row(group_pos), jnp.int32)
+    own = (own_k, own_v, qpos)
+    grouped = [(group_k, group_v, positions), own]
+    repeated = [(per_row(group_k), per_row(group_v), positions), own]
+    want = _dense(q, repeated, qpos, 0)
+    np.testing.assert_allclose(_dense(q, grouped, qpos, 0), want, rtol=1e-6, atol=1e-6)
+    for implementation in ("xla", "blockwise"):
+        got = attention.attend(
+            q, grouped, SCALE, query_positions=qpos, implementation=implementation,
+            block_q=2, block_k=3,
+        )  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

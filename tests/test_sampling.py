@@ -117,6 +117,8 @@ def test_rollout_logprobs_equal_learner_logprobs(name):
 
 @pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9)])
 def test_shared_prefill_equals_independent_prefills(options):
+    """K samples of a prompt share its prefill and read its one cache (`groups`): the same
+    rollout as K copies of the prompt, each prefilled and cached on its own."""
     decoder, scanned, params = _setup("llama")
     tokens, mask = _prompts(scanned.config.vocab_size)
     shared = _sample(decoder, params, tokens, mask, num_samples=3, **options)

@@ -3,7 +3,8 @@
 `attend(q, segments, scale, query_positions=..., window=...)` is what the
 transformer calls. Its segments are (k, v, key_positions) with the KV cache's
 layouts (k [B, K, S, D], v [B, K, D, S], or without the batch axis for a
-prefix every row shares; key_positions [B or 1, S], -1 for an empty or padded
+prefix every row shares, or [G, K, ...] for a prompt each group of B / G
+consecutive rows shares; key_positions [B or 1, S], -1 for an empty or padded
 slot), and visibility is `layers.attention_mask`'s rule: a key is seen when it
 is real, not in the query's future and, when window > 0, fewer than `window`
 positions behind. Implementations:
@@ -137,6 +138,8 @@ def attend(
     """
     kv_len = sum(k.shape[-2] for k, _, _ in segments)
     impl = choose_implementation(implementation, q.shape[1], kv_len, q.dtype, len(segments))
+    if impl != "xla":  # only the dense products read a grouped segment in place
+        segments = [_rows_of_groups(segment, q.shape[0]) for segment in segments]
     if impl == "xla":
         masked = [
             (k, v, layers.attention_mask(query_positions, pos, window)) for k, v, pos in segments
@@ -150,6 +153,15 @@ def attend(
         )
     bq, bk = block_sizes(q.shape[1], max(k.shape[-2] for k, _, _ in segments), block_q, block_k)
     return blockwise_attention(q, segments, scale, query_positions, window, bq, bk)
+
+
+def _rows_of_groups(segment: Segment, rows: int) -> Segment:
+    """A segment held by groups of consecutive rows (k [G, K, S, D], G < rows) with its
+    keys and values repeated for each row; any other segment as it is."""
+    k, v, positions = segment
+    if k.ndim == 4 and k.shape[0] != rows:
+        k, v = (jnp.repeat(x, rows // k.shape[0], axis=0) for x in (k, v))
+    return k, v, positions
 
 
 # --- blockwise: forward ----------------------------------------------------------

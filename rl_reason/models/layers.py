@@ -131,7 +131,10 @@ def dot_product_attention(q, segments, scale: float) -> jax.Array:
     cache's layouts) and mask [B, T, S]; or k [K, S, D], v [K, D, S] without
     the batch axis for keys every row shares (a prompt prefix common to the
     batch: stored once, and its products are one matmul over all rows'
-    queries rather than a batch of per-row ones). Logits and softmax in float32.
+    queries rather than a batch of per-row ones); or k [G, K, S, D], v [G, K,
+    D, S] for G < B groups of B / G consecutive rows (the K samples of a
+    prompt reading its one prompt cache: one matmul per group). Logits and
+    softmax in float32.
 
     Decoding passes the cache as it was before this step and the new keys as
     separate segments, so that no product reads the updated cache: XLA:CPU
@@ -157,28 +160,60 @@ def dot_product_attention(q, segments, scale: float) -> jax.Array:
     return out.reshape(b, t, h, d)
 
 
+_F32 = {"preferred_element_type": jnp.float32}
+
+
 def attention_scores(q, k):
-    """q [B, K, G, T, D] . k [B, K, S, D] (or [K, S, D]) -> float32 [B, K, G, T, S].
+    """q [B, K, G, T, D] . k [B, K, S, D] (or [K, S, D], or [groups, K, S, D] for groups
+    of consecutive rows) -> float32 [B, K, G, T, S].
 
     A decode step (T == 1) reads the whole cache for a handful of query columns:
     written cache-first, the product XLA:CPU emits streams the cache 1.2-4x
     faster than with the query leading (benchmarks/decode_attention_dots.py).
     """
+    if _grouped(q, k):
+        part = jnp.einsum("gkmd,gksd->gkms", _by_group(q, k.shape[0]), k, **_F32)
+        return _from_groups(part, (*q.shape[:-1], k.shape[2]))
     if q.shape[3] == 1 and k.ndim == 4:
-        part = jnp.einsum("bksd,bkgtd->bksgt", k, q, preferred_element_type=jnp.float32)
+        part = jnp.einsum("bksd,bkgtd->bksgt", k, q, **_F32)
         return jnp.moveaxis(part, 2, -1)
     spec = "bkgtd,bksd->bkgts" if k.ndim == 4 else "bkgtd,ksd->bkgts"
-    return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, q, k, **_F32)
 
 
 def attention_values(probs, v):
-    """probs [B, K, G, T, S] . v [B, K, D, S] (or [K, D, S]) -> float32 [B, K, G, T, D];
+    """probs [B, K, G, T, S] . v [B, K, D, S] (or [K, D, S], or [groups, K, D, S])
+    -> float32 [B, K, G, T, D];
     cache-first in a decode step, as `attention_scores`."""
+    if _grouped(probs, v):
+        part = jnp.einsum("gkms,gkds->gkmd", _by_group(probs, v.shape[0]), v, **_F32)
+        return _from_groups(part, (*probs.shape[:-1], v.shape[2]))
     if probs.shape[3] == 1 and v.ndim == 4:
-        part = jnp.einsum("bkds,bkgts->bkdgt", v, probs, preferred_element_type=jnp.float32)
+        part = jnp.einsum("bkds,bkgts->bkdgt", v, probs, **_F32)
         return jnp.moveaxis(part, 2, -1)
     spec = "bkgts,bkds->bkgtd" if v.ndim == 4 else "bkgts,kds->bkgtd"
-    return jnp.einsum(spec, probs, v, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, probs, v, **_F32)
+
+
+def _grouped(x, kv) -> bool:
+    """Whether kv [G, K, ., .] is held by groups of x's [B, ...] rows (G < B)."""
+    return kv.ndim == 4 and kv.shape[0] != x.shape[0]
+
+
+def _by_group(x, groups: int):
+    """[B, K, G', T, X] -> [groups, K, (B / groups) G' T, X]: a group's rows' queries
+    (or probabilities) side by side, one matmul against the group's keys (or values)."""
+    b, kh, g, t, last = x.shape
+    x = x.reshape(groups, b // groups, kh, g, t, last)
+    return jnp.moveaxis(x, 1, 2).reshape(groups, kh, -1, last)
+
+
+def _from_groups(x, shape):
+    """Inverse of `_by_group` for a result [groups, K, (B / groups) G' T, Y] -> shape."""
+    b, kh, g, t, last = shape
+    groups = x.shape[0]
+    x = x.reshape(groups, kh, b // groups, g, t, last)
+    return jnp.moveaxis(x, 2, 1).reshape(shape)
 
 
 def cpu_layout() -> bool:

@@ -122,6 +122,7 @@ class _LayerContext:
     rope_local: tuple[jax.Array, jax.Array]
     cache_index: Optional[jax.Array]
     shared_key_positions: Optional[jax.Array]  # [1, P] of the shared cache, if any
+    group_key_positions: Optional[jax.Array] = None  # [B, P] of the group cache, if any
     page_table: Optional[jax.Array] = None  # [B, P] with a PagedKV
     page_slots: Optional[jax.Array] = None  # [B, T] the new tokens' slots in the flat pool
 
@@ -134,7 +135,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer, ctx: _LayerContext):
         """x [B, T, E]; layer: {"is_local", "kv": this layer's (k, v) cache or None,
-        "shared_kv": this layer's (k, v) of a batch-1 cache every row attends to, or None}."""
+        "shared_kv": this layer's (k, v) of a batch-1 cache every row attends to, or None,
+        "group_kv": this layer's (k, v) of a G-row cache, row r's that of B / G rows each}."""
         c = self.config
         norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weights_dtype, name=name)
         attn = layers.Attention(c, name="attn")
@@ -153,6 +155,8 @@ class Block(nn.Module):
         kv = layer["kv"]
         if kv is not None:
             segments.insert(0, (*kv, ctx.cached_key_positions))
+        if layer.get("group_kv") is not None:  # [G, ...]: read by each group's rows in place
+            segments.insert(0, (*layer["group_kv"], ctx.group_key_positions))
         if layer["shared_kv"] is not None:
             shared_k, shared_v = layer["shared_kv"]
             segments.insert(0, (shared_k[0], shared_v[0], ctx.shared_key_positions))
@@ -304,6 +308,7 @@ class Transformer(nn.Module):
         cache: Optional[KVCache] = None,
         shared: Optional[KVCache] = None,
         paged: Optional[PagedKV] = None,
+        groups: Optional[KVCache] = None,
     ) -> TransformerOutput:
         """Runs the layers over tokens [B, T] at positions [B, T].
 
@@ -311,6 +316,9 @@ class Transformer(nn.Module):
         tokens are written at slot cache.index and attend to everything cached.
         `shared` is a batch-1 cache (a prompt prefix common to all rows) that
         every row also attends to without holding a copy; it is only read.
+        `groups` is a cache of G rows read the same way by groups of B / G
+        consecutive rows (row r reads its row r // (B / G): the K samples of a
+        prompt decoding over their prompt's one cache).
         With `paged` instead of a cache, each row's new tokens are written into
         its pages at their positions and attend to the row's pages; the output's
         cache is then the PagedKV with the pool updated.
@@ -325,7 +333,7 @@ class Transformer(nn.Module):
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_dim**0.5, c.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        ctx = self._layer_context(positions, key_positions, cache, shared, paged)
+        ctx = self._layer_context(positions, key_positions, cache, shared, paged, groups)
         if paged is not None:
             kv = (paged.k, paged.v)
         if c.scan_layers:
@@ -333,6 +341,7 @@ class Transformer(nn.Module):
                 "is_local": jnp.asarray(c.local_layers, bool),
                 "kv": kv,
                 "shared_kv": None if shared is None else (shared.k, shared.v),
+                "group_kv": None if groups is None else (groups.k, groups.v),
             }
             x, kv = self.layers(x, per_layer, ctx)
         else:
@@ -344,6 +353,7 @@ class Transformer(nn.Module):
                     "kv": None if paged is not None else layer_kv,
                     "pages": layer_kv if paged is not None else None,
                     "shared_kv": None if shared is None else (shared.k[i], shared.v[i]),
+                    "group_kv": None if groups is None else (groups.k[i], groups.v[i]),
                 }
                 x, layer_kv = block(x, layer, ctx)
                 new_kv.append(layer_kv)
@@ -368,7 +378,9 @@ class Transformer(nn.Module):
         }
         return TransformerOutput(hidden=hidden, cache=cache, heads=heads)
 
-    def _layer_context(self, positions, key_positions, cache, shared, paged) -> _LayerContext:
+    def _layer_context(
+        self, positions, key_positions, cache, shared, paged, groups
+    ) -> _LayerContext:
         """What every layer shares: positions, RoPE tables, where the cache is written."""
         c = self.config
         rope_global = layers.rope_tables(positions, layers.global_rope_frequencies(c))
@@ -385,10 +397,13 @@ class Transformer(nn.Module):
             rope_local=rope_local,
             cache_index=None if cache is None else cache.index,
             shared_key_positions=None if shared is None else shared.positions,
+            group_key_positions=None
+            if groups is None
+            else jnp.repeat(groups.positions, positions.shape[0] // groups.positions.shape[0], 0),
         )
         if paged is None:
             return ctx
-        if c.scan_layers or cache is not None or shared is not None:
+        if c.scan_layers or cache is not None or shared is not None or groups is not None:
             raise ValueError("A PagedKV needs the unrolled model and no other cache.")
         return ctx.replace(page_table=paged.page_table, page_slots=paged.slots(key_positions))
 

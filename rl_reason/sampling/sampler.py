@@ -4,7 +4,10 @@
 is a pure function of arrays. Prompts are left-padded so that every row
 writes the same cache slot at every step; positions count real tokens only,
 so a padded row computes exactly what it would alone. K samples per prompt
-share one prefill: the prompt's cache is computed once and repeated K times.
+share one prefill and one copy of its keys and values: each row's own cache
+holds only what it generates, and its attention reads the prompt's cache in
+place (`Transformer(..., groups=)`), one product for the K rows of a prompt
+rather than K copies streamed row by row.
 As rows finish, the live ones move to smaller batches (`min_rows`), each
 decoded by its own loop, so that a few long samples do not keep every
 finished row computing.
@@ -385,21 +388,40 @@ def _decode_batch_sizes(rows: int, min_rows: int) -> list[int]:
     return sizes
 
 
-def _shrink(state: _LoopState, size: int, batch: int) -> _LoopState:
-    """The state with its live rows (at most `size`) moved into a batch of `size` rows."""
+def _shrink(state: _LoopState, size: int, batch: int, groups: KVCache | None, k: int) -> _LoopState:
+    """The state with its live rows (at most `size`) moved into a batch of `size` rows.
+
+    With the prompts' `groups` cache (the first shrink), the rows no longer sit in
+    groups of K: each takes a copy of its prompt's keys ahead of its own."""
     order = jnp.argsort(~state.live, stable=True)[:size]  # live rows first, in order
     live = state.live[order]
     take = lambda x: x[order]
+    cache = _map_rows(state.cache, take)
+    if groups is not None:
+        prompts = jnp.minimum(state.rows[order], batch - 1) // k
+        cache = _join(_map_rows(groups, lambda x: x[prompts]), cache)
     return state.replace(
         rows=jnp.where(live, state.rows[order], batch),
         live=live,
-        cache=_map_rows(state.cache, take),
+        cache=cache,
         logits=take(state.logits),
         positions=take(state.positions),
         keys=take(state.keys),
         greedy=take(state.greedy),
         recent=take(state.recent),
         given=take(state.given),
+    )
+
+
+def _join(first: KVCache, then: KVCache) -> KVCache:
+    """One cache per row of `first`'s slots followed by `then`'s (the same rows)."""
+    return _constrain_cache(
+        KVCache(
+            k=tuple(jnp.concatenate(pair, axis=2) for pair in zip(first.k, then.k)),
+            v=tuple(jnp.concatenate(pair, axis=3) for pair in zip(first.v, then.v)),
+            positions=jnp.concatenate([first.positions, then.positions], axis=1),
+            index=first.index + then.index,
+        )
     )
 
 
@@ -426,32 +448,44 @@ def sample(
     if "layers" in params["params"]:
         params = unstack_layers(params)
     batch, prompt_len = prompt_tokens.shape
-    rows = batch * config.num_samples
+    k, new = config.num_samples, config.max_new_tokens
+    rows = batch * k
 
     prefix_len, shared = (0, None) if prefix is None else (prefix.length, prefix.cache)
-    cache = _constrain_cache(KVCache.init(model.config, batch, prompt_len + config.max_new_tokens))
+    # K > 1: the prompts' cache is the K rows' `groups`, each row's own only what it
+    # generates. K = 1: one cache a row, the prompt's slots and then the new ones.
+    prompt_cache = KVCache.init(model.config, batch, prompt_len + (0 if k > 1 else new))
     positions = prefix_len + default_positions(prompt_mask)
-    prefill = model.apply(params, prompt_tokens, positions, prompt_mask, cache=cache, shared=shared)
+    prefill = model.apply(
+        params, prompt_tokens, positions, prompt_mask, _constrain_cache(prompt_cache), shared
+    )
     logits = model.apply(params, prefill.hidden[:, -1], method=Transformer.logits)
-    state = _initial_state(prefill.cache, logits, positions, prompt_mask, rng, row_offset, config)
-
-    def body(s: _LoopState) -> _LoopState:
-        return _decode_step(model, params, shared, config, s)
+    groups, cache = prefill.cache, KVCache.init(model.config, rows, new)
+    if k == 1:
+        groups, cache = None, prefill.cache
+    state = _initial_state(
+        _constrain_cache(cache), logits, positions, prompt_mask, rng, row_offset, config
+    )
 
     sizes = _decode_batch_sizes(rows, config.min_rows)
     for size, next_size in zip(sizes, [*sizes[1:], 0]):
         if size < rows:
-            state = _shrink(state, size, rows)
+            state = _shrink(state, size, rows, groups, k)
+            groups = None  # now in each row's own cache
 
         def cond(s: _LoopState, next_size=next_size):
             return (s.step < config.max_new_tokens) & (jnp.sum(s.live) > next_size)
+
+        def body(s: _LoopState, groups=groups) -> _LoopState:
+            return _decode_step(model, params, shared, groups, config, s)
 
         state = jax.lax.while_loop(cond, body, state)
     return _rollout(state, prompt_tokens, prompt_mask, prefix, config)
 
 
 def _initial_state(cache, logits, positions, prompt_mask, rng, row_offset, config) -> _LoopState:
-    """The decode loop's state after the prefill: every prompt row repeated K times."""
+    """The decode loop's state after the prefill (`cache`: each row's own, K rows a
+    prompt): every prompt row's logits and position repeated K times."""
     batch = prompt_mask.shape[0]
     k, new = config.num_samples, config.max_new_tokens
     rows = batch * k
@@ -462,7 +496,7 @@ def _initial_state(cache, logits, positions, prompt_mask, rng, row_offset, confi
         step=jnp.zeros((), jnp.int32),
         rows=jnp.arange(rows),
         live=repeat(jnp.any(prompt_mask, axis=1)),  # empty filler rows never start
-        cache=_map_rows(cache, repeat),
+        cache=cache,
         logits=repeat(logits),
         positions=repeat(positions[:, -1] + 1),
         keys=jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids),
@@ -477,14 +511,22 @@ def _initial_state(cache, logits, positions, prompt_mask, rng, row_offset, confi
     )
 
 
-def _decode_step(model, params, shared, config: SamplingConfig, s: _LoopState) -> _LoopState:
+def _decode_step(
+    model, params, shared, groups, config: SamplingConfig, s: _LoopState
+) -> _LoopState:
     """One token for every live row: choose it, run it through the model, record it."""
     keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
     token, policy_lp, sampling_lp, recent, hit_eos, hit_stop, starts_step = next_tokens(
         s.logits, keys, config, live=s.live, greedy=s.greedy, given=s.given, recent=s.recent
     )
     out = model.apply(
-        params, token[:, None], s.positions[:, None], s.live[:, None], s.cache, shared
+        params,
+        token[:, None],
+        s.positions[:, None],
+        s.live[:, None],
+        s.cache,
+        shared,
+        groups=groups,
     )
     # Results go to the rows' places in the batch; empty slots (row N) are dropped.
     write = lambda buf, value: buf.at[s.rows, s.step].set(value, mode="drop")
