@@ -326,6 +326,11 @@ class Transformer(nn.Module):
         c = self.config
         if input_mask is None:
             input_mask = jnp.ones(tokens.shape, bool)
+        if groups is not None and tokens.shape[0] % groups.positions.shape[0]:
+            raise ValueError(
+                f"{tokens.shape[0]} rows cannot read a cache of {groups.positions.shape[0]}"
+                " groups: each group's rows must be as many and consecutive."
+            )
         key_positions = jnp.where(input_mask, positions, -1).astype(jnp.int32)
         kv = None if cache is None else (cache.k, cache.v)
 

@@ -460,8 +460,9 @@ def sample(
         params, prompt_tokens, positions, prompt_mask, _constrain_cache(prompt_cache), shared
     )
     logits = model.apply(params, prefill.hidden[:, -1], method=Transformer.logits)
-    groups, cache = prefill.cache, KVCache.init(model.config, rows, new)
-    if k == 1:
+    if k > 1:
+        groups, cache = prefill.cache, KVCache.init(model.config, rows, new)
+    else:
         groups, cache = None, prefill.cache
     state = _initial_state(
         _constrain_cache(cache), logits, positions, prompt_mask, rng, row_offset, config
