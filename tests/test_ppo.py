@@ -16,6 +16,7 @@ from rl_reason.algorithms import advantages as adv
 from rl_reason.algorithms import grpo, kl, ppo
 from rl_reason.algorithms import train_state as ts
 from rl_reason.algorithms.logprobs import (
+    SharedPrompts,
     chunked_target_logprobs,
     chunked_target_scores,
     score_tokens,
@@ -392,6 +393,28 @@ def test_cutting_the_padding_columns_changes_no_score_and_no_update(params, init
     state_cut, metrics_cut = update_on(cut, part)
     _assert_trees_close(state_cut.params, state_full.params, atol=1e-6)
     _assert_trees_close(metrics_cut, metrics_full, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_policy", [True, False])
+def test_scoring_a_shared_prompt_once_per_group_gives_the_same_scores(params, with_policy):
+    """Scoring with SharedPrompts (the K samples' prompt columns run once a group, each
+    row's own columns reading their keys) is the forward over whole rows, to rounding."""
+    k, prompt_len = 3, 6
+    seqs = _rollout(POLICY.config.vocab_size, rows=4 * k, prompt_len=prompt_len, gen_len=5)
+    for name in ("tokens", "input_mask"):  # the K rows of a group hold one prompt
+        prompt = seqs[name][::k, :prompt_len]
+        seqs[name][:, :prompt_len] = np.repeat(prompt, k, axis=0)
+    ref_params = jax.tree.map(lambda x: x * 1.05, params)
+    score = jax.jit(
+        functools.partial(ppo.score, MODELS, chunk_size=CHUNK, with_policy=with_policy),
+        static_argnames="shared",
+        compiler_options=FAST_COMPILE,
+    )
+    whole = score(params, ref_params, seqs)
+    for columns in (1, prompt_len - 1):
+        once = score(params, ref_params, seqs, shared=SharedPrompts(columns, k))
+        assert once.keys() == whole.keys()
+        _assert_trees_close(once, whole, atol=2e-6)
 
 
 def test_update_counts_steps_and_reports_finite_metrics(reference_update, params):

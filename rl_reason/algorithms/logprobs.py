@@ -11,13 +11,13 @@ needs over the whole vocabulary, is computed inside the same chunks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from rl_reason.models.transformer import Transformer, default_positions
+from rl_reason.models.transformer import KVCache, Transformer, TransformerOutput, default_positions
 
 
 @flax.struct.dataclass
@@ -32,6 +32,44 @@ class TokenLogProbs:
     heads: dict[str, jax.Array]  # scalar heads at every position, [B, T]
     # Entropy of the distribution token t was drawn from, [B, T] float32, when asked for.
     entropy: Optional[jax.Array] = None
+
+
+class SharedPrompts(NamedTuple):
+    """The first `columns` columns of each `rows` consecutive rows are one prompt (a
+    rollout's K samples of it): a forward runs them once per group and every row's
+    remaining columns read their keys and values (`Transformer(..., groups=)`), the
+    same attention without the K copies of the prompt's work. `columns` must leave
+    each row's first completion token after it (its score comes from the column
+    before); the outputs over those columns are zeros."""
+
+    columns: int
+    rows: int
+
+
+def run_model(
+    model: Transformer,
+    params: Any,
+    tokens: jax.Array,
+    input_mask: jax.Array,
+    shared: Optional[SharedPrompts] = None,
+) -> tuple[TransformerOutput, int]:
+    """(the model's output over tokens [B, T] from column `first` on, first): every
+    column (first = 0), or with `shared` the columns after the shared prompts."""
+    positions = default_positions(input_mask)
+    if shared is None or shared.columns == 0:
+        return model.apply(params, tokens, positions, input_mask), 0
+    columns, rows = shared
+    head = lambda x: x[::rows, :columns]  # one row a group
+    cache = KVCache.init(model.config, tokens.shape[0] // rows, columns)
+    prompts = model.apply(params, head(tokens), head(positions), head(input_mask), cache=cache)
+    tail = lambda x: x[:, columns:]
+    out = model.apply(params, tail(tokens), tail(positions), tail(input_mask), groups=prompts.cache)
+    return out, columns
+
+
+def pad_columns(x: jax.Array, columns: int, value=0) -> jax.Array:
+    """x [B, T'] with `columns` columns of `value` before it."""
+    return jnp.concatenate([jnp.full((x.shape[0], columns), value, x.dtype), x], axis=1)
 
 
 def chunked_target_logprobs(
@@ -117,14 +155,17 @@ def token_logprobs(
     *,
     chunk_size: int = 256,
     needed: Optional[jax.Array] = None,
+    shared: Optional[SharedPrompts] = None,
 ) -> TokenLogProbs:
     """Runs the model over tokens [B, T] and scores every next token (those `needed`
-    marks, when given: see score_tokens).
+    marks, when given: see score_tokens; `shared`: see SharedPrompts).
 
     Positions count real tokens only, so a left-padded prompt scores exactly as
     the sampler saw it.
     """
-    return score_tokens(model, params, tokens, input_mask, chunk_size=chunk_size, needed=needed)
+    return score_tokens(
+        model, params, tokens, input_mask, chunk_size=chunk_size, needed=needed, shared=shared
+    )
 
 
 def score_tokens(
@@ -136,29 +177,30 @@ def score_tokens(
     chunk_size: int = 256,
     with_entropy: bool = False,
     needed: Optional[jax.Array] = None,
+    shared: Optional[SharedPrompts] = None,
 ) -> TokenLogProbs:
     """`token_logprobs`, plus the per-token entropy of the policy when with_entropy.
 
     One forward pass gives log-probs, entropies and the scalar heads (PPO's
     value head on the policy's trunk), all aligned with the tokens. `needed`
     [B, T] (aligned with the tokens) skips the unembedding of chunks of
-    positions whose scores are not used (see chunked_target_scores).
+    positions whose scores are not used (see chunked_target_scores). With
+    `shared` (SharedPrompts) the shared columns run once a group and score 0.
     """
-    positions = default_positions(input_mask)
-    out = model.apply(params, tokens, positions, input_mask)
+    out, first = run_model(model, params, tokens, input_mask, shared)
     logits_fn = lambda h: model.apply(params, h, method=Transformer.logits)
     logprobs, hits, entropy = chunked_target_scores(
         logits_fn,
         out.hidden[:, :-1],
-        tokens[:, 1:],
+        tokens[:, first + 1 :],
         chunk_size,
         with_entropy,
-        None if needed is None else needed[:, 1:],
+        None if needed is None else needed[:, first + 1 :],
     )
-    pad = lambda x, value: jnp.concatenate([jnp.full((x.shape[0], 1), value, x.dtype), x], axis=1)
+    pad = lambda x, value: pad_columns(x, first + 1, value)
     return TokenLogProbs(
         logprobs=pad(logprobs, 0.0),
         is_argmax=pad(hits, False),
-        heads=out.heads,
+        heads={name: pad_columns(h, first) for name, h in out.heads.items()},
         entropy=None if entropy is None else pad(entropy, 0.0),
     )

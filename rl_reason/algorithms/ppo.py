@@ -35,12 +35,19 @@ from rl_reason.algorithms import sft
 from rl_reason.algorithms import train_state as ts
 from rl_reason.algorithms.advantages import KL_IN_REWARD, masked_mean, masked_variance, whiten
 from rl_reason.algorithms.kl import KL_ESTIMATORS, kl_estimate
-from rl_reason.algorithms.logprobs import TokenLogProbs, score_tokens, token_logprobs
+from rl_reason.algorithms.logprobs import (
+    SharedPrompts,
+    TokenLogProbs,
+    pad_columns,
+    run_model,
+    score_tokens,
+    token_logprobs,
+)
 from rl_reason.algorithms.microbatch import accumulate_gradients, split_microbatches
 from rl_reason.algorithms.policy_losses import POLICY_LOSSES, token_log_ratio
 from rl_reason.algorithms.policy_losses import clipped_policy_loss  # noqa: F401 (its old home)
 from rl_reason.algorithms.train_state import TrainState
-from rl_reason.models.transformer import Transformer, default_positions, init_params
+from rl_reason.models.transformer import Transformer, init_params
 from rl_reason.parallel import sharding as shd
 
 Batch = dict[str, jax.Array]
@@ -177,7 +184,13 @@ def _require_value(models: ActorCritic) -> None:
         )
 
 
-def values(models: ActorCritic, params: Any, tokens: jax.Array, input_mask: jax.Array) -> jax.Array:
+def values(
+    models: ActorCritic,
+    params: Any,
+    tokens: jax.Array,
+    input_mask: jax.Array,
+    shared: Optional[SharedPrompts] = None,
+) -> jax.Array:
     """[N, L] float32: entry t is the value of the state in which token t was chosen.
 
     One trunk forward of the model that carries the value head (no logits).
@@ -187,8 +200,8 @@ def values(models: ActorCritic, params: Any, tokens: jax.Array, input_mask: jax.
         model, model_params = models.policy, params
     else:
         model, model_params = models.critic, params["critic"]
-    out = model.apply(model_params, tokens, default_positions(input_mask), input_mask)
-    return _shift_right(out.heads[VALUE_HEAD])
+    out, first = run_model(model, model_params, tokens, input_mask, shared)
+    return _shift_right(pad_columns(out.heads[VALUE_HEAD], first))
 
 
 def _policy_forward(
@@ -198,6 +211,7 @@ def _policy_forward(
     chunk_size: int,
     with_entropy: bool,
     with_values: bool,
+    shared: Optional[SharedPrompts] = None,
 ) -> tuple[TokenLogProbs, Optional[jax.Array]]:
     """Policy log-probs (and entropies), and values, sharing the trunk when they can."""
     scored = score_tokens(
@@ -208,13 +222,14 @@ def _policy_forward(
         chunk_size=chunk_size,
         with_entropy=with_entropy,
         needed=_valid(batch),  # the completions: prompt-only chunks are not unembedded
+        shared=shared,
     )
     if not with_values:
         return scored, None
     _require_value(models)
     if models.critic is None:
         return scored, _shift_right(scored.heads[VALUE_HEAD])
-    return scored, values(models, params, batch["tokens"], batch["input_mask"])
+    return scored, values(models, params, batch["tokens"], batch["input_mask"], shared)
 
 
 def valid_tokens(batch: Batch) -> jax.Array:
@@ -235,6 +250,7 @@ def score(
     batch: Batch,
     chunk_size: int = 256,
     with_policy: bool = True,
+    shared: Optional[SharedPrompts] = None,
 ) -> dict[str, jax.Array]:
     """The rollout as the policy sees it before any update; the one place the reference enters.
 
@@ -252,17 +268,27 @@ def score(
     (`single_step(config)`), which takes its ratio against its own log-probs,
     exactly 1, and logs the KL to the reference itself (tunix's GRPO with
     num_iterations=1 skips this forward too).
+
+    `shared` (logprobs.SharedPrompts: the K rows of each prompt hold it in their
+    first columns) runs those columns once a prompt in every forward here: the
+    same scores to rounding, for a prompt's work instead of K of it.
     """
     valid = _valid(batch)
     out = {}
     if with_policy:
         scored, vals = _policy_forward(
-            models, params, batch, chunk_size, with_entropy=False, with_values=models.has_value
+            models,
+            params,
+            batch,
+            chunk_size,
+            with_entropy=False,
+            with_values=models.has_value,
+            shared=shared,
         )
         out["old_logprobs"] = jnp.where(valid, scored.logprobs, 0.0)
     else:
         vals = (
-            values(models, params, batch["tokens"], batch["input_mask"])
+            values(models, params, batch["tokens"], batch["input_mask"], shared)
             if models.has_value
             else None
         )
@@ -275,6 +301,7 @@ def score(
             batch["input_mask"],
             chunk_size=chunk_size,
             needed=valid,
+            shared=shared,
         )
         out["ref_logprobs"] = jnp.where(valid, ref.logprobs, 0.0)
     return jax.lax.stop_gradient(out)
@@ -297,14 +324,15 @@ def make_score(
     if with_policy is None:
         with_policy = needs_rollout_logprobs(config, estimator, kl_coef)
     scored = jax.jit(
-        functools.partial(score, models, chunk_size=config.chunk_size, with_policy=with_policy)
+        functools.partial(score, models, chunk_size=config.chunk_size, with_policy=with_policy),
+        static_argnames="shared",
     )
     if mesh is None:
         return scored
 
-    def score_on_mesh(params, ref_params, batch):
+    def score_on_mesh(params, ref_params, batch, shared=None):
         with shd.activation_sharding(mesh, rules):
-            return scored(params, ref_params, batch)
+            return scored(params, ref_params, batch, shared=shared)
 
     return score_on_mesh
 

@@ -362,6 +362,9 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     # prompts to their bucket and completions to max_new_tokens), rounded up to a
     # multiple of this: one program per width. 0: the sampler's whole width.
     c.rl.pad_to_multiple = 16
+    # Scoring (old, reference log-probs, values) runs each prompt's columns once for its
+    # K samples, whose own columns read its keys (logprobs.SharedPrompts); False: K times.
+    c.rl.shared_prompt_scoring = True
     # "gae" (PPO), a group baseline ("grpo", "grpo_no_std", "rloo", "dr_grpo") or
     # REINFORCE++'s global whitening ("reinforce_pp", "reinforce_pp_baseline").
     c.rl.advantage = "gae"

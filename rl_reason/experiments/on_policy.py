@@ -39,6 +39,7 @@ from rl_reason.algorithms import advantages as adv_lib
 from rl_reason.algorithms import dapo, kl, optimizer, ppo
 from rl_reason.algorithms import rollout_correction as rc
 from rl_reason.algorithms import train_state as ts
+from rl_reason.algorithms.logprobs import SharedPrompts
 from rl_reason.data import templates
 from rl_reason.data.iterator import IndexIterator
 from rl_reason.experiments import adapters, rollout, runs, sources, tasks
@@ -254,8 +255,9 @@ class OnPolicyLearner:
         span = rollout.token_span(batch.sequences["input_mask"], self.config.rl.pad_to_multiple)
         sequences = shd.shard_batch({k: v[:, span] for k, v in batch.sequences.items()}, mesh)
         token_scores, rewards = shd.shard_batch((token_scores[:, span], totals), mesh)
+        shared = self.shared_prompts(batch, span)
         with shd.activation_sharding(mesh, rules):
-            scored = self.score(state.params, self.reference(state), sequences)
+            scored = self.score(state.params, self.reference(state), sequences, shared=shared)
             estimates = self.estimate(
                 scored, token_scores, rewards, sequences["loss_mask"], jnp.float32(kl_coef)
             )
@@ -287,6 +289,24 @@ class OnPolicyLearner:
         metrics = jax.device_get(metrics)
         phase_done("update")
         return state, Iteration(batch, metrics, diagnostics, seconds, drawn)
+
+    def shared_prompts(self, batch: rollout.RolloutBatch, span: slice) -> SharedPrompts | None:
+        """The columns of the learner's batch (the rollout's `span`) that the K samples
+        of each prompt share, for scoring to run once a prompt (`SharedPrompts`), or None
+        (K = 1, rl.shared_prompt_scoring off, or rows that do not share them). Rounded
+        down to a multiple of rl.pad_to_multiple: one program per (width, columns)."""
+        k, multiple = self.sampling.num_samples, max(self.config.rl.pad_to_multiple, 1)
+        prompt = batch.samples.rollout.prompt_tokens.shape[1] - span.start
+        columns = (prompt - 1) // multiple * multiple  # the last prompt token scores the first
+        if k == 1 or columns <= 0 or not self.config.rl.shared_prompt_scoring:
+            return None
+        for name in ("tokens", "input_mask"):
+            group = batch.sequences[name][:, span.start : span.start + columns].reshape(
+                -1, k, columns
+            )
+            if not (group == group[:, :1]).all():
+                return None
+        return SharedPrompts(columns, k)
 
     def rollout(self, state, examples, prompts, rng, refill=None):
         """(the iteration's batch, samples drawn, dynamic sampling's figures).
