@@ -260,6 +260,19 @@ def test_each_finding_says_when_the_run_disagrees(tmp_path):
     assert len(verdicts) == 4
 
 
+def test_pass_at_k_rising_a_little_more_than_maj1_is_within_noise(tmp_path):
+    """The saturation finding, as the others, is not decided by differences smaller than
+    its noise: PPO's pass@16 rising 2 points more than its maj@1 still agrees."""
+    config = study_mini.get_config()
+    pass16 = {name: min(m + 0.2, 0.95) for name, m in _AGREEING.items()}
+    pass16.update({"pretrain": 0.60, "sft": 0.85, "sft-ppo-sparse": 0.96})  # +11 vs maj@1's +9
+    plan = _fake_runs(tmp_path, config, _AGREEING, pass16)
+    verdicts = dict(study_report.findings(study_report.collect(str(tmp_path), plan), config))
+    text = verdicts["pass@16 saturates early while maj@1 rises"]
+    assert text.startswith("This run agrees"), text
+    assert "sft / PPO / sparse: maj@1 +9.0, pass@16 +11.0 points (noise ±" in text
+
+
 def test_seeds_are_shown_as_mean_and_standard_deviation():
     cell = study_report.cell([0.5, 0.6, 0.7])
     chex.assert_trees_all_close((cell.mean, cell.std, cell.n), (0.6, 0.1, 3))
