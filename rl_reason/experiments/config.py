@@ -358,13 +358,9 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     # rows padded to the smallest of rl.orm_length_buckets that holds them.
     c.rl.orm_source = ""
     c.rl.orm_length_buckets = (128, 256, 512, 1024)
-    # Scoring and the update read only the columns that hold a token (the sampler pads
-    # prompts to their bucket and completions to max_new_tokens), rounded up to a
-    # multiple of this: one program per width. 0: the sampler's whole width.
+    # The learner skips padding columns, to a multiple of this (a program a width; 0: none)
     c.rl.pad_to_multiple = 16
-    # Scoring (old, reference log-probs, values) runs each prompt's columns once for its
-    # K samples, whose own columns read its keys (logprobs.SharedPrompts); False: K times.
-    c.rl.shared_prompt_scoring = True
+    c.rl.shared_prompt_scoring = True  # a prompt scored once for its K rows (SharedPrompts)
     # "gae" (PPO), a group baseline ("grpo", "grpo_no_std", "rloo", "dr_grpo") or
     # REINFORCE++'s global whitening ("reinforce_pp", "reinforce_pp_baseline").
     c.rl.advantage = "gae"

@@ -326,11 +326,6 @@ class Transformer(nn.Module):
         c = self.config
         if input_mask is None:
             input_mask = jnp.ones(tokens.shape, bool)
-        if groups is not None and tokens.shape[0] % groups.positions.shape[0]:
-            raise ValueError(
-                f"{tokens.shape[0]} rows cannot read a cache of {groups.positions.shape[0]}"
-                " groups: each group's rows must be as many and consecutive."
-            )
         key_positions = jnp.where(input_mask, positions, -1).astype(jnp.int32)
         kv = None if cache is None else (cache.k, cache.v)
 
@@ -394,6 +389,15 @@ class Transformer(nn.Module):
             if any(c.local_layers)
             else rope_global
         )
+        group_key_positions = None
+        if groups is not None:  # each group's rows see its keys' positions
+            rows, count = positions.shape[0], groups.positions.shape[0]
+            if rows % count:
+                raise ValueError(
+                    f"{rows} rows cannot read a cache of {count} groups: each group's rows"
+                    " must be as many and consecutive."
+                )
+            group_key_positions = jnp.repeat(groups.positions, rows // count, axis=0)
         ctx = _LayerContext(
             query_positions=positions,
             key_positions=key_positions,
@@ -402,9 +406,7 @@ class Transformer(nn.Module):
             rope_local=rope_local,
             cache_index=None if cache is None else cache.index,
             shared_key_positions=None if shared is None else shared.positions,
-            group_key_positions=None
-            if groups is None
-            else jnp.repeat(groups.positions, positions.shape[0] // groups.positions.shape[0], 0),
+            group_key_positions=group_key_positions,
         )
         if paged is None:
             return ctx
