@@ -417,6 +417,32 @@ def test_scoring_a_shared_prompt_once_per_group_gives_the_same_scores(params, wi
         _assert_trees_close(once, whole, atol=2e-6)
 
 
+@pytest.mark.parametrize("num_microbatches", [1, 3])
+def test_the_update_running_each_prompt_once_is_the_update_over_whole_rows(
+    initial_state, params, num_microbatches
+):
+    """ppo_update with SharedPrompts: each shuffled micro-batch runs the prompts of its
+    rows once (1 micro-batch: 6 rows of up to 4 prompts; 3: 2 rows, one prompt or two),
+    forward and backward; the same steps as over whole rows, to rounding."""
+    k, prompt_len = 3, 6
+    seqs = _rollout(POLICY.config.vocab_size, rows=4 * k, prompt_len=prompt_len, gen_len=5)
+    for name in ("tokens", "input_mask"):  # the K rows of a group hold one prompt
+        seqs[name][:, :prompt_len] = np.repeat(seqs[name][::k, :prompt_len], k, axis=0)
+    ref_params = jax.tree.map(lambda x: x * 1.05, params)
+    scored = SCORE(params, ref_params, seqs)
+    advantages = np.random.default_rng(2).normal(size=seqs["tokens"].shape).astype(np.float32)
+    returns = scored["old_values"] + advantages
+    batch = jax.device_get({**seqs, **scored, "advantages": advantages, "returns": returns})
+    config = dataclasses.replace(UPDATE, num_microbatches=num_microbatches)
+    whole = _update_on_one_device(initial_state, batch, config)
+    update = ppo.make_ppo_update(
+        MODELS, SGD, config, lr_schedule=LR, shared=SharedPrompts(prompt_len - 1, k)
+    )
+    once = jax.device_get(_fast_jit(update)(initial_state, batch))
+    _assert_trees_close(once[0].params, whole[0].params, atol=2e-6)
+    _assert_trees_close(once[1], whole[1], atol=1e-5)
+
+
 def test_update_counts_steps_and_reports_finite_metrics(reference_update, params):
     state, metrics = reference_update
     assert int(state.step) == UPDATE.num_epochs * UPDATE.num_minibatches

@@ -40,10 +40,15 @@ class SharedPrompts(NamedTuple):
     remaining columns read their keys and values (`Transformer(..., groups=)`), the
     same attention without the K copies of the prompt's work. `columns` must leave
     each row's first completion token after it (its score comes from the column
-    before); the outputs over those columns are zeros."""
+    before); the outputs over those columns are zeros.
+
+    `prompts` > 0: the rows come in any order from at most `prompts` prompts (an
+    update's shuffled minibatch) and `prompt_ids` [B] names each row's; the forward
+    runs each prompt present once and every row reads its prompt's keys."""
 
     columns: int
     rows: int
+    prompts: int = 0
 
 
 def run_model(
@@ -52,19 +57,40 @@ def run_model(
     tokens: jax.Array,
     input_mask: jax.Array,
     shared: Optional[SharedPrompts] = None,
+    prompt_ids: Optional[jax.Array] = None,
 ) -> tuple[TransformerOutput, int]:
     """(the model's output over tokens [B, T] from column `first` on, first): every
     column (first = 0), or with `shared` the columns after the shared prompts."""
     positions = default_positions(input_mask)
     if shared is None or shared.columns == 0:
         return model.apply(params, tokens, positions, input_mask), 0
-    columns, rows = shared
-    head = lambda x: x[::rows, :columns]  # one row a group
-    cache = KVCache.init(model.config, tokens.shape[0] // rows, columns)
-    prompts = model.apply(params, head(tokens), head(positions), head(input_mask), cache=cache)
+    columns, rows, prompts = shared
+    if prompts:
+        if prompt_ids is None:
+            raise ValueError("SharedPrompts(prompts > 0) reads each row's prompt_ids.")
+        first_rows, row_prompt = distinct_prompts(prompt_ids, min(tokens.shape[0], prompts))
+        head = lambda x: x[first_rows, :columns]
+    else:
+        head = lambda x: x[::rows, :columns]  # one row a group
+    count = head(tokens).shape[0]
+    cache = KVCache.init(model.config, count, columns)
+    groups = model.apply(
+        params, head(tokens), head(positions), head(input_mask), cache=cache
+    ).cache
+    if prompts:  # groups of one row: each row reads its prompt's keys
+        groups = groups.take_rows(row_prompt)
     tail = lambda x: x[:, columns:]
-    out = model.apply(params, tail(tokens), tail(positions), tail(input_mask), groups=prompts.cache)
+    out = model.apply(params, tail(tokens), tail(positions), tail(input_mask), groups=groups)
     return out, columns
+
+
+def distinct_prompts(prompt_ids: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """(a row of each distinct id [count], each row's entry in them [B]) for ids [B] of
+    at most `count` distinct values; the first array repeats a row when there are fewer
+    (a repeat no row reads)."""
+    ids = jnp.unique(prompt_ids, size=count, fill_value=prompt_ids.max())  # sorted
+    first_rows = jnp.argmax(prompt_ids[None, :] == ids[:, None], axis=1)
+    return first_rows, jnp.searchsorted(ids, prompt_ids)
 
 
 def pad_columns(x: jax.Array, columns: int, value=0) -> jax.Array:
@@ -178,6 +204,7 @@ def score_tokens(
     with_entropy: bool = False,
     needed: Optional[jax.Array] = None,
     shared: Optional[SharedPrompts] = None,
+    prompt_ids: Optional[jax.Array] = None,
 ) -> TokenLogProbs:
     """`token_logprobs`, plus the per-token entropy of the policy when with_entropy.
 
@@ -185,9 +212,10 @@ def score_tokens(
     value head on the policy's trunk), all aligned with the tokens. `needed`
     [B, T] (aligned with the tokens) skips the unembedding of chunks of
     positions whose scores are not used (see chunked_target_scores). With
-    `shared` (SharedPrompts) the shared columns run once a group and score 0.
+    `shared` (SharedPrompts; `prompt_ids` with it for rows in any order) the shared
+    columns run once a prompt and score 0.
     """
-    out, first = run_model(model, params, tokens, input_mask, shared)
+    out, first = run_model(model, params, tokens, input_mask, shared, prompt_ids)
     logits_fn = lambda h: model.apply(params, h, method=Transformer.logits)
     logprobs, hits, entropy = chunked_target_scores(
         logits_fn,

@@ -190,6 +190,7 @@ def values(
     tokens: jax.Array,
     input_mask: jax.Array,
     shared: Optional[SharedPrompts] = None,
+    prompt_ids: Optional[jax.Array] = None,
 ) -> jax.Array:
     """[N, L] float32: entry t is the value of the state in which token t was chosen.
 
@@ -200,7 +201,7 @@ def values(
         model, model_params = models.policy, params
     else:
         model, model_params = models.critic, params["critic"]
-    out, first = run_model(model, model_params, tokens, input_mask, shared)
+    out, first = run_model(model, model_params, tokens, input_mask, shared, prompt_ids)
     return _shift_right(pad_columns(out.heads[VALUE_HEAD], first))
 
 
@@ -213,7 +214,9 @@ def _policy_forward(
     with_values: bool,
     shared: Optional[SharedPrompts] = None,
 ) -> tuple[TokenLogProbs, Optional[jax.Array]]:
-    """Policy log-probs (and entropies), and values, sharing the trunk when they can."""
+    """Policy log-probs (and entropies), and values, sharing the trunk when they can
+    (and the prompts, with `shared`: rows in any order name theirs in batch["prompt_ids"])."""
+    prompt_ids = batch.get("prompt_ids")
     scored = score_tokens(
         models.policy,
         policy_params(models, params),
@@ -223,13 +226,16 @@ def _policy_forward(
         with_entropy=with_entropy,
         needed=_valid(batch),  # the completions: prompt-only chunks are not unembedded
         shared=shared,
+        prompt_ids=prompt_ids,
     )
     if not with_values:
         return scored, None
     _require_value(models)
     if models.critic is None:
         return scored, _shift_right(scored.heads[VALUE_HEAD])
-    return scored, values(models, params, batch["tokens"], batch["input_mask"], shared)
+    return scored, values(
+        models, params, batch["tokens"], batch["input_mask"], shared, prompt_ids
+    )
 
 
 def valid_tokens(batch: Batch) -> jax.Array:
@@ -396,12 +402,14 @@ def ppo_loss(
     models: ActorCritic,
     config: PPOConfig,
     normalizers: dict[str, jax.Array],
+    shared: Optional[SharedPrompts] = None,
 ) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
     """The PPO loss of (part of) a minibatch, normalised by the full minibatch's counts.
 
     loss = policy + vf_coef * value - entropy_coef * entropy + kl_loss_coef * KL(policy || ref).
     aux = {"mean": ...} holds this part's share of each metric (they add up
     over micro-batches to the minibatch's value); {"max": ...} holds maxima.
+    `shared` (SharedPrompts with `prompts`): each prompt of the rows runs once.
     """
     valid = _valid(minibatch)
     scored, vals = _policy_forward(
@@ -411,6 +419,7 @@ def ppo_loss(
         config.chunk_size,
         with_entropy=True,
         with_values=config.use_value,
+        shared=shared,
     )
     token_share = valid.astype(jnp.float32) / normalizers["tokens"]
     aggregated = aggregation_weights(valid, normalizers, config)
@@ -591,13 +600,21 @@ def _combine(aux: dict, other: dict) -> dict:
 
 
 def _minibatch_gradients(
-    params: Any, minibatch: Batch, models: ActorCritic, config: PPOConfig
+    params: Any,
+    minibatch: Batch,
+    models: ActorCritic,
+    config: PPOConfig,
+    shared: Optional[SharedPrompts] = None,
 ) -> tuple[Any, dict]:
     """Gradient of the minibatch's loss, accumulated over config.num_microbatches; the
     loss's side outputs are means (summed over micro-batches) and maxima."""
     normalizers = loss_normalizers(minibatch)
     grad_fn = functools.partial(
-        jax.grad(ppo_loss, has_aux=True), models=models, config=config, normalizers=normalizers
+        jax.grad(ppo_loss, has_aux=True),
+        models=models,
+        config=config,
+        normalizers=normalizers,
+        shared=shared,
     )
     filled = lambda shapes, value: jax.tree.map(lambda s: jnp.full(s.shape, value, s.dtype), shapes)
     return accumulate_gradients(
@@ -631,6 +648,7 @@ def ppo_update(
     tx: optax.GradientTransformation,
     config: PPOConfig,
     lr_schedule: Optional[optax.Schedule] = None,
+    shared: Optional[SharedPrompts] = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """num_epochs x num_minibatches optimizer steps on one rollout batch, in one program.
 
@@ -641,6 +659,10 @@ def ppo_update(
     the rows from state.rng; minibatch i of it takes rows i, i + M, ... (as
     split_microbatches, so every minibatch keeps a share of every batch
     shard). state.step rises by num_epochs * num_minibatches.
+
+    `shared` (SharedPrompts, as `score` took it: K consecutive rows a prompt): every
+    micro-batch runs the prompts of its rows once, whatever rows the shuffle gave it
+    (the same minibatches and gradients; the K rows' prompt work done once).
 
     Metrics are means over the optimizer steps (ratio_max a max), plus
     grad_norm, param_norm, lr, batch statistics, and `finite`: 1.0 when every
@@ -657,10 +679,15 @@ def ppo_update(
         batch["advantages"] = raw_advantages
     rng, shuffle_rng = jax.random.split(state.rng)
     rows = batch["tokens"].shape[0]
+    if shared is not None and shared.columns:
+        if rows % shared.rows:
+            raise ValueError(f"{rows} rows are not groups of {shared.rows} (SharedPrompts).")
+        batch["prompt_ids"] = jnp.arange(rows, dtype=jnp.int32) // shared.rows
+        shared = shared._replace(prompts=rows // shared.rows)
 
     def minibatch_step(carry, minibatch):
         params, opt_state, step = carry
-        grads, aux = _minibatch_gradients(params, minibatch, models, config)
+        grads, aux = _minibatch_gradients(params, minibatch, models, config, shared)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {**aux["mean"], **aux["max"], "grad_norm": optax.tree.norm(grads)}

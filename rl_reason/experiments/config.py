@@ -173,8 +173,9 @@ MOVED_KEYS = {
     "eval.prompt_buckets": "sampling.prompt_buckets",
     "eval.chunk_size": "sampling.chunk",
     "rl.remat": "train.remat",
+    "rl.shared_prompt_scoring": "rl.shared_prompts",
 }
-_PLACEHOLDERS = {"prompt_buckets": (), "remat": ""}  # others: -1
+_PLACEHOLDERS = {"prompt_buckets": (), "remat": "", "shared_prompt_scoring": None}  # others: -1
 
 
 def _moved_placeholders(section: ml_collections.ConfigDict, name: str) -> None:
@@ -360,7 +361,7 @@ def rl_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
     c.rl.orm_length_buckets = (128, 256, 512, 1024)
     # The learner skips padding columns, to a multiple of this (a program a width; 0: none)
     c.rl.pad_to_multiple = 16
-    c.rl.shared_prompt_scoring = True  # a prompt scored once for its K rows (SharedPrompts)
+    c.rl.shared_prompts = True  # scoring and update run a prompt once for its K rows
     # "gae" (PPO), a group baseline ("grpo", "grpo_no_std", "rloo", "dr_grpo") or
     # REINFORCE++'s global whitening ("reinforce_pp", "reinforce_pp_baseline").
     c.rl.advantage = "gae"

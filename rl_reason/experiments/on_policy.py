@@ -154,11 +154,15 @@ class OnPolicyLearner:
     def _jit_steps(self, schedule) -> None:
         """The iteration's compiled pieces: update, scoring, advantages, mismatch."""
         config, pc, rl, mesh, rules = self.config, self.pc, self.config.rl, self.mesh, self.rules
-        self.update = ts.jit_step(
-            ppo.make_ppo_update(self.models, self.tx, pc, lr_schedule=schedule),
-            mesh,
-            rules,
-            ppo.ppo_state_shardings(self.models, self.tx, mesh, rules),
+        shardings = ppo.ppo_state_shardings(self.models, self.tx, mesh, rules)
+        # One program per SharedPrompts layout (None: whole rows), as scoring's.
+        self._update_for = functools.cache(
+            lambda shared: ts.jit_step(
+                ppo.make_ppo_update(self.models, self.tx, pc, lr_schedule=schedule, shared=shared),
+                mesh,
+                rules,
+                shardings,
+            )
         )
         # The mismatch is measured against the learner's log-probs: they are computed.
         correcting = self.correction is not None
@@ -285,20 +289,26 @@ class OnPolicyLearner:
         )
         diagnostics.update(sampling_stats, **shaping_stats)
         del scored, estimates
-        state, metrics = self.update(state, train_batch)
+        state, metrics = self.update(state, train_batch, shared)
         metrics = jax.device_get(metrics)
         phase_done("update")
         return state, Iteration(batch, metrics, diagnostics, seconds, drawn)
 
+    def update(self, state, batch, shared: SharedPrompts | None = None):
+        """The PPO update (`ppo.ppo_update`) on the learner's batch, jitted on the mesh;
+        `shared`: the batch's shared prompt columns, run once a prompt."""
+        return self._update_for(shared)(state, batch)
+
     def shared_prompts(self, batch: rollout.RolloutBatch, span: slice) -> SharedPrompts | None:
         """The columns of the learner's batch (the rollout's `span`) that the K samples
-        of each prompt share, for scoring to run once a prompt (`SharedPrompts`), or None
-        (K = 1, rl.shared_prompt_scoring off, or rows that do not share them). Rounded
-        down to a multiple of rl.pad_to_multiple: one program per (width, columns)."""
+        of each prompt share, for scoring and the update to run once a prompt
+        (`SharedPrompts`), or None (K = 1, rl.shared_prompts off, or rows that do not
+        share them). Rounded down to a multiple of rl.pad_to_multiple: one program per
+        (width, columns)."""
         k, multiple = self.sampling.num_samples, max(self.config.rl.pad_to_multiple, 1)
         prompt = batch.samples.rollout.prompt_tokens.shape[1] - span.start
         columns = (prompt - 1) // multiple * multiple  # the last prompt token scores the first
-        if k == 1 or columns <= 0 or not self.config.rl.shared_prompt_scoring:
+        if k == 1 or columns <= 0 or not self.config.rl.shared_prompts:
             return None
         for name in ("tokens", "input_mask"):
             group = batch.sequences[name][:, span.start : span.start + columns].reshape(

@@ -77,6 +77,15 @@ class KVCache:
     def max_length(self) -> int:
         return self.positions.shape[1]
 
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache whose row i is this one's row rows[i] (rows [B'] int)."""
+        stacked = not isinstance(self.k, tuple)  # [layers, batch, ...]
+        take = lambda x: jnp.take(x, rows, axis=1 if stacked else 0)
+        per_layer = take if stacked else (lambda x: tuple(map(take, x)))
+        return self.replace(
+            k=per_layer(self.k), v=per_layer(self.v), positions=jnp.take(self.positions, rows, 0)
+        )
+
 
 @flax.struct.dataclass
 class PagedKV:
