@@ -36,9 +36,10 @@ def test_a_rounds_section_s_old_sampling_keys_move_with_a_warning(make, section,
 
 def test_rl_and_eval_keys_move_and_unset_ones_change_nothing(caplog):
     config = config_lib.rl_config()
-    config.rl.update(sampling_batch_size=8, remat="full")
+    config.rl.update(sampling_batch_size=8, remat="full", shared_prompt_scoring=False)
     config_lib.resolve_moved_keys(config)
     assert (config.sampling.batch_size, config.train.remat) == (8, "full")
+    assert config.rl.shared_prompts is False and config.rl.shared_prompt_scoring is None
     evaluation = config_lib.eval_config()
     evaluation.eval.update(batch_size=16, chunk_size=64)
     config_lib.resolve_moved_keys(evaluation)

@@ -175,7 +175,7 @@ MOVED_KEYS = {
     "rl.remat": "train.remat",
     "rl.shared_prompt_scoring": "rl.shared_prompts",
 }
-_PLACEHOLDERS = {"prompt_buckets": (), "remat": "", "shared_prompt_scoring": None}  # others: -1
+_PLACEHOLDERS = {"prompt_buckets": (), "remat": "", "shared_prompt_scoring": None}  # else -1
 
 
 def _moved_placeholders(section: ml_collections.ConfigDict, name: str) -> None:
