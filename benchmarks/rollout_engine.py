@@ -17,7 +17,18 @@ the same rows with the same keys (the fraction of identical rows is printed):
 - engine: `continuous.Engine` with `rows` decode slots and 16-token pages.
 
 Each cell is the best of --repeats calls after a warm-up call (compilation),
-the systems interleaved. KV bytes: the dense cache the static sampler holds
+the systems interleaved.
+
+--bound also prints what any continuous batcher could gain here at most:
+the static sampler's decode step is timed at each batch size its schedule
+runs (the first phase over the K rows' grouped prompt cache, the later ones
+over copies) and at `rows`, and the static run's own completion lengths
+give (a) the static schedule's decode time under those step costs and
+(b) an ideal engine's: every step full, tokens / rows steps at the cost of a
+full static step, no prefill, no host, no tail. (a) / (b) is the most any
+slot-refilling engine with this machine's step gains over the static
+sampler on this workload; the less a step's cost falls with its rows, the
+more it is. KV bytes: the dense cache the static sampler holds
 (rows x (prompt + max_new) slots, every layer's keys and values) against the
 engine's peak pages in use, each divided by the tokens generated while it
 was held (per batch for the static sampler; the whole call for the engine).
@@ -36,7 +47,12 @@ from benchlib import init_params, load_average, matmul_peak_flops
 from rl_reason.models.config import llama_125m
 from rl_reason.models.transformer import Transformer
 from rl_reason.sampling.continuous import Engine, EngineConfig
-from rl_reason.sampling.sampler import SamplingConfig, left_pad, sample_jit
+from rl_reason.sampling.sampler import (
+    SamplingConfig,
+    _decode_batch_sizes,
+    left_pad,
+    sample_jit,
+)
 
 
 def workload(config, prompts: int, seed: int) -> list[list[int]]:
@@ -74,6 +90,40 @@ class Static:
         return types.SimpleNamespace(**joined), float(np.mean(kv_bytes))
 
 
+def step_seconds(model, params, prompts: int, k: int, new: int = 64) -> float:
+    """One decode step of the static sampler at prompts x k rows over 80-token prompts
+    (the workload's mean; no EOS; k > 1 reads the prompts' grouped cache): a call of
+    `new` tokens less a call of one, per step."""
+    tokens = jax.random.randint(jax.random.PRNGKey(7), (prompts, 80), 1, 1000)
+    mask = np.ones(tokens.shape, bool)
+
+    def seconds(max_new):
+        config = SamplingConfig(max_new_tokens=max_new, temperature=1.0, num_samples=k)
+        call = lambda: sample_jit(model, params, tokens, mask, jax.random.PRNGKey(0), config, 0)
+        jax.block_until_ready(call())  # compile
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        return time.perf_counter() - start
+
+    return (seconds(new) - seconds(1)) / (new - 1)
+
+
+def decode_bound(static: Static, lengths: np.ndarray, rows: int, k: int, min_rows: int):
+    """(the static schedule's decode seconds, an ideal engine's, the step costs by size)
+    for these completion lengths, in the static run's row order (batches of `rows`)."""
+    model, params = static.model, static.params
+    sizes = _decode_batch_sizes(rows, min_rows)
+    first = step_seconds(model, params, rows // k, k)  # the K rows over their prompt's cache
+    cost = {size: step_seconds(model, params, size, 1) for size in sizes}  # rows with copies
+    scheduled = 0.0
+    for start in range(0, len(lengths), rows):
+        batch = lengths[start : start + rows]
+        for t in range(1, int(batch.max()) + 1):
+            size = min(s for s in sizes if s >= (batch >= t).sum())
+            scheduled += first if size == rows else cost[size]
+    return scheduled, lengths.sum() / rows * cost[rows], {"grouped": first, **cost}
+
+
 class Paged:
     def __init__(self, config, params, rows: int):
         self.engine = Engine(config, EngineConfig(slots=rows, page_size=16))
@@ -97,6 +147,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--bound", action="store_true", help="the most an engine could gain")
     args = parser.parse_args()
     config = llama_125m()
     if args.quick:
@@ -145,6 +196,18 @@ def main():
         )
     stats = systems["engine"].engine.stats
     print(f"\nengine: {stats}")
+    if args.bound:
+        scheduled, ideal, cost = decode_bound(
+            systems["static"], static.lengths, args.rows, args.samples, options.min_rows
+        )
+        steps = ", ".join(f"{name}: {1e3 * c:.1f} ms" for name, c in cost.items())
+        print(
+            f"\nbound: decode step by rows ({steps}); the static schedule's decode"
+            f" {scheduled:.2f} s"
+            f" (of its {best['static']:.2f} s), an ideal engine's {ideal:.2f} s:"
+            f" at most {scheduled / ideal:.2f}x (the engine measured"
+            f" {best['static'] / best['engine']:.2f}x)"
+        )
     print(
         f"f32 matmul peak {peak_before / 1e9:.0f} GFLOP/s before, {matmul_peak_flops() / 1e9:.0f}"
         f" after; load average {load_before:.1f} before, {load_average():.1f} after"

@@ -233,9 +233,7 @@ def _policy_forward(
     _require_value(models)
     if models.critic is None:
         return scored, _shift_right(scored.heads[VALUE_HEAD])
-    return scored, values(
-        models, params, batch["tokens"], batch["input_mask"], shared, prompt_ids
-    )
+    return scored, values(models, params, batch["tokens"], batch["input_mask"], shared, prompt_ids)
 
 
 def valid_tokens(batch: Batch) -> jax.Array:
