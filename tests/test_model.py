@@ -138,6 +138,27 @@ def test_shared_prefix_cache_equals_full_forward(name):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[:, 7:][real], atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_cache_s_rows_are_taken_in_either_layer_layout(scan_layers):
+    """KVCache.take_rows picks rows of every layer's keys and values and of the slot
+    positions, whether the layers are stacked (scanned) or a tuple (unrolled)."""
+    config = tiny_llama(num_layers=2, scan_layers=scan_layers)
+    cache = KVCache.init(config, 3, 4)
+    fill = lambda x: jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)
+    cache = cache.replace(
+        k=jax.tree.map(fill, cache.k),
+        v=jax.tree.map(fill, cache.v),
+        positions=fill(cache.positions),
+    )
+    rows = jnp.asarray([2, 0, 2, 1])
+    taken = cache.take_rows(rows)
+    layers_of = lambda c: [*c.k, *c.v]  # a stacked array or a tuple, layer by layer
+    for old, new in zip(layers_of(cache), layers_of(taken), strict=True):
+        np.testing.assert_array_equal(new, np.asarray(old)[np.asarray(rows)])
+    np.testing.assert_array_equal(taken.positions, np.asarray(cache.positions)[np.asarray(rows)])
+    assert int(taken.index) == int(cache.index)
+
+
 def test_sliding_window_changes_local_layers_only_past_the_window():
     """Within the window a local layer sees what a global one sees; beyond it, not."""
     config = tiny_gemma3(num_layers=2, global_layer_every=2)
