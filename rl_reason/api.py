@@ -29,7 +29,7 @@ from rl_reason.algorithms.advantages import (
 )
 from rl_reason.algorithms.expert_iteration import accumulate, select_correct, sft_arrays
 from rl_reason.algorithms.grpo import dr_grpo_ppo_config, group_token_advantages, grpo_ppo_config
-from rl_reason.algorithms.logprobs import token_logprobs
+from rl_reason.algorithms.logprobs import SharedPrompts, token_logprobs
 from rl_reason.algorithms.optimizer import OptimConfig, make_optimizer
 from rl_reason.algorithms.policy_losses import POLICY_LOSSES, register_policy_loss
 from rl_reason.algorithms.ppo import (
@@ -118,6 +118,7 @@ __all__ = [
     "PPOBatch",
     "make_score",
     "make_ppo_update",
+    "SharedPrompts",
     "create_ppo_state",
     "ppo_state_shardings",
     "token_logprobs",

@@ -417,6 +417,24 @@ def test_scoring_a_shared_prompt_once_per_group_gives_the_same_scores(params, wi
         _assert_trees_close(once, whole, atol=2e-6)
 
 
+def test_shared_prompts_are_found_only_where_each_group_holds_one_prompt():
+    """SharedPrompts.find: the prompt columns but the last, to a multiple; None where a
+    group's rows differ there, for K = 1, or when no whole multiple is left."""
+    k, prompt_len = 3, 10
+    seqs = _rollout(64, rows=4 * k, prompt_len=prompt_len, gen_len=5)
+    for name in ("tokens", "input_mask"):
+        seqs[name][:, :prompt_len] = np.repeat(seqs[name][::k, :prompt_len], k, axis=0)
+    tokens, mask = seqs["tokens"], seqs["input_mask"]
+    assert SharedPrompts.find(tokens, mask, k, prompt_len, 4) == SharedPrompts(8, k)
+    assert SharedPrompts.find(tokens, mask, k, prompt_len, 1) == SharedPrompts(9, k)
+    assert SharedPrompts.find(tokens, mask, k, prompt_len, 16) is None  # 9 columns < 16
+    assert SharedPrompts.find(tokens, mask, 1, prompt_len, 1) is None
+    tokens = tokens.copy()
+    tokens[k + 1, 8] += 1  # a row of the second group differs in a shared column
+    assert SharedPrompts.find(tokens, mask, k, prompt_len, 1) is None
+    assert SharedPrompts.find(tokens, mask, k, prompt_len, 4) == SharedPrompts(8, k)
+
+
 @pytest.mark.parametrize("num_microbatches", [1, 3])
 def test_the_update_running_each_prompt_once_is_the_update_over_whole_rows(
     initial_state, params, num_microbatches

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rl_reason.models.transformer import KVCache, Transformer, TransformerOutput, default_positions
 
@@ -49,6 +50,24 @@ class SharedPrompts(NamedTuple):
     columns: int
     rows: int
     prompts: int = 0
+
+    @classmethod
+    def find(
+        cls, tokens: Any, input_mask: Any, k: int, prompt_columns: int, multiple: int = 16
+    ) -> SharedPrompts | None:
+        """The layout of a batch whose K consecutive rows sample one prompt each, held in
+        its first `prompt_columns` columns (host arrays [B, T]): those columns but the
+        last (its token scores the first completion token), rounded down to a multiple
+        of `multiple` (one program per width), or None when that leaves none, K is 1,
+        or some group's rows differ there."""
+        columns = (prompt_columns - 1) // max(multiple, 1) * max(multiple, 1)
+        if k == 1 or columns <= 0:
+            return None
+        for x in (tokens, input_mask):
+            group = np.asarray(x)[:, :columns].reshape(-1, k, columns)
+            if not (group == group[:, :1]).all():
+                return None
+        return cls(columns, k)
 
 
 def run_model(

@@ -305,18 +305,15 @@ class OnPolicyLearner:
         (`SharedPrompts`), or None (K = 1, rl.shared_prompts off, or rows that do not
         share them). Rounded down to a multiple of rl.pad_to_multiple: one program per
         (width, columns)."""
-        k, multiple = self.sampling.num_samples, max(self.config.rl.pad_to_multiple, 1)
-        prompt = batch.samples.rollout.prompt_tokens.shape[1] - span.start
-        columns = (prompt - 1) // multiple * multiple  # the last prompt token scores the first
-        if k == 1 or columns <= 0 or not self.config.rl.shared_prompts:
+        if not self.config.rl.shared_prompts:
             return None
-        for name in ("tokens", "input_mask"):
-            group = batch.sequences[name][:, span.start : span.start + columns].reshape(
-                -1, k, columns
-            )
-            if not (group == group[:, :1]).all():
-                return None
-        return SharedPrompts(columns, k)
+        return SharedPrompts.find(
+            batch.sequences["tokens"][:, span],
+            batch.sequences["input_mask"][:, span],
+            self.sampling.num_samples,
+            batch.samples.rollout.prompt_tokens.shape[1] - span.start,
+            self.config.rl.pad_to_multiple,
+        )
 
     def rollout(self, state, examples, prompts, rng, refill=None):
         """(the iteration's batch, samples drawn, dynamic sampling's figures).
