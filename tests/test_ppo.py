@@ -429,6 +429,7 @@ def test_shared_prompts_are_found_only_where_each_group_holds_one_prompt():
     assert SharedPrompts.find(tokens, mask, k, prompt_len, 1) == SharedPrompts(9, k)
     assert SharedPrompts.find(tokens, mask, k, prompt_len, 16) is None  # 9 columns < 16
     assert SharedPrompts.find(tokens, mask, 1, prompt_len, 1) is None
+    assert SharedPrompts.find(tokens[1:], mask[1:], k, prompt_len, 1) is None  # not groups of K
     tokens = tokens.copy()
     tokens[k + 1, 8] += 1  # a row of the second group differs in a shared column
     assert SharedPrompts.find(tokens, mask, k, prompt_len, 1) is None

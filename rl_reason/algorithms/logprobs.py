@@ -59,9 +59,9 @@ class SharedPrompts(NamedTuple):
         its first `prompt_columns` columns (host arrays [B, T]): those columns but the
         last (its token scores the first completion token), rounded down to a multiple
         of `multiple` (one program per width), or None when that leaves none, K is 1,
-        or some group's rows differ there."""
+        the rows are not groups of K, or some group's rows differ there."""
         columns = (prompt_columns - 1) // max(multiple, 1) * max(multiple, 1)
-        if k == 1 or columns <= 0:
+        if k == 1 or columns <= 0 or len(tokens) % k:
             return None
         for x in (tokens, input_mask):
             group = np.asarray(x)[:, :columns].reshape(-1, k, columns)
