@@ -91,9 +91,9 @@ def run_model(
         head = lambda x: x[first_rows, :columns]
     else:
         head = lambda x: x[::rows, :columns]  # one row a group
-    count = head(tokens).shape[0]
-    cache = KVCache.init(model.config, count, columns)
-    groups = model.apply(params, head(tokens), head(positions), head(input_mask), cache=cache).cache
+    prompt = [head(x) for x in (tokens, positions, input_mask)]
+    cache = KVCache.init(model.config, prompt[0].shape[0], columns)
+    groups = model.apply(params, *prompt, cache=cache).cache
     if prompts:  # groups of one row: each row reads its prompt's keys
         groups = groups.take_rows(row_prompt)
     tail = lambda x: x[:, columns:]

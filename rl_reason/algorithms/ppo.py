@@ -410,15 +410,8 @@ def ppo_loss(
     `shared` (SharedPrompts with `prompts`): each prompt of the rows runs once.
     """
     valid = _valid(minibatch)
-    scored, vals = _policy_forward(
-        models,
-        params,
-        minibatch,
-        config.chunk_size,
-        with_entropy=True,
-        with_values=config.use_value,
-        shared=shared,
-    )
+    forward = functools.partial(_policy_forward, models, params, minibatch, config.chunk_size)
+    scored, vals = forward(with_entropy=True, with_values=config.use_value, shared=shared)
     token_share = valid.astype(jnp.float32) / normalizers["tokens"]
     aggregated = aggregation_weights(valid, normalizers, config)
     token_mean = lambda x: (x * token_share).sum()
