@@ -70,6 +70,15 @@ def _rollout(vocab, rows=8, prompt_len=4, gen_len=6, seed=0):
     return {"tokens": tokens, "input_mask": input_mask, "loss_mask": loss_mask}
 
 
+def _grouped_rollout(k, prompt_len, groups=4):
+    """_rollout's layout where each K consecutive rows hold one prompt (a rollout's K
+    samples of it) in their first prompt_len columns."""
+    seqs = _rollout(POLICY.config.vocab_size, rows=groups * k, prompt_len=prompt_len, gen_len=5)
+    for name in ("tokens", "input_mask"):
+        seqs[name][:, :prompt_len] = np.repeat(seqs[name][::k, :prompt_len], k, axis=0)
+    return seqs
+
+
 def _jit_score(models):
     return _fast_jit(functools.partial(ppo.score, models, chunk_size=CHUNK))
 
@@ -400,10 +409,7 @@ def test_scoring_a_shared_prompt_once_per_group_gives_the_same_scores(params, wi
     """Scoring with SharedPrompts (the K samples' prompt columns run once a group, each
     row's own columns reading their keys) is the forward over whole rows, to rounding."""
     k, prompt_len = 3, 6
-    seqs = _rollout(POLICY.config.vocab_size, rows=4 * k, prompt_len=prompt_len, gen_len=5)
-    for name in ("tokens", "input_mask"):  # the K rows of a group hold one prompt
-        prompt = seqs[name][::k, :prompt_len]
-        seqs[name][:, :prompt_len] = np.repeat(prompt, k, axis=0)
+    seqs = _grouped_rollout(k, prompt_len)
     ref_params = jax.tree.map(lambda x: x * 1.05, params)
     score = jax.jit(
         functools.partial(ppo.score, MODELS, chunk_size=CHUNK, with_policy=with_policy),
@@ -421,9 +427,7 @@ def test_shared_prompts_are_found_only_where_each_group_holds_one_prompt():
     """SharedPrompts.find: the prompt columns but the last, to a multiple; None where a
     group's rows differ there, for K = 1, or when no whole multiple is left."""
     k, prompt_len = 3, 10
-    seqs = _rollout(64, rows=4 * k, prompt_len=prompt_len, gen_len=5)
-    for name in ("tokens", "input_mask"):
-        seqs[name][:, :prompt_len] = np.repeat(seqs[name][::k, :prompt_len], k, axis=0)
+    seqs = _grouped_rollout(k, prompt_len)
     tokens, mask = seqs["tokens"], seqs["input_mask"]
     assert SharedPrompts.find(tokens, mask, k, prompt_len, 4) == SharedPrompts(8, k)
     assert SharedPrompts.find(tokens, mask, k, prompt_len, 1) == SharedPrompts(9, k)
@@ -444,9 +448,7 @@ def test_the_update_running_each_prompt_once_is_the_update_over_whole_rows(
     rows once (1 micro-batch: 6 rows of up to 4 prompts; 3: 2 rows, one prompt or two),
     forward and backward; the same steps as over whole rows, to rounding."""
     k, prompt_len = 3, 6
-    seqs = _rollout(POLICY.config.vocab_size, rows=4 * k, prompt_len=prompt_len, gen_len=5)
-    for name in ("tokens", "input_mask"):  # the K rows of a group hold one prompt
-        seqs[name][:, :prompt_len] = np.repeat(seqs[name][::k, :prompt_len], k, axis=0)
+    seqs = _grouped_rollout(k, prompt_len)
     ref_params = jax.tree.map(lambda x: x * 1.05, params)
     scored = SCORE(params, ref_params, seqs)
     advantages = np.random.default_rng(2).normal(size=seqs["tokens"].shape).astype(np.float32)
